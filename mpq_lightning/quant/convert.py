@@ -1,0 +1,322 @@
+"""Model conversion: ``QuantConfig`` and ``quantize_model`` for any ``nn.Module``, calibration.
+
+Layers are chosen by fnmatch patterns over dotted module names: ``include`` minus ``exclude``
+minus ``keep_fp`` (the papers' FP-layer lists), restricted to ``layer_types``. ``bit_map`` entries
+``{pattern: {"w": bits, "a": bits, "lora_rank": r}}`` override the defaults per layer, later
+entries winning (e.g. ``{"blocks.*.mlp.fc*": {"w": 8, "a": 8}}`` as Q-VDiT's released configs).
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .functional import qrange
+from .layers import (
+    ACT_QUANTIZERS,
+    LAYER_TYPE_NAMES,
+    LORA_INITS,
+    LORA_PARAMS,
+    LORA_PLACEMENTS,
+    QUANT_LAYER_TYPES,
+    LayerSpec,
+    QuantLayer,
+)
+from .functional import INITIALISERS
+from .quantizers import GRANULARITIES, TimestepActQuantizer, UniformQuantizer
+from .smooth import ActAbsMaxObserver, smooth_scale
+
+BIT_MAP_KEYS = ("w", "a", "lora_rank")
+
+
+def _check_bits(value, key: str, allow_none: bool) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 8:
+        raise ValueError(f"QuantConfig.{key} must be an integer bit width in 1..8{' or None' if allow_none else ''}, got {value!r}")
+
+
+@dataclass
+class QuantConfig:
+    """What to quantize and how. Every field is a YAML-friendly scalar, list or dict."""
+
+    w_bits: int | None = 4
+    a_bits: int | None = 8
+    w_symmetric: bool = False
+    a_symmetric: bool = False
+    w_granularity: str = "channel"
+    w_group_size: int | None = None
+    w_init: str = "lp"
+    a_init: str = "lp"
+    a_quantizer: str | None = "timestep"
+    num_steps: int = 1
+    learn_w_scale: bool = True
+    learn_w_zero_point: bool = False
+    learn_a_scale: bool = True
+    learn_a_zero_point: bool = True
+    lsq_grad_scale: bool = False
+    include: list[str] = field(default_factory=lambda: ["*"])
+    exclude: list[str] = field(default_factory=list)
+    keep_fp: list[str] = field(default_factory=list)
+    bit_map: dict[str, dict] = field(default_factory=dict)
+    layer_types: list[str] = field(default_factory=lambda: ["linear", "conv1d", "conv2d", "conv3d"])
+    lora_rank: int = 0
+    lora_init: str = "kaiming_zero"
+    lora_param: str = "efficientdm"
+    lora_placement: str = "merged"
+    lora_quantized_base: bool = False
+    lora_exclude: list[str] = field(default_factory=list)
+    smooth_alpha: float | None = None
+    smooth_momentum: float | None = None
+    strict_patterns: bool = True
+
+    def __post_init__(self) -> None:
+        _check_bits(self.w_bits, "w_bits", allow_none=True)
+        _check_bits(self.a_bits, "a_bits", allow_none=True)
+        if self.w_granularity not in GRANULARITIES[:3]:
+            raise ValueError(f"QuantConfig.w_granularity must be one of {GRANULARITIES[:3]}, got {self.w_granularity!r}")
+        if self.w_granularity == "group" and not (isinstance(self.w_group_size, int) and self.w_group_size > 0):
+            raise ValueError(f"QuantConfig.w_group_size must be a positive int with w_granularity='group', got {self.w_group_size!r}")
+        for key in ("w_init", "a_init"):
+            if getattr(self, key) not in INITIALISERS:
+                raise ValueError(f"QuantConfig.{key} must be one of {sorted(INITIALISERS)}, got {getattr(self, key)!r}")
+        if self.a_quantizer is not None and self.a_quantizer not in ACT_QUANTIZERS:
+            raise ValueError(f"QuantConfig.a_quantizer must be one of {ACT_QUANTIZERS} or None, got {self.a_quantizer!r}")
+        if not isinstance(self.num_steps, int) or self.num_steps < 1:
+            raise ValueError(f"QuantConfig.num_steps must be a positive int, got {self.num_steps!r}")
+        if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise ValueError(f"QuantConfig.lora_rank must be an int >= 0, got {self.lora_rank!r}")
+        for key, allowed in (("lora_init", LORA_INITS), ("lora_param", LORA_PARAMS), ("lora_placement", LORA_PLACEMENTS)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"QuantConfig.{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        unknown = set(self.layer_types) - set(LAYER_TYPE_NAMES)
+        if unknown:
+            raise ValueError(f"QuantConfig.layer_types has unknown types {sorted(unknown)}; choose from {sorted(LAYER_TYPE_NAMES)}")
+        for pattern, entry in self.bit_map.items():
+            if not isinstance(entry, dict) or set(entry) - set(BIT_MAP_KEYS):
+                raise ValueError(f"QuantConfig.bit_map[{pattern!r}] must be a dict with keys from {BIT_MAP_KEYS}, got {entry!r}")
+            for k in ("w", "a"):
+                if k in entry:
+                    _check_bits(entry[k], f"bit_map[{pattern!r}][{k!r}]", allow_none=True)
+        if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
+            raise ValueError(f"QuantConfig.smooth_alpha must be in [0, 1] or None, got {self.smooth_alpha!r}")
+        if self.w_symmetric and self.w_bits == 1:
+            qrange(1, True)  # raises the explanatory error
+
+    def layer_spec(self, name: str) -> LayerSpec:
+        """Settings for the layer called ``name`` after applying ``bit_map`` and ``lora_exclude``."""
+        w, a, rank = self.w_bits, self.a_bits, self.lora_rank
+        for pattern, entry in self.bit_map.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                w, a, rank = entry.get("w", w), entry.get("a", a), entry.get("lora_rank", rank)
+        if any(fnmatch.fnmatchcase(name, p) for p in self.lora_exclude):
+            rank = 0
+        spec_fields = {f.name for f in fields(LayerSpec)}
+        kwargs = {k: v for k, v in asdict(self).items() if k in spec_fields}
+        kwargs.update(w_bits=w, a_bits=a, lora_rank=rank)
+        return LayerSpec(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# quantize_model
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerReport:
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    status: str  # quantized | kept_fp | excluded
+    w_bits: int | None = None
+    a_bits: int | None = None
+    lora_rank: int = 0
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def plan_quantization(model: nn.Module, config: QuantConfig) -> list[LayerReport]:
+    """Decide, without touching the model, what ``quantize_model`` will do; validates the config
+    against the model (patterns that match nothing, LoRA rank vs. layer shape)."""
+    types = tuple(LAYER_TYPE_NAMES[t] for t in config.layer_types)
+    candidates = [(n, m) for n, m in model.named_modules() if n and type(m) in QUANT_LAYER_TYPES and isinstance(m, types)]
+    names = [n for n, _ in candidates]
+    if config.strict_patterns:
+        for key in ("include", "exclude", "keep_fp", "lora_exclude"):
+            for p in getattr(config, key):
+                if not any(fnmatch.fnmatchcase(n, p) for n in names):
+                    raise ValueError(
+                        f"QuantConfig.{key} pattern {p!r} matches no {'/'.join(config.layer_types)} layer of "
+                        f"{type(model).__name__} (first layers: {names[:5]})"
+                    )
+        for p in config.bit_map:
+            if not any(fnmatch.fnmatchcase(n, p) for n in names):
+                raise ValueError(f"QuantConfig.bit_map pattern {p!r} matches no layer of {type(model).__name__}")
+    plan = []
+    for name, module in candidates:
+        kind = type(module).__name__
+        shape = tuple(module.weight.shape)
+        if not _matches(name, config.include) or _matches(name, config.exclude):
+            plan.append(LayerReport(name, kind, shape, "excluded"))
+            continue
+        if _matches(name, config.keep_fp):
+            plan.append(LayerReport(name, kind, shape, "kept_fp"))
+            continue
+        spec = config.layer_spec(name)
+        d_out, d_in = shape[0], math.prod(shape[1:])
+        if spec.lora_rank > min(d_in, d_out):
+            raise ValueError(
+                f"QuantConfig.lora_rank={spec.lora_rank} is larger than min(d_in, d_out)={min(d_in, d_out)} "
+                f"of layer {name!r} (weight {shape}); lower it or add the layer to lora_exclude"
+            )
+        if spec.w_granularity == "group" and shape[1] % spec.w_group_size:
+            raise ValueError(f"QuantConfig.w_group_size={spec.w_group_size} does not divide the {shape[1]} input channels of {name!r}")
+        plan.append(LayerReport(name, kind, shape, "quantized", spec.w_bits, spec.a_bits, spec.lora_rank))
+    return plan
+
+
+def quantize_model(model: nn.Module, config: QuantConfig, verbose: bool = False) -> nn.Module:
+    """Swap the selected Linear/Conv layers of ``model`` for quantized ones, in place; returns it.
+
+    The whole plan is validated before any module is replaced. New layers start in FP mode
+    (quantization off) until :func:`calibrate` or :func:`set_quant_state` switches them on.
+    Keep an FP teacher with ``copy.deepcopy`` before calling this.
+    """
+    plan = plan_quantization(model, config)
+    for row in plan:
+        if row.status != "quantized":
+            continue
+        parent_name, _, child = row.name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        module = getattr(parent, child)
+        qcls = QUANT_LAYER_TYPES[type(module)]
+        setattr(parent, child, qcls.from_module(module, config.layer_spec(row.name)))
+    model._mpq_quant_plan = plan  # type: ignore[attr-defined]
+    if verbose:
+        print_quantization_report(plan)
+    return model
+
+
+def print_quantization_report(plan: list[LayerReport]) -> None:
+    """Rich table of what ``quantize_model`` did (one row per layer, plus totals)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="quantize_model", show_lines=False)
+    for col in ("layer", "type", "weight", "status", "W", "A", "LoRA"):
+        table.add_column(col)
+    for r in plan:
+        table.add_row(r.name, r.kind, "×".join(map(str, r.shape)), r.status,
+                      str(r.w_bits or "-"), str(r.a_bits or "-"), str(r.lora_rank or "-"))
+    counts = {s: sum(r.status == s for r in plan) for s in ("quantized", "kept_fp", "excluded")}
+    table.caption = ", ".join(f"{v} {k}" for k, v in counts.items())
+    Console().print(table)
+
+
+def quant_layers(model: nn.Module) -> Iterable[tuple[str, QuantLayer]]:
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, QuantLayer))
+
+
+def set_quant_state(model: nn.Module, weight: bool = True, act: bool = True) -> nn.Module:
+    """Switch every quantized layer between FP, weight-only and weight+activation fake quantization."""
+    for _, m in quant_layers(model):
+        m.weight_quant, m.act_quant = bool(weight), bool(act)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration: smoothing statistics → weight quantizers → (LoRA init hook) → activation quantizers
+# ---------------------------------------------------------------------------------------------
+
+
+class _StaticActObserver:
+    """Reservoir of activation values for a static (per-tensor) activation quantizer."""
+
+    def __init__(self, reservoir: int = 65536) -> None:
+        self.values: list[torch.Tensor] = []
+        self.reservoir = reservoir
+
+    def __call__(self, x: torch.Tensor) -> None:
+        v = x.detach().float().reshape(-1)
+        keep = torch.randperm(v.numel(), device=v.device)[: self.reservoir]
+        self.values.append(torch.cat([v[keep], v.min().view(1), v.max().view(1)]).cpu())
+
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module,
+    run: Callable[[nn.Module], None],
+    lora_init: Callable[[nn.Module], None] | None = None,
+    weight_quant: bool = True,
+    act_quant: bool = True,
+    smooth_momentum: float | None = None,
+) -> nn.Module:
+    """Initialise every quantizer of ``model`` from calibration data.
+
+    ``run(model)`` performs the calibration forwards (it sets the step index itself, e.g. with
+    :func:`step_index_context`, for timestep-aware activation quantizers). Stages:
+    1. FP pass: per-input-channel |x| max for layers with SmoothQuant (skipped when none).
+    2. Weight quantizers from ``W_lat · s`` with their configured init.
+    3. ``lora_init(model)`` (e.g. OOLRI) if given.
+    4. Pass with weight quantization on: activation quantizers observe, then initialise.
+    Ends with the quant state ``(weight_quant, act_quant)``.
+    """
+    layers = dict(quant_layers(model))
+    if not layers:
+        raise ValueError(f"calibrate: {type(model).__name__} has no quantized layers (run quantize_model first)")
+    set_quant_state(model, False, False)
+    smoothed = {n: m for n, m in layers.items() if m.smooth_scale is not None}
+    if smoothed:
+        observers = {n: ActAbsMaxObserver(m.channel_dim, smooth_momentum) for n, m in smoothed.items()}
+        for n, m in smoothed.items():
+            m.observer = lambda layer, x, o=observers[n]: o.observe(x)
+        try:
+            run(model)
+        finally:
+            for m in smoothed.values():
+                m.observer = None
+        for n, m in smoothed.items():
+            if observers[n].stat is None:
+                raise RuntimeError(f"calibrate: layer {n!r} saw no input during the calibration run")
+            m.smooth_scale.copy_(smooth_scale(observers[n].stat, m.weight, m.spec.smooth_alpha).to(m.smooth_scale))
+    for m in layers.values():
+        if m.weight_quantizer is not None and hasattr(m.weight_quantizer, "initialize"):
+            m.weight_quantizer.initialize(m.quantized_weight().detach())  # quant still off: W_lat · s
+    if lora_init is not None:
+        lora_init(model)
+    act_layers = {n: m for n, m in layers.items() if m.act_quantizer is not None and not bool(m.act_quantizer.initialized)}
+    if act_layers:
+        set_quant_state(model, weight_quant, False)
+        static: dict[str, _StaticActObserver] = {}
+        for n, m in act_layers.items():
+            m.act_quant = True
+            if isinstance(m.act_quantizer, TimestepActQuantizer):
+                m.act_quantizer.observing = True
+            elif isinstance(m.act_quantizer, UniformQuantizer):
+                static[n] = _StaticActObserver()
+                m.act_quant = False
+                m.observer = lambda layer, x, o=static[n]: o(
+                    x / layer._bcast_in(layer.smooth_scale, x.dim()) if layer.smooth_scale is not None else x
+                )
+        try:
+            run(model)
+        finally:
+            for m in act_layers.values():
+                m.observer = None
+                if isinstance(m.act_quantizer, TimestepActQuantizer):
+                    m.act_quantizer.observing = False
+        for n, m in act_layers.items():
+            if isinstance(m.act_quantizer, TimestepActQuantizer):
+                m.act_quantizer.finish_calibration()
+            elif n in static:
+                if not static[n].values:
+                    raise RuntimeError(f"calibrate: layer {n!r} saw no input during the calibration run")
+                m.act_quantizer.initialize(torch.cat(static[n].values).view(1, -1))
+    set_quant_state(model, weight_quant, act_quant)
+    return model

@@ -1,0 +1,237 @@
+"""Fake quantization with straight-through gradients, and vectorised range initialisers.
+
+All arithmetic here is fp32, whatever the input dtype or autocast state (quantizer math must not
+run in bf16/fp16: a 16-bit mantissa cannot represent a W3 grid plus its rounding boundaries).
+
+Gradients of :func:`fake_quantize` (LSQ / LSQ+, see Esser et al. 2020 and Bhalgat et al. 2020):
+
+* x:          1 where ``round(x / s) + z`` lies inside ``[qmin, qmax]``, else 0 (the mask PyTorch's
+              ``fake_quantize_*_affine`` uses).
+* scale s:    ``round(x/s) - x/s`` inside the range, ``q_clamped - z`` outside (LSQ).
+* zero z:     0 inside the range, ``-s`` outside (LSQ+ offset gradient, written for an integer
+              zero point: LSQ+'s ``beta = -z s``). The forward rounds z, the backward is STE.
+
+Both are multiplied by an optional ``grad_scale`` (LSQ's ``g = 1/sqrt(N qmax)``; 1.0 = off, the
+EfficientDM / Q-VDiT choice).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+# ---------------------------------------------------------------------------------------------
+# Integer ranges
+# ---------------------------------------------------------------------------------------------
+
+
+def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
+    """Integer code range of a ``bits``-bit quantizer: asymmetric [0, 2^b-1], symmetric signed."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
+    if symmetric:
+        if bits == 1:
+            raise ValueError(
+                "a symmetric 1-bit quantizer has no level on each side of zero; use symmetric=False "
+                "(asymmetric 1-bit: two levels) or a binary residual branch (FZ-RMQ)"
+            )
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# STE primitives
+# ---------------------------------------------------------------------------------------------
+
+
+def round_ste(x: Tensor) -> Tensor:
+    """Round half to even in the forward pass, identity in the backward pass."""
+    return x + (torch.round(x) - x).detach()
+
+
+def sign_ste(x: Tensor) -> Tensor:
+    """sign(x) in {-1, +1} (0 maps to +1) forward, identity gradient (straight-through)."""
+    s = torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
+    return x + (s - x).detach()
+
+
+class _FakeQuantize(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax, grad_scale):  # type: ignore[override]
+        xf = x.float()
+        s = scale.float()
+        z = torch.round(zero_point.float())
+        inv = 1.0 / s
+        xs = xf * inv
+        r = torch.round(xs)
+        q = r + z
+        inside = (q >= qmin) & (q <= qmax)
+        qc = q.clamp(qmin, qmax)
+        out = (qc - z) * s
+        ctx.save_for_backward(xs, r, qc, z, s, inside)
+        ctx.grad_scale = grad_scale
+        ctx.shapes = (scale.shape, zero_point.shape)
+        ctx.needs = (ctx.needs_input_grad[1], ctx.needs_input_grad[2])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        xs, r, qc, z, s, inside = ctx.saved_tensors
+        s_shape, z_shape = ctx.shapes
+        g = grad.float()
+        gx = torch.where(inside, g, torch.zeros_like(g))
+        gs = gz = None
+        if ctx.needs[0]:
+            ds = torch.where(inside, r - xs, qc - z)
+            gs = (g * ds * ctx.grad_scale).sum_to_size(s_shape)
+        if ctx.needs[1]:
+            dz = torch.where(inside, torch.zeros_like(g), -s.expand_as(g))
+            gz = (g * dz * ctx.grad_scale).sum_to_size(z_shape)
+        return gx.to(grad.dtype), gs, gz, None, None, None
+
+
+def fake_quantize(
+    x: Tensor,
+    scale: Tensor,
+    zero_point: Tensor,
+    qmin: int,
+    qmax: int,
+    grad_scale: float = 1.0,
+) -> Tensor:
+    """``(clamp(round(x / s) + round(z), qmin, qmax) - round(z)) * s`` in fp32 with LSQ/LSQ+ grads.
+
+    ``scale`` and ``zero_point`` broadcast against ``x``. The forward is bit-identical (CPU, fp32)
+    to ``torch.fake_quantize_per_tensor_affine`` / ``torch.fake_quantize_per_channel_affine`` for
+    integer zero points. The result is fp32.
+    """
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        if not torch.is_tensor(scale):
+            scale = torch.tensor(float(scale), device=x.device)
+        if not torch.is_tensor(zero_point):
+            zero_point = torch.tensor(float(zero_point), device=x.device)
+        return _FakeQuantize.apply(x, scale, zero_point, int(qmin), int(qmax), float(grad_scale))
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantization parameters from a range
+# ---------------------------------------------------------------------------------------------
+
+EPS = 1e-8
+
+
+def qparams_from_range(
+    xmin: Tensor, xmax: Tensor, bits: int, symmetric: bool
+) -> tuple[Tensor, Tensor]:
+    """Step and (integer-valued, fp32) zero point covering ``[xmin, xmax]`` (zero included)."""
+    qmin, qmax = qrange(bits, symmetric)
+    xmin = torch.minimum(xmin.float(), torch.zeros_like(xmin, dtype=torch.float32))
+    xmax = torch.maximum(xmax.float(), torch.zeros_like(xmax, dtype=torch.float32))
+    if symmetric:
+        amax = torch.maximum(-xmin, xmax)
+        scale = (2 * amax / (qmax - qmin)).clamp_min(EPS)
+        zero = torch.zeros_like(scale)
+    else:
+        scale = ((xmax - xmin) / (qmax - qmin)).clamp_min(EPS)
+        zero = (qmin - torch.round(xmin / scale)).clamp(qmin, qmax)
+    return scale, zero
+
+
+def _quant_dequant(x: Tensor, scale: Tensor, zero: Tensor, qmin: int, qmax: int) -> Tensor:
+    """Plain (no autograd bookkeeping) fake-quant used by the searches; same math as the forward."""
+    q = (torch.round(x * (1.0 / scale)) + zero).clamp(qmin, qmax)
+    return (q - zero) * scale
+
+
+# ---------------------------------------------------------------------------------------------
+# Initialisers. ``x`` is a 2-D view [rows, K]: one (scale, zero) per row. Vectorised over rows
+# and over candidates; candidates are processed in chunks sized by ``memory_budget`` elements.
+# ---------------------------------------------------------------------------------------------
+
+
+def init_minmax(x: Tensor, bits: int, symmetric: bool) -> tuple[Tensor, Tensor]:
+    """Per-row min/max range. Returns scale, zero of shape [rows, 1]."""
+    x = x.detach().float()
+    return qparams_from_range(x.amin(1, keepdim=True), x.amax(1, keepdim=True), bits, symmetric)
+
+
+def _search(
+    x: Tensor,
+    bits: int,
+    symmetric: bool,
+    ratios: Tensor,
+    error_fn,
+    memory_budget: int,
+) -> tuple[Tensor, Tensor]:
+    """Shrink the per-row [min, max] range by every ratio, keep the ratio with the lowest error."""
+    x = x.detach().float()
+    qmin, qmax = qrange(bits, symmetric)
+    lo = x.amin(1, keepdim=True)
+    hi = x.amax(1, keepdim=True)
+    rows, k = x.shape
+    best_err = torch.full((rows, 1), float("inf"), device=x.device)
+    best_scale = torch.empty(rows, 1, device=x.device)
+    best_zero = torch.empty(rows, 1, device=x.device)
+    chunk = max(1, memory_budget // max(1, x.numel()))
+    ratios = ratios.to(x.device, torch.float32)
+    for start in range(0, len(ratios), chunk):  # fixed number of chunks, not per channel
+        r = ratios[start : start + chunk].view(-1, 1, 1)  # [n, 1, 1]
+        scale, zero = qparams_from_range(r * lo, r * hi, bits, symmetric)  # [n, rows, 1]
+        err = error_fn(_quant_dequant(x.unsqueeze(0), scale, zero, qmin, qmax) - x)  # [n, rows, 1]
+        e, i = err.min(0)
+        better = e < best_err
+        pick = i.view(1, rows, 1)
+        best_scale = torch.where(better, scale.gather(0, pick)[0], best_scale)
+        best_zero = torch.where(better, zero.gather(0, pick)[0], best_zero)
+        best_err = torch.where(better, e, best_err)
+    return best_scale, best_zero
+
+
+def init_lp_search(
+    x: Tensor,
+    bits: int,
+    symmetric: bool,
+    p: float = 2.4,
+    num_candidates: int = 80,
+    memory_budget: int = 2**26,
+) -> tuple[Tensor, Tensor]:
+    """EfficientDM / LAPQ 'mse' init: shrink [min, max] by ``1 - 0.01 i`` (i < 80), score by
+    ``mean |x - Q(x)|^p``. Candidate i = 0 is the min-max range, so it is never worse than min-max."""
+    ratios = 1.0 - 0.01 * torch.arange(num_candidates, dtype=torch.float32)
+    ratios = ratios[ratios > 0]
+    return _search(x, bits, symmetric, ratios, lambda d: d.abs().pow(p).mean(-1, keepdim=True), memory_budget)
+
+
+def init_grid_search(
+    x: Tensor,
+    bits: int,
+    symmetric: bool,
+    num_ratios: int = 50,
+    include_full_range: bool = True,
+    memory_budget: int = 2**26,
+) -> tuple[Tensor, Tensor]:
+    """Q-VDiT ``grid_search_lp`` init: ratios 0, 0.02, ..., 0.98 of the zero-including per-row
+    range, per-row sum of squared errors. ``include_full_range`` adds ratio 1.0 (= min-max), which
+    the release omits, so the result is never worse than min-max. The release scores each candidate
+    with ``x / (delta + 1e-4)``; we score the quantizer actually used (documented deviation)."""
+    ratios = torch.arange(num_ratios, dtype=torch.float32) * (1.0 / num_ratios)
+    if include_full_range:
+        ratios = torch.cat([ratios, torch.ones(1)])
+    return _search(x, bits, symmetric, ratios, lambda d: d.pow(2).sum(-1, keepdim=True), memory_budget)
+
+
+INITIALISERS = {"minmax": init_minmax, "lp": init_lp_search, "grid": init_grid_search}
+
+
+def init_qparams(x2d: Tensor, bits: int, symmetric: bool, method: str) -> tuple[Tensor, Tensor]:
+    """Dispatch to one of :data:`INITIALISERS` by name."""
+    try:
+        fn = INITIALISERS[method]
+    except KeyError:
+        raise ValueError(f"unknown quantizer init {method!r}; choose one of {sorted(INITIALISERS)}") from None
+    return fn(x2d, bits, symmetric)
+
+
+def lsq_grad_scale(numel: int, qmax: int) -> float:
+    """LSQ's step-gradient scale ``1 / sqrt(N * qmax)``."""
+    return 1.0 / math.sqrt(max(1, numel) * max(1, qmax))

@@ -1,0 +1,309 @@
+"""Fake-quantized Linear / Conv layers with a LoRA adapter merged before the weight quantizer.
+
+Forward of a quantized layer (EfficientDM / MPQ-DM / Q-VDiT):
+
+    W_lat = W_base + B A                 (merged LoRA; W_base = FP weight, or OOLRI's frozen Q(W))
+    y     = Q_a(X / s) · Q_w(W_lat · s)^T + bias
+          + (B A) X                      (only with lora_placement = "fp_branch", then no merge)
+          + corrections(Q_a(X / s))      (TQE's rank-1 branch and frame scale, methods issue)
+
+with ``s`` the SmoothQuant pre-scale (1 when off). In FP mode (both switches off) the layer
+computes ``op(X, W + B A)``, which is the original module's output when B A = 0.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .quantizers import DynamicTokenQuantizer, TimestepActQuantizer, UniformQuantizer
+
+LORA_INITS = ("kaiming_zero", "zero", "svd_weight_error", "svd_output_error")
+LORA_PARAMS = ("efficientdm", "per_position")
+LORA_PLACEMENTS = ("merged", "fp_branch")
+ACT_QUANTIZERS = ("timestep", "dynamic_token", "static")
+
+
+@dataclass
+class LayerSpec:
+    """Resolved quantization settings of one layer (built by ``QuantConfig.layer_spec``)."""
+
+    w_bits: int | None = 4
+    a_bits: int | None = None
+    w_symmetric: bool = False
+    a_symmetric: bool = False
+    w_granularity: str = "channel"
+    w_group_size: int | None = None
+    w_init: str = "lp"
+    a_init: str = "lp"
+    a_quantizer: str | None = "timestep"
+    num_steps: int = 1
+    learn_w_scale: bool = True
+    learn_w_zero_point: bool = False
+    learn_a_scale: bool = True
+    learn_a_zero_point: bool = True
+    lsq_grad_scale: bool = False
+    lora_rank: int = 0
+    lora_init: str = "kaiming_zero"
+    lora_param: str = "efficientdm"
+    lora_placement: str = "merged"
+    lora_quantized_base: bool = False
+    smooth_alpha: float | None = None
+    extras: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA
+# ---------------------------------------------------------------------------------------------
+
+
+class LoRA(nn.Module):
+    """Low-rank weight update ``ΔW = B A`` for a weight of shape [Cout, Cin, *k].
+
+    ``efficientdm``: A is a k×k conv Cin→r ([r, Cin, *k]), B a 1×1 conv r→Cout ([Cout, r]),
+    ``ΔW = B · A`` (mpqdm.md §2.3). ``per_position`` (MPQ-DM release, §3.5): A [r, Cin, *k],
+    B [Cout, r, *k], ``ΔW[..., u, v] = B[..., u, v] · A[..., u, v]``. Linear layers: A [r, Cin],
+    B [Cout, r] either way. No α/r multiplier, so SVD-based initialisation is exact.
+    """
+
+    def __init__(self, weight_shape: torch.Size, rank: int, param: str = "efficientdm", init: str = "kaiming_zero") -> None:
+        super().__init__()
+        if param not in LORA_PARAMS:
+            raise ValueError(f"unknown lora_param {param!r}; choose one of {LORA_PARAMS}")
+        cout, cin, *k = weight_shape
+        if not 1 <= rank <= min(cout, cin * math.prod(k)):
+            raise ValueError(f"LoRA rank {rank} must be in 1..min(d_out, d_in)={min(cout, cin * math.prod(k))}")
+        self.param, self.rank, self.kernel = param, rank, tuple(k)
+        self.A = nn.Parameter(torch.empty(rank, cin, *k))
+        b_shape = (cout, rank, *k) if (param == "per_position" and k) else (cout, rank)
+        self.B = nn.Parameter(torch.zeros(b_shape))
+        self.reset(init)
+
+    @torch.no_grad()
+    def reset(self, init: str = "kaiming_zero") -> None:
+        """Kaiming-uniform A (a=√5, nn.Linear default) and zero B; SVD inits are set by OOLRI."""
+        nn.init.kaiming_uniform_(self.A.view(self.rank, -1), a=math.sqrt(5))
+        self.B.zero_()
+        if init == "zero":
+            self.A.zero_()
+
+    def delta(self) -> Tensor:
+        if self.B.dim() == 2:
+            return (self.B @ self.A.reshape(self.rank, -1)).view(self.B.shape[0], *self.A.shape[1:])
+        return torch.einsum("or...,ri...->oi...", self.B, self.A)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, param={self.param}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantized layers
+# ---------------------------------------------------------------------------------------------
+
+
+def build_weight_quantizer(spec: LayerSpec, weight_shape: torch.Size) -> nn.Module | None:
+    if spec.w_bits is None:
+        return None
+    return UniformQuantizer(
+        spec.w_bits,
+        symmetric=spec.w_symmetric,
+        granularity=spec.w_granularity,
+        group_size=spec.w_group_size,
+        init=spec.w_init,
+        learn_scale=spec.learn_w_scale,
+        learn_zero_point=spec.learn_w_zero_point,
+        lsq_grad_scale=spec.lsq_grad_scale,
+        shape=tuple(weight_shape),
+    )
+
+
+def build_act_quantizer(spec: LayerSpec, channel_dim: int) -> nn.Module | None:
+    if spec.a_bits is None or spec.a_quantizer is None:
+        return None
+    if spec.a_quantizer == "timestep":
+        return TimestepActQuantizer(
+            spec.a_bits, spec.num_steps, spec.a_symmetric, spec.a_init, spec.learn_a_scale, spec.learn_a_zero_point
+        )
+    if spec.a_quantizer == "dynamic_token":
+        return DynamicTokenQuantizer(spec.a_bits, channel_dim=channel_dim)
+    if spec.a_quantizer == "static":
+        return UniformQuantizer(
+            spec.a_bits, spec.a_symmetric, "tensor", init=spec.a_init,
+            learn_scale=spec.learn_a_scale, learn_zero_point=spec.learn_a_zero_point, shape=(1,),
+        )
+    raise ValueError(f"unknown a_quantizer {spec.a_quantizer!r}; choose one of {ACT_QUANTIZERS} or None")
+
+
+class QuantLayer(nn.Module):
+    """Shared machinery of QuantLinear / QuantConv{1,2,3}d. Subclasses define ``_op``."""
+
+    channel_dim: int = 1  # input-channel dim of the activation
+
+    def _setup(self, module: nn.Module, spec: LayerSpec) -> None:
+        self.spec = spec
+        self.weight = nn.Parameter(module.weight.detach().clone(), requires_grad=False)
+        self.bias = None if module.bias is None else nn.Parameter(module.bias.detach().clone(), requires_grad=False)
+        self.weight_quantizer = build_weight_quantizer(spec, self.weight.shape)
+        self.act_quantizer = build_act_quantizer(spec, self.channel_dim)
+        self.lora = LoRA(self.weight.shape, spec.lora_rank, spec.lora_param) if spec.lora_rank else None
+        self.lora_placement = spec.lora_placement
+        # OOLRI's frozen quantized base replaces W inside the quantizer (mpqdm.md §4.2 (a)).
+        self.register_buffer("base_weight", self.weight.detach().clone() if spec.lora_quantized_base else None)
+        cin = self.weight.shape[1]
+        self.register_buffer("smooth_scale", torch.ones(cin) if spec.smooth_alpha is not None else None)
+        self.corrections = nn.ModuleDict()  # output corrections on the quantized input (TQE)
+        self.weight_quant = False
+        self.act_quant = False
+        self.observer = None  # calibration hook target, see convert.calibrate
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _bcast_in(self, s: Tensor, ndim: int) -> Tensor:
+        """Reshape a per-input-channel vector to broadcast on an activation of ``ndim`` dims."""
+        if self.channel_dim == -1:
+            return s
+        return s.view(-1, *([1] * (ndim - 2)))
+
+    def _scale_weight(self, w: Tensor, s: Tensor) -> Tensor:
+        return w * s.view(1, -1, *([1] * (w.dim() - 2)))
+
+    def latent_weight(self) -> Tensor:
+        """``W_base + B A`` (merged placement) in the original (unsmoothed) weight space."""
+        w = self.base_weight if self.base_weight is not None else self.weight
+        if self.lora is not None and self.lora_placement == "merged":
+            w = w + self.lora.delta().to(w.dtype)
+        return w
+
+    def quantized_weight(self) -> Tensor:
+        """``Q_w(W_lat · s)`` (smoothed space), or ``W_lat · s`` when weight quantization is off."""
+        w = self.latent_weight()
+        if self.smooth_scale is not None:
+            w = self._scale_weight(w.float(), self.smooth_scale)
+        if self.weight_quant and self.weight_quantizer is not None:
+            w = self.weight_quantizer(w)
+        return w
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        if self.observer is not None:
+            self.observer(self, x)
+        if not (self.weight_quant or self.act_quant):
+            w = self.weight
+            if self.lora is not None:  # FP mode keeps the adapter, exact FP when B A = 0
+                w = w + self.lora.delta().to(w.dtype)
+            return self._op(x, w, self.bias)
+        xs = x
+        if self.smooth_scale is not None:
+            xs = x / self._bcast_in(self.smooth_scale, x.dim()).to(x.dtype)
+        xq = self.act_quantizer(xs) if (self.act_quant and self.act_quantizer is not None) else xs
+        xq = xq.to(x.dtype)
+        y = self._op(xq, self.quantized_weight().to(x.dtype), self.bias)
+        if self.lora is not None and self.lora_placement == "fp_branch":
+            y = y + self._op(x, self.lora.delta().to(x.dtype), None)
+        for corr in self.corrections.values():
+            y = y + corr(xq, self)
+        return y
+
+    # -- conversions ---------------------------------------------------------------------------
+    @classmethod
+    def from_module(cls, module: nn.Module, spec: LayerSpec | None = None) -> "QuantLayer":
+        raise NotImplementedError
+
+    def to_module(self, merge_lora: bool = True) -> nn.Module:
+        """Back to the plain PyTorch module holding the FP weight (``+ B A`` if ``merge_lora``)."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"w_bits={self.spec.w_bits}, a_bits={self.spec.a_bits}, lora_rank={self.spec.lora_rank}"
+
+
+class QuantLinear(QuantLayer):
+    channel_dim = -1
+
+    def __init__(self, module: nn.Linear, spec: LayerSpec) -> None:
+        super().__init__()
+        self.in_features, self.out_features = module.in_features, module.out_features
+        self._setup(module, spec)
+
+    @classmethod
+    def from_module(cls, module: nn.Linear, spec: LayerSpec | None = None) -> "QuantLinear":
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"QuantLinear.from_module needs nn.Linear, got {type(module).__name__}")
+        return cls(module, spec or LayerSpec())
+
+    def _op(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        return F.linear(x, w, b)
+
+    def to_module(self, merge_lora: bool = True) -> nn.Linear:
+        m = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                      device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            w = self.weight + (self.lora.delta() if (merge_lora and self.lora is not None) else 0)
+            m.weight.copy_(w)
+            if self.bias is not None:
+                m.bias.copy_(self.bias)
+        return m
+
+
+class _QuantConvNd(QuantLayer):
+    _conv_cls: type[nn.Module]
+    _conv_fn = None
+
+    def __init__(self, module: nn.Module, spec: LayerSpec) -> None:
+        super().__init__()
+        for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
+                     "groups", "padding_mode", "_reversed_padding_repeated_twice"):
+            setattr(self, attr, getattr(module, attr))
+        if spec.smooth_alpha is not None and self.groups != 1:
+            spec.smooth_alpha = None  # per-input-channel scale is ill-defined for grouped convs
+        self._setup(module, spec)
+
+    @classmethod
+    def from_module(cls, module: nn.Module, spec: LayerSpec | None = None) -> "_QuantConvNd":
+        if type(module) is not cls._conv_cls and not isinstance(module, cls._conv_cls):
+            raise TypeError(f"{cls.__name__}.from_module needs {cls._conv_cls.__name__}, got {type(module).__name__}")
+        return cls(module, spec or LayerSpec())
+
+    def _op(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        fn = type(self)._conv_fn
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return fn(x, w, b, self.stride, 0, self.dilation, self.groups)
+        return fn(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    def to_module(self, merge_lora: bool = True) -> nn.Module:
+        m = self._conv_cls(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                           self.dilation, self.groups, self.bias is not None, self.padding_mode,
+                           device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            w = self.weight + (self.lora.delta() if (merge_lora and self.lora is not None) else 0)
+            m.weight.copy_(w)
+            if self.bias is not None:
+                m.bias.copy_(self.bias)
+        return m
+
+
+class QuantConv1d(_QuantConvNd):
+    _conv_cls = nn.Conv1d
+    _conv_fn = staticmethod(F.conv1d)
+
+
+class QuantConv2d(_QuantConvNd):
+    _conv_cls = nn.Conv2d
+    _conv_fn = staticmethod(F.conv2d)
+
+
+class QuantConv3d(_QuantConvNd):
+    _conv_cls = nn.Conv3d
+    _conv_fn = staticmethod(F.conv3d)
+
+
+QUANT_LAYER_TYPES: dict[type[nn.Module], type[QuantLayer]] = {
+    nn.Linear: QuantLinear,
+    nn.Conv1d: QuantConv1d,
+    nn.Conv2d: QuantConv2d,
+    nn.Conv3d: QuantConv3d,
+}
+LAYER_TYPE_NAMES = {"linear": nn.Linear, "conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d}

@@ -1,0 +1,283 @@
+"""Quantizer modules: uniform (static), timestep-aware (TALSQ) and dynamic per-token.
+
+Every quantizer is an ``nn.Module`` whose state (steps, zero points, tables, ``initialized`` flag)
+is registered at construction, so a checkpoint restores it strictly before any calibration.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .functional import fake_quantize, init_qparams, lsq_grad_scale, qrange
+
+GRANULARITIES = ("tensor", "channel", "group", "token")
+
+
+def _rows_view(x: Tensor, granularity: str, group_size: int | None) -> Tensor:
+    """2-D view [rows, K] with one quantization parameter per row."""
+    if granularity == "tensor":
+        return x.reshape(1, -1)
+    if granularity == "channel":  # output channel = dim 0 (weights)
+        return x.reshape(x.shape[0], -1)
+    if granularity == "group":  # groups of ``group_size`` consecutive input channels (dim 1)
+        if x.dim() < 2 or x.shape[1] % group_size:
+            raise ValueError(
+                f"group granularity needs dim 1 of shape {tuple(x.shape)} divisible by group_size={group_size}"
+            )
+        return x.reshape(-1, group_size * (x[0, 0].numel()))
+    if granularity == "token":  # one row per token: all dims but the last
+        return x.reshape(-1, x.shape[-1])
+    raise ValueError(f"unknown granularity {granularity!r}; choose one of {GRANULARITIES}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Uniform static quantizer
+# ---------------------------------------------------------------------------------------------
+
+
+class UniformQuantizer(nn.Module):
+    """Uniform ``bits``-bit fake quantizer with learnable step / zero point.
+
+    ``granularity``: ``tensor`` | ``channel`` (dim 0) | ``group`` (``group_size`` input channels) |
+    ``token`` (one row per token, last dim = channels; the token count is fixed by :meth:`initialize`).
+    The parameter shape is set by :meth:`initialize` (or by ``shape`` when known up front, which a
+    checkpoint restore needs): ``[rows, 1]``.
+    """
+
+    def __init__(
+        self,
+        bits: int,
+        symmetric: bool = False,
+        granularity: str = "channel",
+        group_size: int | None = None,
+        init: str = "lp",
+        learn_scale: bool = True,
+        learn_zero_point: bool = False,
+        lsq_grad_scale: bool = False,
+        shape: tuple[int, ...] | None = None,
+    ) -> None:
+        super().__init__()
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"unknown granularity {granularity!r}; choose one of {GRANULARITIES}")
+        if granularity == "group" and not group_size:
+            raise ValueError("granularity='group' needs group_size > 0")
+        self.bits, self.symmetric = int(bits), bool(symmetric)
+        self.qmin, self.qmax = qrange(self.bits, self.symmetric)
+        self.granularity, self.group_size, self.init_method = granularity, group_size, init
+        self.use_lsq_grad_scale = lsq_grad_scale
+        rows = 1 if shape is None else _rows_view(torch.empty(shape, device="meta"), granularity, group_size).shape[0]
+        self.scale = nn.Parameter(torch.ones(rows, 1), requires_grad=learn_scale)
+        self.zero_point = nn.Parameter(torch.zeros(rows, 1), requires_grad=learn_zero_point)
+        self.register_buffer("initialized", torch.tensor(False))
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, symmetric={self.symmetric}, granularity={self.granularity}, init={self.init_method}"
+
+    @torch.no_grad()
+    def initialize(self, x: Tensor, method: str | None = None) -> None:
+        """Set step and zero point from ``x`` with ``method`` (minmax | lp | grid)."""
+        rows = _rows_view(x.detach(), self.granularity, self.group_size)
+        scale, zero = init_qparams(rows, self.bits, self.symmetric, method or self.init_method)
+        self.scale.data = scale.to(self.scale.device)
+        self.zero_point.data = zero.to(self.zero_point.device)
+        self.initialized.fill_(True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = _rows_view(x, self.granularity, self.group_size)
+        if rows.shape[0] != self.scale.shape[0]:
+            raise ValueError(
+                f"quantizer was initialised for {self.scale.shape[0]} {self.granularity} rows, input of shape "
+                f"{tuple(x.shape)} has {rows.shape[0]}"
+            )
+        g = lsq_grad_scale(rows.shape[1], self.qmax) if self.use_lsq_grad_scale else 1.0
+        return fake_quantize(rows, self.scale, self.zero_point, self.qmin, self.qmax, g).view(x.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Explicit sampler step index
+# ---------------------------------------------------------------------------------------------
+
+
+def _expand_index(step_index: Tensor, n: int) -> Tensor:
+    """Map a per-sample index [B] onto a leading dim of size n = B * k (batch-major layouts such as
+    ``(b f) s c``)."""
+    if step_index.dim() == 0:
+        return step_index.expand(n)
+    b = step_index.shape[0]
+    if n == b:
+        return step_index
+    if n % b:
+        raise ValueError(f"step_index of batch {b} cannot be broadcast to a leading dim of size {n}")
+    return step_index.repeat_interleave(n // b)
+
+
+class TimestepActQuantizer(nn.Module):
+    """EfficientDM's TALSQ: one learnable (step, zero point) per sampler step, per tensor.
+
+    The step index comes from :func:`step_index_context` (set by the Denoiser / sampler), never from
+    a call counter. A per-sample LongTensor [B] index is supported: the leading dim of the input
+    must be a multiple of B with the batch index major.
+    """
+
+    def __init__(
+        self,
+        bits: int,
+        num_steps: int,
+        symmetric: bool = False,
+        init: str = "lp",
+        learn_scale: bool = True,
+        learn_zero_point: bool = True,
+        reservoir: int = 4096,
+    ) -> None:
+        super().__init__()
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        self.bits, self.symmetric, self.num_steps, self.init_method = int(bits), symmetric, num_steps, init
+        self.qmin, self.qmax = qrange(self.bits, symmetric)
+        self.scale = nn.Parameter(torch.ones(num_steps), requires_grad=learn_scale)
+        self.zero_point = nn.Parameter(torch.zeros(num_steps), requires_grad=learn_zero_point)
+        self.register_buffer("initialized", torch.tensor(False))
+        self.step_index: Tensor | int | None = None  # set by step_index_context
+        self.observing = False
+        self._reservoir = reservoir
+        self._samples: dict[int, list[Tensor]] = {}
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, num_steps={self.num_steps}, init={self.init_method}"
+
+    def _index(self, n: int, device: torch.device) -> Tensor:
+        if self.step_index is None:
+            raise RuntimeError(
+                "TimestepActQuantizer needs the sampler step index: call the model through "
+                "Denoiser.forward(..., step_index) or inside step_index_context(model, step_index)"
+            )
+        idx = torch.as_tensor(self.step_index, device=device, dtype=torch.long)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.num_steps):
+            raise IndexError(f"step index {idx.tolist()} out of range for a table of {self.num_steps} steps")
+        return _expand_index(idx, n)
+
+    # -- calibration ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def _observe(self, x: Tensor) -> None:
+        idx = self._index(x.shape[0], x.device)
+        flat = x.detach().float().reshape(x.shape[0], -1)
+        for step in idx.unique().tolist():  # loop over distinct steps in the batch, not channels
+            vals = flat[idx == step].reshape(-1)
+            keep = torch.randperm(vals.numel(), device=vals.device)[: self._reservoir]
+            # always keep the extremes so the min-max candidate is exact
+            vals = torch.cat([vals[keep], vals.min().view(1), vals.max().view(1)])
+            self._samples.setdefault(step, []).append(vals.cpu())
+
+    @torch.no_grad()
+    def finish_calibration(self, method: str | None = None) -> None:
+        """Initialise every step's (step, zero) from the observed activations. Steps never seen
+        take the parameters fitted on all observations together (EfficientDM's shared init)."""
+        if not self._samples:
+            raise RuntimeError("TimestepActQuantizer.finish_calibration: no activations were observed")
+        method = method or self.init_method
+        pooled = torch.cat([torch.cat(v) for v in self._samples.values()]).view(1, -1)
+        s_all, z_all = init_qparams(pooled, self.bits, self.symmetric, method)
+        scale = s_all.view(1).repeat(self.num_steps)
+        zero = z_all.view(1).repeat(self.num_steps)
+        for step, vals in self._samples.items():
+            s, z = init_qparams(torch.cat(vals).view(1, -1), self.bits, self.symmetric, method)
+            scale[step], zero[step] = s.view(()), z.view(())
+        self.scale.data = scale.to(self.scale.device)
+        self.zero_point.data = zero.to(self.zero_point.device)
+        self.initialized.fill_(True)
+        self._samples.clear()
+        self.observing = False
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        if self.observing:
+            self._observe(x)
+            return x
+        idx = self._index(x.shape[0], x.device)
+        view = (-1,) + (1,) * (x.dim() - 1)
+        return fake_quantize(x, self.scale[idx].view(view), self.zero_point[idx].view(view), self.qmin, self.qmax)
+
+
+def resample_step_table(
+    table: Tensor, old_timesteps: Tensor | None = None, new_timesteps: Tensor | None = None, new_steps: int | None = None
+) -> Tensor:
+    """Resample a per-step table (last dim = steps) to another sampler.
+
+    With ``old_timesteps`` / ``new_timesteps`` (the schedulers' ``timesteps``), every new step takes
+    the entry of the old step with the nearest diffusion timestep (100 -> 20 DDIM steps picks
+    entries 4, 9, ..., 99). With only ``new_steps``, entries are taken at evenly spaced indices
+    (EfficientDM's ``downsample_talsq_ckpt.py`` stride for divisible counts).
+    """
+    if old_timesteps is not None and new_timesteps is not None:
+        old_t = torch.as_tensor(old_timesteps, dtype=torch.float64).view(-1, 1)
+        new_t = torch.as_tensor(new_timesteps, dtype=torch.float64).view(1, -1)
+        if old_t.shape[0] != table.shape[-1]:
+            raise ValueError(f"table has {table.shape[-1]} steps but old_timesteps has {old_t.shape[0]}")
+        idx = (old_t - new_t).abs().argmin(0)
+    elif new_steps is not None:
+        old = table.shape[-1]
+        if old % new_steps == 0:
+            idx = torch.arange(new_steps) * (old // new_steps)
+        else:
+            idx = torch.linspace(0, old - 1, new_steps).round().long()
+    else:
+        raise ValueError("resample_step_table needs (old_timesteps, new_timesteps) or new_steps")
+    return table[..., idx.to(table.device)].clone()
+
+
+@contextmanager
+def step_index_context(model: nn.Module, step_index: int | Tensor | None) -> Iterator[None]:
+    """Hand the sampler step index (int or LongTensor [B]) to every TimestepActQuantizer in model."""
+    quantizers = [m for m in model.modules() if isinstance(m, TimestepActQuantizer)]
+    previous = [q.step_index for q in quantizers]
+    for q in quantizers:
+        q.step_index = step_index
+    try:
+        yield
+    finally:
+        for q, p in zip(quantizers, previous):
+            q.step_index = p
+
+
+# ---------------------------------------------------------------------------------------------
+# Dynamic per-token quantizer (Q-VDiT / ViDiT-Q)
+# ---------------------------------------------------------------------------------------------
+
+
+class DynamicTokenQuantizer(nn.Module):
+    """Asymmetric min-max per token (last dim = channels), recomputed every forward, no state.
+
+    ``share_batch=True`` pools the statistics of each token position over the batch as the
+    Q-VDiT release does (input viewed as ``[B, N, C]``). Unlike the release, a tiny step is clamped
+    per token; it never overwrites the other tokens' steps.
+    """
+
+    def __init__(self, bits: int, share_batch: bool = False, eps: float = 1e-6, channel_dim: int = -1) -> None:
+        super().__init__()
+        self.bits, self.share_batch, self.eps, self.channel_dim = int(bits), share_batch, eps, channel_dim
+        self.qmin, self.qmax = qrange(self.bits, False)
+        self.register_buffer("initialized", torch.tensor(True))  # stateless: always ready
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, share_batch={self.share_batch}, channel_dim={self.channel_dim}"
+
+    def qparams(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-token (step, zero) for ``x`` with channels last."""
+        xd = x.detach().float()
+        dims = (0, -1) if self.share_batch and x.dim() >= 3 else (-1,)
+        lo = xd.amin(dim=dims, keepdim=True).clamp_max(0)
+        hi = xd.amax(dim=dims, keepdim=True).clamp_min(0)
+        scale = ((hi - lo) / (self.qmax - self.qmin)).clamp_min(self.eps)
+        zero = (self.qmin - torch.round(lo / scale)).clamp(self.qmin, self.qmax)
+        return scale, zero
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.channel_dim not in (-1, x.dim() - 1):
+            xt = x.movedim(self.channel_dim, -1)
+            scale, zero = self.qparams(xt)
+            return fake_quantize(xt, scale, zero, self.qmin, self.qmax).movedim(-1, self.channel_dim)
+        scale, zero = self.qparams(x)
+        return fake_quantize(x, scale, zero, self.qmin, self.qmax)
