@@ -1,0 +1,117 @@
+"""fake_quantize vs PyTorch's ops, STE gradients, range initialisers."""
+import pytest
+import torch
+
+from mpq_lightning.quant import fake_quantize, init_grid_search, init_lp_search, init_minmax, qrange
+from mpq_lightning.quant.functional import _quant_dequant
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_bit_exact_per_channel_and_per_tensor(bits):
+    g = torch.Generator().manual_seed(bits)
+    qmin, qmax = qrange(bits, False)
+    for _ in range(10):
+        x = torch.randn(12, 7, 3, generator=g) * 4
+        scale = torch.rand(12, generator=g) * 0.7 + 1e-3
+        zp = torch.randint(qmin, qmax + 1, (12,), generator=g, dtype=torch.int32)
+        ref = torch.fake_quantize_per_channel_affine(x, scale, zp, 0, qmin, qmax)
+        out = fake_quantize(x, scale.view(-1, 1, 1), zp.float().view(-1, 1, 1), qmin, qmax)
+        assert torch.equal(ref, out)
+        ref_t = torch.fake_quantize_per_tensor_affine(x, float(scale[0]), int(zp[0]), qmin, qmax)
+        out_t = fake_quantize(x, scale[0], zp[0].float(), qmin, qmax)
+        assert torch.equal(ref_t, out_t)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_bit_exact_symmetric_and_other_axis(bits):
+    g = torch.Generator().manual_seed(0)
+    qmin, qmax = qrange(bits, True)
+    x = torch.randn(5, 9, generator=g) * 3
+    scale = torch.rand(9, generator=g) * 0.5 + 1e-2
+    zp = torch.zeros(9, dtype=torch.int32)
+    ref = torch.fake_quantize_per_channel_affine(x, scale, zp, 1, qmin, qmax)
+    assert torch.equal(ref, fake_quantize(x, scale.view(1, -1), zp.float().view(1, -1), qmin, qmax))
+
+
+def test_ste_gradients_values():
+    x = torch.tensor([-1.0, -0.26, 0.0, 0.24, 0.5, 0.9, 3.0], requires_grad=True)
+    scale = torch.tensor(0.2, requires_grad=True)
+    zero = torch.tensor(2.0, requires_grad=True)
+    qmin, qmax = 0, 7  # representable range: (0-2)*0.2 = -0.4 .. (7-2)*0.2 = 1.0
+    y = fake_quantize(x, scale, zero, qmin, qmax)
+    y.backward(torch.ones_like(y))
+    inside = torch.tensor([0, 1, 1, 1, 1, 1, 0], dtype=torch.float32)
+    assert torch.equal(x.grad, inside)
+    # LSQ: d/ds = round(x/s) - x/s inside, (q_clamped - z) outside
+    xs = x.detach() / 0.2
+    expected_s = torch.where(inside.bool(), torch.round(xs) - xs, torch.tensor([0.0 - 2, 0, 0, 0, 0, 0, 7 - 2]))
+    torch.testing.assert_close(scale.grad, expected_s.sum(), rtol=1e-5, atol=1e-5)
+    # LSQ+: d/dz = 0 inside, -s outside
+    torch.testing.assert_close(zero.grad, torch.tensor(-0.2 * 2))
+    # reference check of the x-gradient mask against PyTorch's own fake-quant op
+    x2 = x.detach().clone().requires_grad_(True)
+    torch.fake_quantize_per_tensor_affine(x2, 0.2, 2, qmin, qmax).sum().backward()
+    assert torch.equal(x2.grad, x.grad)
+
+
+def test_per_channel_grad_reduces_to_scale_shape():
+    x = torch.randn(4, 6)
+    scale = torch.full((4, 1), 0.3, requires_grad=True)
+    zero = torch.zeros(4, 1, requires_grad=True)
+    fake_quantize(x, scale, zero, 0, 3).sum().backward()
+    assert scale.grad.shape == (4, 1) and zero.grad.shape == (4, 1)
+
+
+def test_fp32_under_autocast():
+    x = torch.randn(8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fake_quantize(x, torch.tensor(0.1), torch.tensor(3.0), 0, 15)
+    assert y.dtype == torch.float32
+    assert torch.equal(y, torch.fake_quantize_per_tensor_affine(x, 0.1, 3, 0, 15))
+
+
+def test_qrange_errors():
+    with pytest.raises(ValueError, match="bits must be in 1..8"):
+        qrange(9, False)
+    with pytest.raises(ValueError, match="symmetric 1-bit"):
+        qrange(1, True)
+
+
+def _heavy_tailed(rows, cols, seed):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.distributions.StudentT(torch.tensor(2.5))
+    torch.manual_seed(seed)
+    return t.sample((rows, cols)) * (torch.rand(rows, 1, generator=g) + 0.1)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_searches_never_worse_than_minmax(bits):
+    w = _heavy_tailed(64, 257, bits)
+    qmin, qmax = qrange(bits, False)
+    s0, z0 = init_minmax(w, bits, False)
+    sg, zg = init_grid_search(w, bits, False)
+    sl, zl = init_lp_search(w, bits, False)
+    err0 = (_quant_dequant(w, s0, z0, qmin, qmax) - w)
+    errg = (_quant_dequant(w, sg, zg, qmin, qmax) - w)
+    errl = (_quant_dequant(w, sl, zl, qmin, qmax) - w)
+    # per row, in each search's own criterion (SSE for grid, mean |.|^2.4 for Lp)
+    assert torch.all(errg.pow(2).sum(1) <= err0.pow(2).sum(1) * (1 + 1e-6) + 1e-12)
+    assert torch.all(errl.abs().pow(2.4).mean(1) <= err0.abs().pow(2.4).mean(1) * (1 + 1e-6) + 1e-12)
+    # and strictly better on average for heavy tails at low bits
+    if bits <= 4:
+        assert errg.pow(2).sum() < err0.pow(2).sum()
+
+
+def test_searches_vectorised_match_row_by_row():
+    w = _heavy_tailed(6, 50, 1)
+    s, z = init_grid_search(w, 3, False)
+    for i in range(6):
+        si, zi = init_grid_search(w[i : i + 1], 3, False)
+        assert torch.equal(si, s[i : i + 1]) and torch.equal(zi, z[i : i + 1])
+
+
+def test_chunked_search_matches_unchunked():
+    w = _heavy_tailed(16, 64, 2)
+    a = init_lp_search(w, 3, False, memory_budget=2**30)
+    b = init_lp_search(w, 3, False, memory_budget=w.numel() * 3)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

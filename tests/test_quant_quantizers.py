@@ -1,0 +1,144 @@
+"""Uniform, timestep-aware and dynamic per-token quantizers."""
+import pytest
+import torch
+
+from mpq_lightning.quant import (
+    DynamicTokenQuantizer,
+    TimestepActQuantizer,
+    UniformQuantizer,
+    resample_step_table,
+    step_index_context,
+)
+
+
+@pytest.mark.parametrize("granularity,group", [("tensor", None), ("channel", None), ("group", 4), ("token", None)])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_uniform_matches_torch_per_row(granularity, group, symmetric):
+    w = torch.randn(6, 8, 3)
+    q = UniformQuantizer(3, symmetric=symmetric, granularity=granularity, group_size=group, init="minmax")
+    q.initialize(w)
+    rows = {"tensor": w.reshape(1, -1), "channel": w.reshape(6, -1), "group": w.reshape(-1, 12), "token": w.reshape(-1, 3)}[granularity]
+    ref = torch.fake_quantize_per_channel_affine(
+        rows, q.scale.detach().view(-1), q.zero_point.detach().view(-1).int(), 0, q.qmin, q.qmax
+    )
+    assert torch.equal(q(w), ref.view_as(w))
+    assert q.scale.shape[0] == rows.shape[0]
+
+
+def test_uniform_learnable_switches():
+    q = UniformQuantizer(4, learn_scale=False, learn_zero_point=True, shape=(5, 3))
+    assert not q.scale.requires_grad and q.zero_point.requires_grad
+    assert q.scale.shape == (5, 1)  # known up front so a checkpoint restores strictly
+
+
+def test_uniform_errors():
+    with pytest.raises(ValueError, match="unknown granularity"):
+        UniformQuantizer(4, granularity="row")
+    with pytest.raises(ValueError, match="group_size"):
+        UniformQuantizer(4, granularity="group")
+    q = UniformQuantizer(4, shape=(5, 3))
+    with pytest.raises(ValueError, match="initialised for 5 channel rows"):
+        q(torch.randn(4, 3))
+
+
+def _calibrated_table(steps=4):
+    q = TimestepActQuantizer(4, steps, init="minmax")
+    q.observing = True
+    for i in range(steps):
+        q.step_index = i
+        q(torch.randn(2, 10) * (i + 1))
+    q.finish_calibration()
+    q.step_index = None
+    return q
+
+
+def test_timestep_table_calibrated_per_step():
+    q = _calibrated_table()
+    assert bool(q.initialized)
+    assert torch.all(q.scale[1:] > q.scale[:-1])  # wider activations at later entries
+
+
+def test_timestep_entry_changes_only_its_step():
+    q = _calibrated_table()
+    x = torch.randn(4, 10) * 2
+    idx = torch.arange(4)
+    with torch.no_grad():
+        with step_index_context(q, idx):
+            before = q(x)
+        q.scale[2] *= 1.7
+        with step_index_context(q, idx):
+            after = q(x)
+    changed = (before != after).any(1)
+    assert changed.tolist() == [False, False, True, False]
+
+
+def test_timestep_index_per_sample_broadcast_batch_major():
+    q = _calibrated_table()
+    x = torch.randn(6, 5, 3)  # "(b f) s c" with b = 2, f = 3
+    with step_index_context(q, torch.tensor([0, 3])):
+        y = q(x)
+    with step_index_context(q, 0):
+        y0 = q(x[:3])
+    with step_index_context(q, 3):
+        y3 = q(x[3:])
+    assert torch.equal(y, torch.cat([y0, y3]))
+
+
+def test_timestep_requires_index_and_no_counter():
+    q = _calibrated_table()
+    with pytest.raises(RuntimeError, match="step index"):
+        q(torch.randn(2, 3))
+    with step_index_context(q, 1):
+        a = q(torch.ones(2, 3))
+        b = q(torch.ones(2, 3))  # same index on repeated calls: no hidden counter
+    assert torch.equal(a, b)
+    with pytest.raises(IndexError):
+        with step_index_context(q, 4):
+            q(torch.ones(1, 3))
+
+
+def test_timestep_gradients_reach_only_used_entries():
+    q = _calibrated_table()
+    with step_index_context(q, torch.tensor([1, 1])):
+        q(torch.randn(2, 8) * 3).sum().backward()
+    nz = (q.scale.grad != 0).tolist()
+    assert nz[1] and not nz[0] and not nz[2] and not nz[3]
+
+
+def test_resample_step_table():
+    table = torch.arange(100.0)
+    assert torch.equal(resample_step_table(table, new_steps=20), torch.arange(0.0, 100, 5))
+    old_t = torch.arange(990, -1, -10)  # DDIM 100 steps (leading spacing)
+    new_t = torch.arange(950, -1, -50)  # DDIM 20 steps
+    r = resample_step_table(table, old_t, new_t)
+    assert r.tolist() == [4.0 + 5 * j for j in range(20)]
+    with pytest.raises(ValueError):
+        resample_step_table(table, old_t[:5], new_t)
+
+
+@pytest.mark.parametrize("bits", [4, 6, 8])
+def test_dynamic_token_error_within_half_step(bits):
+    x = torch.randn(2, 16, 32) * torch.rand(2, 16, 1) * 10
+    x[0, 3] = 1e-9  # a tiny token must not collapse the others (Q-VDiT bug)
+    q = DynamicTokenQuantizer(bits)
+    scale, _ = q.qparams(x)
+    err = (q(x) - x).abs()
+    assert torch.all(err <= scale / 2 + 1e-6)
+    assert scale[1, 5] > 1e-3  # other tokens keep their own step
+
+
+def test_dynamic_token_is_stateless_per_token():
+    q = DynamicTokenQuantizer(4)
+    x = torch.randn(3, 7, 5)
+    y = q(x)
+    y_part = q(x[:, :2])
+    assert torch.equal(y[:, :2], y_part)
+    assert len(list(q.parameters())) == 0
+
+
+def test_dynamic_token_conv_channel_dim():
+    q = DynamicTokenQuantizer(8, channel_dim=1)
+    x = torch.randn(2, 4, 3, 3)
+    y = q(x)
+    ref = DynamicTokenQuantizer(8)(x.movedim(1, -1)).movedim(-1, 1)
+    assert torch.equal(y, ref)
