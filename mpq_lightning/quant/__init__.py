@@ -27,7 +27,18 @@ from .quantizers import (
     resample_step_table,
     step_index_context,
 )
+from .lora_init import InputStats, oolri_init, oolri_init_layer, svd_factors
+from .mixed import (
+    FZRMQQuantizer,
+    OMQQuantizer,
+    bit_accounting_report,
+    channel_kurtosis,
+    init_mixed_quantizer,
+    print_bit_report,
+    split_candidates,
+)
 from .smooth import smooth_scale
+from .tqe import TQE, parse_token_layout
 
 __all__ = [
     "DynamicTokenQuantizer", "LayerReport", "LayerSpec", "LoRA", "QuantConfig", "QuantConv1d", "QuantConv2d",
@@ -35,4 +46,8 @@ __all__ = [
     "fake_quantize", "init_grid_search", "init_lp_search", "init_minmax", "plan_quantization",
     "print_quantization_report", "qparams_from_range", "qrange", "quant_layers", "quantize_model",
     "resample_step_table", "round_ste", "set_quant_state", "sign_ste", "smooth_scale", "step_index_context",
+    # the papers' methods: OMQ / FZ-RMQ (mixed.py), OOLRI (lora_init.py), TQE (tqe.py)
+    "FZRMQQuantizer", "InputStats", "OMQQuantizer", "TQE", "bit_accounting_report", "channel_kurtosis",
+    "init_mixed_quantizer", "oolri_init", "oolri_init_layer", "parse_token_layout", "print_bit_report",
+    "split_candidates", "svd_factors",
 ]

@@ -3,7 +3,13 @@
 Layers are chosen by fnmatch patterns over dotted module names: ``include`` minus ``exclude``
 minus ``keep_fp`` (the papers' FP-layer lists), restricted to ``layer_types``. ``bit_map`` entries
 ``{pattern: {"w": bits, "a": bits, "lora_rank": r}}`` override the defaults per layer, later
-entries winning (e.g. ``{"blocks.*.mlp.fc*": {"w": 8, "a": 8}}`` as Q-VDiT's released configs).
+entries winning (e.g. ``{"blocks.*.mlp.fc*": {"w": 8, "a": 8}}`` as Q-VDiT's released configs);
+``"w_quantizer"`` and ``"tqe"`` may be overridden the same way (e.g. MPQ-DM's 8-bit layers stay
+``uniform``).
+
+The papers' methods are config switches: ``w_quantizer: omq | fzrmq`` (mixed.py),
+``lora_init: svd_weight_error | svd_output_error`` (OOLRI, lora_init.py) and ``tqe: true``
+(tqe.py, with the backbone's ``layer_info`` passed to :func:`quantize_model`).
 """
 from __future__ import annotations
 
@@ -23,14 +29,18 @@ from .layers import (
     LORA_PARAMS,
     LORA_PLACEMENTS,
     QUANT_LAYER_TYPES,
+    W_QUANTIZERS,
     LayerSpec,
     QuantLayer,
 )
 from .functional import INITIALISERS
 from .quantizers import GRANULARITIES, TimestepActQuantizer, UniformQuantizer
+from .lora_init import SVD_INITS, InputStats, needs_input_stats, oolri_init, wants_oolri
+from .mixed import FZRMQ_BASE_FITS, FZRMQ_LAYOUTS, OMQ_SEARCHES, init_mixed_quantizer, is_mixed
 from .smooth import ActAbsMaxObserver, smooth_scale
+from .tqe import LAYER_INFO_KEYS, TQE_FRAME_SCALES
 
-BIT_MAP_KEYS = ("w", "a", "lora_rank")
+BIT_MAP_KEYS = ("w", "a", "lora_rank", "w_quantizer", "tqe")
 
 
 def _check_bits(value, key: str, allow_none: bool) -> None:
@@ -73,6 +83,19 @@ class QuantConfig:
     smooth_alpha: float | None = None
     smooth_momentum: float | None = None
     strict_patterns: bool = True
+    # -- the papers' methods (each off by default) ---------------------------------------------
+    w_quantizer: str = "uniform"  # uniform | omq (MPQ-DM) | fzrmq (MPQ-DMv2)
+    omq_group_frac: float = 0.1  # g = floor(Cout * omq_group_frac), split sizes k in {0, g, 2g, ...}
+    omq_search: str = "paper"  # paper: k <= Cout/2 | release: k in {0, g}; OMQ and FZ-RMQ
+    fzrmq_layout: str = "figure"  # figure (papers_extra.md §1.1) | proposal (mpqdm.md §4.1)
+    fzrmq_base_fit: str = "joint"  # joint: base step fitted for base + residuals | greedy: base alone
+    oolri_damp: float = 0.01  # svd_output_error: H + damp * mean(diag H) * I
+    oolri_refit_quantizer: bool = False  # after OOLRI, re-fit the weight quantizer on (Q(W) + BA) s
+    calib_max_rows: int = 2048  # calibration-input statistics: Gram if d <= this, else a row reservoir
+    calib_stats_device: str = "cpu"
+    tqe: bool = False  # Q-VDiT token-aware quantization estimator
+    tqe_rank: int = 1
+    tqe_frame_scale: str = "temporal"  # temporal (release, 1 + m) | all (paper, m) | none
 
     def __post_init__(self) -> None:
         _check_bits(self.w_bits, "w_bits", allow_none=True)
@@ -106,18 +129,56 @@ class QuantConfig:
             raise ValueError(f"QuantConfig.smooth_alpha must be in [0, 1] or None, got {self.smooth_alpha!r}")
         if self.w_symmetric and self.w_bits == 1:
             qrange(1, True)  # raises the explanatory error
+        self._check_methods()
+
+    def _check_methods(self) -> None:
+        """Validation of the papers' method switches (mixed.py, lora_init.py, tqe.py)."""
+        for key, allowed in (("w_quantizer", W_QUANTIZERS), ("omq_search", OMQ_SEARCHES),
+                             ("fzrmq_layout", FZRMQ_LAYOUTS), ("fzrmq_base_fit", FZRMQ_BASE_FITS),
+                             ("tqe_frame_scale", TQE_FRAME_SCALES)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"QuantConfig.{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        for entry in self.bit_map.values():
+            if "w_quantizer" in entry and entry["w_quantizer"] not in W_QUANTIZERS:
+                raise ValueError(f"QuantConfig.bit_map w_quantizer must be one of {W_QUANTIZERS}, got {entry['w_quantizer']!r}")
+            if "tqe" in entry and not isinstance(entry["tqe"], bool):
+                raise ValueError(f"QuantConfig.bit_map tqe must be a bool, got {entry['tqe']!r}")
+        if not isinstance(self.omq_group_frac, (int, float)) or not 0.0 < self.omq_group_frac <= 0.5:
+            raise ValueError(f"QuantConfig.omq_group_frac must be in (0, 0.5], got {self.omq_group_frac!r}")
+        uses_mixed = self.w_quantizer != "uniform" or any(e.get("w_quantizer", "uniform") != "uniform" for e in self.bit_map.values())
+        if uses_mixed and self.w_granularity != "channel":
+            raise ValueError(f"QuantConfig.w_quantizer={self.w_quantizer!r} is channel-wise: needs w_granularity='channel', got {self.w_granularity!r}")
+        if uses_mixed and self.w_symmetric and self.w_bits is not None and self.w_bits - 1 < 2:
+            raise ValueError(f"QuantConfig.w_quantizer={self.w_quantizer!r} at w_bits={self.w_bits} has a 1-bit class: "
+                             "needs w_symmetric=False (asymmetric 1-bit)")
+        if self.lora_init in SVD_INITS and not (self.lora_quantized_base or self.lora_placement == "fp_branch"):
+            raise ValueError(
+                f"QuantConfig.lora_init={self.lora_init!r} (OOLRI) needs lora_quantized_base=True or "
+                "lora_placement='fp_branch': with the FP base inside the quantizer, B A ~ W - Q(W) moves the latent "
+                "weight away from W (mpqdm.md §4.2)"
+            )
+        if not isinstance(self.oolri_damp, (int, float)) or self.oolri_damp < 0:
+            raise ValueError(f"QuantConfig.oolri_damp must be a float >= 0, got {self.oolri_damp!r}")
+        if not isinstance(self.calib_max_rows, int) or self.calib_max_rows < 1:
+            raise ValueError(f"QuantConfig.calib_max_rows must be a positive int, got {self.calib_max_rows!r}")
+        if not isinstance(self.tqe_rank, int) or isinstance(self.tqe_rank, bool) or self.tqe_rank < 1:
+            raise ValueError(f"QuantConfig.tqe_rank must be a positive int, got {self.tqe_rank!r}")
+        if not isinstance(self.tqe, bool):
+            raise ValueError(f"QuantConfig.tqe must be a bool, got {self.tqe!r}")
 
     def layer_spec(self, name: str) -> LayerSpec:
         """Settings for the layer called ``name`` after applying ``bit_map`` and ``lora_exclude``."""
         w, a, rank = self.w_bits, self.a_bits, self.lora_rank
+        wq, tqe = self.w_quantizer, self.tqe
         for pattern, entry in self.bit_map.items():
             if fnmatch.fnmatchcase(name, pattern):
                 w, a, rank = entry.get("w", w), entry.get("a", a), entry.get("lora_rank", rank)
+                wq, tqe = entry.get("w_quantizer", wq), entry.get("tqe", tqe)
         if any(fnmatch.fnmatchcase(name, p) for p in self.lora_exclude):
             rank = 0
         spec_fields = {f.name for f in fields(LayerSpec)}
         kwargs = {k: v for k, v in asdict(self).items() if k in spec_fields}
-        kwargs.update(w_bits=w, a_bits=a, lora_rank=rank)
+        kwargs.update(w_bits=w, a_bits=a, lora_rank=rank, w_quantizer=wq, tqe=tqe)
         return LayerSpec(**kwargs)
 
 
@@ -177,18 +238,53 @@ def plan_quantization(model: nn.Module, config: QuantConfig) -> list[LayerReport
             )
         if spec.w_granularity == "group" and shape[1] % spec.w_group_size:
             raise ValueError(f"QuantConfig.w_group_size={spec.w_group_size} does not divide the {shape[1]} input channels of {name!r}")
+        if spec.w_bits is not None and spec.w_quantizer != "uniform":
+            lo, hi = (2, 7) if spec.w_quantizer == "omq" else (2, 8)
+            if not lo <= spec.w_bits <= hi:
+                raise ValueError(
+                    f"QuantConfig.w_quantizer={spec.w_quantizer!r} needs w bits in {lo}..{hi}, layer {name!r} has "
+                    f"{spec.w_bits}; set bit_map[...]['w_quantizer'] = 'uniform' for it"
+                )
+        if spec.tqe and spec.tqe_rank > min(d_in, d_out):
+            raise ValueError(f"QuantConfig.tqe_rank={spec.tqe_rank} is larger than min(d_in, d_out)={min(d_in, d_out)} of layer {name!r}")
         plan.append(LayerReport(name, kind, shape, "quantized", spec.w_bits, spec.a_bits, spec.lora_rank))
     return plan
 
 
-def quantize_model(model: nn.Module, config: QuantConfig, verbose: bool = False) -> nn.Module:
+def _layer_info(layer_info: Callable[[str], dict | None] | None, name: str) -> dict:
+    if layer_info is None:
+        return {}
+    info = layer_info(name) or {}
+    if not isinstance(info, dict) or set(info) - set(LAYER_INFO_KEYS):
+        raise ValueError(f"layer_info({name!r}) must return a dict with keys from {LAYER_INFO_KEYS}, got {info!r}")
+    return dict(info)
+
+
+def quantize_model(
+    model: nn.Module,
+    config: QuantConfig,
+    verbose: bool = False,
+    layer_info: Callable[[str], dict | None] | None = None,
+) -> nn.Module:
     """Swap the selected Linear/Conv layers of ``model`` for quantized ones, in place; returns it.
 
     The whole plan is validated before any module is replaced. New layers start in FP mode
     (quantization off) until :func:`calibrate` or :func:`set_quant_state` switches them on.
     Keep an FP teacher with ``copy.deepcopy`` before calling this.
+
+    ``layer_info(name) -> {"kind": "spatial" | "temporal" | ..., "token_layout": "(b f) s c",
+    "num_frames": F}`` (from the backbone's Denoiser) tells TQE a layer's token layout; it is
+    stored in ``spec.extras["layer_info"]``.
     """
     plan = plan_quantization(model, config)
+    specs = {}
+    for row in plan:  # build every spec (and validate layer_info) before replacing anything
+        if row.status == "quantized":
+            spec = config.layer_spec(row.name)
+            info = _layer_info(layer_info, row.name)
+            if info:
+                spec.extras["layer_info"] = info
+            specs[row.name] = spec
     for row in plan:
         if row.status != "quantized":
             continue
@@ -196,7 +292,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, verbose: bool = False)
         parent = model.get_submodule(parent_name) if parent_name else model
         module = getattr(parent, child)
         qcls = QUANT_LAYER_TYPES[type(module)]
-        setattr(parent, child, qcls.from_module(module, config.layer_spec(row.name)))
+        setattr(parent, child, qcls.from_module(module, specs[row.name]))
     model._mpq_quant_plan = plan  # type: ignore[attr-defined]
     if verbose:
         print_quantization_report(plan)
@@ -261,9 +357,14 @@ def calibrate(
 
     ``run(model)`` performs the calibration forwards (it sets the step index itself, e.g. with
     :func:`step_index_context`, for timestep-aware activation quantizers). Stages:
-    1. FP pass: per-input-channel |x| max for layers with SmoothQuant (skipped when none).
-    2. Weight quantizers from ``W_lat · s`` with their configured init.
-    3. ``lora_init(model)`` (e.g. OOLRI) if given.
+    1. FP pass: per-input-channel |x| max for layers with SmoothQuant, and input statistics
+       (:class:`~mpq_lightning.quant.lora_init.InputStats`) for layers with an OMQ / FZ-RMQ split
+       search or output-aware OOLRI (skipped when neither).
+    2. Weight quantizers from ``W_lat · s`` with their configured init (OMQ / FZ-RMQ: kurtosis
+       classes and split search by calibration output MSE).
+    3. ``lora_init(model)`` if given; otherwise OOLRI (:func:`~mpq_lightning.quant.lora_init.oolri_init`)
+       when some layer's ``lora_init`` is an SVD init. Layers carry their statistics as
+       ``layer.input_stats`` during this stage.
     4. Pass with weight quantization on: activation quantizers observe, then initialise.
     Ends with the quant state ``(weight_quant, act_quant)``.
     """
@@ -272,24 +373,46 @@ def calibrate(
         raise ValueError(f"calibrate: {type(model).__name__} has no quantized layers (run quantize_model first)")
     set_quant_state(model, False, False)
     smoothed = {n: m for n, m in layers.items() if m.smooth_scale is not None}
-    if smoothed:
+    stats = {n: InputStats.for_layer(m, m.spec.calib_max_rows, m.spec.calib_stats_device)
+             for n, m in layers.items() if needs_input_stats(m)}
+    if smoothed or stats:
         observers = {n: ActAbsMaxObserver(m.channel_dim, smooth_momentum) for n, m in smoothed.items()}
-        for n, m in smoothed.items():
-            m.observer = lambda layer, x, o=observers[n]: o.observe(x)
+
+        def _observe(layer, x, o=None, st=None):
+            if o is not None:
+                o.observe(x)
+            if st is not None:
+                st.observe(layer, x)
+
+        for n in set(smoothed) | set(stats):
+            layers[n].observer = lambda layer, x, o=observers.get(n), st=stats.get(n): _observe(layer, x, o, st)
         try:
             run(model)
         finally:
-            for m in smoothed.values():
-                m.observer = None
+            for n in set(smoothed) | set(stats):
+                layers[n].observer = None
+        for n in stats:
+            if stats[n].empty:
+                raise RuntimeError(f"calibrate: layer {n!r} saw no input during the calibration run")
         for n, m in smoothed.items():
             if observers[n].stat is None:
                 raise RuntimeError(f"calibrate: layer {n!r} saw no input during the calibration run")
             m.smooth_scale.copy_(smooth_scale(observers[n].stat, m.weight, m.spec.smooth_alpha).to(m.smooth_scale))
-    for m in layers.values():
-        if m.weight_quantizer is not None and hasattr(m.weight_quantizer, "initialize"):
+    for n, m in layers.items():
+        if is_mixed(m.weight_quantizer):
+            init_mixed_quantizer(m, stats.get(n))  # kurtosis classes + split search on W_lat · s
+        elif m.weight_quantizer is not None and hasattr(m.weight_quantizer, "initialize"):
             m.weight_quantizer.initialize(m.quantized_weight().detach())  # quant still off: W_lat · s
-    if lora_init is not None:
-        lora_init(model)
+    for n, st in stats.items():
+        layers[n].input_stats = st
+    try:
+        if lora_init is not None:
+            lora_init(model)
+        elif wants_oolri(model):
+            oolri_init(model)
+    finally:
+        for n in stats:
+            del layers[n].input_stats  # free the statistics (up to calib_max_rows · d values per layer)
     act_layers = {n: m for n, m in layers.items() if m.act_quantizer is not None and not bool(m.act_quantizer.initialized)}
     if act_layers:
         set_quant_state(model, weight_quant, False)

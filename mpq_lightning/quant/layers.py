@@ -19,12 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .mixed import FZRMQQuantizer, OMQQuantizer, uniform_bit_accounting
 from .quantizers import DynamicTokenQuantizer, TimestepActQuantizer, UniformQuantizer
+from .tqe import build_tqe
 
 LORA_INITS = ("kaiming_zero", "zero", "svd_weight_error", "svd_output_error")
 LORA_PARAMS = ("efficientdm", "per_position")
 LORA_PLACEMENTS = ("merged", "fp_branch")
 ACT_QUANTIZERS = ("timestep", "dynamic_token", "static")
+W_QUANTIZERS = ("uniform", "omq", "fzrmq")  # uniform | OMQ (MPQ-DM) | FZ-RMQ (MPQ-DMv2), see mixed.py
 
 
 @dataclass
@@ -53,6 +56,19 @@ class LayerSpec:
     lora_quantized_base: bool = False
     smooth_alpha: float | None = None
     extras: dict = field(default_factory=dict)
+    # -- the papers' methods (mixed.py, lora_init.py, tqe.py); defaults keep the plain behaviour --
+    w_quantizer: str = "uniform"
+    omq_group_frac: float = 0.1
+    omq_search: str = "paper"
+    fzrmq_layout: str = "figure"
+    fzrmq_base_fit: str = "joint"
+    oolri_damp: float = 0.01
+    oolri_refit_quantizer: bool = False
+    calib_max_rows: int = 2048
+    calib_stats_device: str = "cpu"
+    tqe: bool = False
+    tqe_rank: int = 1
+    tqe_frame_scale: str = "temporal"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,6 +123,16 @@ class LoRA(nn.Module):
 def build_weight_quantizer(spec: LayerSpec, weight_shape: torch.Size) -> nn.Module | None:
     if spec.w_bits is None:
         return None
+    if spec.w_quantizer in ("omq", "fzrmq"):  # channel-wise mixed precision (mixed.py)
+        kwargs = dict(symmetric=spec.w_symmetric, init=spec.w_init, learn_scale=spec.learn_w_scale,
+                      learn_zero_point=spec.learn_w_zero_point, lsq_grad_scale=spec.lsq_grad_scale,
+                      group_frac=spec.omq_group_frac, search=spec.omq_search)
+        if spec.w_quantizer == "omq":
+            return OMQQuantizer(spec.w_bits, tuple(weight_shape), **kwargs)
+        return FZRMQQuantizer(spec.w_bits, tuple(weight_shape), layout=spec.fzrmq_layout,
+                              base_fit=spec.fzrmq_base_fit, **kwargs)
+    if spec.w_quantizer != "uniform":
+        raise ValueError(f"unknown w_quantizer {spec.w_quantizer!r}; choose one of {W_QUANTIZERS}")
     return UniformQuantizer(
         spec.w_bits,
         symmetric=spec.w_symmetric,
@@ -155,6 +181,9 @@ class QuantLayer(nn.Module):
         cin = self.weight.shape[1]
         self.register_buffer("smooth_scale", torch.ones(cin) if spec.smooth_alpha is not None else None)
         self.corrections = nn.ModuleDict()  # output corrections on the quantized input (TQE)
+        tqe = build_tqe(spec, self.weight.shape)
+        if tqe is not None:
+            self.corrections["tqe"] = tqe
         self.weight_quant = False
         self.act_quant = False
         self.observer = None  # calibration hook target, see convert.calibrate
@@ -184,6 +213,27 @@ class QuantLayer(nn.Module):
         if self.weight_quant and self.weight_quantizer is not None:
             w = self.weight_quantizer(w)
         return w
+
+    def input_patches(self, x: Tensor) -> Tensor:
+        """Input rows ``P`` [n, groups, d] with ``op(x, D)`` = ``P_g D_gᵀ`` for a weight ``D`` viewed as
+        [groups, Cout/groups, d]: tokens for Linear, unfolded receptive fields for Conv (calibration
+        statistics of OMQ / FZ-RMQ and OOLRI)."""
+        raise NotImplementedError
+
+    def bit_accounting(self) -> dict | None:
+        """Weight bits of this layer: per channel class (OMQ / FZ-RMQ) or uniform, the average bits
+        per weight, metadata bits (FP16 steps / residual scales, integer zero points) and the FP
+        side-branch parameters (``fp_branch`` LoRA, TQE) that stay unmerged. None without weight
+        quantization."""
+        wq = self.weight_quantizer
+        if wq is None:
+            return None
+        acc = wq.bit_accounting() if hasattr(wq, "bit_accounting") else uniform_bit_accounting(wq, tuple(self.weight.shape))
+        side = sum(p.numel() for c in self.corrections.values() for p in c.parameters())
+        if self.lora is not None and self.lora_placement == "fp_branch":
+            side += self.lora.A.numel() + self.lora.B.numel()
+        acc["fp_side_params"] = side
+        return acc
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -236,6 +286,9 @@ class QuantLinear(QuantLayer):
     def _op(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         return F.linear(x, w, b)
 
+    def input_patches(self, x: Tensor) -> Tensor:
+        return x.reshape(-1, 1, self.in_features)
+
     def to_module(self, merge_lora: bool = True) -> nn.Linear:
         m = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                       device=self.weight.device, dtype=self.weight.dtype)
@@ -273,6 +326,10 @@ class _QuantConvNd(QuantLayer):
             return fn(x, w, b, self.stride, 0, self.dilation, self.groups)
         return fn(x, w, b, self.stride, self.padding, self.dilation, self.groups)
 
+    def input_patches(self, x: Tensor) -> Tensor:
+        return conv_input_patches(x, self.kernel_size, self.stride, self.padding, self.dilation, self.groups,
+                                  self.padding_mode, self._reversed_padding_repeated_twice)
+
     def to_module(self, merge_lora: bool = True) -> nn.Module:
         m = self._conv_cls(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
                            self.dilation, self.groups, self.bias is not None, self.padding_mode,
@@ -283,6 +340,32 @@ class _QuantConvNd(QuantLayer):
             if self.bias is not None:
                 m.bias.copy_(self.bias)
         return m
+
+
+def conv_input_patches(x: Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], padding, dilation: tuple[int, ...],
+                       groups: int, padding_mode: str, reversed_padding: list[int]) -> Tensor:
+    """N-d ``unfold``: [B, C, *L] → [B·ΠL_out, groups, C/groups · Πk], in the weight's (c, k…) order."""
+    nd = len(kernel)
+    if padding_mode != "zeros":
+        x = F.pad(x, reversed_padding, mode=padding_mode)
+    else:
+        if isinstance(padding, str):  # 'valid' | 'same' (stride 1)
+            pads = [(0, 0)] * nd if padding == "valid" else [
+                (d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for k, d in zip(kernel, dilation)]
+        else:
+            pads = [(p, p) for p in padding]
+        flat = [v for pair in reversed(pads) for v in pair]
+        if any(flat):
+            x = F.pad(x, flat)
+    for i in range(nd):
+        x = x.unfold(2 + i, dilation[i] * (kernel[i] - 1) + 1, stride[i])
+        if dilation[i] > 1:
+            x = x[..., :: dilation[i]]
+    b, c = x.shape[:2]
+    # [B, C, L1..Ln, K1..Kn] → [B, L1..Ln, C, K1..Kn]
+    perm = [0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd)]
+    x = x.permute(perm)
+    return x.reshape(-1, groups, (c // groups) * math.prod(kernel))
 
 
 class QuantConv1d(_QuantConvNd):

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .layers import QuantLayer
-from .mixed import is_mixed
+from .mixed import is_mixed, needs_output_search
 
 SVD_INITS = ("svd_weight_error", "svd_output_error")
 
@@ -130,8 +130,6 @@ class InputStats:
 def needs_input_stats(layer: QuantLayer) -> bool:
     """Whether ``calibrate`` must collect :class:`InputStats` for ``layer``: an OMQ / FZ-RMQ split
     search with more than one candidate, or an output-aware OOLRI."""
-    from .mixed import needs_output_search
-
     spec = layer.spec
     oolri_out = layer.lora is not None and spec.lora_init == "svd_output_error"
     return needs_output_search(layer.weight_quantizer) or oolri_out

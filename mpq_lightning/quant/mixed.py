@@ -28,12 +28,13 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .functional import fake_quantize, init_qparams, lsq_grad_scale, sign_ste
+from .functional import _quant_dequant, fake_quantize, init_qparams, lsq_grad_scale, qparams_from_range, qrange, sign_ste
 from .quantizers import UniformQuantizer
 
 CLASS_NAMES = ("unsalient", "normal", "salient")
 OMQ_SEARCHES = ("paper", "release")
 FZRMQ_LAYOUTS = ("figure", "proposal")
+FZRMQ_BASE_FITS = ("joint", "greedy")
 META_FLOAT_BITS = 16  # bits charged per stored FP scalar (step, residual scale) in bit accounting
 
 
@@ -322,6 +323,65 @@ def closed_form_residual_scale(r: Tensor) -> Tensor:
     return r.detach().float().abs().mean(1, keepdim=True)
 
 
+def _sign(r: Tensor) -> Tensor:
+    return torch.where(r >= 0, torch.ones_like(r), -torch.ones_like(r))
+
+
+def residual_reconstruction(x: Tensor, qb: Tensor, n_res: int) -> tuple[Tensor, list[Tensor]]:
+    """``qb + Σ_{i≤n_res} b_i sign(R_i)`` with closed-form ``b_i = mean|R_i|`` per row (last dim),
+    ``R_1 = x - qb``, ``R_{i+1} = R_i - b_i sign(R_i)``. Returns (reconstruction, [b_i])."""
+    rec, scales = qb, []
+    r = x - qb
+    for _ in range(n_res):
+        b = r.abs().mean(-1, keepdim=True)
+        step = b * _sign(r)
+        rec, r = rec + step, r - step
+        scales.append(b)
+    return rec, scales
+
+
+# search space and metric of each init method (functional.init_lp_search / init_grid_search)
+_FIT_SEARCH = {
+    "minmax": (lambda: torch.ones(1), lambda d: d.pow(2).sum(-1, keepdim=True)),
+    "lp": (lambda: (1.0 - 0.01 * torch.arange(80.0)), lambda d: d.abs().pow(2.4).mean(-1, keepdim=True)),
+    "grid": (lambda: torch.cat([torch.arange(50.0) / 50, torch.ones(1)]), lambda d: d.pow(2).sum(-1, keepdim=True)),
+}
+
+
+@torch.no_grad()
+def fit_residual_base(x: Tensor, bits: int, symmetric: bool, method: str, n_res: int,
+                      memory_budget: int = 2**26) -> tuple[Tensor, Tensor]:
+    """Residual-aware base fit: the init method's clipping-ratio search (same candidates and metric
+    as ``method``), each candidate scored on the *final* reconstruction ``Q_base + n_res`` binary
+    residuals with their closed-form scales, instead of on ``Q_base`` alone. ``x`` [rows, K];
+    returns scale, zero [rows, 1]. Vectorised over rows and candidates (chunked by memory)."""
+    if method not in _FIT_SEARCH:
+        raise ValueError(f"unknown quantizer init {method!r}; choose one of {sorted(_FIT_SEARCH)}")
+    ratios_fn, err_fn = _FIT_SEARCH[method]
+    ratios = ratios_fn()
+    ratios = ratios[ratios > 0].to(x.device)
+    x = x.detach().float()
+    qmin, qmax = qrange(bits, symmetric)
+    lo, hi = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
+    rows = x.shape[0]
+    best_err = torch.full((rows, 1), float("inf"), device=x.device)
+    best_scale = torch.ones(rows, 1, device=x.device)
+    best_zero = torch.zeros(rows, 1, device=x.device)
+    chunk = max(1, memory_budget // max(1, 4 * x.numel()))
+    for start in range(0, len(ratios), chunk):  # fixed number of chunks, not per channel
+        r = ratios[start : start + chunk].view(-1, 1, 1)
+        scale, zero = qparams_from_range(r * lo, r * hi, bits, symmetric)  # [n, rows, 1]
+        qb = _quant_dequant(x.unsqueeze(0), scale, zero, qmin, qmax)
+        rec, _ = residual_reconstruction(x.unsqueeze(0), qb, n_res)
+        e, i = err_fn(rec - x).min(0)
+        better = e < best_err
+        pick = i.view(1, rows, 1)
+        best_scale = torch.where(better, scale.gather(0, pick)[0], best_scale)
+        best_zero = torch.where(better, zero.gather(0, pick)[0], best_zero)
+        best_err = torch.where(better, e, best_err)
+    return best_scale, best_zero
+
+
 class FZRMQQuantizer(MixedQuantizerBase):
     """Flexible Z-order residual mixed quantization.
 
@@ -331,19 +391,27 @@ class FZRMQQuantizer(MixedQuantizerBase):
     ``Q_N + b₁ sign(W - Q_N(W))``: ``N-1 / N / N+1``.
     Residual scales ``b₁``, ``b₂`` [Cout, 1] are learnable, closed-form ``mean |R|`` at init; the sign
     is straight-through (:func:`~mpq_lightning.quant.functional.sign_ste`).
+
+    ``base_fit`` (figure layout): ``joint`` fits the base step of each channel for the
+    reconstruction of its class (base + 0 / 1 / 2 residuals, :func:`fit_residual_base`);
+    ``greedy`` fits the ``(n-1)``-bit base alone, then the residuals.
     """
 
     kind = "fzrmq"
 
     def __init__(self, bits: int, weight_shape: tuple[int, ...], symmetric: bool = False, init: str = "lp",
                  learn_scale: bool = True, learn_zero_point: bool = False, lsq_grad_scale: bool = False,
-                 group_frac: float = 0.1, search: str = "paper", layout: str = "figure") -> None:
+                 group_frac: float = 0.1, search: str = "paper", layout: str = "figure",
+                 base_fit: str = "joint") -> None:
         if layout not in FZRMQ_LAYOUTS:
             raise ValueError(f"unknown fzrmq_layout {layout!r}; choose one of {FZRMQ_LAYOUTS}")
+        if base_fit not in FZRMQ_BASE_FITS:
+            raise ValueError(f"unknown fzrmq_base_fit {base_fit!r}; choose one of {FZRMQ_BASE_FITS}")
         if not 2 <= bits <= 8:
             raise ValueError(f"FZ-RMQ needs w_bits in 2..8 (an (n-1)-bit base), got {bits}")
         super().__init__(bits, weight_shape, init, group_frac, search)
-        self.layout = layout
+        self.layout, self.base_fit = layout, base_fit
+        self._pending: tuple[list[tuple[Tensor, Tensor]], Tensor] | None = None  # (per-class base fits, rows)
         args = (symmetric, self.weight_shape, init, learn_scale, learn_zero_point, lsq_grad_scale)
         cout = self.weight_shape[0]
         self.base = _new_uniform(bits - 1, *args)
@@ -354,7 +422,7 @@ class FZRMQQuantizer(MixedQuantizerBase):
             self.b2 = nn.Parameter(torch.zeros(cout, 1), requires_grad=learn_scale)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, layout={self.layout}, search={self.search}"
+        return f"bits={self.bits}, layout={self.layout}, base_fit={self.base_fit}, search={self.search}"
 
     @property
     def quantizers(self) -> list[UniformQuantizer]:
@@ -369,27 +437,68 @@ class FZRMQQuantizer(MixedQuantizerBase):
         br2 = None if b2 is None else binary_residual(r1 - br1, b2)
         return qb, br1, br2
 
+    def _set_base(self, scale: Tensor, zero: Tensor) -> None:
+        self.base.scale.data = scale.to(self.base.scale.device)
+        self.base.zero_point.data = zero.to(self.base.zero_point.device)
+        self.base.initialized.fill_(True)
+
+    @torch.no_grad()
+    def _set_residual_scales(self, rows: Tensor) -> None:
+        """Closed-form ``b₁``, ``b₂`` (``mean |R|``) for the current base (figure layout)."""
+        qb = self.base(rows).float()
+        _, scales = residual_reconstruction(rows, qb, 2)
+        self.b1.data = scales[0].to(self.b1.device)
+        self.b2.data = scales[1].to(self.b2.device)
+
     @torch.no_grad()
     def fit(self, w: Tensor) -> None:
+        """Fit on all channels. Figure layout, ``joint``: one base fit per class (kept until the
+        classes are chosen, then each channel takes its class's fit); ``greedy``: one base fit."""
         rows = w.reshape(w.shape[0], -1).float()
-        for q in self.quantizers:
-            _fit_uniform(q, w, self.init_method)
-        if self.layout == "figure":
-            r1 = rows - self.base(w).reshape(rows.shape)
-            b1 = closed_form_residual_scale(r1)
-            r2 = r1 - b1 * torch.where(r1 >= 0, 1.0, -1.0)
-            self.b1.data = b1.to(self.b1.device)
-            self.b2.data = closed_form_residual_scale(r2).to(self.b2.device)
-        else:
+        if self.layout == "proposal":
+            for q in self.quantizers:
+                _fit_uniform(q, w, self.init_method)
             r = rows - self.mid(w).reshape(rows.shape)
             self.b1.data = closed_form_residual_scale(r).to(self.b1.device)
+            return
+        if self.base_fit == "greedy":
+            _fit_uniform(self.base, w, self.init_method)
+            self._pending = None
+        else:
+            b = self.base
+            fits = [fit_residual_base(rows, b.bits, b.symmetric, self.init_method, n) for n in range(3)]
+            self._pending = (fits, rows)
+            self._set_base(*fits[1])
+        self._set_residual_scales(rows)
+
+    @torch.no_grad()
+    def set_classes(self, group_id: Tensor) -> None:
+        super().set_classes(group_id)
+        if self._pending is not None:  # joint fit: each channel takes its class's base fit
+            fits, rows = self._pending
+            gid = self.group_id.view(1, -1, 1).to(fits[0][0].device)
+            scale = torch.stack([f[0] for f in fits]).gather(0, gid)[0]
+            zero = torch.stack([f[1] for f in fits]).gather(0, gid)[0]
+            self._pending = None
+            self._set_base(scale, zero)
+            self._set_residual_scales(rows)
+
+    @torch.no_grad()
+    def refit(self, w: Tensor) -> None:
+        """Re-fit on ``w`` keeping the channel classes (joint fit: each channel's class fit)."""
+        self.fit(w.detach().float())
+        self.set_classes(self.group_id.clone())
 
     @torch.no_grad()
     def class_reconstructions(self, w: Tensor) -> list[Tensor]:
         rows = w.reshape(w.shape[0], -1).float()
         if self.layout == "figure":
-            qb, br1, br2 = self._branches(rows, self.b1, self.b2)
-            recs = [qb, qb + br1, qb + br1 + br2]
+            fits = self._pending[0] if self._pending is not None else [(self.base.scale, self.base.zero_point)] * 3
+            b = self.base
+            recs = []
+            for n, (scale, zero) in enumerate(fits):
+                qb = _quant_dequant(rows, scale.to(rows.device), torch.round(zero.to(rows.device)), b.qmin, b.qmax)
+                recs.append(residual_reconstruction(rows, qb, n)[0])
         else:
             qm = self.mid(w).reshape(rows.shape)
             recs = [self.base(w).reshape(rows.shape), qm, qm + binary_residual(rows - qm, self.b1)]

@@ -1,0 +1,5 @@
+"""Lightning callbacks."""
+
+from mpq_lightning.callbacks.memory_queue import MemoryQueue
+
+__all__ = ["MemoryQueue"]

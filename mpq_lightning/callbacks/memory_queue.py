@@ -1,0 +1,180 @@
+"""Lightning callback owning MPQ-DMv2's time-aware pixel queue (MTRD memory).
+
+Interface for the LightningModule (written separately)
+------------------------------------------------------
+Add the callback to the trainer::
+
+    queue_cb = MemoryQueue(num_steps=20, pixels_per_step=256)
+    trainer = L.Trainer(callbacks=[queue_cb, ...])
+
+In :meth:`setup` the callback attaches itself and its queue to the module **without registering the queue
+as a submodule** (so its buffers are not part of the model ``state_dict`` and DDP does not broadcast them):
+
+* ``pl_module.memory_queue`` — the :class:`~mpq_lightning.losses.memory.TimeAwarePixelQueue`;
+* ``pl_module.memory_queue_callback`` — this callback.
+
+Per sampler step ``i`` in ``training_step`` (manual optimisation), the recommended order is::
+
+    l_mem = self.mtrd(f_student, f_teacher, self.memory_queue)            # MemoryRelationLoss
+    ...  backward / optimizer step  ...
+    self.memory_queue_callback.enqueue_and_sync(f_teacher, step_index=i)  # after the loss
+
+``enqueue_and_sync`` samples teacher pixels locally, then all-gathers every rank's pixels and writes them in
+rank order, so every rank holds the same queue (call it on **every** rank, same number of times — it is a
+collective under DDP). The queue is checkpointed through the callback's ``state_dict`` (Lightning stores it
+under ``checkpoint['callbacks'][state_key]``), together with the callback's sampling generator state.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+
+from mpq_lightning.losses.memory import TimeAwarePixelQueue
+
+__all__ = ["MemoryQueue"]
+
+
+class MemoryQueue(Callback):
+    """Owns a :class:`TimeAwarePixelQueue`, exposes it to the module, syncs it across ranks, checkpoints it.
+
+    Args:
+        num_steps: sampler steps (queue slots).
+        pixels_per_step: slot capacity (paper value unknown; default 256).
+        dim: feature dimension (``None``: from the first enqueue).
+        refresh: ``'replace'`` | ``'fifo'`` (see :class:`TimeAwarePixelQueue`).
+        pixels_per_enqueue: pixels written per step **summed over ranks** (default ``pixels_per_step``); each
+            rank samples ``max(1, pixels_per_enqueue // world_size)``.
+        attr_name: attribute name used on the LightningModule.
+        seed: seed of the CPU generator used for pixel selection (offset by the global rank so ranks draw
+            different pixels); ``None`` uses the global RNG.
+    """
+
+    def __init__(
+        self,
+        num_steps: int,
+        pixels_per_step: int = 256,
+        dim: int | None = None,
+        refresh: Literal["replace", "fifo"] = "replace",
+        pixels_per_enqueue: int | None = None,
+        attr_name: str = "memory_queue",
+        seed: int | None = 3407,
+    ) -> None:
+        super().__init__()
+        self.queue = TimeAwarePixelQueue(
+            num_steps=num_steps,
+            pixels_per_step=pixels_per_step,
+            dim=dim,
+            refresh=refresh,
+            pixels_per_enqueue=pixels_per_enqueue,
+        )
+        self.attr_name = attr_name
+        self.seed = seed
+        self.generator: torch.Generator | None = torch.Generator().manual_seed(seed) if seed is not None else None
+        self._trainer: Any = None
+        self._pl_module: Any = None
+        self._generator_fixed = False  # set once rank-seeded in setup() or restored from a checkpoint
+
+    # ----------------------------------------------------------------------------------------------
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(attr_name=self.attr_name)
+
+    def _world_size(self) -> int:
+        if self._trainer is not None:
+            return int(getattr(self._trainer, "world_size", 1))
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_world_size()
+        return 1
+
+    def _global_rank(self) -> int:
+        if self._trainer is not None:
+            return int(getattr(self._trainer, "global_rank", 0))
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank()
+        return 0
+
+    def _to_device(self, device: torch.device) -> None:
+        if self.queue.feats.device != device:
+            self.queue.to(device)
+
+    def attach(self, pl_module: Any) -> None:
+        """Expose the queue and this callback on ``pl_module`` (not as a registered submodule)."""
+        object.__setattr__(pl_module, self.attr_name, self.queue)
+        object.__setattr__(pl_module, f"{self.attr_name}_callback", self)
+        self._pl_module = pl_module
+        device = getattr(pl_module, "device", None)
+        if isinstance(device, torch.device):
+            self._to_device(device)
+
+    # ----------------------------------------------------------------------------------------------
+    # Lightning hooks
+    # ----------------------------------------------------------------------------------------------
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._trainer = trainer
+        self.attach(pl_module)
+        # offset the seed by the rank once; never override a generator state restored from a checkpoint
+        if self.seed is not None and not self._generator_fixed:
+            self.generator = torch.Generator().manual_seed(self.seed + self._global_rank())
+        self._generator_fixed = True
+
+    def on_fit_start(self, trainer, pl_module) -> None:  # model is on its device by now
+        self.attach(pl_module)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.attach(pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "queue": {k: v.detach().cpu() if isinstance(v, Tensor) else v for k, v in self.queue.state_dict().items()},
+            "generator": self.generator.get_state() if self.generator is not None else None,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.queue.load_state_dict(state_dict["queue"])
+        gen_state = state_dict.get("generator")
+        if gen_state is not None:
+            if self.generator is None:
+                self.generator = torch.Generator()
+            self.generator.set_state(gen_state)
+            self._generator_fixed = True
+
+    # ----------------------------------------------------------------------------------------------
+    # API for the LightningModule
+    # ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def enqueue_and_sync(
+        self,
+        features: Tensor,
+        step_index: int,
+        num: int | None = None,
+        channel_dim: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Sample teacher pixels of ``features`` locally, all-gather across ranks, write in rank order.
+
+        Uses ``pl_module.all_gather`` when attached to a trainer with world size > 1, else
+        ``torch.distributed`` if initialised, else a local write. Collective: call on every rank.
+
+        Returns:
+            The vectors written this call (all ranks, rank order), ``[k_total, C]``.
+        """
+        self._to_device(features.device)
+        world = self._world_size()
+        if num is None:
+            num = max(1, self.queue.pixels_per_enqueue // max(world, 1))
+        vectors = self.queue.select_pixels(
+            features, num=num, generator=generator if generator is not None else self.generator, channel_dim=channel_dim
+        )
+        gather_fn = None
+        if world > 1 and self._trainer is not None and self._pl_module is not None:
+            gather_fn = self._pl_module.all_gather
+        return self.queue.all_gather_(vectors, step_index, gather_fn=gather_fn)
+
+    def sample(self, num: int, mode: Literal["time_wise", "uniform"] = "time_wise", generator=None):
+        """Shortcut for ``queue.sample`` with this callback's generator."""
+        return self.queue.sample(num, mode=mode, generator=generator if generator is not None else self.generator)

@@ -1,0 +1,92 @@
+"""LightningCLI subclass behind ``train.py`` and ``evaluate.py``.
+
+* ``python train.py --config configs/x.yaml`` needs no ``fit`` subcommand; ``--print_config`` works
+  without any weights on disk (nothing is instantiated); dotted overrides (``--model.quant.w_bits 2``).
+* Runs live in ``checkpoints/<run_name>/``: TensorBoard events, ``config.yaml`` (the resolved
+  config, saved by LightningCLI) and ``last.ckpt`` / periodic checkpoints, so ``--ckpt_path last``
+  resumes the run of the same ``run_name``.
+* A data module that can build its teacher-trajectory cache (``prepare_cache(teacher)``) gets the
+  frozen teacher before fitting, so a missing cache is generated on first use.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from .module import QATModule
+
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+DEFAULT_ROOT = "checkpoints"
+
+
+class MPQCLI(LightningCLI):
+    """Our CLI: QATModule + any LightningDataModule, run folders named by ``run_name``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf"} if _has_omegaconf() else {})
+        super().__init__(QATModule, LightningDataModule, *args, subclass_mode_data=True, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--run_name", type=str, default="default", help="run folder under checkpoints/")
+        parser.add_argument("--checkpoint_every_n_steps", type=int, default=50, help="periodic checkpoint interval")
+        parser.set_defaults({
+            "data": {"class_path": "mpq_lightning.data.TrajectoryDataModule"},
+            "trainer.default_root_dir": DEFAULT_ROOT,
+            "trainer.max_steps": 200,
+            "trainer.log_every_n_steps": 10,
+        })
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        run = Path(cfg.trainer.default_root_dir or DEFAULT_ROOT) / cfg.run_name
+        if not cfg.trainer.logger or cfg.trainer.logger is True:
+            cfg.trainer.logger = {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": str(run.parent), "name": run.name, "version": ""},
+            }
+        callbacks = list(cfg.trainer.callbacks or [])
+        names = {c["class_path"].rsplit(".", 1)[-1] if isinstance(c, dict) else type(c).__name__ for c in callbacks}
+        defaults = {
+            "ModelCheckpoint": {"dirpath": str(run), "save_last": True, "every_n_train_steps": cfg.checkpoint_every_n_steps,
+                                "save_top_k": -1, "filename": "step{step:06d}", "auto_insert_metric_name": False},
+            "LearningRateMonitor": {"logging_interval": "step"},
+            "RichProgressBar": {},
+        }
+        for name, init in defaults.items():
+            if name not in names:
+                callbacks.append({"class_path": f"lightning.pytorch.callbacks.{name}", "init_args": init})
+        for name in ("PerTimestepError", "SampleLogger"):
+            if name not in names and _has_callback(name):
+                callbacks.append({"class_path": f"mpq_lightning.callbacks.{name}", "init_args": {}})
+        cfg.trainer.callbacks = callbacks
+
+    def before_fit(self) -> None:
+        prepare = getattr(self.datamodule, "prepare_cache", None)
+        if callable(prepare):
+            prepare(self.model.teacher)
+
+
+def _has_omegaconf() -> bool:
+    try:
+        import omegaconf  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _has_callback(name: str) -> bool:
+    from . import callbacks
+
+    return hasattr(callbacks, name)
+
+
+def main(argv: list[str] | None = None, default_subcommand: str = "fit") -> MPQCLI:
+    """Entry point of ``train.py``: inserts the ``fit`` subcommand when none is given."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in SUBCOMMANDS + ("-h", "--help"):
+        argv = [default_subcommand] + argv
+    return MPQCLI(args=argv)

@@ -1,0 +1,397 @@
+"""MPQ-DMv2's online time-aware pixel queue (MTRD memory).
+
+Spec: papers_extra.md §1.1 (framework figure, which **corrects** mpqdm.md §4.3's single-FIFO proposal):
+"Pixel Caching at Timestep N" → "Online Time-aware Pixel Queue" with **one slot per timestep**
+(T = N … 1) guarded by a **Refreshing Gate** → "Time-wise Pixel Sampling". The figure gives no sizes; the
+paper's queue length, pixels per step and refresh rule are **unknown**. Choices made here (all switchable):
+
+* ``num_steps`` slots (one per sampler step index), each holding up to ``pixels_per_step`` (default 256)
+  L2-normalised, detached **teacher** pixel vectors. 256 × 20 steps = 5120 entries, the same order as CIRKD's
+  pixel memory per class and enough for a 4096-entry contrast draw.
+* Refreshing gate ``refresh='replace'`` (default, the inferred reading of the figure): when a step index is
+  enqueued again, its slot is emptied and refilled, so the memory always holds the most recent visit of
+  every step (spanning the whole trajectory and persisting across trajectories).
+  ``refresh='fifo'``: the slot is a ring buffer; new vectors overwrite the oldest ones of that slot.
+* Every written vector gets a global, monotonically increasing write stamp (``write_order``) so FIFO age is
+  observable and checkpointed; ``step_tags`` holds the step index of every entry (``-1`` = empty).
+
+Distributed training: every rank samples pixels from its own teacher feature, then :meth:`all_gather_`
+gathers every rank's vectors and writes them **in rank order** on every rank, so all queues stay identical
+(as CIRKD's ``concat_all_gather`` before enqueue). All buffers are persistent (checkpointed).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+
+__all__ = ["TimeAwarePixelQueue"]
+
+GatherFn = Callable[[Tensor], Tensor]
+
+
+def _dist_world_size(group=None) -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(group)
+    return 1
+
+
+def _dist_gather(t: Tensor, group=None) -> Tensor:
+    """``torch.distributed.all_gather`` → ``[world, *t.shape]``."""
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, t.contiguous(), group=group)
+    return torch.stack(out)
+
+
+# ==================================================================================================
+# Queue
+# ==================================================================================================
+
+
+class TimeAwarePixelQueue(nn.Module):
+    """One slot of teacher pixel embeddings per sampler step, with a refreshing gate.
+
+    Buffers (all persistent):
+
+    * ``feats`` ``[num_steps, P, C]`` float32 — the vectors (``C = 0`` until the first enqueue if ``dim`` is
+      not given; loading a state dict materialises it).
+    * ``valid`` ``[num_steps, P]`` bool, ``step_tags`` ``[num_steps, P]`` long (``-1`` empty),
+      ``write_order`` ``[num_steps, P]`` long (global write stamp, ``-1`` empty),
+      ``ptr`` ``[num_steps]`` long (next ring position per slot), ``refresh_count`` ``[num_steps]`` long
+      (how often each slot was written), ``num_writes`` ``[]`` long (global write counter).
+
+    Args:
+        num_steps: number of sampler steps (slots), e.g. 20 DDIM steps.
+        pixels_per_step: slot capacity P (paper value unknown; default 256).
+        dim: feature dimension C (``None``: taken from the first enqueue).
+        refresh: ``'replace'`` (refreshing gate empties the slot when its step comes again) or ``'fifo'``
+            (ring buffer inside the slot; oldest entries are overwritten first).
+        pixels_per_enqueue: default number of pixels sampled per :meth:`enqueue` (default ``P``).
+    """
+
+    def __init__(
+        self,
+        num_steps: int,
+        pixels_per_step: int = 256,
+        dim: int | None = None,
+        refresh: Literal["replace", "fifo"] = "replace",
+        pixels_per_enqueue: int | None = None,
+    ) -> None:
+        super().__init__()
+        if num_steps <= 0 or pixels_per_step <= 0:
+            raise ValueError(
+                f"TimeAwarePixelQueue: num_steps ({num_steps}) and pixels_per_step ({pixels_per_step}) must be > 0"
+            )
+        if refresh not in ("replace", "fifo"):
+            raise ValueError(f"TimeAwarePixelQueue: refresh must be 'replace' or 'fifo', got {refresh!r}")
+        if dim is not None and dim <= 0:
+            raise ValueError(f"TimeAwarePixelQueue: dim must be positive, got {dim}")
+        self.num_steps = num_steps
+        self.pixels_per_step = pixels_per_step
+        self.refresh = refresh
+        self.pixels_per_enqueue = pixels_per_enqueue or pixels_per_step
+        s, p = num_steps, pixels_per_step
+        self.register_buffer("feats", torch.zeros(s, p, dim or 0))
+        self.register_buffer("valid", torch.zeros(s, p, dtype=torch.bool))
+        self.register_buffer("step_tags", torch.full((s, p), -1, dtype=torch.long))
+        self.register_buffer("write_order", torch.full((s, p), -1, dtype=torch.long))
+        self.register_buffer("ptr", torch.zeros(s, dtype=torch.long))
+        self.register_buffer("refresh_count", torch.zeros(s, dtype=torch.long))
+        self.register_buffer("num_writes", torch.zeros((), dtype=torch.long))
+
+    # ----------------------------------------------------------------------------------------------
+    # Introspection
+    # ----------------------------------------------------------------------------------------------
+    @property
+    def dim(self) -> int | None:
+        """Feature dimension, or ``None`` before the first enqueue."""
+        c = self.feats.shape[-1]
+        return c if c > 0 else None
+
+    @property
+    def num_valid(self) -> int:
+        return int(self.valid.sum())
+
+    def __len__(self) -> int:
+        return self.num_valid
+
+    def slot_counts(self) -> Tensor:
+        """Number of filled entries per step slot, ``[num_steps]``."""
+        return self.valid.sum(dim=1)
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Empty the queue (keeps ``dim``)."""
+        self.feats.zero_()
+        self.valid.fill_(False)
+        self.step_tags.fill_(-1)
+        self.write_order.fill_(-1)
+        self.ptr.zero_()
+        self.refresh_count.zero_()
+        self.num_writes.zero_()
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_steps={self.num_steps}, pixels_per_step={self.pixels_per_step}, dim={self.dim}, "
+            f"refresh={self.refresh!r}, pixels_per_enqueue={self.pixels_per_enqueue}"
+        )
+
+    # ----------------------------------------------------------------------------------------------
+    # Pixel selection and writing
+    # ----------------------------------------------------------------------------------------------
+    def _check_step(self, step_index: int) -> int:
+        step_index = int(step_index)
+        if not 0 <= step_index < self.num_steps:
+            raise ValueError(f"step_index must be in [0, {self.num_steps}), got {step_index}")
+        return step_index
+
+    @torch.no_grad()
+    def select_pixels(
+        self,
+        features: Tensor,
+        num: int | None = None,
+        generator: torch.Generator | None = None,
+        channel_dim: int = 1,
+    ) -> Tensor:
+        """Sample ``num`` pixel vectors (without replacement) from a teacher feature; nothing is written.
+
+        Args:
+            features: ``[B, C, *spatial]`` (``channel_dim=1``), ``[B, N, C]`` or ``[M, C]`` (``channel_dim=-1``).
+            num: number of pixels (default ``pixels_per_enqueue``; all pixels if fewer are available).
+            generator: CPU generator.
+
+        Returns:
+            ``[k, C]`` detached, fp32, L2-normalised vectors on the feature's device.
+        """
+        x = features.detach()
+        if channel_dim == 1:
+            if x.dim() < 2:
+                raise ValueError(f"select_pixels: features of shape {tuple(x.shape)} need >= 2 dims for channel_dim=1")
+            pix = rearrange(x, "b c ... -> (b ...) c")
+        elif channel_dim in (-1, x.dim() - 1):
+            pix = rearrange(x, "... c -> (...) c")
+        else:
+            raise ValueError(f"select_pixels: channel_dim must be 1 or -1, got {channel_dim}")
+        if self.dim is not None and pix.shape[1] != self.dim:
+            raise ValueError(
+                f"select_pixels: features of shape {tuple(features.shape)} have {pix.shape[1]} channels, "
+                f"queue dim is {self.dim}"
+            )
+        num = self.pixels_per_enqueue if num is None else int(num)
+        if num <= 0:
+            raise ValueError(f"select_pixels: num must be positive, got {num}")
+        n = pix.shape[0]
+        if num < n:
+            idx = torch.randperm(n, generator=generator)[:num].to(pix.device)
+            pix = pix[idx]
+        return F.normalize(pix.float(), p=2, dim=-1)
+
+    @torch.no_grad()
+    def _materialize(self, dim: int, device: torch.device) -> None:
+        if self.dim is None:
+            self.feats = torch.zeros(self.num_steps, self.pixels_per_step, dim, device=device, dtype=self.feats.dtype)
+
+    @torch.no_grad()
+    def write_(self, vectors: Tensor, step_index: int) -> None:
+        """Write already-selected vectors ``[k, C]`` into the slot of ``step_index`` (refreshing gate applies).
+
+        ``replace``: the slot is emptied first, the vectors fill positions ``0 … k−1``. ``fifo``: the vectors go
+        to the ring positions ``ptr, ptr+1, …`` (mod P), overwriting the oldest entries. If ``k > P`` only the
+        last ``P`` vectors are kept in both modes.
+        """
+        s = self._check_step(step_index)
+        if vectors.dim() != 2:
+            raise ValueError(f"write_: vectors must be [k, C], got shape {tuple(vectors.shape)}")
+        self._materialize(vectors.shape[1], self.feats.device)
+        if vectors.shape[1] != self.dim:
+            raise ValueError(f"write_: vectors of shape {tuple(vectors.shape)} do not match queue dim {self.dim}")
+        k = vectors.shape[0]
+        if k == 0:
+            return
+        p = self.pixels_per_step
+        if k > p:
+            vectors, k = vectors[-p:], p
+        dev = self.feats.device
+        if self.refresh == "replace":
+            self.feats[s].zero_()
+            self.valid[s] = False
+            self.step_tags[s] = -1
+            self.write_order[s] = -1
+            pos = torch.arange(k, device=dev)
+            self.ptr[s] = k % p
+        else:
+            pos = (self.ptr[s] + torch.arange(k, device=dev)) % p
+            self.ptr[s] = (self.ptr[s] + k) % p
+        self.feats[s, pos] = vectors.to(device=dev, dtype=self.feats.dtype)
+        self.valid[s, pos] = True
+        self.step_tags[s, pos] = s
+        self.write_order[s, pos] = self.num_writes + torch.arange(k, device=dev)
+        self.num_writes += k
+        self.refresh_count[s] += 1
+
+    @torch.no_grad()
+    def enqueue(
+        self,
+        features: Tensor,
+        step_index: int,
+        generator: torch.Generator | None = None,
+        num: int | None = None,
+        channel_dim: int = 1,
+    ) -> Tensor:
+        """Sample ``num`` teacher pixels of ``features`` and write them to slot ``step_index`` (local only).
+
+        Returns the written ``[k, C]`` vectors. For multi-process training use
+        :meth:`select_pixels` + :meth:`all_gather_` (or ``MemoryQueue.enqueue_and_sync``).
+        """
+        vectors = self.select_pixels(features, num=num, generator=generator, channel_dim=channel_dim)
+        self.write_(vectors, step_index)
+        return vectors
+
+    # ----------------------------------------------------------------------------------------------
+    # Distributed synchronisation
+    # ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def all_gather_(
+        self,
+        vectors: Tensor,
+        step_index: int,
+        gather_fn: GatherFn | None = None,
+        group=None,
+    ) -> Tensor:
+        """Gather every rank's selected vectors and write them on every rank in rank order.
+
+        Without ``gather_fn`` this uses ``torch.distributed`` if it is initialised with world size > 1, and
+        otherwise just writes the local vectors. ``gather_fn(t)`` may be e.g. ``LightningModule.all_gather``
+        (returns ``[world, *t.shape]``; a result without the world dimension is treated as world size 1).
+        Ranks may contribute different numbers of vectors (padded internally) and different step indices;
+        vectors of the same step are concatenated in rank order and written at once (so ``replace`` keeps
+        all ranks' contributions of this step).
+
+        Returns:
+            The gathered vectors, concatenated in rank order, ``[Σ k_r, C]``.
+        """
+        step_index = self._check_step(step_index)
+        if vectors.dim() != 2:
+            raise ValueError(f"all_gather_: vectors must be [k, C], got shape {tuple(vectors.shape)}")
+        if gather_fn is None:
+            if _dist_world_size(group) <= 1:
+                self.write_(vectors, step_index)
+                return vectors
+
+            def gather_fn(t: Tensor) -> Tensor:
+                return _dist_gather(t, group)
+
+        meta = torch.tensor([vectors.shape[0], step_index], dtype=torch.long, device=vectors.device)
+        metas = gather_fn(meta)
+        if metas.dim() == 1:  # world size 1
+            metas = metas.unsqueeze(0)
+        kmax = int(metas[:, 0].max())
+        padded = vectors.new_zeros(kmax, vectors.shape[1])
+        padded[: vectors.shape[0]] = vectors
+        gathered = gather_fn(padded)
+        if gathered.dim() == 2:
+            gathered = gathered.unsqueeze(0)
+        per_rank = [gathered[r, : int(metas[r, 0])] for r in range(gathered.shape[0])]
+        steps = [int(metas[r, 1]) for r in range(gathered.shape[0])]
+        for s in dict.fromkeys(steps):  # unique steps, first-appearance (rank) order
+            self.write_(torch.cat([v for v, st in zip(per_rank, steps) if st == s]), s)
+        return torch.cat(per_rank)
+
+    # ----------------------------------------------------------------------------------------------
+    # Sampling
+    # ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(
+        self,
+        num: int,
+        mode: Literal["time_wise", "uniform"] = "time_wise",
+        generator: torch.Generator | None = None,
+        steps: Sequence[int] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Draw up to ``num`` stored vectors without replacement.
+
+        ``'time_wise'`` (v2 figure's "time-wise pixel sampling"): ``num`` is split equally over the filled step
+        slots (the remainder goes to randomly chosen slots), then each slot is sampled uniformly — every
+        timestep is represented equally regardless of fill level. ``'uniform'``: uniform over all filled
+        entries. Output is grouped by step (ascending) in ``time_wise`` mode and in random order otherwise.
+
+        Args:
+            num: number of vectors requested (fewer are returned if the queue holds fewer).
+            mode: ``'time_wise'`` | ``'uniform'``.
+            generator: CPU generator.
+            steps: restrict sampling to these step slots.
+
+        Returns:
+            ``(vectors [n, C], step_tags [n])`` on the queue's device.
+        """
+        if mode not in ("time_wise", "uniform"):
+            raise ValueError(f"sample: mode must be 'time_wise' or 'uniform', got {mode!r}")
+        if num < 0:
+            raise ValueError(f"sample: num must be >= 0, got {num}")
+        if self.dim is None:  # nothing enqueued yet (lazy dim)
+            return self.feats.new_zeros(0, 0), self.step_tags.new_zeros(0)
+        valid = self.valid.detach().cpu()
+        if steps is not None:
+            keep = torch.zeros(self.num_steps, dtype=torch.bool)
+            keep[[self._check_step(s) for s in steps]] = True
+            valid = valid & keep[:, None]
+        p = self.pixels_per_step
+        if mode == "uniform":
+            flat = valid.flatten().nonzero().squeeze(1)
+            n = min(num, flat.numel())
+            idx = flat[torch.randperm(flat.numel(), generator=generator)[:n]]
+        else:
+            slots = valid.any(dim=1).nonzero().squeeze(1).tolist()
+            parts: list[Tensor] = []
+            if slots and num > 0:
+                base, rem = divmod(num, len(slots))
+                extra = set(torch.randperm(len(slots), generator=generator)[:rem].tolist())
+                for j, s in enumerate(slots):
+                    q = base + (1 if j in extra else 0)
+                    entries = valid[s].nonzero().squeeze(1)
+                    q = min(q, entries.numel())
+                    if q > 0:
+                        parts.append(s * p + entries[torch.randperm(entries.numel(), generator=generator)[:q]])
+            idx = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+        idx = idx.to(self.feats.device)
+        c = self.feats.shape[-1]
+        vectors = self.feats.reshape(-1, c)[idx]
+        tags = self.step_tags.reshape(-1)[idx]
+        return vectors, tags
+
+    # ----------------------------------------------------------------------------------------------
+    # Checkpointing
+    # ----------------------------------------------------------------------------------------------
+    def get_extra_state(self) -> dict:
+        return {"num_steps": self.num_steps, "pixels_per_step": self.pixels_per_step, "refresh": self.refresh}
+
+    def set_extra_state(self, state: dict) -> None:
+        if state.get("num_steps") != self.num_steps or state.get("pixels_per_step") != self.pixels_per_step:
+            raise ValueError(
+                f"TimeAwarePixelQueue: checkpoint has num_steps={state.get('num_steps')}, "
+                f"pixels_per_step={state.get('pixels_per_step')}; this queue has num_steps={self.num_steps}, "
+                f"pixels_per_step={self.pixels_per_step}"
+            )
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        key = prefix + "feats"
+        incoming = state_dict.get(key)
+        if (
+            incoming is not None
+            and incoming.dim() == 3
+            and incoming.shape[:2] == self.feats.shape[:2]
+            and incoming.shape[2] != self.feats.shape[2]
+            and 0 in (incoming.shape[2], self.feats.shape[2])
+        ):  # lazy dim on either side
+            self.feats = torch.zeros(incoming.shape, device=self.feats.device, dtype=self.feats.dtype)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )

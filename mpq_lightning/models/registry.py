@@ -1,0 +1,366 @@
+"""The `Denoiser` interface every backbone is wrapped in, and the registry of backbones by name.
+
+`build("opensora-stdit-xl/2")`, `build("tiny-wan")`, ... return a `Denoiser`: one call signature
+`forward(x_t, t, cond, step_index)` for all backbones, plus the facts the quantization methods need
+(video or not, frames, tokens per frame, layer kinds and token layouts, feature site, default
+FP-kept layers and bit maps, default sampler). All module names it reports (`layer_kind`,
+`feature_site`, `default_keep_fp`, `default_bit_map`) are relative to `denoiser.backbone`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mpq_lightning.models import stdit
+from mpq_lightning.quant import step_index_context
+
+__all__ = [
+    "LAYER_KINDS",
+    "CondSpec",
+    "Denoiser",
+    "STDiTDenoiser",
+    "build",
+    "list_models",
+    "register",
+]
+
+# -------------------------------------------------------------------------------------------------
+# Vocabulary
+# -------------------------------------------------------------------------------------------------
+
+#: Layer kinds a `Denoiser.layer_kind` may return. `token_layouts` maps a kind to the einops layout of
+#: that layer's input (letters: b batch, f frames, s tokens per frame, l text tokens, c channels).
+#: "self" is full self-attention over all tokens (Wan, DiT, UNet attention), "joint" attention over
+#: concatenated text + video tokens (CogVideoX; no einops layout), "temporal_mlp" an MLP applied in
+#: the temporal layout (Latte's temporal blocks), "conv" a UNet convolution.
+LAYER_KINDS = (
+    "spatial",
+    "temporal",
+    "self",
+    "joint",
+    "cross_q",
+    "cross_kv",
+    "cross_proj",
+    "mlp",
+    "temporal_mlp",
+    "conv",
+    "other",
+)
+
+
+@dataclass(frozen=True)
+class CondSpec:
+    """Per-sample shape of one conditioning tensor (None = any size) and its dtype kind."""
+
+    shape: tuple[int | None, ...]
+    dtype: str = "float"  # "float" | "long" (class labels) | "mask" (int or bool keep-mask)
+    required: bool = True
+
+
+# -------------------------------------------------------------------------------------------------
+# Denoiser
+# -------------------------------------------------------------------------------------------------
+
+_QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _matches_any(pattern: str, names: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(n, pattern) for n in names)
+
+
+class Denoiser(nn.Module):
+    """Wraps a backbone as `forward(x_t, t, cond, step_index) -> prediction`.
+
+    x_t is [B, C, F, H, W] for video and [B, C, H, W] for images (channels first, frames second,
+    whatever the backbone's own layout); the prediction has `out_channels` channels in the same
+    layout. `cond` is a dict of batched tensors described by `cond_spec` (or None when the spec is
+    empty). `step_index` (int or LongTensor [B], the position in the sampler's timestep list) is
+    handed to every timestep-aware activation quantizer via `step_index_context`.
+
+    Subclasses adapt a backbone by overriding `call_backbone` (and `null_cond` where the backbone
+    defines a null condition); a backbone whose forward is `(x, t, **cond)` needs no subclass.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        latent_shape: Sequence[int],
+        patch_size: Sequence[int],
+        out_channels: int,
+        cond_kind: str,
+        cond_spec: Mapping[str, CondSpec],
+        prediction_type: str,
+        default_scheduler: Mapping[str, Any],
+        feature_site: str,
+        feature_layout: str,
+        layer_kinds: Sequence[tuple[str, str]] | Callable[[str], str] = (),
+        token_layouts: Mapping[str, str] | None = None,
+        tokens_per_frame: int | None = None,
+        default_keep_fp: Sequence[str] = (),
+        default_bit_map: Mapping[str, Mapping[str, int]] | None = None,
+        cfg_channels: int | None = None,
+    ) -> None:
+        super().__init__()
+        if cond_kind not in ("text", "class", "none"):
+            raise ValueError(f"cond_kind must be 'text', 'class' or 'none', got {cond_kind!r}")
+        if len(patch_size) != len(latent_shape) - 1:
+            raise ValueError(
+                f"patch_size {tuple(patch_size)} needs one entry per non-channel dim of "
+                f"latent_shape {tuple(latent_shape)}"
+            )
+        self.backbone = backbone
+        self.latent_shape = tuple(int(d) for d in latent_shape)
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.out_channels = int(out_channels)
+        self.cond_kind = cond_kind
+        self.cond_spec = dict(cond_spec)
+        self.default_scheduler = dict(default_scheduler)
+        # the scheduler config (e.g. a pipeline folder's) overrides the model's usual prediction type
+        self.prediction_type = self.default_scheduler["config"].get("prediction_type", prediction_type)
+        self.feature_site = feature_site
+        self.feature_layout = feature_layout
+        self._layer_kinds = layer_kinds
+        self.tokens_per_frame = tokens_per_frame
+        # facts keep only the kinds and patterns that match a layer here (strict pattern checks pass)
+        layers = [n for n, m in backbone.named_modules() if isinstance(m, _QUANTIZABLE)]
+        kinds = {self.layer_kind(n) for n in layers}
+        self.token_layouts = {k: v for k, v in (token_layouts or {}).items() if k in kinds}
+        self.default_keep_fp = [p for p in default_keep_fp if _matches_any(p, layers)]
+        self.default_bit_map = {p: dict(v) for p, v in (default_bit_map or {}).items() if _matches_any(p, layers)}
+        self.cfg_channels = cfg_channels
+        self._check_latent_shape(self.latent_shape, where="latent_shape")
+
+    # ---- facts ------------------------------------------------------------------------------------
+
+    @property
+    def in_channels(self) -> int:
+        return self.latent_shape[0]
+
+    @property
+    def is_video(self) -> bool:
+        return len(self.latent_shape) == 4
+
+    @property
+    def num_frames(self) -> int | None:
+        """Latent frames (None for images)."""
+        return self.latent_shape[1] if self.is_video else None
+
+    @property
+    def learned_sigma(self) -> bool:
+        """True when the output stacks a learned variance after the prediction (IDDPM style)."""
+        return self.out_channels == 2 * self.in_channels
+
+    def layer_kind(self, name: str) -> str:
+        """Kind of the module `name` (relative to the backbone; a leading 'backbone.' is ignored)."""
+        name = name.removeprefix("backbone.")
+        if callable(self._layer_kinds):
+            return self._layer_kinds(name)
+        for pattern, kind in self._layer_kinds:
+            if fnmatch.fnmatchcase(name, pattern):
+                return kind
+        return "other"
+
+    # ---- forward ----------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor | float | int,
+        cond: Mapping[str, torch.Tensor] | None = None,
+        step_index: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
+        t, cond = self.validate(x_t, t, cond, step_index)
+        if step_index is None:
+            return self.call_backbone(x_t, t, cond)
+        with step_index_context(self.backbone, step_index):
+            return self.call_backbone(x_t, t, cond)
+
+    def call_backbone(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Map (x_t [B, C, (F,) H, W], t [B], cond) to the backbone's forward and back."""
+        return self.backbone(x_t, t, **cond)
+
+    def null_cond(self, cond: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The unconditional branch for classifier-free guidance, batched like `cond`."""
+        raise ValueError(
+            f"{type(self).__name__} has no built-in null condition; pass `uncond` explicitly "
+            "(e.g. the text encoder's embedding of the empty prompt)"
+        )
+
+    # ---- validation -------------------------------------------------------------------------------
+
+    def validate(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor | float | int,
+        cond: Mapping[str, torch.Tensor] | None,
+        step_index: torch.Tensor | int | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Check all inputs; return t as a [B] tensor and cond as a dict. Raises ValueError."""
+        if x_t.ndim != len(self.latent_shape) + 1:
+            layout = "[B, C, F, H, W]" if self.is_video else "[B, C, H, W]"
+            raise ValueError(f"x_t must be {layout} with per-sample shape {self.latent_shape}, got {tuple(x_t.shape)}")
+        self._check_latent_shape(tuple(x_t.shape[1:]), where="x_t")
+        batch = x_t.shape[0]
+        t = torch.as_tensor(t, device=x_t.device)
+        if t.ndim == 0:
+            t = t.expand(batch)
+        if t.shape != (batch,):
+            raise ValueError(f"t must be a scalar or have shape [{batch}], got {tuple(t.shape)}")
+        if isinstance(step_index, torch.Tensor) and step_index.shape not in ((), (batch,)):
+            raise ValueError(f"step_index must be an int or have shape [{batch}], got {tuple(step_index.shape)}")
+        return t, self._check_cond(cond, batch)
+
+    def _check_latent_shape(self, shape: tuple[int, ...], where: str) -> None:
+        names = ("channels", "frames", "height", "width") if self.is_video else ("channels", "height", "width")
+        if shape[0] != self.latent_shape[0]:
+            raise ValueError(f"{where}: expected {self.latent_shape[0]} channels, got {shape[0]} (shape {shape})")
+        for name, size, patch in zip(names[1:], shape[1:], self.patch_size):
+            if size % patch:
+                raise ValueError(
+                    f"{where}: {name} {size} is not divisible by {patch} "
+                    f"(patch size / total downsampling; shape {shape})"
+                )
+        if where != "latent_shape" and shape != self.latent_shape:
+            dims = ", ".join(f"{n} {g} (expected {e})" for n, g, e in zip(names, shape, self.latent_shape) if g != e)
+            raise ValueError(
+                f"{where}: per-sample shape {shape} does not match latent_shape {self.latent_shape}: {dims}. "
+                "Build the model with latent_shape=... to use another size."
+            )
+
+    def _check_cond(self, cond: Mapping[str, torch.Tensor] | None, batch: int) -> dict[str, torch.Tensor]:
+        cond = dict(cond or {})
+        unknown = sorted(set(cond) - set(self.cond_spec))
+        if unknown:
+            raise ValueError(f"unknown cond keys {unknown}; expected keys {sorted(self.cond_spec)}")
+        for key, spec in self.cond_spec.items():
+            if key not in cond:
+                if spec.required:
+                    raise ValueError(
+                        f"missing cond key {key!r} (per-sample shape {spec.shape}); got keys {sorted(cond)}"
+                    )
+                continue
+            value = cond[key]
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"cond[{key!r}] must be a tensor, got {type(value).__name__}")
+            got = tuple(value.shape)
+            ok = len(got) == len(spec.shape) + 1 and got[0] == batch
+            ok = ok and all(e is None or e == g for e, g in zip(spec.shape, got[1:]))
+            if not ok:
+                expected = ", ".join(["B"] + ["*" if e is None else str(e) for e in spec.shape])
+                raise ValueError(f"cond[{key!r}]: expected shape [{expected}] with B={batch}, got {list(got)}")
+            if spec.dtype == "long" and value.is_floating_point():
+                raise ValueError(f"cond[{key!r}] must be an integer tensor (labels), got {value.dtype}")
+            if spec.dtype == "float" and not value.is_floating_point():
+                raise ValueError(f"cond[{key!r}] must be a floating-point tensor, got {value.dtype}")
+        return cond
+
+
+# -------------------------------------------------------------------------------------------------
+# Registry
+# -------------------------------------------------------------------------------------------------
+
+_BUILDERS: dict[str, Callable[..., Denoiser]] = {}
+
+
+def register(name: str) -> Callable[[Callable[..., Denoiser]], Callable[..., Denoiser]]:
+    """Decorator: `@register("my-model")` on a function returning a `Denoiser`."""
+
+    def decorator(builder: Callable[..., Denoiser]) -> Callable[..., Denoiser]:
+        if name in _BUILDERS:
+            raise ValueError(f"a model named {name!r} is already registered")
+        _BUILDERS[name] = builder
+        return builder
+
+    return decorator
+
+
+def list_models() -> list[str]:
+    """Names accepted by `build`."""
+    return sorted(_BUILDERS)
+
+
+def build(name: str, **kwargs: Any) -> Denoiser:
+    """Build the registered backbone `name` wrapped in its `Denoiser`."""
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    return _BUILDERS[name](**kwargs)
+
+
+# -------------------------------------------------------------------------------------------------
+# OpenSora v1.0 STDiT (opensora_stdit.md; Q-VDiT's model)
+# -------------------------------------------------------------------------------------------------
+
+#: IDDPM-100 with CFG 4.0 on the first 3 channels: Q-VDiT's quant config (opensora_stdit.md §6).
+STDIT_SCHEDULER = {"name": "iddpm", "config": {}, "num_inference_steps": 100, "guidance_scale": 4.0}
+
+
+class STDiTDenoiser(Denoiser):
+    """OpenSora v1.0 STDiT: cond {"y": [B, 1, L, caption_channels], "mask": [B, L] (optional)}."""
+
+    def __init__(self, backbone: stdit.STDiT) -> None:
+        frames, size = backbone.num_frames, backbone.input_size[1:]
+        patch = tuple(backbone.patch_size)
+        length, width = backbone.model_max_length, backbone.caption_channels
+        super().__init__(
+            backbone,
+            latent_shape=(backbone.in_channels, frames, *size),
+            patch_size=patch,
+            out_channels=backbone.out_channels,
+            cond_kind="text",
+            cond_spec={"y": CondSpec((1, length, width)), "mask": CondSpec((length,), "mask", required=False)},
+            prediction_type="epsilon",
+            default_scheduler=STDIT_SCHEDULER,
+            feature_site=stdit.stdit_feature_site(backbone),
+            feature_layout="b (f s) c",
+            layer_kinds=stdit.stdit_layer_kind,
+            token_layouts=stdit.STDIT_TOKEN_LAYOUTS,
+            tokens_per_frame=backbone.tokens_per_frame,
+            default_keep_fp=stdit.STDIT_KEEP_FP,
+            default_bit_map=stdit.STDIT_MLP_W8A8_BIT_MAP,
+            cfg_channels=3,
+        )
+
+    def call_backbone(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.backbone(x_t, t, cond["y"], cond.get("mask"))
+
+    def null_cond(self, cond: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The `y_embedding` null caption; the null branch keeps each prompt's mask (§6)."""
+        y = cond["y"]
+        null = self.backbone.y_embedder.y_embedding.to(y)
+        out = {"y": null.expand(y.shape[0], 1, *null.shape).clone()}
+        if "mask" in cond:
+            out["mask"] = cond["mask"]
+        return out
+
+
+def _stdit_denoiser(model: stdit.STDiT, ckpt_path: str | Path | None) -> STDiTDenoiser:
+    if ckpt_path is not None:
+        if not Path(ckpt_path).is_file():
+            raise ValueError(f"STDiT checkpoint {str(ckpt_path)!r} does not exist")
+        stdit.load_official_checkpoint(model, str(ckpt_path))
+    return STDiTDenoiser(model)
+
+
+@register("opensora-stdit-xl/2")
+def _build_stdit_xl(
+    ckpt_path: str | Path | None = None, config: Mapping[str, Any] | None = None, **kwargs: Any
+) -> STDiTDenoiser:
+    """STDiT-XL/2 16x512x512 (random weights unless `ckpt_path` is the official .pth); `config` and
+    keyword arguments go to the STDiT constructor."""
+    return _stdit_denoiser(stdit.STDiT_XL_2(**{**(config or {}), **kwargs}), ckpt_path)
+
+
+@register("tiny-stdit")
+def _build_tiny_stdit(
+    ckpt_path: str | Path | None = None, config: Mapping[str, Any] | None = None, **kwargs: Any
+) -> STDiTDenoiser:
+    """A two-block STDiT for CPU tests; `config` and keyword arguments override its constructor arguments."""
+    return _stdit_denoiser(stdit.tiny_stdit(**{**(config or {}), **kwargs}), ckpt_path)

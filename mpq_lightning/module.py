@@ -1,0 +1,393 @@
+"""QATModule: the fake-quantized student and the frozen FP teacher in one LightningModule.
+
+    batch (x_t, t, step_index, cond[, teacher_output])
+      ├─ teacher (frozen, eval, no grad) ─► ε_fp, feature_fp
+      └─ student (quantize_model(copy))  ─► ε_q,  feature_q
+    loss = mse(ε_q, ε_fp) + TRD(feature) + MTRD(feature, queue) + TMD(ε)     (each switchable)
+
+Checkpoints hold only what training changes (LoRA, quantizer state, TQE, residual scales, ...):
+the teacher and the student's frozen FP weights are stripped on save and refilled from the
+teacher weights on load, so a checkpoint is a small fraction of the model.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from .losses import MemoryRelationLoss, TimeSmoothedRelationLoss, output_mse, tmd_loss
+from .quant import QuantConfig, calibrate, quantize_model, set_quant_state
+from .quant.layers import QuantLayer
+
+# ---------------------------------------------------------------------------------------------
+# Configuration (typed dataclasses: the YAML schema, see configs/)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LossConfig:
+    """Which distillation terms are on and their weights (mpqdm.md §2.5, §3.8, §4.3; qvdit.md §5)."""
+
+    mse_weight: float = 1.0
+    mse_reduction: str = "sum"  # EfficientDM / MPQ-DM use a sum-reduced ε-MSE
+    trd: bool = False  # MPQ-DM time-smoothed relation distillation on the feature site
+    trd_weight: float = 100.0
+    trd_window: int = 1  # > 1 needs an ordered step stream (on-the-fly trajectories)
+    trd_tau: float = 1.0
+    trd_detach_student: bool = False  # True reproduces the release (no gradient)
+    trd_chunk_size: int | None = None
+    trd_anchors: int | None = None
+    mtrd: bool = False  # MPQ-DMv2 memory-based relation distillation (needs the MemoryQueue callback)
+    mtrd_weight: float = 0.1
+    mtrd_tau_c: float = 0.1
+    mtrd_tau_kd: float = 1.0
+    mtrd_anchors: int | None = 1024
+    mtrd_memory_samples: int = 1024
+    mtrd_sampling: str = "time_wise"
+    mtrd_pixels_per_step: int = 64
+    tmd: bool = False  # Q-VDiT temporal maintenance distillation on the output (video only)
+    tmd_weight: float = 1.0
+    tmd_tau: float = 1.0
+    tmd_legacy_reshape: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mse_reduction not in ("sum", "mean"):
+            raise ValueError(f"loss.mse_reduction must be 'sum' or 'mean', got {self.mse_reduction!r}")
+        if self.trd_window < 1:
+            raise ValueError(f"loss.trd_window must be >= 1, got {self.trd_window}")
+        if self.mtrd_sampling not in ("time_wise", "uniform"):
+            raise ValueError(f"loss.mtrd_sampling must be 'time_wise' or 'uniform', got {self.mtrd_sampling!r}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW parameter groups as the recipes need them (EfficientDM §2.6, Q-VDiT §6.3)."""
+
+    lora_lr: float | None = None  # None: scale-aware per layer, mean(Δ_w) / lora_lr_div (EfficientDM)
+    lora_lr_div: float = 2500.0
+    w_scale_lr: float = 1e-6
+    a_scale_lr: float = 5e-4
+    tqe_lr: float = 1e-5
+    residual_lr: float = 1e-6
+    other_lr: float = 1e-5
+    weight_decay: float = 0.01
+    schedule: str = "linear"  # linear decay to 0 | cosine | constant
+    warmup_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("linear", "cosine", "constant"):
+            raise ValueError(f"optim.schedule must be 'linear', 'cosine' or 'constant', got {self.schedule!r}")
+
+
+@dataclass
+class CalibConfig:
+    """Quantizer initialisation from the first batches of the training stream (once, in setup)."""
+
+    num_batches: int = 4
+    smooth_momentum: float | None = None
+    train_act_quant: bool = True  # EfficientDM trains with activation quantization; Q-VDiT does not
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def state_hash(module: nn.Module) -> str:
+    """Short sha256 over a module's state (names, shapes and bytes): the teacher's identity."""
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(str(tuple(v.shape)).encode())
+        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+class _FeatureHook:
+    """Keeps the output of one module (the relation-loss feature site)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.value: Tensor | None = None
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output) -> None:
+        self.value = output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
+
+
+# ---------------------------------------------------------------------------------------------
+# The module
+# ---------------------------------------------------------------------------------------------
+
+
+class QATModule(L.LightningModule):
+    """Quantization-aware distillation of a diffusion backbone.
+
+    Args:
+        model: registry name (``mpq_lightning.models.list_models()``), e.g. ``tiny-stdit``.
+        model_kwargs: keyword arguments of the registry builder (``ckpt_path``, ``path``, ``config``).
+        quant: what to quantize and how (``QuantConfig``); ``quant.keep_fp`` / ``quant.bit_map``
+            default to the backbone's paper defaults when ``use_model_defaults``.
+        use_model_defaults: add the backbone's default keep-FP list and bit map to ``quant``.
+        loss, optim, calib: see the dataclasses above.
+    """
+
+    def __init__(
+        self,
+        model: str = "tiny-stdit",
+        model_kwargs: dict[str, Any] | None = None,
+        quant: QuantConfig = QuantConfig(w_bits=3, a_bits=6, lora_rank=4),
+        use_model_defaults: bool = True,
+        loss: LossConfig = LossConfig(),
+        optim: OptimConfig = OptimConfig(),
+        calib: CalibConfig = CalibConfig(),
+    ) -> None:
+        super().__init__()
+        from .models import build
+
+        self.save_hyperparameters()
+        self.model_name, self.loss_cfg, self.optim_cfg, self.calib_cfg = model, loss, optim, calib
+        teacher = build(model, **(model_kwargs or {}))
+        if use_model_defaults:
+            quant = copy.deepcopy(quant)
+            quant.keep_fp = list(dict.fromkeys(list(teacher.default_keep_fp) + list(quant.keep_fp)))
+            quant.bit_map = {**teacher.default_bit_map, **quant.bit_map}
+        self.quant_cfg = quant
+        self.teacher_hash = state_hash(teacher)
+        self.teacher = teacher.eval().requires_grad_(False)
+        student = copy.deepcopy(teacher)
+        quantize_model(student.backbone, quant, layer_info=self._layer_info_fn(teacher))
+        self.student = student
+        self._fp_keys = {f"student.{k}" for k in teacher.state_dict()}
+        self._feat_t = _FeatureHook(self.teacher.backbone.get_submodule(teacher.feature_site))
+        self._feat_s = _FeatureHook(self.student.backbone.get_submodule(teacher.feature_site))
+        self.feature_channel_dim = 1 if teacher.feature_layout.split()[1] == "c" else -1
+        self.trd = (
+            TimeSmoothedRelationLoss(
+                window=loss.trd_window, tau=loss.trd_tau, weight=loss.trd_weight, detach_student=loss.trd_detach_student,
+                chunk_size=loss.trd_chunk_size, anchors=loss.trd_anchors, channel_dim=self.feature_channel_dim, seed=0,
+            )
+            if loss.trd else None
+        )
+        self.mtrd = (
+            MemoryRelationLoss(
+                tau_c=loss.mtrd_tau_c, tau_kd=loss.mtrd_tau_kd, weight=loss.mtrd_weight, anchors=loss.mtrd_anchors,
+                memory_samples=loss.mtrd_memory_samples, sampling=loss.mtrd_sampling,
+                channel_dim=self.feature_channel_dim, seed=0,
+            )
+            if loss.mtrd else None
+        )
+        if loss.tmd and not teacher.is_video:
+            raise ValueError(f"loss.tmd needs a video backbone; {model!r} is an image model")
+        self._calibrated = False
+
+    @staticmethod
+    def _layer_info_fn(denoiser):
+        """What TQE needs to know of a layer: its kind and the token layout of its input."""
+
+        def info(name: str) -> dict:
+            kind = denoiser.layer_kind(name)
+            out = {"kind": kind}
+            if denoiser.token_layouts.get(kind):
+                out["token_layout"] = denoiser.token_layouts[kind]
+            if denoiser.num_frames:
+                out["num_frames"] = denoiser.num_frames
+            return out
+
+        return info
+
+    # -- Lightning plumbing --------------------------------------------------------------------
+    def configure_callbacks(self):
+        if self.mtrd is None:
+            return []
+        from .callbacks.memory_queue import MemoryQueue
+
+        return [MemoryQueue(num_steps=self.quant_cfg.num_steps, pixels_per_step=self.loss_cfg.mtrd_pixels_per_step)]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # the teacher stays in eval mode whatever Lightning does
+        return self
+
+    def on_fit_start(self) -> None:
+        """Calibrate once, on the device, after any checkpoint restore (a restore marks the module
+        calibrated, so resuming never re-initialises quantizers). Under DDP every rank calibrates on
+        its own shard, then rank 0's state is broadcast so all ranks start identical."""
+        if self._calibrated:
+            return
+        self.calibrate_from(self.trainer.datamodule)
+        if self.trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            for tensor in self.student.state_dict().values():
+                torch.distributed.broadcast(tensor, src=0)
+
+    @torch.no_grad()
+    def calibrate_from(self, datamodule) -> None:
+        """Initialise every quantizer on the first ``calib.num_batches`` batches of the data."""
+        from lightning.fabric.utilities.apply_func import move_data_to_device
+
+        if datamodule is None:
+            raise ValueError("QATModule needs a data module for calibration (trainer.fit(model, datamodule=...))")
+        loader = datamodule.calibration_dataloader() if hasattr(datamodule, "calibration_dataloader") else datamodule.train_dataloader()
+        batches = []
+        for i, batch in enumerate(loader):
+            if i >= self.calib_cfg.num_batches:
+                break
+            batches.append(move_data_to_device(batch, self.device))
+        if not batches:
+            raise ValueError("calibration: the data module yielded no batch")
+
+        def run(student_backbone: nn.Module) -> None:
+            for b in batches:
+                self.student(b["x_t"], b["t"], b.get("cond"), b["step_index"])
+
+        calibrate(self.student.backbone, run, act_quant=self.calib_cfg.train_act_quant,
+                  smooth_momentum=self.calib_cfg.smooth_momentum)
+        self._calibrated = True
+
+    # -- training ------------------------------------------------------------------------------
+    def _student_teacher(self, batch: dict) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        x_t, t, step, cond = batch["x_t"], batch["t"], batch["step_index"], batch.get("cond")
+        need_teacher_forward = "teacher_output" not in batch or self.trd is not None or self.mtrd is not None
+        with torch.no_grad():
+            out_t = self.teacher(x_t, t, cond, step) if need_teacher_forward else batch["teacher_output"]
+        f_t = self._feat_t.value
+        out_s = self.student(x_t, t, cond, step)
+        return out_s, out_t, self._feat_s.value, f_t
+
+    def compute_losses(self, batch: dict) -> dict[str, Tensor]:
+        out_s, out_t, f_s, f_t = self._student_teacher(batch)
+        cfg = self.loss_cfg
+        losses = {"mse": cfg.mse_weight * output_mse(out_s.float(), out_t.float(), reduction=cfg.mse_reduction)}
+        if self.trd is not None:
+            losses["trd"] = self.trd(f_s.float(), f_t.float())
+        if self.mtrd is not None:
+            losses["mtrd"] = self.mtrd(f_s.float(), f_t.float(), self.memory_queue)
+            steps = batch["step_index"].tolist()
+            for i, step in enumerate(steps):  # same count on every rank: it is a collective under DDP
+                self.memory_queue_callback.enqueue_and_sync(f_t[i : i + 1].float(), int(step), channel_dim=self.feature_channel_dim)
+        if cfg.tmd:
+            losses["tmd"] = tmd_loss(out_s.float(), out_t.float(), self.teacher.num_frames, layout="b c f h w",
+                                     tau=cfg.tmd_tau, legacy_reshape=cfg.tmd_legacy_reshape, weight=cfg.tmd_weight)
+        self._last = {"out_s": out_s.detach(), "out_t": out_t.detach(), "step_index": batch["step_index"]}
+        return losses
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        losses = self.compute_losses(batch)
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite loss {loss.item()} at global step {self.global_step} "
+                f"(terms: { {k: float(v) for k, v in losses.items()} }); the last good checkpoint is kept"
+            )
+        bs = batch["x_t"].shape[0]
+        for k, v in losses.items():
+            self.log(f"train/{k}", v, batch_size=bs)
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        losses = self.compute_losses(batch)
+        bs = batch["x_t"].shape[0]
+        self.log("val/loss", sum(losses.values()), batch_size=bs, sync_dist=True)
+
+    # -- optimisation --------------------------------------------------------------------------
+    def param_groups(self) -> list[dict]:
+        """AdamW groups: per-layer scale-aware LoRA lr, weight steps, activation tables, TQE, residuals."""
+        cfg = self.optim_cfg
+        groups: dict[str, dict] = {}
+        seen: set[int] = set()
+
+        def add(key: str, p: nn.Parameter, lr: float) -> None:
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                groups.setdefault(key, {"params": [], "lr": lr, "name": key})["params"].append(p)
+
+        for name, layer in self.student.backbone.named_modules():
+            if not isinstance(layer, QuantLayer):
+                continue
+            if layer.lora is not None:
+                if cfg.lora_lr is None:
+                    scales = [p for n, p in layer.weight_quantizer.named_parameters() if "scale" in n and "residual" not in n] if layer.weight_quantizer is not None else []
+                    mean_step = float(torch.cat([s.detach().float().flatten() for s in scales]).abs().mean()) if scales else 1e-3
+                    lr = mean_step / cfg.lora_lr_div
+                    for p in layer.lora.parameters():
+                        add(f"lora:{name}", p, lr)
+                else:
+                    for p in layer.lora.parameters():
+                        add("lora", p, cfg.lora_lr)
+            for pname, p in layer.named_parameters():
+                if pname.startswith("lora."):
+                    continue
+                if "act_quantizer" in pname:
+                    add("act_quantizer", p, cfg.a_scale_lr)
+                elif "residual" in pname or "alpha" in pname.split(".")[-1]:
+                    add("residual", p, cfg.residual_lr)
+                elif "weight_quantizer" in pname:
+                    add("weight_quantizer", p, cfg.w_scale_lr)
+                elif "corrections" in pname or "tqe" in pname:
+                    add("tqe", p, cfg.tqe_lr)
+        for p in self.student.parameters():
+            add("other", p, cfg.other_lr)
+        return list(groups.values())
+
+    def configure_optimizers(self):
+        cfg = self.optim_cfg
+        opt = torch.optim.AdamW(self.param_groups(), weight_decay=cfg.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if self.trainer is not None else 1
+
+        def factor(step: int) -> float:
+            if step < cfg.warmup_steps:
+                return (step + 1) / cfg.warmup_steps
+            progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+            if cfg.schedule == "linear":
+                return 1.0 - progress
+            if cfg.schedule == "cosine":
+                return 0.5 * (1 + math.cos(math.pi * progress))
+            return 1.0
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _identity(self) -> dict:
+        return {"model": self.model_name, "teacher_hash": self.teacher_hash, "quant": asdict(self.quant_cfg)}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        sd = checkpoint["state_dict"]
+        for k in [k for k in sd if k.startswith("teacher.") or k in self._fp_keys]:
+            del sd[k]
+        checkpoint["mpq_identity"] = self._identity()
+        checkpoint["mpq_rng"] = {
+            "trd": self.trd.generator.get_state() if self.trd is not None and getattr(self.trd, "generator", None) is not None else None,
+            "mtrd": self.mtrd.generator.get_state() if self.mtrd is not None and self.mtrd.generator is not None else None,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("mpq_identity")
+        if saved is None:
+            raise ValueError("checkpoint has no 'mpq_identity': it was not written by QATModule")
+        mine = self._identity()
+        diff = [k for k in ("model", "teacher_hash") if saved.get(k) != mine[k]]
+        diff += [f"quant.{k}" for k in mine["quant"] if saved["quant"].get(k) != mine["quant"][k]]
+        if diff:
+            details = "; ".join(
+                f"{k}: checkpoint {saved.get(k) if not k.startswith('quant.') else saved['quant'].get(k[6:])!r} "
+                f"vs config {mine.get(k) if not k.startswith('quant.') else mine['quant'][k[6:]]!r}"
+                for k in diff
+            )
+            raise ValueError(f"checkpoint does not match this run's model / quantization setting ({details})")
+        sd = checkpoint["state_dict"]
+        for k, v in self.state_dict().items():  # teacher and frozen FP weights come from the teacher
+            if k not in sd and (k.startswith("teacher.") or k in self._fp_keys):
+                sd[k] = v
+        rng = checkpoint.get("mpq_rng", {})
+        for key, loss in (("trd", self.trd), ("mtrd", self.mtrd)):
+            state = rng.get(key)
+            if state is not None and loss is not None and getattr(loss, "generator", None) is not None:
+                loss.generator.set_state(state)
+        self._calibrated = True

@@ -1,0 +1,263 @@
+"""Tests for the MPQ-DMv2 time-aware pixel queue and its Lightning callback (CPU only).
+
+Spec: papers_extra.md §1.1 (one slot per timestep, refreshing gate, time-wise sampling).
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from mpq_lightning.callbacks import MemoryQueue
+from mpq_lightning.losses import TimeAwarePixelQueue
+
+# ==================================================================================================
+# Helpers
+# ==================================================================================================
+
+
+def _ids(n: int, c: int = 4, start: int = 0) -> torch.Tensor:
+    """``[n, c]`` rows that are distinguishable after L2 normalisation (one-hot-ish + id)."""
+    x = torch.zeros(n, c)
+    x[:, 0] = 1.0
+    x[:, 1] = torch.arange(start, start + n, dtype=torch.float32)
+    return x
+
+
+def _row_id(v: torch.Tensor) -> torch.Tensor:
+    return torch.round(v[..., 1] / v[..., 0])
+
+
+# ==================================================================================================
+# Single-process behaviour
+# ==================================================================================================
+
+
+def test_step_tags_and_normalisation():
+    q = TimeAwarePixelQueue(num_steps=5, pixels_per_step=6)
+    assert q.dim is None and len(q) == 0
+    g = torch.Generator().manual_seed(0)
+    q.enqueue(torch.randn(2, 3, 4, 4), step_index=3, generator=g)
+    q.enqueue(torch.randn(2, 3, 4, 4), step_index=0, generator=g, num=4)
+    assert q.dim == 3
+    assert q.slot_counts().tolist() == [4, 0, 0, 6, 0]
+    assert torch.equal(q.step_tags[q.valid], torch.tensor([0] * 4 + [3] * 6))
+    assert (q.step_tags[~q.valid] == -1).all()
+    torch.testing.assert_close(q.feats[q.valid].norm(dim=-1), torch.ones(10))
+    vec, tags = q.sample(100, mode="uniform", generator=g)
+    assert vec.shape == (10, 3) and sorted(tags.tolist()) == [0] * 4 + [3] * 6
+    for v, s in zip(vec, tags):  # every returned vector really lives in the slot named by its tag
+        assert (q.feats[s][q.valid[s]] == v).all(dim=-1).any()
+
+
+def test_refresh_gate_replaces_slot():
+    q = TimeAwarePixelQueue(num_steps=3, pixels_per_step=4, refresh="replace")
+    q.enqueue(_ids(4, start=0), 1, channel_dim=-1)
+    q.enqueue(_ids(4, start=100), 2, channel_dim=-1)
+    q.enqueue(_ids(2, start=10), 1, channel_dim=-1)  # step 1 comes again → slot 1 refreshed
+    assert q.valid[1].tolist() == [True, True, False, False]
+    assert _row_id(q.feats[1, :2]).tolist() == [10, 11]
+    assert _row_id(q.feats[2]).tolist() == [100, 101, 102, 103]  # other slot untouched
+    assert q.refresh_count.tolist() == [0, 2, 1]
+    assert q.write_order[1, :2].tolist() == [8, 9] and q.num_writes.item() == 10
+
+
+def test_fifo_replaces_oldest_first():
+    q = TimeAwarePixelQueue(num_steps=2, pixels_per_step=4, refresh="fifo")
+    for k in range(3):  # writes ids 0,1 | 2,3 | 4,5 into the same 4-entry ring
+        q.enqueue(_ids(2, start=2 * k), 0, channel_dim=-1)
+    assert q.valid[0].all()
+    assert _row_id(q.feats[0]).tolist() == [4, 5, 2, 3]  # 0,1 (oldest) overwritten
+    assert q.write_order[0].tolist() == [4, 5, 2, 3]
+    q.enqueue(_ids(1, start=6), 0, channel_dim=-1)  # next oldest (id 2) goes
+    assert _row_id(q.feats[0]).tolist() == [4, 5, 6, 3]
+    assert q.ptr[0].item() == 3
+    # more than P vectors at once: only the newest P survive
+    q.enqueue(_ids(6, start=20), 1, channel_dim=-1, num=6)
+    assert sorted(_row_id(q.feats[1]).tolist()) == [22, 23, 24, 25]
+
+
+def test_time_wise_and_uniform_sampling():
+    q = TimeAwarePixelQueue(num_steps=4, pixels_per_step=8, dim=3)
+    g = torch.Generator().manual_seed(0)
+    for s, n in ((0, 8), (1, 8), (3, 2)):
+        q.enqueue(torch.randn(1, 3, 4, 4), s, generator=g, num=n)
+    _, tags = q.sample(12, mode="time_wise", generator=g)
+    assert torch.bincount(tags, minlength=4).tolist() == [4, 4, 0, 2]  # slot 3 only holds 2
+    _, tags = q.sample(7, mode="time_wise", generator=g)
+    counts = torch.bincount(tags, minlength=4).tolist()
+    assert sum(counts) == 7 and all(c in (2, 3) for c in counts[:2] + counts[3:]) and counts[2] == 0
+    vec, tags = q.sample(30, mode="uniform", generator=g)
+    assert vec.shape == (18, 3)
+    _, tags = q.sample(5, mode="time_wise", generator=g, steps=[1])
+    assert tags.tolist() == [1] * 5
+    with pytest.raises(ValueError, match="mode"):
+        q.sample(3, mode="bogus")
+
+
+def test_state_dict_round_trip_gives_identical_samples():
+    q = TimeAwarePixelQueue(num_steps=4, pixels_per_step=5, refresh="fifo")
+    g = torch.Generator().manual_seed(1)
+    for s in (3, 2, 3, 0):
+        q.enqueue(torch.randn(2, 6, 3, 3), s, generator=g, num=3)
+    buf = io.BytesIO()
+    torch.save(q.state_dict(), buf)
+    buf.seek(0)
+    fresh = TimeAwarePixelQueue(num_steps=4, pixels_per_step=5, refresh="fifo")  # lazy dim
+    fresh.load_state_dict(torch.load(buf, weights_only=False))
+    for name, b in q.named_buffers():
+        assert torch.equal(b, getattr(fresh, name)), name
+    for mode in ("time_wise", "uniform"):
+        a = q.sample(7, mode=mode, generator=torch.Generator().manual_seed(42))
+        b = fresh.sample(7, mode=mode, generator=torch.Generator().manual_seed(42))
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    with pytest.raises(ValueError, match="num_steps"):
+        TimeAwarePixelQueue(num_steps=3, pixels_per_step=5).load_state_dict(q.state_dict())
+
+
+def test_validation_errors_name_shapes():
+    q = TimeAwarePixelQueue(num_steps=2, pixels_per_step=4, dim=3)
+    with pytest.raises(ValueError, match=r"\(1, 5, 2, 2\)"):
+        q.enqueue(torch.randn(1, 5, 2, 2), 0)
+    with pytest.raises(ValueError, match="step_index"):
+        q.enqueue(torch.randn(1, 3, 2, 2), 2)
+
+
+def test_all_gather_without_distributed_is_local_write():
+    q = TimeAwarePixelQueue(num_steps=2, pixels_per_step=4)
+    v = F.normalize(torch.randn(3, 5), dim=-1)
+    out = q.all_gather_(v, 1)
+    assert torch.equal(out, v) and torch.equal(q.feats[1, :3], v)
+
+
+# ==================================================================================================
+# Two-process gloo test
+# ==================================================================================================
+
+
+def _gloo_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(100 + rank)
+        q = TimeAwarePixelQueue(num_steps=3, pixels_per_step=8, refresh="replace")
+        g = torch.Generator().manual_seed(rank)
+        last = None
+        for step in (2, 1, 0, 2):
+            feats = torch.randn(2, 4, 3, 3)  # different on each rank
+            last = q.select_pixels(feats, num=3 + rank, generator=g)  # ranks contribute 3 and 4 vectors
+            q.all_gather_(last, step)
+        torch.save({"state": q.state_dict(), "last": last}, Path(out_dir) / f"queue{rank}.pt")
+
+        cb = MemoryQueue(num_steps=3, pixels_per_step=8, refresh="fifo", seed=0)  # no trainer: torch.distributed
+        for step in (0, 0, 1):
+            cb.enqueue_and_sync(torch.randn(2, 4, 3, 3), step)
+        torch.save(cb.queue.state_dict(), Path(out_dir) / f"cb{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_two_process_gloo_all_gather_keeps_queues_identical(tmp_path):
+    mp.spawn(_gloo_worker, args=(2, str(tmp_path / "dist_init"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"queue{r}.pt", weights_only=False) for r in (0, 1))
+    for k, v in r0["state"].items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, r1["state"][k]), k
+    feats, valid = r0["state"]["feats"], r0["state"]["valid"]
+    assert valid[2].sum() == 7  # slot 2 refreshed by the last step: rank 0's 3 then rank 1's 4 vectors
+    assert torch.equal(feats[2, :3], r0["last"]) and torch.equal(feats[2, 3:7], r1["last"])
+    assert not torch.equal(r0["last"][:3], r1["last"][:3])
+    c0, c1 = (torch.load(tmp_path / f"cb{r}.pt", weights_only=False) for r in (0, 1))
+    for k, v in c0.items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, c1[k]), k
+    # each call writes 8 // 2 = 4 vectors per rank, 8 in all; slot 0's second write overwrote the first
+    assert c0["valid"].sum(dim=1).tolist() == [8, 8, 0]
+    assert sorted(c0["write_order"][0].tolist()) == list(range(8, 16))
+
+
+# ==================================================================================================
+# Lightning callback
+# ==================================================================================================
+
+
+def test_memory_queue_callback_state_round_trip_and_attach():
+    import lightning.pytorch as pl
+
+    class Tiny(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 2)
+
+    cb = MemoryQueue(num_steps=4, pixels_per_step=6, seed=3)
+    module = Tiny()
+    cb.setup(None, module, "fit")
+    assert module.memory_queue is cb.queue and module.memory_queue_callback is cb
+    assert all(not n.startswith("memory_queue") for n, _ in module.named_modules())
+    assert not any(k.startswith("memory_queue") for k in module.state_dict())
+    for s in (3, 1, 3):
+        cb.enqueue_and_sync(torch.randn(2, 5, 3, 3), s)
+
+    state = cb.state_dict()
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    restored = MemoryQueue(num_steps=4, pixels_per_step=6, seed=99)
+    restored.load_state_dict(torch.load(buf, weights_only=False))
+    for name, b in cb.queue.named_buffers():
+        assert torch.equal(b, getattr(restored.queue, name)), name
+    a, b = cb.sample(8), restored.sample(8)  # generator state restored too
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    # next enqueue draws the same pixels
+    f = torch.randn(2, 5, 3, 3)
+    assert torch.equal(cb.enqueue_and_sync(f, 0), restored.enqueue_and_sync(f, 0))
+    assert cb.state_key == restored.state_key == "MemoryQueue{'attr_name': 'memory_queue'}"
+
+
+@pytest.mark.filterwarnings("ignore:.*LeafSpec.*")
+@pytest.mark.filterwarnings("ignore:.*dataloader is not resumable.*")
+def test_memory_queue_callback_through_trainer_checkpoint(tmp_path):
+    """The queue is filled from ``training_step``, saved in the Lightning checkpoint and restored on resume."""
+    import lightning.pytorch as pl
+
+    from mpq_lightning.losses import MemoryRelationLoss
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Conv2d(3, 4, 1)
+            self.mtrd = MemoryRelationLoss(anchors=8, memory_samples=16, seed=0)
+
+        def training_step(self, batch, batch_idx):
+            f_s = self.proj(batch[0])
+            f_t = f_s.detach() + 0.1
+            loss = self.mtrd(f_s, f_t, self.memory_queue) + f_s.pow(2).mean()
+            self.memory_queue_callback.enqueue_and_sync(f_t, step_index=batch_idx % 3)
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        def train_dataloader(self):
+            data = torch.utils.data.TensorDataset(torch.randn(8, 3, 4, 4))
+            return torch.utils.data.DataLoader(data, batch_size=1)
+
+    kw = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+              accelerator="cpu", devices=1)
+    cb = MemoryQueue(num_steps=3, pixels_per_step=6)
+    trainer = pl.Trainer(max_steps=4, callbacks=[cb], **kw)
+    trainer.fit(Module())
+    assert cb.queue.slot_counts().tolist() == [6, 6, 6] and cb.queue.num_writes.item() == 24
+    ckpt = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(ckpt)
+    assert cb.state_key in torch.load(ckpt, weights_only=False)["callbacks"]
+
+    cb2 = MemoryQueue(num_steps=3, pixels_per_step=6)
+    pl.Trainer(max_steps=5, callbacks=[cb2], **kw).fit(Module(), ckpt_path=ckpt)
+    assert cb2.queue.num_writes.item() == 30  # 24 restored + one more step
