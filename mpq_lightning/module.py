@@ -162,7 +162,7 @@ class QATModule(L.LightningModule):
         self.teacher = teacher.eval().requires_grad_(False)
         student = copy.deepcopy(teacher)
         quantize_model(student.backbone, quant, layer_info=self._layer_info_fn(teacher))
-        self.student = student
+        self.student = student.eval()
         self._fp_keys = {f"student.{k}" for k in teacher.state_dict()}
         self._feat_t = _FeatureHook(self.teacher.backbone.get_submodule(teacher.feature_site))
         self._feat_s = _FeatureHook(self.student.backbone.get_submodule(teacher.feature_site))
@@ -210,8 +210,12 @@ class QATModule(L.LightningModule):
         return [MemoryQueue(num_steps=self.quant_cfg.num_steps, pixels_per_step=self.loss_cfg.mtrd_pixels_per_step)]
 
     def train(self, mode: bool = True):
+        """Teacher and student backbones always run in eval mode: distillation compares them on the
+        same inputs, so training-only behaviour (dropout, OpenSora's caption dropout) stays off.
+        What trains is the quantizer state and adapters, which have no train/eval difference."""
         super().train(mode)
-        self.teacher.eval()  # the teacher stays in eval mode whatever Lightning does
+        self.teacher.eval()
+        self.student.eval()
         return self
 
     def on_fit_start(self) -> None:

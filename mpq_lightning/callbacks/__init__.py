@@ -1,5 +1,7 @@
 """Lightning callbacks."""
 
 from mpq_lightning.callbacks.memory_queue import MemoryQueue
+from mpq_lightning.callbacks.samples import SampleLogger
+from mpq_lightning.callbacks.timestep_error import PerTimestepError
 
-__all__ = ["MemoryQueue"]
+__all__ = ["MemoryQueue", "PerTimestepError", "SampleLogger"]

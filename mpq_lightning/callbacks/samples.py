@@ -1,0 +1,395 @@
+"""Lightning callback: side-by-side teacher / student samples in TensorBoard.
+
+Every ``every_n_steps`` optimizer steps (and at the end of training unless ``at_train_end=False``), on
+global rank zero only, :class:`SampleLogger` draws ``num_samples`` latents with the FP teacher and the
+quantized student from the *same* noise (fixed ``seed``) with the same sampler, and logs
+
+* image models: ``{prefix}/teacher_student`` — a grid, teacher row on top, student row below;
+* video models: ``{prefix}/video`` — one clip whose frames are that two-row grid (``add_video`` when
+  ``moviepy<2`` is installed, else a GIF encoded with Pillow), and ``{prefix}/frames`` — every frame as
+  a still grid (rows: teacher samples then student samples; columns: frames);
+* ``{prefix}/mse`` — the mean squared difference between the two final latents.
+
+Latents are shown as they are (1 or 3 channels directly, else the first 3 channels, 2 channels as the
+first one in grey) with [-1, 1] mapped to [0, 1] and clamped. No VAE decoding.
+
+Sampler: the teacher's ``default_scheduler`` unless ``scheduler`` (a name for ``make_scheduler`` plus
+``scheduler_config``) is given. Steps: ``num_inference_steps``, else ``pl_module.quant_cfg.num_steps``
+when it is > 1 (the student's timestep-wise quantizers have one entry per trained step index), else the
+scheduler default. A student trained with a single shared step entry (``num_steps == 1``) gets step index
+0 at every sampling step; any other mismatch maps the indices proportionally (with a warning).
+
+Conditions: ``cond_kind == "class"``: labels ``class_labels`` or 0..n-1 (modulo the number of classes when
+the backbone says); ``"text"``: ``trainer.datamodule.sample_conditions(n)`` → a dict of batched tensors, or a
+``(cond, uncond)`` pair (text models without it are skipped, with one warning); ``"none"``: nothing.
+``guidance_scale`` (``None``: the scheduler spec's) uses ``denoiser.null_cond`` as the unconditional branch
+unless the data module gave one; without either, sampling falls back to scale 1 (one warning).
+
+Sampling runs under ``torch.no_grad()``, with the models in eval mode (train mode restored after), the
+student's quantizers in their training state (weights + activations as ``calib.train_act_quant``),
+the trainer's precision context, and forked RNG state (training randomness is unaffected).
+
+YAML (LightningCLI)::
+
+    trainer:
+      callbacks:
+        - class_path: mpq_lightning.callbacks.SampleLogger
+          init_args: {every_n_steps: 200, num_samples: 4, num_inference_steps: 20}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+from typing import Any
+
+import torch
+from einops import rearrange
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+__all__ = ["SampleLogger", "latents_to_images", "make_grid"]
+
+
+# -------------------------------------------------------------------------------------------------
+# Image helpers (torchvision-free)
+# -------------------------------------------------------------------------------------------------
+
+
+def latents_to_images(x: Tensor) -> Tensor:
+    """Latents [B, C, ...] → displayable float [B, 1 or 3, ...] in [0, 1]: 1/3 channels kept, 2 → the first,
+    more → the first 3; [-1, 1] → [0, 1] with clamping."""
+    c = x.shape[1]
+    x = x[:, :1] if c == 2 else x[:, :3]
+    return ((x.detach().float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def make_grid(images: Tensor, pad: int = 2, value: float = 1.0) -> Tensor:
+    """Rows × columns of images [R, N, C, H, W] → one image [C, R·(H+2p), N·(W+2p)] (``value`` borders)."""
+    if images.ndim != 5:
+        raise ValueError(f"make_grid expects [rows, cols, C, H, W], got {tuple(images.shape)}")
+    if pad:
+        images = torch.nn.functional.pad(images, (pad, pad, pad, pad), value=value)
+    return rearrange(images, "r n c h w -> c (r h) (n w)")
+
+
+def _to_uint8(x: Tensor) -> Tensor:
+    return (x.float().clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def _gif_summary(tag: str, frames: Tensor, fps: int):
+    """A TensorBoard image summary holding an animated GIF of frames [T, C, H, W] in [0, 1] (Pillow)."""
+    from PIL import Image
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    arr = _to_uint8(frames).permute(0, 2, 3, 1).cpu().numpy()  # T H W C
+    t, h, w, c = arr.shape
+    pics = [Image.fromarray(a[..., 0] if c == 1 else a, mode="L" if c == 1 else "RGB") for a in arr]
+    buf = io.BytesIO()
+    pics[0].save(buf, format="GIF", save_all=True, append_images=pics[1:], duration=max(1, round(1000 / fps)), loop=0)
+    image = Summary.Image(height=h, width=w, colorspace=c, encoded_image_string=buf.getvalue())
+    return Summary(value=[Summary.Value(tag=tag, image=image)])
+
+
+def _has_moviepy_editor() -> bool:
+    """``SummaryWriter.add_video`` needs ``moviepy.editor`` (moviepy < 2); otherwise it logs nothing useful."""
+    try:
+        return importlib.util.find_spec("moviepy") is not None and importlib.util.find_spec("moviepy.editor") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+class _StepIndexMap:
+    """A denoiser whose ``step_index`` argument is remapped (sampling steps → trained quantizer entries)."""
+
+    def __init__(self, denoiser, num_sample_steps: int, num_table_steps: int) -> None:
+        self._denoiser = denoiser
+        self._s, self._n = num_sample_steps, num_table_steps
+
+    def __getattr__(self, name: str):
+        return getattr(self._denoiser, name)
+
+    def _map(self, step_index):
+        if step_index is None or self._s == self._n:
+            return step_index
+        idx = torch.as_tensor(step_index, dtype=torch.long)
+        if self._n == 1:
+            return torch.zeros_like(idx)
+        return torch.round(idx.double() * (self._n - 1) / max(self._s - 1, 1)).long().clamp_(0, self._n - 1)
+
+    def __call__(self, x_t, t, cond=None, step_index=None):
+        return self._denoiser(x_t, t, cond, self._map(step_index))
+
+
+# -------------------------------------------------------------------------------------------------
+# Callback
+# -------------------------------------------------------------------------------------------------
+
+
+class SampleLogger(Callback):
+    """Periodic teacher / student samples from the same noise, logged to TensorBoard.
+
+    Args:
+        every_n_steps: sample every this many optimizer steps (0: never periodically).
+        num_samples: samples per model (text models: at most what ``sample_conditions`` returns).
+        seed: seed of the shared initial noise (and of the sampler noise, the same for both models).
+        scheduler: a ``make_scheduler`` name; ``None`` uses the teacher's ``default_scheduler``.
+        scheduler_config: constructor arguments for ``scheduler`` (ignored when it is ``None``).
+        num_inference_steps: sampling steps; ``None``: ``quant_cfg.num_steps`` if > 1, else the default.
+        guidance_scale: classifier-free guidance scale; ``None``: the default scheduler spec's (1 if absent).
+        class_labels: labels for class-conditional models (``None``: 0..n-1).
+        eta: DDIM's η.
+        at_train_start: also sample once when training starts (after calibration).
+        at_train_end: also sample when training ends.
+        fps: frame rate of logged videos.
+        log_frame_grid: for video models, also log all frames as a still grid.
+        prefix: tag prefix.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 500,
+        num_samples: int = 4,
+        seed: int = 0,
+        scheduler: str | None = None,
+        scheduler_config: dict[str, Any] | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        class_labels: list[int] | None = None,
+        eta: float = 0.0,
+        at_train_start: bool = False,
+        at_train_end: bool = True,
+        fps: int = 4,
+        log_frame_grid: bool = True,
+        prefix: str = "samples",
+    ) -> None:
+        super().__init__()
+        if every_n_steps < 0:
+            raise ValueError(f"every_n_steps must be >= 0, got {every_n_steps}")
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if num_inference_steps is not None and num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        self.every_n_steps = every_n_steps
+        self.num_samples = num_samples
+        self.seed = seed
+        self.scheduler = scheduler
+        self.scheduler_config = dict(scheduler_config or {})
+        self.num_inference_steps = num_inference_steps
+        self.guidance_scale = guidance_scale
+        self.class_labels = list(class_labels) if class_labels is not None else None
+        self.eta = eta
+        self.at_train_start = at_train_start
+        self.at_train_end = at_train_end
+        self.fps = fps
+        self.log_frame_grid = log_frame_grid
+        self.prefix = prefix
+        self._last_step = -1
+        self._warned: set[str] = set()
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.at_train_start:
+            self._maybe_log(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0:
+            self._maybe_log(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.at_train_end:
+            self._maybe_log(trainer, pl_module)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(message)
+
+    def _maybe_log(self, trainer, pl_module) -> None:
+        step = trainer.global_step
+        if step == self._last_step or not trainer.is_global_zero:
+            return
+        self._last_step = step
+        writers = [lg.experiment for lg in trainer.loggers if hasattr(getattr(lg, "experiment", None), "add_image")]
+        if not writers:
+            self._warn_once("logger", "SampleLogger: no logger with add_image (e.g. TensorBoardLogger); not sampling")
+            return
+        if getattr(pl_module, "_calibrated", True) is False:
+            self._warn_once("calib", "SampleLogger: the student is not calibrated yet; not sampling")
+            return
+        result = self.generate(pl_module, trainer.datamodule if _has_datamodule(trainer) else None, trainer)
+        if result is None:
+            return
+        teacher, student = result
+        self._log(writers, teacher, student, step, video=pl_module.teacher.is_video)
+
+    # -- sampling ------------------------------------------------------------------------------
+    def _scheduler_and_steps(self, teacher, table_steps: int | None):
+        from mpq_lightning.models.sampling import make_scheduler
+
+        spec = teacher.default_scheduler
+        if self.scheduler is None:
+            make = lambda: make_scheduler(spec["name"], **spec["config"])  # noqa: E731
+            fallback = spec.get("num_inference_steps")
+        else:
+            make = lambda: make_scheduler(self.scheduler, **self.scheduler_config)  # noqa: E731
+            fallback = make().num_inference_steps or spec.get("num_inference_steps")
+        steps = self.num_inference_steps or (table_steps if table_steps and table_steps > 1 else None) or fallback
+        if not steps:
+            raise ValueError("SampleLogger: set num_inference_steps (the scheduler has no default step count)")
+        return make, int(steps)
+
+    def _conditions(self, teacher, datamodule, n: int, device) -> tuple[dict | None, dict | None] | None:
+        kind = teacher.cond_kind
+        if kind == "none":
+            return {}, None
+        if kind == "class":
+            key = next((k for k, s in teacher.cond_spec.items() if s.dtype == "long"), None)
+            if key is not None:
+                chosen = self.class_labels if self.class_labels is not None else list(range(n))
+                labels = torch.tensor(chosen, dtype=torch.long)
+                labels = labels[:n] if labels.numel() >= n else labels.repeat(-(-n // labels.numel()))[:n]
+                config = getattr(teacher.backbone, "config", None)
+                classes = next(
+                    (getattr(config, a) for a in ("num_embeds_ada_norm", "num_class_embeds") if getattr(config, a, None)),
+                    None,
+                )
+                if classes:
+                    labels = labels % int(classes)
+                return {key: labels.to(device)}, None
+        fn = getattr(datamodule, "sample_conditions", None) if datamodule is not None else None
+        if not callable(fn):
+            self._warn_once(
+                "cond", f"SampleLogger: {type(teacher).__name__} needs {kind} conditions and the data module has no "
+                "`sample_conditions(n)`; not sampling",
+            )
+            return None
+        out = fn(n)
+        cond, uncond = out if isinstance(out, tuple) else (out, None)
+        cond = move_data_to_device(dict(cond), device)
+        return cond, (move_data_to_device(dict(uncond), device) if uncond is not None else None)
+
+    @torch.no_grad()
+    def generate(self, pl_module, datamodule=None, trainer=None) -> tuple[Tensor, Tensor] | None:
+        """Sample with teacher and student from the same noise; returns the final latents (teacher, student)
+        on the CPU as float32, or None when the conditions are unavailable."""
+        from mpq_lightning.models.sampling import sample
+
+        teacher, student = pl_module.teacher, pl_module.student
+        device = next(iter(teacher.parameters())).device
+        quant = getattr(pl_module, "quant_cfg", None)
+        table_steps = int(getattr(quant, "num_steps", 0) or 0) or None
+        make_sched, steps = self._scheduler_and_steps(teacher, table_steps)
+        if table_steps and steps != table_steps and table_steps > 1:
+            self._warn_once(
+                "steps", f"SampleLogger: sampling with {steps} steps but the student's timestep quantizers have "
+                f"{table_steps} entries; step indices are mapped proportionally",
+            )
+
+        conds = self._conditions(teacher, datamodule, self.num_samples, device)
+        if conds is None:
+            return None
+        cond, uncond = conds
+        n = next(iter(cond.values())).shape[0] if cond else self.num_samples
+        scale = self.guidance_scale
+        if scale is None:
+            scale = float(teacher.default_scheduler.get("guidance_scale", 1.0))
+        if teacher.cond_kind == "none":
+            scale = 1.0
+        if scale != 1.0 and uncond is None:
+            try:
+                uncond = teacher.null_cond(cond)
+            except ValueError:
+                self._warn_once(
+                    "cfg", f"SampleLogger: {type(teacher).__name__} has no null condition; sampling without CFG"
+                )
+                scale = 1.0
+
+        noise = torch.randn((n, *teacher.latent_shape), generator=torch.Generator().manual_seed(self.seed)).to(device)
+        model_student = _StepIndexMap(student, steps, table_steps) if table_steps else student
+
+        precision = getattr(trainer, "precision_plugin", None) if trainer is not None else None
+        forward_ctx = getattr(precision, "forward_context", None) or contextlib.nullcontext
+        fork_devices = [device] if device.type == "cuda" else []
+        outs = []
+        with torch.random.fork_rng(devices=fork_devices), _eval_mode(teacher, student), _train_quant_state(pl_module):
+            for model in (teacher, model_student):
+                gen = torch.Generator(device=device).manual_seed(self.seed + 1)
+                with forward_ctx():
+                    out = sample(model, make_sched(), noise, cond=cond or None, uncond=uncond, guidance_scale=scale,
+                                 num_inference_steps=steps, generator=gen, eta=self.eta)
+                outs.append(out.float().cpu())
+        return outs[0], outs[1]
+
+    # -- logging -------------------------------------------------------------------------------
+    def _log(self, writers, teacher: Tensor, student: Tensor, step: int, video: bool) -> None:
+        mse = float((teacher - student).pow(2).mean())
+        t_img, s_img = latents_to_images(teacher), latents_to_images(student)
+        for writer in writers:
+            if hasattr(writer, "add_scalar"):
+                writer.add_scalar(f"{self.prefix}/mse", mse, step)
+        if not video:
+            grid = make_grid(torch.stack([t_img, s_img]))
+            for writer in writers:
+                writer.add_image(f"{self.prefix}/teacher_student", grid, step, dataformats="CHW")
+            return
+        # [N, C, F, H, W] → clip of F frames, each the 2 × N grid
+        pair = rearrange(torch.stack([t_img, s_img]), "r n c f h w -> f r n c h w")
+        clip = torch.stack([make_grid(frame) for frame in pair])  # [F, C, H', W']
+        moviepy = _has_moviepy_editor()
+        for writer in writers:
+            if moviepy and hasattr(writer, "add_video"):
+                writer.add_video(f"{self.prefix}/video", clip[None], step, fps=self.fps)
+            elif hasattr(writer, "_get_file_writer"):
+                writer._get_file_writer().add_summary(_gif_summary(f"{self.prefix}/video", clip, self.fps), step)
+        if self.log_frame_grid or not any(hasattr(w, "_get_file_writer") or moviepy for w in writers):
+            frames = rearrange(torch.cat([t_img, s_img]), "r c f h w -> r f c h w")  # rows: samples, cols: frames
+            grid = make_grid(frames)
+            for writer in writers:
+                writer.add_image(f"{self.prefix}/frames", grid, step, dataformats="CHW")
+
+
+def _has_datamodule(trainer) -> bool:
+    try:
+        return trainer.datamodule is not None
+    except AttributeError:
+        return False
+
+
+@contextlib.contextmanager
+def _eval_mode(*models):
+    modes = [m.training for m in models]
+    try:
+        for m in models:
+            m.eval()
+        yield
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
+
+
+@contextlib.contextmanager
+def _train_quant_state(pl_module):
+    """The student's quantizers as in training (weights on, activations as ``calib.train_act_quant``);
+    the flags are restored afterwards."""
+    try:
+        from mpq_lightning.quant.layers import QuantLayer
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    layers = [m for m in pl_module.student.modules() if isinstance(m, QuantLayer)]
+    saved = [(m.weight_quant, m.act_quant) for m in layers]
+    calib = getattr(pl_module, "calib_cfg", None)
+    try:
+        if calib is not None:
+            act = bool(getattr(calib, "train_act_quant", True))
+            for m in layers:
+                m.weight_quant, m.act_quant = True, act
+        yield
+    finally:
+        for m, (w, a) in zip(layers, saved):
+            m.weight_quant, m.act_quant = w, a

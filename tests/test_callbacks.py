@@ -1,0 +1,412 @@
+"""PerTimestepError and SampleLogger: accumulation math, checkpoint state, TensorBoard output.
+
+A small fake LightningModule stands in for QATModule (same `_last`, `teacher`, `student`, `quant_cfg`
+contract) around pure-torch `Denoiser`s, so a 4-step fit takes a second or two on the CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import nn
+from torch.utils.data import DataLoader
+
+from mpq_lightning.callbacks import PerTimestepError, SampleLogger
+from mpq_lightning.callbacks.samples import _StepIndexMap, latents_to_images, make_grid
+from mpq_lightning.callbacks.timestep_error import _raster_curve, render_curve
+from mpq_lightning.models.registry import CondSpec, Denoiser
+
+NUM_STEPS = 3
+SCHED = {
+    "name": "ddim",
+    "config": {"num_train_timesteps": 1000, "beta_schedule": "linear", "clip_sample": False},
+    "num_inference_steps": 10,
+    "guidance_scale": 1.0,
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# -------------------------------------------------------------------------------------------------
+# Fakes
+# -------------------------------------------------------------------------------------------------
+
+
+class TinyNet(nn.Module):
+    """Per-position channel mixing + time / class / text shifts; any number of spatial dims."""
+
+    def __init__(self, channels: int, classes: int | None = None, text_dim: int | None = None) -> None:
+        super().__init__()
+        self.mix = nn.Linear(channels, channels)
+        self.time = nn.Linear(1, channels)
+        self.label = nn.Embedding(classes + 1, channels) if classes else None  # + the null class
+        self.text = nn.Linear(text_dim, channels) if text_dim else None
+
+    def forward(self, x, t, class_labels=None, y=None):
+        h = self.mix(x.movedim(1, -1)) + self.time((t.float() / 1000).view(-1, 1)).view(-1, *([1] * (x.ndim - 2)), x.shape[1])
+        if class_labels is not None:
+            h = h + self.label(class_labels).view(-1, *([1] * (x.ndim - 2)), x.shape[1])
+        if y is not None:
+            h = h + self.text(y.mean(1)).view(-1, *([1] * (x.ndim - 2)), x.shape[1])
+        return torch.tanh(h.movedim(-1, 1))
+
+
+class ClassDenoiser(Denoiser):
+    def null_cond(self, cond):
+        return {"class_labels": torch.full_like(cond["class_labels"], 4)}
+
+
+def image_denoiser() -> Denoiser:
+    torch.manual_seed(0)
+    return ClassDenoiser(
+        TinyNet(3, classes=4), latent_shape=(3, 8, 8), patch_size=(1, 1), out_channels=3, cond_kind="class",
+        cond_spec={"class_labels": CondSpec((), "long")}, prediction_type="epsilon", default_scheduler=SCHED,
+        feature_site="mix", feature_layout="b c h w",
+    )
+
+
+def video_denoiser() -> Denoiser:
+    torch.manual_seed(0)
+    return Denoiser(
+        TinyNet(4, text_dim=6), latent_shape=(4, 3, 8, 8), patch_size=(1, 1, 1), out_channels=4, cond_kind="text",
+        cond_spec={"y": CondSpec((None, 6))}, prediction_type="epsilon", default_scheduler=SCHED,
+        feature_site="mix", feature_layout="b c f h w",
+    )
+
+
+class FakeQAT(L.LightningModule):
+    """What the callbacks use of QATModule: teacher, student, quant_cfg.num_steps and `_last`."""
+
+    def __init__(self, teacher: Denoiser) -> None:
+        super().__init__()
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.student = copy.deepcopy(teacher).train().requires_grad_(True)
+        with torch.no_grad():
+            for p in self.student.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+        self.quant_cfg = SimpleNamespace(num_steps=NUM_STEPS)
+        self.student_modes: list[bool] = []
+
+    def training_step(self, batch, batch_idx):
+        self.student_modes.append(self.student.training)
+        cond = batch.get("cond")
+        with torch.no_grad():
+            out_t = self.teacher(batch["x_t"], batch["t"], cond, batch["step_index"])
+        out_s = self.student(batch["x_t"], batch["t"], cond, batch["step_index"])
+        self._last = {"out_s": out_s.detach(), "out_t": out_t.detach(), "step_index": batch["step_index"]}
+        return (out_s - out_t).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.student.parameters(), lr=0.01)
+
+
+class DataModule(L.LightningDataModule):
+    def __init__(self, denoiser: Denoiser, with_conditions: bool = True) -> None:
+        super().__init__()
+        self.denoiser, self.with_conditions = denoiser, with_conditions
+        if with_conditions:
+            self.sample_conditions = lambda n: {"y": torch.randn(n, 5, 6, generator=torch.Generator().manual_seed(1))}
+
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(0)
+        items = []
+        for i in range(8):
+            step = i % NUM_STEPS
+            item = {"x_t": torch.randn(*self.denoiser.latent_shape, generator=g), "t": torch.tensor(900 - 300 * step),
+                    "step_index": torch.tensor(step)}
+            if self.denoiser.cond_kind == "class":
+                item["cond"] = {"class_labels": torch.tensor(i % 4)}
+            elif self.denoiser.cond_kind == "text":
+                item["cond"] = {"y": torch.randn(5, 6, generator=g)}
+            items.append(item)
+        return DataLoader(items, batch_size=2)
+
+
+def fit(tmp_path, denoiser, callbacks, **dm_kwargs):
+    module = FakeQAT(denoiser)
+    trainer = L.Trainer(
+        max_steps=4, log_every_n_steps=1, accelerator="cpu", enable_progress_bar=False, enable_checkpointing=False,
+        enable_model_summary=False, logger=TensorBoardLogger(str(tmp_path), name="run", version=""), callbacks=callbacks,
+    )
+    trainer.fit(module, datamodule=DataModule(denoiser, **dm_kwargs))
+    return trainer, module
+
+
+def read_events(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "run"), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    return acc
+
+
+# -------------------------------------------------------------------------------------------------
+# PerTimestepError
+# -------------------------------------------------------------------------------------------------
+
+
+def test_errors_match_hand_computation():
+    cb = PerTimestepError(num_steps=4)
+    out_t = torch.zeros(3, 2, 2)
+    out_s = torch.stack([torch.full((2, 2), 1.0), torch.full((2, 2), 2.0), torch.tensor([[3.0, 0.0], [0.0, 0.0]])])
+    cb.update(out_s, out_t, torch.tensor([0, 2, 0]))  # per-sample MSE: 1, 4, 9/4
+    cb.update(out_s[:1] * 3, out_t[:1], 2)  # int step index broadcast: MSE 9 at step 2
+    err = cb.errors()
+    assert err.shape == (4,)
+    assert err[0].item() == pytest.approx((1 + 9 / 4) / 2)
+    assert err[2].item() == pytest.approx((4 + 9) / 2)
+    assert math.isnan(err[1].item()) and math.isnan(err[3].item())
+    assert cb.counts().tolist() == [2, 0, 2, 0]
+    cb.update(out_s[:1], out_t[:1], torch.tensor([6]))  # beyond num_steps: the buffers grow
+    assert cb.errors().shape == (7,) and cb.errors()[6].item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="shape"):
+        cb.update(out_s, out_t[:2], torch.tensor([0, 1, 2]))
+
+
+def test_state_dict_round_trip_continues_running_means():
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g), torch.randint(0, 5, (4,), generator=g))
+               for _ in range(6)]
+    full = PerTimestepError(num_steps=5)
+    first = PerTimestepError(num_steps=5)
+    for i, b in enumerate(batches):
+        full.update(*b)
+        if i < 3:
+            first.update(*b)
+    state = first.state_dict()
+    resumed = PerTimestepError()  # num_steps comes from the checkpoint
+    resumed.load_state_dict(copy.deepcopy(state))
+    torch.testing.assert_close(resumed.errors(), first.errors(), equal_nan=True)
+    for b in batches[3:]:
+        resumed.update(*b)
+    torch.testing.assert_close(resumed.errors(), full.errors(), equal_nan=True)
+    torch.testing.assert_close(resumed.counts(), full.counts())
+
+
+def test_resume_from_checkpoint_continues(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    denoiser = image_denoiser()
+
+    def run(max_steps, ckpt_path=None):
+        cb = PerTimestepError(log_every_n_steps=100)
+        trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", enable_progress_bar=False, enable_model_summary=False,
+                            logger=False, callbacks=[cb, ModelCheckpoint(dirpath=tmp_path, save_last=True)])
+        trainer.fit(FakeQAT(denoiser), datamodule=DataModule(denoiser), ckpt_path=ckpt_path)
+        return cb
+
+    first = run(2)
+    assert first.counts().sum() == 4
+    resumed = run(4, ckpt_path=str(tmp_path / "last.ckpt"))
+    assert resumed.counts().sum() == 8  # the first run's 4 samples came back from the checkpoint
+    assert (resumed.counts() >= first.counts()).all()
+
+
+def test_render_curve_draws_something():
+    values = torch.tensor([0.5, float("nan"), 0.2, 0.1, 0.05])
+    for img in (_raster_curve(values).numpy(), render_curve(values), render_curve(values, log_scale=True)):
+        assert img.dtype.name == "uint8" and img.ndim == 3 and img.shape[2] == 3
+        assert (img < 250).any() and (img == 255).any()
+    assert _raster_curve(torch.full((3,), float("nan"))).shape == (320, 480, 3)  # nothing seen: just axes
+    assert _raster_curve(torch.zeros(1)).shape == (320, 480, 3)
+
+
+def test_fit_logs_per_step_scalars_and_curve(tmp_path):
+    cb = PerTimestepError()
+    trainer, _ = fit(tmp_path, image_denoiser(), [cb])
+    assert cb.counts().tolist() == [3, 3, 2]  # 4 batches of 2, step indices i % 3
+    acc = read_events(tmp_path)
+    scalars, images = set(acc.Tags()["scalars"]), set(acc.Tags()["images"])
+    assert {f"timestep_error/step_{i:03d}" for i in range(NUM_STEPS)} <= scalars
+    assert "timestep_error/curve" in images
+    logged = acc.Scalars("timestep_error/step_001")
+    assert logged[-1].step == 4 and logged[-1].value == pytest.approx(cb.errors()[1].item(), rel=1e-5)
+    assert [e.step for e in acc.Scalars("timestep_error/step_000")] == [1, 2, 3, 4]  # logged every step
+    assert len(acc.Images("timestep_error/curve")) == 4
+    assert cb.state_dict()["last_logged_step"] == 4
+
+
+def test_sync_folds_every_rank_and_checkpoints_synced_totals():
+    """Under DDP the pending sums/counts are summed over ranks (here a fake second rank with 6 steps)."""
+    other = torch.zeros(2, 6, dtype=torch.float64)
+    other[:, 5] = torch.tensor([10.0, 2.0])  # the other rank saw step 5 twice, total error 10
+    other[:, 0] = torch.tensor([3.0, 1.0])
+
+    def reduce(t, reduce_op):
+        if reduce_op == "max":
+            return torch.maximum(t, torch.tensor([6.0]))
+        return t + other
+
+    trainer = SimpleNamespace(world_size=2, is_global_zero=False, global_step=3, loggers=[],
+                              strategy=SimpleNamespace(root_device=torch.device("cpu"), reduce=reduce))
+    cb = PerTimestepError(num_steps=3)
+    cb._trainer = trainer
+    cb.update(torch.ones(2, 4), torch.zeros(2, 4), torch.tensor([0, 1]))  # MSE 1 at steps 0 and 1
+    assert cb.state_dict()["counts"].sum() == 0  # nothing synced yet: a DDP checkpoint has no pending batches
+    cb._sync_and_log(trainer, "train")
+    torch.testing.assert_close(cb.counts(), torch.tensor([2.0, 1, 0, 0, 0, 2], dtype=torch.float64))
+    torch.testing.assert_close(cb.errors()[[0, 1, 5]], torch.tensor([2.0, 1.0, 5.0]))
+    assert cb.state_dict()["counts"].tolist() == [2, 1, 0, 0, 0, 2]
+    assert cb.state_dict()["last_logged_step"] == 3
+
+
+def test_validation_is_accumulated_separately(tmp_path):
+    class WithVal(DataModule):
+        def val_dataloader(self):
+            return self.train_dataloader()
+
+    class ValModule(FakeQAT):
+        def validation_step(self, batch, batch_idx):
+            self.training_step(batch, batch_idx)
+
+    cb = PerTimestepError()
+    denoiser = image_denoiser()
+    trainer = L.Trainer(max_steps=2, log_every_n_steps=1, accelerator="cpu", enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False, val_check_interval=2,
+                        num_sanity_val_steps=1, logger=TensorBoardLogger(str(tmp_path), name="run", version=""),
+                        callbacks=[cb])
+    trainer.fit(ValModule(denoiser), datamodule=WithVal(denoiser))
+    assert cb.counts("train").tolist() == [2, 1, 1]
+    assert cb.counts("val").tolist() == [3, 3, 2]  # one full validation run, not the sanity check
+    acc = read_events(tmp_path)
+    assert "timestep_error_val/step_002" in acc.Tags()["scalars"] and "timestep_error_val/curve" in acc.Tags()["images"]
+
+
+def test_with_qat_module_tiny_stdit(tmp_path):
+    """The real QATModule contract: `_last` from compute_losses, quantized student, text conditions."""
+    from mpq_lightning.module import CalibConfig, QATModule
+    from mpq_lightning.quant import QuantConfig
+
+    torch.manual_seed(0)
+    module = QATModule("tiny-stdit", quant=QuantConfig(w_bits=4, a_bits=8, lora_rank=2, num_steps=2),
+                       calib=CalibConfig(num_batches=1))
+    shape, (length, width) = module.teacher.latent_shape, module.teacher.cond_spec["y"].shape[1:]
+
+    class TextData(L.LightningDataModule):
+        def train_dataloader(self):
+            g = torch.Generator().manual_seed(0)
+            items = [{"x_t": torch.randn(*shape, generator=g), "t": torch.tensor(900 - 800 * (i % 2)),
+                      "step_index": torch.tensor(i % 2), "cond": {"y": torch.randn(1, length, width, generator=g)}}
+                     for i in range(4)]
+            return DataLoader(items, batch_size=2)
+
+        def sample_conditions(self, n):
+            return {"y": torch.randn(n, 1, length, width, generator=torch.Generator().manual_seed(3))}
+
+    errors, sampler = PerTimestepError(), SampleLogger(every_n_steps=0, num_samples=2)
+    trainer = L.Trainer(max_steps=2, log_every_n_steps=1, accelerator="cpu", enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False,
+                        logger=TensorBoardLogger(str(tmp_path), name="run", version=""), callbacks=[errors, sampler])
+    trainer.fit(module, datamodule=TextData())
+    assert errors.counts().tolist() == [2, 2] and torch.isfinite(errors.errors()).all()
+    acc = read_events(tmp_path)
+    assert {"timestep_error/curve", "samples/video", "samples/frames"} <= set(acc.Tags()["images"])
+    assert {"timestep_error/step_000", "timestep_error/step_001"} <= set(acc.Tags()["scalars"])
+
+
+# -------------------------------------------------------------------------------------------------
+# SampleLogger
+# -------------------------------------------------------------------------------------------------
+
+
+def test_grid_and_latent_mapping():
+    x = torch.tensor([-2.0, -1.0, 0.0, 1.0, 2.0]).view(1, 5, 1, 1).expand(2, 5, 3, 3)
+    img = latents_to_images(x)
+    assert img.shape == (2, 3, 3, 3) and img[0, :, 0, 0].tolist() == [0.0, 0.0, 0.5]
+    assert latents_to_images(x[:, :1]).shape[1] == 1 and latents_to_images(x[:, :2]).shape[1] == 1
+    grid = make_grid(torch.rand(2, 4, 3, 5, 6), pad=1)
+    assert grid.shape == (3, 2 * 7, 4 * 8)
+    assert (grid[:, 0] == 1).all()
+
+
+def test_step_index_map():
+    calls = []
+
+    class Model:
+        default_scheduler = SCHED
+
+        def __call__(self, x, t, cond, step_index):
+            calls.append(step_index)
+
+    model = Model()
+    assert _StepIndexMap(model, 10, 10)._map(torch.tensor([3])).tolist() == [3]
+    assert _StepIndexMap(model, 10, 1)._map(torch.tensor([0, 9])).tolist() == [0, 0]  # one shared entry
+    assert _StepIndexMap(model, 10, 4)._map(torch.tensor([0, 4, 9])).tolist() == [0, 1, 3]  # proportional
+    _StepIndexMap(model, 10, 1)(None, None, None, torch.tensor([5]))
+    assert calls[0].tolist() == [0]
+    assert _StepIndexMap(model, 10, 1).default_scheduler is SCHED
+
+
+def test_generate_same_noise_and_restores_modes():
+    module = FakeQAT(image_denoiser())
+    module.student.load_state_dict(module.teacher.state_dict())  # identical weights → identical samples
+    module.student.train()
+    cb = SampleLogger(num_samples=3, guidance_scale=2.0)
+    teacher, student = cb.generate(module)
+    assert teacher.shape == (3, 3, 8, 8)
+    torch.testing.assert_close(teacher, student)
+    assert module.student.training and not module.teacher.training
+    again, _ = cb.generate(module)
+    torch.testing.assert_close(again, teacher)  # fixed seed
+    assert not torch.equal(SampleLogger(num_samples=3, seed=1).generate(module)[0], teacher)
+
+
+def test_fit_logs_image_samples(tmp_path):
+    sampler = SampleLogger(every_n_steps=2, num_samples=3, guidance_scale=2.0)
+    trainer, module = fit(tmp_path, image_denoiser(), [PerTimestepError(), sampler])
+    acc = read_events(tmp_path)
+    images = acc.Images("samples/teacher_student")
+    assert [im.step for im in images] == [2, 4]  # step 4 is also the end of training: logged once
+    assert (images[0].height, images[0].width) == (2 * 12, 3 * 12)
+    assert "samples/mse" in acc.Tags()["scalars"] and acc.Scalars("samples/mse")[0].value > 0
+    assert all(module.student_modes) and not module.teacher.training
+
+
+def test_fit_logs_video_samples(tmp_path):
+    sampler = SampleLogger(every_n_steps=0, num_samples=2, at_train_start=True)
+    fit(tmp_path, video_denoiser(), [sampler])
+    acc = read_events(tmp_path)
+    images = set(acc.Tags()["images"])
+    assert {"samples/video", "samples/frames"} <= images
+    video = acc.Images("samples/video")
+    assert [v.step for v in video] == [0, 4]
+    assert video[0].encoded_image_string[:3] in (b"GIF", b"\x89PN")
+    frames = acc.Images("samples/frames")[0]
+    assert (frames.height, frames.width) == (2 * 2 * 12, 3 * 12)  # rows: 2 teacher + 2 student; cols: 3 frames
+
+
+def test_text_model_without_conditions_is_skipped(tmp_path):
+    with pytest.warns(UserWarning, match="sample_conditions"):
+        fit(tmp_path, video_denoiser(), [SampleLogger(every_n_steps=1, num_samples=2)], with_conditions=False)
+    acc = read_events(tmp_path)
+    assert not any(tag.startswith("samples/") for tag in acc.Tags()["images"])
+
+
+def test_cli_yaml_arguments():
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_argument("--callbacks", type=list[L.Callback])
+    cfg = parser.parse_args([
+        "--callbacks",
+        '[{"class_path": "mpq_lightning.callbacks.PerTimestepError", "init_args": {"log_every_n_steps": 7}},'
+        ' {"class_path": "mpq_lightning.callbacks.SampleLogger", "init_args": {"every_n_steps": 3, "scheduler": "ddim",'
+        ' "scheduler_config": {"num_train_timesteps": 1000}, "class_labels": [1, 2]}}]',
+    ])
+    init = parser.instantiate if hasattr(parser, "instantiate") else parser.instantiate_classes
+    callbacks = init(cfg).callbacks
+    assert callbacks[0].log_every_n_steps == 7
+    assert callbacks[1].every_n_steps == 3 and callbacks[1].class_labels == [1, 2]
+    assert callbacks[1].scheduler_config == {"num_train_timesteps": 1000}
