@@ -329,7 +329,7 @@ class QATModule(L.LightningModule):
                     continue
                 if "act_quantizer" in pname:
                     add("act_quantizer", p, cfg.a_scale_lr)
-                elif "residual" in pname or "alpha" in pname.split(".")[-1]:
+                elif "residual" in pname:
                     add("residual", p, cfg.residual_lr)
                 elif "weight_quantizer" in pname:
                     add("weight_quantizer", p, cfg.w_scale_lr)

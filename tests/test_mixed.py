@@ -359,3 +359,18 @@ def test_config_validation_names_keys():
         QuantConfig(w_bits=2, w_quantizer="omq", w_symmetric=True)
     with pytest.raises(ValueError, match="w_quantizer"):  # OMQ at 8 bits would need a 9-bit class
         quantize_model(small_model(), QuantConfig(w_bits=8, w_quantizer="omq"))
+
+
+@pytest.mark.parametrize("method,layout", [("omq", "figure"), ("fzrmq", "proposal")])
+def test_empty_class_params_get_zero_grad_not_none(method, layout):
+    """With k = 0 the N-1 / N+1 quantizers serve no channel; their steps must still receive a (zero)
+    gradient so DDP without find_unused_parameters does not fail."""
+    torch.manual_seed(0)
+    layer = QuantLinear.from_module(nn.Linear(16, 20), LayerSpec(w_bits=3, w_quantizer=method, fzrmq_layout=layout))
+    layer.weight_quantizer.initialize(layer.weight.detach())
+    layer.weight_quantizer.set_classes(torch.ones(20, dtype=torch.long))
+    set_quant_state(layer, True, False)
+    layer(torch.randn(4, 16)).sum().backward()
+    for name, p in layer.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, name

@@ -167,3 +167,15 @@ def test_layer_info_plumbing_and_validation():
 def test_tqe_rank_limit():
     with pytest.raises(ValueError, match="tqe_rank"):
         TQE((4, 3), rank=4)
+
+
+def test_autocast_output_dtype_not_promoted():
+    x = torch.randn(B * F, S, C)
+    dtypes = []
+    for tqe in (False, True):
+        layer = tqe_linear("(b f) s c", "all")
+        if not tqe:
+            del layer.corrections["tqe"]
+        with torch.autocast("cpu", torch.bfloat16):
+            dtypes.append(layer(x).dtype)
+    assert dtypes == [torch.bfloat16, torch.bfloat16]

@@ -241,9 +241,8 @@ def _grouped_fake_quant(rows: Tensor, quantizers: list[UniformQuantizer], perm: 
     chunks = torch.split(rows.index_select(0, perm), sizes)
     idx_chunks = torch.split(perm, sizes)
     for q, x, idx in zip(quantizers, chunks, idx_chunks):
-        if x.shape[0] == 0:
-            parts.append(x)
-            continue
+        # an empty class still runs (on 0 rows) so its step gets a zero gradient, not None: DDP
+        # without find_unused_parameters needs every trainable parameter in the graph
         g = lsq_grad_scale(x.shape[1], q.qmax) if q.use_lsq_grad_scale else 1.0
         parts.append(fake_quantize(x, q.scale.index_select(0, idx), q.zero_point.index_select(0, idx), q.qmin, q.qmax, g))
     return torch.cat(parts).index_select(0, inv)
@@ -417,9 +416,10 @@ class FZRMQQuantizer(MixedQuantizerBase):
         self.base = _new_uniform(bits - 1, *args)
         if layout == "proposal":
             self.mid = _new_uniform(bits, *args)
-        self.b1 = nn.Parameter(torch.zeros(cout, 1), requires_grad=learn_scale)
+        # b₁, b₂ of the docstrings; named "residual_scale_*" so optimiser groups can pick them out
+        self.residual_scale_1 = nn.Parameter(torch.zeros(cout, 1), requires_grad=learn_scale)
         if layout == "figure":
-            self.b2 = nn.Parameter(torch.zeros(cout, 1), requires_grad=learn_scale)
+            self.residual_scale_2 = nn.Parameter(torch.zeros(cout, 1), requires_grad=learn_scale)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, layout={self.layout}, base_fit={self.base_fit}, search={self.search}"
@@ -427,6 +427,16 @@ class FZRMQQuantizer(MixedQuantizerBase):
     @property
     def quantizers(self) -> list[UniformQuantizer]:
         return [self.base, self.mid] if self.layout == "proposal" else [self.base]
+
+    @property
+    def b1(self) -> nn.Parameter:
+        """``b₁`` (alias of ``residual_scale_1``)."""
+        return self.residual_scale_1
+
+    @property
+    def b2(self) -> nn.Parameter:
+        """``b₂`` (alias of ``residual_scale_2``; figure layout only)."""
+        return self.residual_scale_2
 
     # -- math on all rows (used by the forward and the init) -------------------------------------
     def _branches(self, rows: Tensor, b1: Tensor, b2: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -447,8 +457,8 @@ class FZRMQQuantizer(MixedQuantizerBase):
         """Closed-form ``b₁``, ``b₂`` (``mean |R|``) for the current base (figure layout)."""
         qb = self.base(rows).float()
         _, scales = residual_reconstruction(rows, qb, 2)
-        self.b1.data = scales[0].to(self.b1.device)
-        self.b2.data = scales[1].to(self.b2.device)
+        self.residual_scale_1.data = scales[0].to(self.residual_scale_1.device)
+        self.residual_scale_2.data = scales[1].to(self.residual_scale_2.device)
 
     @torch.no_grad()
     def fit(self, w: Tensor) -> None:
@@ -459,7 +469,7 @@ class FZRMQQuantizer(MixedQuantizerBase):
             for q in self.quantizers:
                 _fit_uniform(q, w, self.init_method)
             r = rows - self.mid(w).reshape(rows.shape)
-            self.b1.data = closed_form_residual_scale(r).to(self.b1.device)
+            self.residual_scale_1.data = closed_form_residual_scale(r).to(self.residual_scale_1.device)
             return
         if self.base_fit == "greedy":
             _fit_uniform(self.base, w, self.init_method)

@@ -134,7 +134,11 @@ class TQE(nn.Module):
         return g.view(view)
 
     def forward(self, xq: Tensor, layer: nn.Module) -> Tensor:
-        with torch.autocast(device_type=xq.device.type, enabled=False):
+        """The correction in fp32, returned in the dtype of the layer's own output (the autocast
+        dtype under autocast, else the input's), so adding it does not promote the layer output."""
+        dev = xq.device.type
+        out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else xq.dtype
+        with torch.autocast(device_type=dev, enabled=False):
             x = xq.float()
             r = self.rank
             if layer.channel_dim == -1:  # Linear: [..., Cin] → [..., r] → [..., Cout]
@@ -150,7 +154,7 @@ class TQE(nn.Module):
                 y = layer._op(x, delta, None)
                 g = self.frame_factor(tuple(y.shape), xq.device)
                 y = y if g is None else y * g
-        return y.to(xq.dtype)
+        return y.to(out_dtype)
 
     def weight_delta(self) -> Tensor:
         """``β αᵀ`` as a weight-shaped tensor [Cout, Cin, *k] (without the frame scale)."""
