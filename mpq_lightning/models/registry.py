@@ -288,10 +288,26 @@ def list_models() -> list[str]:
 
 
 def build(name: str, **kwargs: Any) -> Denoiser:
-    """Build the registered backbone `name` wrapped in its `Denoiser`."""
+    """Build the registered backbone `name` wrapped in its `Denoiser`.
+
+    ``tiny-*`` models are random test teachers: they take ``seed`` (default 0) so every process
+    builds identical weights, and their zero-initialised parameters (e.g. OpenSora's zero output
+    layer) are re-drawn with std 0.1 so predictions depend on x, t and the condition.
+    """
     if name not in _BUILDERS:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
-    return _BUILDERS[name](**kwargs)
+    if not name.startswith("tiny-"):
+        return _BUILDERS[name](**kwargs)
+    seed = int(kwargs.pop("seed", 0))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        denoiser = _BUILDERS[name](**kwargs)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for param in denoiser.parameters():
+            if param.numel() and not param.any():
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    return denoiser
 
 
 # -------------------------------------------------------------------------------------------------

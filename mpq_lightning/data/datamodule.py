@@ -1,0 +1,592 @@
+"""Training streams over teacher trajectories: `TrajectoryDataModule` (the cache) and
+`TeacherForcedTrajectories` (on the fly, EfficientDM / MPQ-DM).
+
+Both yield batches as dicts: x_t [B, C, (F,) H, W] (the denoiser's input), t [B], step_index [B],
+cond {key: [B, ...]}, teacher_output [B, out_channels, ...] (the teacher's raw output for that row,
+when available), and the ids branch (0 cond, 1 uncond), trajectory, cond_index and uid.
+
+Cache stream, per epoch e (every rank computes the same plan, nothing is communicated):
+  1. the selected samples of every shard (steps, step_stride, conditions, branches) are known from the
+     manifest alone; with shuffle, the shard order and each shard's sample order are permuted with
+     generators seeded by (seed, e) and (seed, e, shard);
+  2. the concatenated stream is cut into W equal contiguous blocks, one per DDP rank (padded by wrapping
+     around like DistributedSampler, or cut to whole batches with drop_last), so ranks are disjoint,
+     read disjoint shards (except at block edges) and their union is the selection;
+  3. a rank's batches are split into contiguous runs, one per dataloader worker; each worker walks its
+     run in windows of `shuffle_buffer` samples, permuting each window with a generator seeded by
+     (seed, e, rank, window start). Resident: one shard + one window (+ the batches in flight).
+The DataLoader interleaves worker batches round-robin; the position in the stream is (epoch, batches
+delivered), which `state_dict` returns and `load_state_dict` restores: the next pass replays the
+round-robin to find how many batches each worker delivered (skipped as whole windows without reading
+them, the rest of a window after loading it) and which worker is next (workers are re-numbered so the
+DataLoader's restart at worker 0 continues the original cycle), so a resumed run sees exactly the
+remaining batches.
+"""
+
+from __future__ import annotations
+
+import bisect
+import inspect
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from mpq_lightning.data.trajectories import (
+    BRANCHES,
+    CacheError,
+    TrajectoryCache,
+    TrajectoryRecipe,
+    ensure_cache,
+    mix_seed,
+    sample_ids,
+    teacher_fingerprint,
+)
+from mpq_lightning.models.registry import Denoiser
+from mpq_lightning.models.sampling import _cat_cond, _takes_variance, guide, make_scheduler
+
+__all__ = ["TeacherForcedTrajectories", "TrajectoryDataModule", "TrajectoryDataset"]
+
+
+#: Per-sample ids; inside a batch they travel as one [B, 5] "ids" tensor (one shared-memory transfer
+#: from a DataLoader worker instead of five) and are unpacked in the main process.
+_IDS = ("step_index", "trajectory", "branch", "cond_index", "uid")
+
+
+def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _split(total: int, parts: int) -> list[int]:
+    """Contiguous split sizes, the first `total % parts` one larger."""
+    return [total // parts + (i < total % parts) for i in range(parts)]
+
+
+def _resume_plan(counts: list[int], consumed: int) -> tuple[list[int], int]:
+    """Replay the DataLoader's round-robin over workers with `counts` batches for `consumed` batches:
+    (batches each worker already delivered, the worker whose batch comes next)."""
+    skips, worker = [0] * len(counts), 0
+    consumed = min(consumed, sum(counts))
+    while consumed:
+        if skips[worker] < counts[worker]:
+            skips[worker] += 1
+            consumed -= 1
+        worker = (worker + 1) % len(counts)
+    return skips, worker
+
+
+# -------------------------------------------------------------------------------------------------
+# Epoch plan: which sample sits at which position of the epoch's stream
+# -------------------------------------------------------------------------------------------------
+
+
+class _EpochPlan:
+    """Positions 0..total-1 of one epoch's stream mapped to (shard, row); positions wrap modulo total."""
+
+    def __init__(self, selected: list[torch.Tensor], shuffle: bool, seed: int, epoch: int) -> None:
+        order = list(range(len(selected)))
+        if shuffle:
+            order = torch.randperm(len(order), generator=torch.Generator().manual_seed(mix_seed(seed, epoch))).tolist()
+        self.order = [k for k in order if len(selected[k])]
+        self.offsets = [0]
+        for k in self.order:
+            self.offsets.append(self.offsets[-1] + len(selected[k]))
+        self.selected, self.shuffle, self.seed, self.epoch = selected, shuffle, seed, epoch
+
+    @property
+    def total(self) -> int:
+        return self.offsets[-1]
+
+    def _rows(self, shard: int) -> torch.Tensor:
+        rows = self.selected[shard]
+        if self.shuffle:
+            g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, shard))
+            rows = rows[torch.randperm(len(rows), generator=g)]
+        return rows
+
+    def segments(self, start: int, stop: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """(shard, rows) covering positions [start, stop) in order."""
+        while start < stop:
+            base = (start // self.total) * self.total
+            pos = start - base
+            i = bisect.bisect_right(self.offsets, pos) - 1
+            end = min(stop - base, self.offsets[i + 1])
+            shard = self.order[i]
+            yield shard, self._rows(shard)[pos - self.offsets[i] : end - self.offsets[i]]
+            start = base + end
+
+
+# -------------------------------------------------------------------------------------------------
+# Cache dataset
+# -------------------------------------------------------------------------------------------------
+
+
+class TrajectoryDataset(IterableDataset):
+    """Batches from a trajectory cache for one DDP rank; `len()` is its batch count per epoch.
+
+    Yields collated batches itself (use a DataLoader with batch_size=None). `set_position(epoch, skip)`
+    picks the epoch and the number of already-delivered batches to skip. In a DataLoader worker it
+    yields packed batches (ids in one tensor, no cond) that `finish` completes in the main process.
+    """
+
+    def __init__(
+        self,
+        cache: TrajectoryCache,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        shuffle_buffer: int = 256,
+        seed: int = 0,
+        steps: list[int] | None = None,
+        step_stride: int = 1,
+        conditions: list[int] | None = None,
+        branches: list[str] | None = None,
+        teacher_output: bool = True,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if batch_size < 1 or shuffle_buffer < 1 or step_stride < 1:
+            raise ValueError("batch_size, shuffle_buffer and step_stride must be >= 1")
+        self.cache, self.batch_size, self.shuffle, self.seed = cache, batch_size, shuffle, seed
+        self.window = -(-shuffle_buffer // batch_size) * batch_size  # whole batches per window
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.keys = [
+            k for k in cache.sample_keys if k not in (*_IDS, "seed") and (teacher_output or k != "teacher_output")
+        ]
+        if teacher_output and "teacher_output" not in cache.specs:
+            raise CacheError(f"{cache.directory}: the cache has no teacher outputs (store_teacher_output was false)")
+        self.selected = self._select(steps, step_stride, conditions, branches)
+        total = sum(len(s) for s in self.selected)
+        if total == 0:
+            raise CacheError(
+                f"{cache.directory}: the selection (steps {steps}, stride {step_stride}, conditions {conditions}, branches {branches}) is empty"
+            )
+        if drop_last:
+            self.per_rank = total // world_size // batch_size * batch_size
+            if self.per_rank == 0:
+                raise CacheError(
+                    f"{cache.directory}: {total} selected samples give no full batch of {batch_size} on {world_size} ranks"
+                )
+        else:
+            self.per_rank = -(-total // world_size)
+        self.total = total
+        self.epoch, self.skip = 0, 0
+        self._tables: dict[str, torch.Tensor] | None = None
+
+    def _select(
+        self, steps: list[int] | None, stride: int, conditions: list[int] | None, branches: list[str] | None
+    ) -> list[torch.Tensor]:
+        structure = self.cache.structure
+        kept = structure["kept_steps"]
+        if steps is not None and (missing := sorted(set(steps) - set(kept))):
+            raise CacheError(f"{self.cache.directory}: steps {missing} are not in the cache (kept steps {kept})")
+        if branches is not None and (unknown := sorted(set(branches) - set(structure["branches"]))):
+            raise CacheError(
+                f"{self.cache.directory}: branches {unknown} are not in the cache ({structure['branches']})"
+            )
+        if conditions is not None and (bad := [c for c in conditions if not 0 <= c < structure["num_conditions"]]):
+            raise CacheError(
+                f"{self.cache.directory}: conditions {bad} out of range (the cache has {structure['num_conditions']})"
+            )
+        step_ok = torch.tensor([i % stride == 0 and (steps is None or i in steps) for i in range(max(kept) + 1)])
+        branch_ok = torch.tensor([branches is None or b in branches for b in BRANCHES])
+        cond_ok = torch.tensor([conditions is None or c in conditions for c in range(structure["num_conditions"])])
+        selected = []
+        for index in range(self.cache.num_shards):
+            ids = sample_ids(structure, index)
+            mask = step_ok[ids["step_index"]] & branch_ok[ids["branch"]] & cond_ok[ids["cond_index"]]
+            selected.append(mask.nonzero().flatten())
+        return selected
+
+    def __len__(self) -> int:
+        return -(-self.per_rank // self.batch_size)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_tables": None}  # workers load the condition table themselves
+
+    def set_position(self, epoch: int, skip: int) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    # ---- iteration --------------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        counts = _split(len(self), workers)
+        skips, first = _resume_plan(counts, self.skip)
+        worker = (worker + first) % workers  # the DataLoader restarts its round-robin at worker 0
+        first_batch, skip = sum(counts[:worker]), skips[worker]
+        start = first_batch * self.batch_size  # this worker's run, in positions of the rank's block
+        stop = min((first_batch + counts[worker]) * self.batch_size, self.per_rank)
+        plan = _EpochPlan(self.selected, self.shuffle, self.seed, self.epoch)
+        offset = self.rank * self.per_rank
+        packed = info is not None
+        resume = start + skip * self.batch_size
+        window = start + (resume - start) // self.window * self.window
+        shard_cache: dict[int, dict[str, torch.Tensor]] = {}
+        while window < stop:
+            end = min(window + self.window, stop)
+            data = self._gather(plan, offset + window, offset + end, shard_cache)
+            order = torch.arange(end - window)
+            if self.shuffle:
+                g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, self.rank, window))
+                order = torch.randperm(end - window, generator=g)
+            for pos in range(max(resume, window), end, self.batch_size):
+                batch = {k: v[order[pos - window : min(pos + self.batch_size, end) - window]] for k, v in data.items()}
+                yield batch if packed else self.finish(batch)
+            window = end
+
+    def _gather(
+        self, plan: _EpochPlan, start: int, stop: int, shard_cache: dict[int, dict[str, torch.Tensor]]
+    ) -> dict[str, torch.Tensor]:
+        """The window's samples, loading shards one at a time (the previous one is released first)."""
+        pieces: dict[str, list[torch.Tensor]] = {k: [] for k in (*self.keys, "ids")}
+        for shard, rows in plan.segments(start, stop):
+            if shard not in shard_cache:
+                shard_cache.clear()
+                shard_cache[shard] = self.cache.load_shard(shard)
+            tensors = shard_cache[shard]
+            for key in self.keys:
+                pieces[key].append(tensors[key][rows])
+            pieces["ids"].append(torch.stack([tensors[k][rows] for k in _IDS], 1))
+        return {k: torch.cat(v) for k, v in pieces.items()}
+
+    def _condition_tables(self) -> dict[str, torch.Tensor]:
+        """{key: [branches, N, ...]}: row (branch, cond_index) is a sample's condition."""
+        table = self.cache.conditions()
+        keys = sorted({k.split(".", 1)[1] for k in table})
+        branches = self.cache.structure["branches"]
+        out = {}
+        for key in keys:
+            parts = [table[f"{b}.{key}"] for b in branches]
+            out[key] = torch.stack(parts)
+        return out
+
+    def finish(self, packed: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        """Unpack the ids and look up each sample's condition (row (branch, cond_index) of the table)."""
+        if self._tables is None:
+            self._tables = self._condition_tables()
+        batch: dict[str, Any] = {k: v for k, v in packed.items() if k != "ids"}
+        batch.update({k: packed["ids"][:, i] for i, k in enumerate(_IDS)})
+        batch["cond"] = {k: v[batch["branch"], batch["cond_index"]] for k, v in self._tables.items()}
+        return batch
+
+
+class _ResumableLoader(DataLoader):
+    """A DataLoader over a TrajectoryDataset that counts passes (epochs) and delivered batches. Its
+    `state_dict` / `load_state_dict` make Lightning treat it as resumable (it checkpoints loaders too)."""
+
+    def __init__(self, dataset: TrajectoryDataset, epoch: int = 0, skip: int = 0, **kwargs: Any) -> None:
+        super().__init__(dataset, batch_size=None, **kwargs)
+        self.epoch, self.consumed = epoch, skip
+        self._next = (epoch, skip)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batches": self.consumed}
+
+    def load_state_dict(self, state_dict: Mapping[str, int]) -> None:
+        self.epoch, self.consumed = state_dict["epoch"], state_dict["batches"]
+        self._next = (self.epoch, self.consumed)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        epoch, skip = self._next
+        if skip >= len(self):  # saved at the end of an epoch: continue with the next one
+            epoch, skip = epoch + 1, 0
+        self.dataset.set_position(epoch, skip)
+        self.epoch, self.consumed = epoch, skip
+        self._next = (epoch + 1, 0)
+        for batch in super().__iter__():
+            self.consumed += 1
+            yield self.dataset.finish(batch) if self.num_workers else batch
+
+
+# -------------------------------------------------------------------------------------------------
+# DataModule
+# -------------------------------------------------------------------------------------------------
+
+
+class TrajectoryDataModule(L.LightningDataModule):
+    """Streams a trajectory cache (see the module docstring) for image or video teachers.
+
+    Args:
+        cache: the cache directory, e.g. data/opensora_iddpm100.
+        batch_size: samples per batch (per rank).
+        shuffle / shuffle_buffer / seed: epoch-dependent shuffling of shards, samples within a shard
+            and windows of `shuffle_buffer` samples (rounded up to whole batches).
+        steps / step_stride: keep sampler steps in `steps` (None: all cached) with i % step_stride == 0.
+        conditions: condition-table rows to keep (None: all); branches: "cond" and/or "uncond".
+        teacher_output: yield the cached teacher output.
+        drop_last: cut every rank to whole, equal batches instead of padding by wrapping around.
+        num_workers / pin_memory: DataLoader options (workers are re-created each epoch).
+        verify: "full" (sha256 of every shard at setup), "open" (sizes at setup, sha256 at load), "size".
+        expect: dotted manifest keys the cache must have, e.g. {"teacher.weights_sha256": "..."}.
+        rank / world_size: override torch.distributed's (tests, custom launchers).
+        recipe: how to generate the cache when it is missing or unfinished (`prepare_cache`); its name
+            must be the cache directory's name.
+
+    Resuming: Lightning stores `state_dict()` = {"epoch", "batches"} in checkpoints (under the class
+    name, and the loader's own copy under the fit loop's "combined_loader") and calls `load_state_dict`
+    before `train_dataloader()`; the next pass skips the delivered batches, so the remaining ones equal
+    the uninterrupted run's (same batch size, world size and num_workers).
+    """
+
+    def __init__(
+        self,
+        cache: str,
+        batch_size: int = 8,
+        shuffle: bool = True,
+        shuffle_buffer: int = 256,
+        seed: int = 0,
+        steps: list[int] | None = None,
+        step_stride: int = 1,
+        conditions: list[int] | None = None,
+        branches: list[str] | None = None,
+        teacher_output: bool = True,
+        drop_last: bool = False,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        verify: Literal["full", "open", "size"] = "open",
+        expect: dict[str, Any] | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        recipe: TrajectoryRecipe | None = None,
+    ) -> None:
+        super().__init__()
+        self.cache_dir = Path(cache)
+        if recipe is not None and recipe.name != self.cache_dir.name:
+            raise ValueError(f"recipe.name {recipe.name!r} must be the cache directory's name {self.cache_dir.name!r}")
+        self.recipe = recipe
+        self.options = dict(
+            batch_size=batch_size,
+            shuffle=shuffle,
+            shuffle_buffer=shuffle_buffer,
+            seed=seed,
+            steps=steps,
+            step_stride=step_stride,
+            conditions=conditions,
+            branches=branches,
+            teacher_output=teacher_output,
+            drop_last=drop_last,
+        )
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.verify, self.expect = verify, expect
+        self.rank, self.world_size = rank, world_size
+        self.cache: TrajectoryCache | None = None
+        self._loader: _ResumableLoader | None = None
+        self._position = {"epoch": 0, "batches": 0}
+
+    def setup(self, stage: str | None = None) -> None:
+        """Open the cache: manifest, identity `expect`ations, file sizes (and checksums for verify="full")."""
+        if self.cache is None:
+            self.cache = TrajectoryCache(self.cache_dir, verify=self.verify, expect=self.expect)
+
+    def prepare_cache(self, teacher: Denoiser) -> None:
+        """Before fitting, on every rank (MPQCLI.before_fit): generate / finish the cache from `recipe`
+        with the frozen teacher, or, without a recipe, check that the cache was made by this teacher."""
+        if self.recipe is None:
+            self.check_teacher(teacher)
+        else:
+            ensure_cache(self.recipe, teacher, self.cache_dir.parent)
+
+    def check_teacher(self, teacher: Denoiser) -> None:
+        """Raise CacheError unless the cache was generated by these teacher weights."""
+        self.setup()
+        expected = teacher_fingerprint(teacher)["weights_sha256"]
+        stored = self.cache.manifest["teacher"]["weights_sha256"]
+        if stored != expected:
+            raise CacheError(
+                f"{self.cache_dir / 'manifest.json'}: teacher.weights_sha256 is {stored}, this teacher's is {expected}"
+            )
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        self.setup()
+        return self.cache.manifest
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        rank, world = _rank_world(self.rank, self.world_size)
+        dataset = TrajectoryDataset(self.cache, rank=rank, world_size=world, **self.options)
+        self._layout = {"world_size": world, "num_workers": self.num_workers, **self.options}
+        self._loader = _ResumableLoader(
+            dataset,
+            self._position["epoch"],
+            self._position["batches"],
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+        )
+        return self._loader
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._loader is None:
+            return dict(self._position)
+        return {**self._loader.state_dict(), "layout": self._layout}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        layout = state_dict.get("layout")
+        current = {"num_workers": self.num_workers, **self.options}
+        changed = sorted(k for k in current if layout is not None and layout.get(k) != current[k])
+        if changed:
+            warnings.warn(
+                f"TrajectoryDataModule: resuming with changed {changed}; the remaining batches differ from the original run's",
+                stacklevel=2,
+            )
+        self._position = {"epoch": state_dict["epoch"], "batches": state_dict["batches"]}
+        if self._loader is not None:
+            self._loader.load_state_dict(self._position)
+
+
+# -------------------------------------------------------------------------------------------------
+# On-the-fly trajectories (EfficientDM / MPQ-DM): teacher-forced sampling, one batch per sampler step
+# -------------------------------------------------------------------------------------------------
+
+
+class TeacherForcedTrajectories:
+    """Samples trajectories with the teacher and yields one batch per sampler step, i = 0..S-1 in order.
+
+    Trajectory batch g (counted across epochs) on rank r holds trajectories j = (g·W + r)·B + b,
+    b < batch_size, starting from x_T = randn(latent_shape, seed + j) with condition row
+    randint(N, seed + j) (random_conditions) or j % N. Each batch is the teacher's call at that step:
+    x_t [R, ...] (R = 2B with guidance: cond rows then uncond rows, as `models.sampling.sample`),
+    t, step_index, cond, teacher_output (raw), branch, trajectory, cond_index; x_t is then advanced
+    with the teacher's guided prediction (teacher forcing), exactly like `sample` with the same noise.
+
+    An iterable with `len()` (batches per epoch) and `state_dict()` / `load_state_dict()`: return it
+    from `train_dataloader()` and Lightning checkpoints the position; resuming mid-trajectory replays
+    the teacher up to that step. Runs in the main process on the teacher's device.
+    """
+
+    def __init__(
+        self,
+        teacher: Denoiser,
+        conditions: Mapping[str, torch.Tensor] | None = None,
+        uncond: Mapping[str, torch.Tensor] | None = None,
+        *,
+        scheduler: str | None = None,
+        scheduler_config: Mapping[str, Any] | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        cfg_channels: int | None = None,
+        eta: float = 0.0,
+        batch_size: int = 4,
+        trajectories_per_epoch: int = 4,
+        seed: int = 0,
+        random_conditions: bool = True,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        spec = teacher.default_scheduler
+        default = scheduler is None
+        self.teacher = teacher
+        self.scheduler_name = spec["name"] if default else scheduler
+        self.scheduler_config = dict(spec["config"] if default else (scheduler_config or {}))
+        self.steps = num_inference_steps or (spec["num_inference_steps"] if default else None)
+        if not self.steps:
+            raise ValueError(f"set num_inference_steps for scheduler {scheduler!r}")
+        self.guidance_scale = float(guidance_scale if guidance_scale is not None else spec.get("guidance_scale", 1.0))
+        self.cfg_channels, self.eta = cfg_channels, eta
+        self.conditions = dict(conditions or {})
+        sizes = {len(v) for v in self.conditions.values()}
+        if len(sizes) > 1:
+            raise ValueError(f"condition tensors have different row counts {sizes}")
+        self.num_conditions = sizes.pop() if sizes else 1
+        self.uncond = dict(uncond) if uncond is not None else None
+        self.batch_size, self.seed, self.random_conditions = batch_size, seed, random_conditions
+        self.rank, self.world_size = _rank_world(rank, world_size)
+        self.batches_per_epoch = trajectories_per_epoch // (batch_size * self.world_size)
+        if self.batches_per_epoch < 1:
+            raise ValueError(
+                f"trajectories_per_epoch {trajectories_per_epoch} < batch_size {batch_size} x world size {self.world_size}"
+            )
+        self.position = 0  # batches delivered since the start (all epochs)
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch * self.steps
+
+    def state_dict(self) -> dict[str, int]:
+        return {"position": self.position}
+
+    def load_state_dict(self, state_dict: Mapping[str, int]) -> None:
+        self.position = int(state_dict["position"])
+
+    def trajectory_inputs(
+        self, group: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor] | None, torch.Tensor, torch.Tensor]:
+        """(noise, cond, uncond, trajectory ids, condition rows) of trajectory batch `group` on this rank."""
+        param = next(self.teacher.parameters())
+        first = (group * self.world_size + self.rank) * self.batch_size
+        ids = torch.arange(first, first + self.batch_size)
+        generators = [torch.Generator().manual_seed(self.seed + int(j)) for j in ids]
+        noise = torch.stack([torch.randn(self.teacher.latent_shape, generator=g) for g in generators])
+        if self.random_conditions:
+            rows = torch.stack([torch.randint(self.num_conditions, (), generator=g) for g in generators])
+        else:
+            rows = ids % self.num_conditions
+        cond = {k: v[rows].to(param.device) for k, v in self.conditions.items()}
+        uncond = None
+        if self.guidance_scale != 1.0:
+            uncond = (
+                {k: v[rows].to(param.device) for k, v in self.uncond.items()}
+                if self.uncond is not None
+                else self.teacher.null_cond(cond)
+            )
+        return noise.to(param.device, param.dtype), cond, uncond, ids, rows
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if get_worker_info() is not None:
+            raise RuntimeError("TeacherForcedTrajectories runs the teacher: use it in the main process (num_workers=0)")
+        epoch_end = (self.position // len(self) + 1) * len(self)
+        while self.position < epoch_end:
+            group, step = divmod(self.position, self.steps)
+            for i, batch in enumerate(self._trajectory(group)):
+                if i >= step:
+                    self.position += 1
+                    yield batch
+
+    @torch.no_grad()
+    def _trajectory(self, group: int) -> Iterator[dict[str, Any]]:
+        """The teacher-forced sampling loop of `models.sampling.sample`, yielding each step's call."""
+        teacher = self.teacher
+        noise, cond, uncond, ids, rows = self.trajectory_inputs(group)
+        scheduler = make_scheduler(self.scheduler_name, **self.scheduler_config)
+        scheduler.set_timesteps(self.steps, device=noise.device)
+        use_cfg = self.guidance_scale != 1.0
+        model_cond = _cat_cond(cond, uncond) if use_cfg else cond
+        takes_variance = _takes_variance(scheduler, teacher)
+        predicted = teacher.in_channels if teacher.learned_sigma else teacher.out_channels
+        channels = self.cfg_channels or teacher.cfg_channels or predicted
+        generator = torch.Generator(noise.device).manual_seed(mix_seed(self.seed, int(ids[0]), 1))
+        params = inspect.signature(scheduler.step).parameters
+        step_kwargs = {k: v for k, v in (("generator", generator), ("eta", self.eta)) if k in params}
+        scale_input = getattr(scheduler, "scale_model_input", lambda x, t: x)
+        repeat = 2 if use_cfg else 1
+        x = noise * getattr(scheduler, "init_noise_sigma", 1.0)
+        for i, t in enumerate(scheduler.timesteps):
+            x_in = scale_input(x, t)
+            x_in = torch.cat([x_in] * repeat)
+            step_index = torch.full((len(x_in),), i, dtype=torch.long, device=x.device)
+            out = teacher(x_in, t.expand(len(x_in)), model_cond, step_index)
+            batch = {
+                "x_t": x_in,
+                "t": t.expand(len(x_in)).clone(),
+                "step_index": step_index,
+                "cond": model_cond,
+                "teacher_output": out,
+                "branch": torch.arange(repeat).repeat_interleave(len(ids)),
+                "trajectory": ids.repeat(repeat),
+                "cond_index": rows.repeat(repeat),
+            }
+            if use_cfg:
+                out = guide(*out.chunk(2), self.guidance_scale, channels)
+            x = scheduler.step(out if takes_variance else out[:, :predicted], t, x, **step_kwargs, return_dict=False)[0]
+            yield batch

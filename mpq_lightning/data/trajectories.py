@@ -1,0 +1,920 @@
+"""The teacher trajectory cache: generation (resumable, multi-process), shard writer, manifest, reader.
+
+The FP teacher samples trajectories with a diffusers scheduler (`models.sampling.sample`) and every
+kept sampler step is stored as one sample per denoiser row: with classifier-free guidance a step
+gives a "cond" and an "uncond" sample (the same x_t, the prompt's and the null condition, Q-VDiT's
+doubled batch), each with the teacher's raw output for that row. Layout (see data/README.md):
+
+    data/<name>/manifest.json                 identity (recipe, teacher hash, scheduler), structure,
+                                              tensor specs, per-shard sha256 / bytes / sample counts
+    data/<name>/conditions.safetensors        condition table, stored once: cond.<key>, uncond.<key>
+    data/<name>/shard-00000.safetensors ...   trajectories [a, b) of the shard, samples ordered
+                                              (trajectory, kept step, branch)
+
+    python -m mpq_lightning.data.trajectories --model tiny-stdit --recipe.name demo --recipe.cond_path p.safetensors
+    torchrun --nproc_per_node 8 -m mpq_lightning.data.trajectories --config recipe.yaml
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import safetensors.torch
+import torch
+import torch.distributed as dist
+
+from mpq_lightning.models.registry import Denoiser
+from mpq_lightning.models.sampling import make_scheduler, sample
+
+__all__ = [
+    "BRANCHES",
+    "CacheError",
+    "ShardWriter",
+    "TrajectoryCache",
+    "TrajectoryRecipe",
+    "ensure_cache",
+    "load_condition_file",
+    "main",
+    "synthesize_cache",
+    "teacher_fingerprint",
+]
+
+FORMAT = "mpq-lightning/trajectories"
+VERSION = 1
+MANIFEST = "manifest.json"
+CONDITIONS = "conditions.safetensors"
+PROGRESS = "partial"  # per-shard records of an unfinished generation, merged into the manifest at the end
+BRANCHES = ("cond", "uncond")
+#: Sections of the manifest that identify a cache; a request differing in any key is refused.
+IDENTITY = ("recipe", "teacher", "scheduler", "conditions")
+
+
+class CacheError(ValueError):
+    """A trajectory cache that is missing, corrupt, incomplete or made by another recipe / teacher."""
+
+
+# -------------------------------------------------------------------------------------------------
+# Recipe
+# -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrajectoryRecipe:
+    """How the teacher samples the cached trajectories; the manifest stores the resolved values.
+
+    Trajectory j (0-based) starts from x_T = randn(latent_shape, seed + j) and uses condition
+    j % num_conditions. A condition file (`cond_path`, safetensors or .pt) holds the denoiser's cond
+    keys as [N, ...] tensors (e.g. STDiT: "y" [N, 1, L, C], "mask" [N, L]) and optionally
+    "null.<key>" ([N, ...] or [1, ...]) for the guidance branch (default: `denoiser.null_cond`).
+
+    Args:
+        name: cache directory name (ROOT/<name>).
+        scheduler: `make_scheduler` name ("ddim", "iddpm", ...); None: the teacher's default scheduler.
+        scheduler_config: scheduler constructor keywords (ignored when scheduler is None).
+        num_inference_steps: sampler steps S; None: the teacher's default.
+        guidance_scale: classifier-free guidance scale; None: the teacher's default; 1 = no guidance.
+        cfg_channels: leading channels guided; None: the teacher's convention.
+        eta: DDIM eta (schedulers without it ignore it).
+        seed: trajectory j uses seed + j for x_T.
+        num_trajectories: None: one per condition.
+        batch_size: trajectories per sampler call (stochastic samplers seed their noise per batch).
+        class_labels: class-conditional teachers: the condition table.
+        cond_path: text-conditional teachers: the condition file described above.
+        keep_stride: keep sampler steps i with i % keep_stride == 0 (Q-VDiT: 5 of 100 steps).
+        keep_steps: keep only these sampler steps (combined with keep_stride).
+        store_teacher_output: store the teacher's raw output for every sample.
+        shard_size: trajectories per shard file.
+    """
+
+    name: str
+    scheduler: str | None = None
+    scheduler_config: dict[str, Any] = field(default_factory=dict)
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    cfg_channels: int | None = None
+    eta: float = 0.0
+    seed: int = 0
+    num_trajectories: int | None = None
+    batch_size: int = 1
+    class_labels: list[int] | None = None
+    cond_path: str | None = None
+    keep_stride: int = 1
+    keep_steps: list[int] | None = None
+    store_teacher_output: bool = True
+    shard_size: int = 16
+
+    def resolve(self, denoiser: Denoiser, num_conditions: int) -> dict[str, Any]:
+        """The recipe with defaults filled from the teacher, as stored in (and compared with) the manifest."""
+        spec = denoiser.default_scheduler
+        default = self.scheduler is None
+        steps = self.num_inference_steps or (spec["num_inference_steps"] if default else None)
+        if not steps:
+            raise ValueError(f"recipe {self.name!r}: set num_inference_steps for scheduler {self.scheduler!r}")
+        predicted = denoiser.in_channels if denoiser.learned_sigma else denoiser.out_channels
+        for key in ("batch_size", "shard_size", "keep_stride"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"recipe {self.name!r}: {key} must be >= 1, got {getattr(self, key)}")
+        if self.class_labels is not None and self.cond_path is not None:
+            raise ValueError(f"recipe {self.name!r}: give class_labels or cond_path, not both")
+        resolved = {
+            **dataclasses.asdict(self),
+            "scheduler": spec["name"] if default else self.scheduler,
+            "scheduler_config": dict(spec["config"]) if default else dict(self.scheduler_config),
+            "num_inference_steps": int(steps),
+            "guidance_scale": _guidance(self, denoiser),
+            "cfg_channels": int(self.cfg_channels or denoiser.cfg_channels or predicted),
+            "num_trajectories": int(self.num_trajectories or num_conditions),
+        }
+        return _jsonable(resolved)
+
+    @staticmethod
+    def kept_steps(resolved: Mapping[str, Any]) -> list[int]:
+        keep = set(resolved["keep_steps"]) if resolved["keep_steps"] is not None else None
+        steps = [i for i in range(resolved["num_inference_steps"]) if i % resolved["keep_stride"] == 0]
+        steps = [i for i in steps if keep is None or i in keep]
+        if not steps:
+            raise ValueError(f"recipe {resolved['name']!r}: keep_stride / keep_steps keep no sampler step")
+        return steps
+
+
+# -------------------------------------------------------------------------------------------------
+# Small helpers: JSON, hashing, seeds, atomic writes, distribution
+# -------------------------------------------------------------------------------------------------
+
+
+def _guidance(recipe: TrajectoryRecipe, denoiser: Denoiser) -> float:
+    if recipe.guidance_scale is not None:
+        return float(recipe.guidance_scale)
+    return float(denoiser.default_scheduler.get("guidance_scale", 1.0))
+
+
+def _jsonable(value: Any) -> Any:
+    """Round-trip through JSON (tuples → lists, numpy scalars → str) so comparisons match the file."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def _flatten(value: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: value}
+
+
+def _differences(stored: Mapping[str, Any], requested: Mapping[str, Any]) -> list[str]:
+    """'key: cache X, requested Y' for every dotted key that differs."""
+    a, b = _flatten(dict(stored), ""), _flatten(dict(requested), "")
+    lines = []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key, "<absent>") != b.get(key, "<absent>"):
+            lines.append(f"{key}: cache {_short(a.get(key, '<absent>'))}, requested {_short(b.get(key, '<absent>'))}")
+    return lines
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def mix_seed(*values: int) -> int:
+    """A 63-bit seed from integers (stable across processes, unlike Python's str hash)."""
+    digest = hashlib.sha256(",".join(str(int(v)) for v in values).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temp file next to `path`, fsync, then os.replace: readers see old or new, never half."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, value: Any) -> None:
+    _atomic_write(path, (json.dumps(value, indent=1, sort_keys=True) + "\n").encode())
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CacheError(f"{path}: unreadable manifest ({err})") from err
+
+
+@contextmanager
+def _distributed(enabled: bool) -> Iterator[tuple[int, int]]:
+    """(rank, world size) of torch.distributed. Under torchrun (WORLD_SIZE > 1) before anyone has set
+    up a process group, a gloo group is created for the barriers and destroyed on exit, so that
+    Lightning later creates its own."""
+    created = enabled and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if created:
+        dist.init_process_group("gloo")
+    try:
+        yield (dist.get_rank(), dist.get_world_size()) if enabled and dist.is_initialized() else (0, 1)
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def teacher_fingerprint(denoiser: torch.nn.Module) -> dict[str, Any]:
+    """Class, latent shape and sha256 of every state-dict tensor (names, dtypes, shapes, bytes)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(denoiser.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return {
+        "class": type(denoiser).__name__,
+        "latent_shape": list(getattr(denoiser, "latent_shape", ())),
+        "out_channels": getattr(denoiser, "out_channels", None),
+        "weights_sha256": digest.hexdigest(),
+    }
+
+
+def _scheduler_identity(resolved: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+    scheduler = make_scheduler(resolved["scheduler"], **resolved["scheduler_config"])
+    scheduler.set_timesteps(resolved["num_inference_steps"])
+    config = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
+    info = {"class": type(scheduler).__name__, "config": config, "timesteps": scheduler.timesteps.tolist()}
+    return scheduler, _jsonable(info)
+
+
+# -------------------------------------------------------------------------------------------------
+# Conditions
+# -------------------------------------------------------------------------------------------------
+
+
+def load_condition_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a condition file: safetensors, or a .pt/.pth dict of tensors (weights_only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CacheError(f"{path}: condition file does not exist")
+    if path.suffix == ".safetensors":
+        return safetensors.torch.load_file(str(path))
+    table = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(table, dict) or not all(isinstance(v, torch.Tensor) for v in table.values()):
+        raise CacheError(f"{path}: expected a dict of tensors")
+    return table
+
+
+def _class_key(denoiser: Denoiser) -> str:
+    keys = [k for k, spec in denoiser.cond_spec.items() if spec.dtype == "long" and spec.required]
+    if len(keys) != 1:
+        raise ValueError(
+            f"class_labels need a denoiser with one class-label cond key, got cond_spec {denoiser.cond_spec}"
+        )
+    return keys[0]
+
+
+def _conditions(recipe: TrajectoryRecipe, denoiser: Denoiser, cfg: bool) -> tuple[dict[str, torch.Tensor], str | None]:
+    """The condition table {"cond.<key>": [N, ...], "uncond.<key>": [N, ...]} and the source file's sha256."""
+    source = None
+    if recipe.class_labels is not None:
+        cond = {_class_key(denoiser): torch.tensor(recipe.class_labels, dtype=torch.long)}
+        null = {}
+    elif recipe.cond_path is not None:
+        raw = load_condition_file(recipe.cond_path)
+        source = _sha256_file(Path(recipe.cond_path))
+        cond = {k: v for k, v in raw.items() if not k.startswith("null.")}
+        null = {k.removeprefix("null."): v for k, v in raw.items() if k.startswith("null.")}
+        unknown = sorted(set(cond) - set(denoiser.cond_spec))
+        if unknown:
+            raise CacheError(
+                f"{recipe.cond_path}: keys {unknown} are not cond keys of the teacher {sorted(denoiser.cond_spec)}"
+            )
+    else:
+        return {}, None
+    sizes = {len(v) for v in cond.values()}
+    if len(sizes) != 1:
+        raise CacheError(f"{recipe.cond_path or 'class_labels'}: condition tensors have different row counts {sizes}")
+    (count,) = sizes
+    if cfg:
+        if not null:
+            try:
+                null = denoiser.null_cond(cond)
+            except ValueError as err:
+                raise CacheError(
+                    f"{recipe.cond_path}: guidance needs the null condition; add 'null.<key>' tensors ({err})"
+                ) from err
+        null = {k: v.expand(count, *v.shape[1:]) if len(v) == 1 else v for k, v in null.items()}
+        if set(null) != set(cond) or any(len(v) != count for v in null.values()):
+            raise CacheError(
+                f"{recipe.cond_path}: null.* keys must match the cond keys {sorted(cond)} with 1 or {count} rows"
+            )
+    table = {f"cond.{k}": v.detach().cpu().clone() for k, v in cond.items()}  # clones: null_cond may share tensors
+    table.update({f"uncond.{k}": v.detach().cpu().clone() for k, v in null.items()})
+    return table, source
+
+
+def _table_rows(
+    table: Mapping[str, torch.Tensor], prefix: str, index: torch.Tensor, device: torch.device
+) -> dict[str, torch.Tensor]:
+    return {k.removeprefix(prefix): v[index].to(device) for k, v in table.items() if k.startswith(prefix)}
+
+
+# -------------------------------------------------------------------------------------------------
+# Manifest: layout arithmetic shared by the writer and the reader
+# -------------------------------------------------------------------------------------------------
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
+
+
+def _structure(
+    num_trajectories: int, kept: list[int], branches: int, num_conditions: int, shard_size: int
+) -> dict[str, Any]:
+    return {
+        "num_trajectories": num_trajectories,
+        "kept_steps": kept,
+        "branches": list(BRANCHES[:branches]),
+        "num_conditions": max(num_conditions, 1),
+        "trajectories_per_shard": shard_size,
+        "num_shards": -(-num_trajectories // shard_size),
+        "num_samples": num_trajectories * len(kept) * branches,
+    }
+
+
+def shard_trajectories(structure: Mapping[str, Any], index: int) -> tuple[int, int]:
+    per = structure["trajectories_per_shard"]
+    return index * per, min((index + 1) * per, structure["num_trajectories"])
+
+
+def sample_ids(structure: Mapping[str, Any], index: int) -> dict[str, torch.Tensor]:
+    """Per-sample trajectory / step / branch / condition / uid of shard `index`, in stored order
+    (trajectory-major, then kept step, then branch); uid = (trajectory · K + kept position) · branches + branch."""
+    a, b = shard_trajectories(structure, index)
+    kept = torch.tensor(structure["kept_steps"], dtype=torch.long)
+    nb = len(structure["branches"])
+    traj, pos, branch = torch.meshgrid(torch.arange(a, b), torch.arange(len(kept)), torch.arange(nb), indexing="ij")
+    traj, pos, branch = traj.reshape(-1), pos.reshape(-1), branch.reshape(-1)
+    return {
+        "trajectory": traj,
+        "step_index": kept[pos],
+        "branch": branch,
+        "cond_index": traj % structure["num_conditions"],
+        "uid": (traj * len(kept) + pos) * nb + branch,
+    }
+
+
+def _tensor_specs(latent: list[int], out_channels: int | None, dtype: str, t_dtype: str) -> dict[str, Any]:
+    """Per-sample shapes and dtypes; "per": "trajectory" for x_T (one row per trajectory of the shard)."""
+    specs = {
+        "x_t": {"shape": latent, "dtype": dtype},
+        "t": {"shape": [], "dtype": t_dtype},
+        **{
+            k: {"shape": [], "dtype": "int64"}
+            for k in ("step_index", "trajectory", "branch", "cond_index", "uid", "seed")
+        },
+        "x_T": {"shape": latent, "dtype": dtype, "per": "trajectory"},
+    }
+    if out_channels is not None:
+        specs["teacher_output"] = {"shape": [out_channels, *latent[1:]], "dtype": dtype}
+    return specs
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def check_tensors(
+    path: Path, tensors: Mapping[str, torch.Tensor], specs: Mapping[str, Any], samples: int, trajectories: int
+) -> None:
+    """Raise CacheError naming `path` when keys, shapes or dtypes differ from the manifest's specs."""
+    missing, extra = sorted(set(specs) - set(tensors)), sorted(set(tensors) - set(specs))
+    if missing or extra:
+        raise CacheError(
+            f"{path}: tensors {sorted(tensors)} do not match the manifest (missing {missing}, unexpected {extra})"
+        )
+    for key, spec in specs.items():
+        rows = trajectories if spec.get("per") == "trajectory" else samples
+        expected = [rows, *spec["shape"]]
+        got = tensors[key]
+        if list(got.shape) != expected or _dtype_name(got.dtype) != spec["dtype"]:
+            raise CacheError(
+                f"{path}: tensor {key!r} is {list(got.shape)} {_dtype_name(got.dtype)}, "
+                f"the manifest says {expected} {spec['dtype']}"
+            )
+
+
+# -------------------------------------------------------------------------------------------------
+# Writer
+# -------------------------------------------------------------------------------------------------
+
+
+class ShardWriter:
+    """Writes a cache directory: the manifest header, shards with per-shard progress records, and the
+    final manifest. Every file goes through temp file + os.replace. A shard counts as done when its
+    progress record exists and the file's size and sha256 match it; anything else is rewritten.
+    """
+
+    def __init__(self, directory: str | Path, header: Mapping[str, Any]) -> None:
+        self.directory = Path(directory)
+        self.header = _jsonable(dict(header))
+        self.manifest_path = self.directory / MANIFEST
+
+    # ---- state ------------------------------------------------------------------------------------
+
+    def existing(self) -> dict[str, Any] | None:
+        """The manifest on disk, after checking it describes the same cache; None when absent."""
+        if not self.manifest_path.exists():
+            return None
+        stored = _read_json(self.manifest_path)
+        if stored.get("format") != FORMAT:
+            raise CacheError(f"{self.manifest_path}: not a trajectory cache manifest (format {stored.get('format')!r})")
+        diffs = _differences({k: stored.get(k) for k in IDENTITY}, {k: self.header.get(k) for k in IDENTITY})
+        if diffs:
+            raise CacheError(
+                f"{self.manifest_path}: the cache was made by another recipe / teacher / scheduler; "
+                "use another recipe name or delete the directory. Differing keys:\n  " + "\n  ".join(diffs)
+            )
+        return stored
+
+    def begin(self, conditions: Mapping[str, torch.Tensor]) -> None:
+        """Create the directory, drop stale temp files, write the condition table and an incomplete manifest."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        (self.directory / PROGRESS).mkdir(exist_ok=True)
+        for stale in [*self.directory.glob(".*.tmp-*"), *(self.directory / PROGRESS).glob(".*.tmp-*")]:
+            stale.unlink(missing_ok=True)
+        data = safetensors.torch.save(dict(conditions), metadata={"format": FORMAT})
+        _atomic_write(self.directory / CONDITIONS, data)
+        record = {"file": CONDITIONS, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        record["keys"] = {k: {"shape": list(v.shape), "dtype": _dtype_name(v.dtype)} for k, v in conditions.items()}
+        self.header["conditions_file"] = record
+        _write_json(self.manifest_path, {**self.header, "complete": False, "shards": []})
+
+    def _record_path(self, index: int) -> Path:
+        return self.directory / PROGRESS / f"{shard_name(index)}.json"
+
+    def done(self, index: int) -> bool:
+        record_path, path = self._record_path(index), self.directory / shard_name(index)
+        if not (record_path.exists() and path.exists()):
+            return False
+        record = json.loads(record_path.read_text())
+        return path.stat().st_size == record["bytes"] and _sha256_file(path) == record["sha256"]
+
+    # ---- writing ----------------------------------------------------------------------------------
+
+    def write(self, index: int, tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        """Check `tensors` against the header's specs, write shard `index` and its progress record."""
+        path = self.directory / shard_name(index)
+        structure = self.header["structure"]
+        a, b = shard_trajectories(structure, index)
+        samples = (b - a) * len(structure["kept_steps"]) * len(structure["branches"])
+        check_tensors(path, tensors, self.header["tensors"], samples, b - a)
+        data = safetensors.torch.save({k: v.contiguous() for k, v in tensors.items()}, metadata={"format": FORMAT})
+        _atomic_write(path, data)
+        record = {
+            "file": path.name,
+            "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "num_samples": samples,
+            "trajectories": [a, b],
+        }
+        _write_json(self._record_path(index), record)
+        return record
+
+    def finalize(self) -> dict[str, Any]:
+        """Merge the progress records into the complete manifest (rank 0, after all shards exist)."""
+        shards = []
+        for index in range(self.header["structure"]["num_shards"]):
+            record_path = self._record_path(index)
+            if not record_path.exists():
+                raise CacheError(
+                    f"{self.directory / shard_name(index)}: shard was not generated (no {record_path.name})"
+                )
+            shards.append(json.loads(record_path.read_text()))
+        stored = _read_json(self.manifest_path)
+        manifest = {**self.header, "conditions_file": stored["conditions_file"], "complete": True, "shards": shards}
+        _write_json(self.manifest_path, manifest)
+        for record in (self.directory / PROGRESS).glob("*.json"):
+            record.unlink()
+        (self.directory / PROGRESS).rmdir()
+        return manifest
+
+
+# -------------------------------------------------------------------------------------------------
+# Generation
+# -------------------------------------------------------------------------------------------------
+
+
+def ensure_cache(
+    recipe: TrajectoryRecipe,
+    denoiser: Denoiser,
+    root: str | Path = "data",
+    *,
+    distributed: bool = True,
+    on_shard_written: Callable[[int, Path], None] | None = None,
+) -> Path:
+    """Return `root/<recipe.name>`, generating or finishing the cache first.
+
+    A complete cache with the same identity (resolved recipe, teacher weights hash, scheduler,
+    conditions) is reused after a size check; an incomplete one is resumed (verified shards kept);
+    any other is refused with a CacheError listing the differing keys. When generation is needed
+    with torch.distributed initialised (or WORLD_SIZE > 1, e.g. torchrun: a temporary gloo group is
+    used), every rank must call this: rank r generates shards r, r + W, ... and rank 0 writes the
+    final manifest after a barrier. From Lightning's `prepare_data` (local rank 0 only) pass
+    distributed=False. `on_shard_written(index, path)` is called after each shard (progress, tests).
+    """
+    cfg_rows = 2 if _guidance(recipe, denoiser) != 1.0 else 1
+    table, source = _conditions(recipe, denoiser, cfg_rows == 2)
+    num_conditions = len(next(iter(table.values()))) if table else 0
+    resolved = recipe.resolve(denoiser, max(num_conditions, 1))
+    scheduler, scheduler_info = _scheduler_identity(resolved)
+    dtype = next(denoiser.parameters()).dtype
+    kept = TrajectoryRecipe.kept_steps(resolved)
+    header = {
+        "format": FORMAT,
+        "version": VERSION,
+        "recipe": resolved,
+        "teacher": teacher_fingerprint(denoiser),
+        "scheduler": scheduler_info,
+        "conditions": {
+            "source_sha256": source,
+            "num_conditions": num_conditions,
+            "keys": {k: {"shape": list(v.shape[1:]), "dtype": _dtype_name(v.dtype)} for k, v in table.items()},
+        },
+        "structure": _structure(resolved["num_trajectories"], kept, cfg_rows, num_conditions, resolved["shard_size"]),
+        "tensors": _tensor_specs(
+            list(denoiser.latent_shape),
+            denoiser.out_channels if resolved["store_teacher_output"] else None,
+            _dtype_name(dtype),
+            _dtype_name(scheduler.timesteps.dtype),
+        ),
+    }
+    directory = Path(root) / recipe.name
+    writer = ShardWriter(directory, header)
+    stored = writer.existing()  # every rank checks, so a refusal raises everywhere before any barrier
+    if stored is not None and stored.get("complete"):  # before any process group: ranks may not all be here
+        TrajectoryCache(directory, verify="size")
+        return directory
+    with _distributed(distributed) as (rank, world):
+        if rank == 0:
+            writer.begin(table)
+        _barrier(world)
+        was_training = denoiser.training
+        denoiser.eval()
+        try:
+            for index in range(rank, header["structure"]["num_shards"], world):
+                if writer.done(index):
+                    continue
+                writer.write(index, _generate_shard(denoiser, header, table, index))
+                if on_shard_written is not None:
+                    on_shard_written(index, directory / shard_name(index))
+        finally:
+            denoiser.train(was_training)
+        _barrier(world)
+        if rank == 0:
+            writer.finalize()
+        _barrier(world)
+    return directory
+
+
+@torch.no_grad()
+def _generate_shard(
+    denoiser: Denoiser, header: Mapping[str, Any], table: Mapping[str, torch.Tensor], index: int
+) -> dict[str, torch.Tensor]:
+    """Sample the trajectories of shard `index` in batches and lay the kept steps out as samples."""
+    recipe, structure = header["recipe"], header["structure"]
+    device = next(denoiser.parameters()).device
+    dtype = next(denoiser.parameters()).dtype
+    kept = structure["kept_steps"]
+    cfg = len(structure["branches"]) == 2
+    a, b = shard_trajectories(structure, index)
+    parts: list[dict[str, torch.Tensor]] = []
+    for start in range(a, b, recipe["batch_size"]):
+        trajectories = torch.arange(start, min(start + recipe["batch_size"], b))
+        noise = torch.stack(
+            [
+                torch.randn(denoiser.latent_shape, generator=torch.Generator().manual_seed(recipe["seed"] + int(j)))
+                for j in trajectories
+            ]
+        ).to(device, dtype)
+        rows = trajectories % structure["num_conditions"]
+        cond = _table_rows(table, "cond.", rows, device) or None
+        uncond = _table_rows(table, "uncond.", rows, device) if cfg else None
+        steps = _record_steps(denoiser, recipe, noise, cond, uncond, set(kept), start)
+        n, k = len(trajectories), len(kept)
+        x = torch.stack([s["x_t"][:n] for s in steps], 1)  # [n, K, ...]
+        part = {
+            "x_t": x.unsqueeze(2).expand(n, k, len(structure["branches"]), *x.shape[2:]),
+            "t": torch.stack([s["t"] for s in steps])
+            .expand(n, k)
+            .unsqueeze(2)
+            .expand(n, k, len(structure["branches"])),
+            "x_T": noise,
+        }
+        if recipe["store_teacher_output"]:
+            out = torch.stack([s["output"] for s in steps], 1)  # [2n or n, K, ...]: cond rows then uncond rows
+            part["teacher_output"] = torch.stack(out.chunk(len(structure["branches"])), 2)
+        parts.append(part)
+    tensors = {}
+    for key in parts[0]:
+        joined = torch.cat([p[key] for p in parts])
+        tensors[key] = joined.reshape(-1, *joined.shape[3:]) if key != "x_T" else joined
+    tensors = {k: v.cpu().contiguous() for k, v in tensors.items()}
+    ids = sample_ids(structure, index)
+    tensors.update(ids)
+    tensors["seed"] = ids["trajectory"] + recipe["seed"]
+    return tensors
+
+
+def _record_steps(
+    denoiser: Denoiser,
+    recipe: Mapping[str, Any],
+    noise: torch.Tensor,
+    cond: dict[str, torch.Tensor] | None,
+    uncond: dict[str, torch.Tensor] | None,
+    kept: set[int],
+    first_trajectory: int,
+) -> list[dict[str, torch.Tensor]]:
+    """Run `sample` once; per kept step, the denoiser's input x_t (captured by a forward hook, i.e. after
+    scale_model_input), its raw output for every row, and the timestep (from the recorder)."""
+    scheduler = make_scheduler(recipe["scheduler"], **recipe["scheduler_config"])
+    generator = torch.Generator(noise.device).manual_seed(mix_seed(recipe["seed"], first_trajectory, 1))
+    steps: list[dict[str, torch.Tensor]] = []
+    call: dict[str, torch.Tensor] = {}
+
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
+        call["x_t"] = args[0] if args else kwargs["x_t"]
+        call["output"] = output
+
+    def recorder(*, step_index: int, t: torch.Tensor, **_: Any) -> None:
+        if step_index in kept:
+            steps.append({"x_t": call["x_t"].clone(), "output": call["output"].clone(), "t": t.detach().cpu().clone()})
+
+    handle = denoiser.register_forward_hook(hook, with_kwargs=True)
+    try:
+        sample(
+            denoiser,
+            scheduler,
+            noise,
+            cond,
+            uncond,
+            guidance_scale=recipe["guidance_scale"],
+            num_inference_steps=recipe["num_inference_steps"],
+            cfg_channels=recipe["cfg_channels"],
+            recorder=recorder,
+            generator=generator,
+            eta=recipe["eta"],
+        )
+    finally:
+        handle.remove()
+    return steps
+
+
+# -------------------------------------------------------------------------------------------------
+# Reader
+# -------------------------------------------------------------------------------------------------
+
+
+class TrajectoryCache:
+    """A complete cache on disk: manifest checks at open, shard loading with size / checksum / shape checks.
+
+    verify: "full" hashes every shard now; "open" (default) checks sizes now and each shard's sha256
+    when it is loaded; "size" checks sizes only. `expect` maps dotted manifest keys to required
+    values, e.g. {"teacher.weights_sha256": ..., "scheduler.class": "DDPMScheduler"}.
+    """
+
+    def __init__(
+        self,
+        directory: str | Path,
+        verify: Literal["full", "open", "size"] = "open",
+        expect: Mapping[str, Any] | None = None,
+    ) -> None:
+        if verify not in ("full", "open", "size"):
+            raise ValueError(f"verify must be 'full', 'open' or 'size', got {verify!r}")
+        self.directory = Path(directory)
+        self.verify = verify
+        path = self.directory / MANIFEST
+        if not path.exists():
+            raise CacheError(
+                f"{path}: no trajectory cache here (generate it with ensure_cache or `python -m mpq_lightning.data.trajectories`)"
+            )
+        self.manifest = _read_json(path)
+        if self.manifest.get("format") != FORMAT or self.manifest.get("version") != VERSION:
+            raise CacheError(
+                f"{path}: format {self.manifest.get('format')!r} v{self.manifest.get('version')} is not {FORMAT} v{VERSION}"
+            )
+        if not self.manifest.get("complete"):
+            raise CacheError(f"{path}: generation has not finished; rerun the generation to resume it")
+        if expect:
+            flat = _flatten({k: self.manifest.get(k) for k in IDENTITY}, "")
+            diffs = [
+                f"{k}: cache {_short(flat.get(k, '<absent>'))}, expected {_short(v)}"
+                for k, v in expect.items()
+                if flat.get(k, "<absent>") != _jsonable(v)
+            ]
+            if diffs:
+                raise CacheError(
+                    f"{path}: the cache does not match the expected teacher / recipe:\n  " + "\n  ".join(diffs)
+                )
+        self.structure = self.manifest["structure"]
+        self.specs = self.manifest["tensors"]
+        if len(self.manifest["shards"]) != self.structure["num_shards"]:
+            raise CacheError(
+                f"{path}: lists {len(self.manifest['shards'])} shards, the structure needs {self.structure['num_shards']}"
+            )
+        for record in [*self.manifest["shards"], self.manifest["conditions_file"]]:
+            self._check_file(record, hash_it=verify == "full")
+
+    def _check_file(self, record: Mapping[str, Any], hash_it: bool) -> Path:
+        path = self.directory / record["file"]
+        if not path.is_file():
+            raise CacheError(f"{path}: missing file listed in {self.directory / MANIFEST}")
+        size = path.stat().st_size
+        if size != record["bytes"]:
+            raise CacheError(f"{path}: {size} bytes, the manifest says {record['bytes']} (truncated or rewritten)")
+        if hash_it and _sha256_file(path) != record["sha256"]:
+            raise CacheError(f"{path}: sha256 does not match the manifest (corrupt file)")
+        return path
+
+    # ---- facts ------------------------------------------------------------------------------------
+
+    @property
+    def num_shards(self) -> int:
+        return self.structure["num_shards"]
+
+    @property
+    def num_inference_steps(self) -> int:
+        return self.manifest["recipe"]["num_inference_steps"]
+
+    @property
+    def sample_keys(self) -> list[str]:
+        """Per-sample tensors of a shard (x_T, one row per trajectory, excluded)."""
+        return [k for k, spec in self.specs.items() if spec.get("per") != "trajectory"]
+
+    # ---- loading ----------------------------------------------------------------------------------
+
+    def conditions(self) -> dict[str, torch.Tensor]:
+        """The condition table {"cond.<key>": [N, ...], "uncond.<key>": [N, ...]}."""
+        record = self.manifest["conditions_file"]
+        path = self._check_file(record, hash_it=self.verify != "size")
+        try:
+            table = safetensors.torch.load_file(str(path))
+        except Exception as err:  # safetensors raises its own error types
+            raise CacheError(f"{path}: unreadable safetensors file ({err})") from err
+        for key, spec in record["keys"].items():
+            if (
+                key not in table
+                or list(table[key].shape) != spec["shape"]
+                or _dtype_name(table[key].dtype) != spec["dtype"]
+            ):
+                raise CacheError(
+                    f"{path}: tensor {key!r} missing or not {spec['shape']} {spec['dtype']} as the manifest says"
+                )
+        return table
+
+    def load_shard(self, index: int) -> dict[str, torch.Tensor]:
+        """All tensors of shard `index`, checked against the manifest (size, sha256 unless verify="size",
+        keys / shapes / dtypes, sample ids)."""
+        record = self.manifest["shards"][index]
+        path = self.directory / record["file"]
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError as err:
+            raise CacheError(f"{path}: missing shard listed in {self.directory / MANIFEST}") from err
+        if len(data) != record["bytes"]:
+            raise CacheError(f"{path}: {len(data)} bytes, the manifest says {record['bytes']} (truncated or rewritten)")
+        if self.verify != "size" and hashlib.sha256(data).hexdigest() != record["sha256"]:
+            raise CacheError(f"{path}: sha256 does not match the manifest (corrupt shard)")
+        try:
+            tensors = safetensors.torch.load(data)
+        except Exception as err:
+            raise CacheError(f"{path}: unreadable safetensors file ({err})") from err
+        del data
+        a, b = shard_trajectories(self.structure, index)
+        check_tensors(path, tensors, self.specs, record["num_samples"], b - a)
+        if not torch.equal(tensors["uid"], sample_ids(self.structure, index)["uid"]):
+            raise CacheError(f"{path}: sample ids do not follow the manifest's layout (shard from another cache?)")
+        return tensors
+
+    def iter_shards(self) -> Iterator[dict[str, torch.Tensor]]:
+        for index in range(self.num_shards):
+            yield self.load_shard(index)
+
+
+# -------------------------------------------------------------------------------------------------
+# Synthetic caches (tests, benchmarks): the same writer, random tensors instead of a teacher
+# -------------------------------------------------------------------------------------------------
+
+
+def synthesize_cache(
+    directory: str | Path,
+    latent_shape: tuple[int, ...],
+    num_trajectories: int,
+    kept_steps: list[int],
+    *,
+    shard_size: int = 4,
+    cfg: bool = True,
+    num_conditions: int = 2,
+    cond_shape: tuple[int, ...] = (1, 8, 32),
+    out_channels: int | None = None,
+    teacher_output: bool = True,
+    seed: int = 0,
+) -> Path:
+    """A valid cache of random latents with the real layout, written with `ShardWriter`
+    (teacher outputs of `out_channels`, default the latent channels)."""
+    out_channels = out_channels or latent_shape[0]
+    branches = 2 if cfg else 1
+    steps = max(kept_steps) + 1
+    recipe = {"name": Path(directory).name, "synthetic": True, "num_inference_steps": steps, "seed": seed}
+    table = {"cond.y": torch.randn(num_conditions, *cond_shape, generator=torch.Generator().manual_seed(seed))}
+    if cfg:
+        table["uncond.y"] = torch.zeros(num_conditions, *cond_shape)
+    header = {
+        "format": FORMAT,
+        "version": VERSION,
+        "recipe": recipe,
+        "teacher": {"class": "synthetic", "latent_shape": list(latent_shape), "weights_sha256": None},
+        "scheduler": {"class": "synthetic", "timesteps": list(range(999, -1, -(1000 // steps)))[:steps]},
+        "conditions": {
+            "source_sha256": None,
+            "num_conditions": num_conditions,
+            "keys": {k: {"shape": list(v.shape[1:]), "dtype": "float32"} for k, v in table.items()},
+        },
+        "structure": _structure(num_trajectories, list(kept_steps), branches, num_conditions, shard_size),
+        "tensors": _tensor_specs(list(latent_shape), out_channels if teacher_output else None, "float32", "int64"),
+    }
+    writer = ShardWriter(directory, header)
+    writer.begin(table)
+    for index in range(header["structure"]["num_shards"]):
+        ids = sample_ids(header["structure"], index)
+        a, b = shard_trajectories(header["structure"], index)
+        g = torch.Generator().manual_seed(mix_seed(seed, index))
+        n = len(ids["uid"])
+        tensors = {
+            **ids,
+            "seed": ids["trajectory"] + seed,
+            "t": 999 - ids["step_index"] * (1000 // steps),
+            "x_t": torch.randn(n, *latent_shape, generator=g),
+            "x_T": torch.randn(b - a, *latent_shape, generator=g),
+        }
+        if teacher_output:
+            tensors["teacher_output"] = torch.randn(n, out_channels, *latent_shape[1:], generator=g)
+        writer.write(index, tensors)
+    writer.finalize()
+    return Path(directory)
+
+
+# -------------------------------------------------------------------------------------------------
+# Command line
+# -------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """`python -m mpq_lightning.data.trajectories`: build a registered teacher and ensure its cache."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from mpq_lightning.models import build
+
+    parser = ArgumentParser(
+        description="Generate (or resume, or check) a teacher trajectory cache under ROOT/<recipe.name>."
+    )
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML with any of the options below")
+    parser.add_argument("--model", type=str, required=True, help="registered model name, e.g. tiny-stdit")
+    parser.add_argument("--model_kwargs", type=dict, default={}, help="build() keywords, e.g. {ckpt_path: ...}")
+    parser.add_argument("--root", type=str, default="data", help="cache root directory")
+    parser.add_argument("--device", type=str, default=None, help="default: cuda:LOCAL_RANK when available, else cpu")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="torch seed before building the model (random-weight models)"
+    )
+    parser.add_class_arguments(TrajectoryRecipe, "recipe")
+    cfg = parser.parse_args(argv)
+    recipe = TrajectoryRecipe(**cfg.recipe.as_dict())
+    device = cfg.device or (f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(cfg.seed)
+    denoiser = build(cfg.model, **cfg.model_kwargs).to(device)
+    path = ensure_cache(recipe, denoiser, cfg.root)
+    if int(os.environ.get("RANK", "0")) == 0:
+        manifest = json.loads((path / MANIFEST).read_text())
+        print(f"{path}: {manifest['structure']['num_samples']} samples in {manifest['structure']['num_shards']} shards")
+    return path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""Trajectory streams: DDP sharding, bounded memory, selection, mid-epoch resume, on-the-fly mode."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import lightning as L
+import psutil
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from test_trajectories import make_teacher, write_prompts
+
+from mpq_lightning.data import (
+    TeacherForcedTrajectories,
+    TrajectoryDataModule,
+    TrajectoryRecipe,
+    ensure_cache,
+    synthesize_cache,
+)
+from mpq_lightning.models import guide, make_scheduler, sample
+
+
+def uids(loader) -> list[list[int]]:
+    return [batch["uid"].tolist() for batch in loader]
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> Path:
+    """30 trajectories x 3 steps x 2 branches = 180 samples in 8 shards of latents [4, 4, 8, 8]."""
+    return synthesize_cache(
+        tmp_path_factory.mktemp("small") / "small", (4, 4, 8, 8), 30, [0, 2, 4], shard_size=4, num_conditions=3
+    )
+
+
+# -------------------------------------------------------------------------------------------------
+# DDP: generation by two ranks, then each rank streams its part
+# -------------------------------------------------------------------------------------------------
+
+
+def _ddp_worker(rank: int, root: str, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    recipe = TrajectoryRecipe(
+        name="ddp",
+        scheduler="ddim",
+        num_inference_steps=2,
+        guidance_scale=4.0,
+        cond_path=str(Path(root) / "prompts.safetensors"),
+        num_trajectories=5,
+        shard_size=1,
+        batch_size=1,
+    )
+    path = ensure_cache(recipe, make_teacher(), Path(root) / "data")  # rank r writes shards r, r + 2, ...
+    seen = uids(TrajectoryDataModule(str(path), batch_size=3, shuffle_buffer=4).train_dataloader())
+    Path(root, f"rank{rank}.json").write_text(json.dumps(seen))
+    dist.destroy_process_group()
+
+
+def test_two_ranks_generate_and_see_disjoint_samples(tmp_path):
+    write_prompts(tmp_path / "prompts.safetensors")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(str(tmp_path), port), nprocs=2)
+    manifest = json.loads((tmp_path / "data" / "ddp" / "manifest.json").read_text())
+    assert manifest["complete"] and len(manifest["shards"]) == 5
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert len(seen[0]) == len(seen[1])  # equal batch counts: no DDP hang
+    flat = [set(sum(s, [])) for s in seen]
+    assert not flat[0] & flat[1]
+    assert flat[0] | flat[1] == set(range(manifest["structure"]["num_samples"]))  # 5 x 2 steps x 2 branches
+
+
+# -------------------------------------------------------------------------------------------------
+# Memory, selection
+# -------------------------------------------------------------------------------------------------
+
+
+def test_resident_memory_is_flat(tmp_path):
+    # 12 shards of 32 samples x 128 KiB (x_t + teacher output) = 48 MiB, 12x the 32-sample shuffle buffer
+    path = synthesize_cache(tmp_path / "big", (4, 4, 32, 32), 96, [0, 1], shard_size=8)
+    process = psutil.Process()
+    loader = TrajectoryDataModule(str(path), batch_size=8, shuffle_buffer=32, verify="size").train_dataloader()
+    rss = []
+    for batch in loader:
+        del batch
+        rss.append(process.memory_info().rss)
+    assert len(rss) == 96 * 2 * 2 // 8
+    growth = max(rss) - rss[4]
+    assert growth < 16 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB while streaming a 48 MiB cache"
+
+
+def test_selection_of_steps_conditions_and_branches(small):
+    full = sum(uids(TrajectoryDataModule(str(small), batch_size=7, shuffle=False).train_dataloader()), [])
+    assert full == list(range(180))  # no shuffle: stored order
+    dm = TrajectoryDataModule(
+        str(small), batch_size=5, steps=[2, 4], step_stride=4, conditions=[0, 2], branches=["cond"]
+    )
+    batches = list(dm.train_dataloader())
+    steps = torch.cat([b["step_index"] for b in batches])
+    assert set(steps.tolist()) == {4}
+    assert set(torch.cat([b["cond_index"] for b in batches]).tolist()) == {0, 2}
+    assert set(torch.cat([b["branch"] for b in batches]).tolist()) == {0}
+    assert len(steps) == 20  # trajectories with j % 3 in {0, 2}: 20 of 30, one step, one branch
+    batch = batches[0]
+    assert torch.equal(batch["cond"]["y"], dm.cache.conditions()["cond.y"][batch["cond_index"]])
+
+
+# -------------------------------------------------------------------------------------------------
+# Resume mid-epoch
+# -------------------------------------------------------------------------------------------------
+
+
+def test_resume_mid_epoch_gives_the_remaining_batches(small):
+    options = dict(batch_size=8, shuffle_buffer=20, seed=3, num_workers=2)
+    reference = TrajectoryDataModule(str(small), **options)
+    loader = reference.train_dataloader()
+    epochs = [uids(loader), uids(loader)]
+    assert epochs[0] != epochs[1] and sorted(sum(epochs[0], [])) == list(range(180))  # epoch-dependent shuffle
+
+    interrupted = TrajectoryDataModule(str(small), **options)
+    it = iter(interrupted.train_dataloader())
+    head = [next(it)["uid"].tolist() for _ in range(9)]
+    state = interrupted.state_dict()
+    assert head == epochs[0][:9] and state["batches"] == 9
+
+    resumed = TrajectoryDataModule(str(small), **options)
+    resumed.load_state_dict(state)
+    loader = resumed.train_dataloader()
+    assert uids(loader) == epochs[0][9:]
+    assert uids(loader) == epochs[1]
+
+
+class _Recorder(L.LightningModule):
+    """Records the uids it trains on; one parameter so that the optimizer has work."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+        self.seen: list[list[int]] = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(batch["uid"].tolist())
+        return (self.weight * batch["x_t"].mean()) ** 2
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.filterwarnings("ignore:Your `IterableDataset` has `__len__` defined")  # exact here, see TrajectoryDataset
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
+def test_lightning_checkpoint_resumes_the_stream(small, tmp_path):
+    def fit(ckpt_path=None, max_steps=-1, callbacks=()):
+        model = _Recorder()
+        trainer = L.Trainer(
+            max_epochs=2,
+            max_steps=max_steps,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=bool(callbacks),
+            callbacks=list(callbacks),
+            default_root_dir=tmp_path,
+        )
+        trainer.fit(
+            model, datamodule=TrajectoryDataModule(str(small), batch_size=16, shuffle_buffer=32), ckpt_path=ckpt_path
+        )
+        return model.seen
+
+    def every_5_steps():
+        return L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=5, save_top_k=-1)
+
+    full = fit()
+    assert fit(max_steps=5, callbacks=[every_5_steps()]) == full[:5]
+    assert fit(ckpt_path=str(tmp_path / "epoch=0-step=5.ckpt"), callbacks=[every_5_steps()]) == full[5:]
+
+
+# -------------------------------------------------------------------------------------------------
+# On the fly (EfficientDM / MPQ-DM)
+# -------------------------------------------------------------------------------------------------
+
+
+def test_teacher_forced_stream_matches_the_sampler():
+    teacher = make_teacher()
+    prompts = {"y": torch.randn(3, 1, 8, 32)}
+    options = dict(
+        scheduler="ddim", num_inference_steps=3, guidance_scale=4.0, batch_size=2, trajectories_per_epoch=2, seed=3407
+    )
+    stream = TeacherForcedTrajectories(teacher, prompts, **options)
+    batches = list(stream)
+    assert len(batches) == len(stream) == 3
+    assert [b["step_index"].tolist() for b in batches] == [[0] * 4, [1] * 4, [2] * 4]
+
+    noise, cond, uncond, ids, _ = stream.trajectory_inputs(0)
+    assert ids.tolist() == [0, 1] and torch.equal(
+        noise[1], torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(3408))
+    )
+    recorded = []
+    sample(
+        teacher,
+        make_scheduler("ddim"),
+        noise,
+        cond,
+        uncond,
+        guidance_scale=4.0,
+        num_inference_steps=3,
+        recorder=lambda **kw: recorded.append(kw),
+    )
+    for batch, rec in zip(batches, recorded, strict=True):  # x_t advanced with the teacher's guided output, as sample()
+        assert torch.equal(batch["x_t"][:2], rec["x_t"]) and torch.equal(batch["x_t"][2:], rec["x_t"])
+        assert torch.equal(guide(*batch["teacher_output"].chunk(2), 4.0, 3), rec["model_output"])
+        assert torch.equal(batch["t"], rec["t"].expand(4)) and batch["branch"].tolist() == [0, 0, 1, 1]
+
+    resumed = TeacherForcedTrajectories(teacher, prompts, **options)
+    resumed.load_state_dict({"position": 2})  # mid-trajectory: the teacher replays steps 0-1
+    rest = list(resumed)
+    assert len(rest) == 1 and torch.equal(rest[0]["x_t"], batches[2]["x_t"])
+    assert next(iter(resumed))["trajectory"].tolist() == [2, 3, 2, 3]  # next epoch: new trajectories
+
+
+class _StreamRecorder(_Recorder):
+    """Trains on a TeacherForcedTrajectories stream returned by train_dataloader()."""
+
+    def __init__(self, teacher: torch.nn.Module) -> None:
+        super().__init__()
+        self.teacher = teacher
+
+    def train_dataloader(self):
+        prompts = {"y": torch.randn(3, 1, 8, 32, generator=torch.Generator().manual_seed(0))}
+        options = dict(num_inference_steps=3, guidance_scale=4.0, batch_size=2, trajectories_per_epoch=4, seed=1)
+        return TeacherForcedTrajectories(self.teacher, prompts, scheduler="ddim", **options)
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append([int(batch["step_index"][0]), *batch["trajectory"].tolist(), float(batch["x_t"].sum())])
+        return (self.weight * batch["x_t"].mean()) ** 2
+
+
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
+@pytest.mark.filterwarnings("ignore:Found .* module\\(s\\) in eval mode")  # the frozen teacher
+def test_lightning_checkpoint_resumes_the_teacher_forced_stream(tmp_path):
+    teacher = make_teacher()
+
+    def fit(ckpt_path=None, max_steps=-1):
+        model = _StreamRecorder(teacher)
+        checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_top_k=-1)
+        trainer = L.Trainer(
+            max_epochs=1, max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+            callbacks=[checkpoint], default_root_dir=tmp_path,
+        )  # fmt: skip
+        trainer.fit(model, ckpt_path=ckpt_path)
+        return model.seen
+
+    full = fit()
+    assert [row[:3] for row in full] == [[0, 0, 1], [1, 0, 1], [2, 0, 1], [0, 2, 3], [1, 2, 3], [2, 2, 3]]
+    fit(max_steps=4)
+    assert fit(ckpt_path=str(tmp_path / "epoch=0-step=4.ckpt")) == full[4:]  # mid-trajectory
