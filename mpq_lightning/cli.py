@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 from lightning.pytorch import LightningDataModule
@@ -89,4 +90,8 @@ def main(argv: list[str] | None = None, default_subcommand: str = "fit") -> MPQC
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in SUBCOMMANDS + ("-h", "--help"):
         argv = [default_subcommand] + argv
-    return MPQCLI(args=argv)
+    # distillation runs both backbones in eval mode on purpose (QATModule.train)
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+    sys.argv = [sys.argv[0]] + argv  # LightningCLI reads sys.argv; passing args too makes it warn
+    return MPQCLI()

@@ -133,3 +133,25 @@ def test_deepcopy_and_state_dict_restore_strict():
     fresh = QuantLinear.from_module(copy.deepcopy(lin), _spec(w_granularity="group", w_group_size=4))
     fresh.load_state_dict(q.state_dict(), strict=True)
     assert torch.equal(fresh.weight_quantizer.scale, q.weight_quantizer.scale)
+
+
+def test_oolri_base_weight_not_saved_and_recomputed_on_load():
+    from mpq_lightning.quant import QuantConfig, calibrate, quantize_model
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 12), nn.Linear(12, 8))
+    cfg = QuantConfig(w_bits=3, a_bits=None, lora_rank=2, lora_init="svd_weight_error", lora_quantized_base=True)
+    q = quantize_model(copy.deepcopy(model), cfg)
+    x = torch.randn(10, 16)
+    calibrate(q, lambda m: m(x))
+    sd = q.state_dict()
+    assert not any(k.endswith("base_weight") for k in sd)  # recomputable: never stored
+    assert all(v.numel() < 16 * 12 for k, v in sd.items() if not k.endswith(".weight"))
+    fresh = quantize_model(copy.deepcopy(model), cfg)
+    fresh.load_state_dict(sd)
+    assert torch.equal(fresh[0].base_weight, q[0].base_weight)
+    assert not torch.equal(q[0].base_weight, model[0].weight)  # it is Q(W), not W
+    from mpq_lightning.quant import set_quant_state
+
+    set_quant_state(fresh, True, False)
+    assert torch.equal(fresh(x), q(x))

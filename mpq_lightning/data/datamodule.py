@@ -413,6 +413,20 @@ class TrajectoryDataModule(L.LightningDataModule):
         self.setup()
         return self.cache.manifest
 
+    def sample_conditions(self, n: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+        """The first ``n`` rows of the cache's condition table as ``(cond, uncond)`` (rows repeat
+        cyclically when the table is shorter), for sampling callbacks and evaluation."""
+        self.setup()
+        table = self.cache.conditions()
+        cond = {k[5:]: v for k, v in table.items() if k.startswith("cond.")}
+        uncond = {k[7:]: v for k, v in table.items() if k.startswith("uncond.")}
+        if not cond:
+            return {}, None
+        rows = len(next(iter(cond.values())))
+        index = torch.arange(n) % rows
+        pick = lambda d: {k: v[index % len(v)] for k, v in d.items()}  # noqa: E731
+        return pick(cond), (pick(uncond) if uncond else None)
+
     def train_dataloader(self) -> DataLoader:
         self.setup()
         rank, world = _rank_world(self.rank, self.world_size)

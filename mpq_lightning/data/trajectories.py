@@ -88,6 +88,9 @@ class TrajectoryRecipe:
         batch_size: trajectories per sampler call (stochastic samplers seed their noise per batch).
         class_labels: class-conditional teachers: the condition table.
         cond_path: text-conditional teachers: the condition file described above.
+        random_conditions: draw this many random conditions from the teacher's `cond_spec` (seeded by
+            `seed`; float tensors ~ N(0, 1), masks all ones, labels uniform) — for random tiny
+            teachers and smoke tests, never for real models.
         keep_stride: keep sampler steps i with i % keep_stride == 0 (Q-VDiT: 5 of 100 steps).
         keep_steps: keep only these sampler steps (combined with keep_stride).
         store_teacher_output: store the teacher's raw output for every sample.
@@ -106,6 +109,7 @@ class TrajectoryRecipe:
     batch_size: int = 1
     class_labels: list[int] | None = None
     cond_path: str | None = None
+    random_conditions: int | None = None
     keep_stride: int = 1
     keep_steps: list[int] | None = None
     store_teacher_output: bool = True
@@ -290,6 +294,24 @@ def _class_key(denoiser: Denoiser) -> str:
     return keys[0]
 
 
+def _random_conditions(denoiser: Denoiser, count: int, seed: int) -> dict[str, torch.Tensor]:
+    """`count` random rows of every cond key of the teacher (free lengths: the model's maximum or 8)."""
+    if count < 1:
+        raise ValueError(f"random_conditions must be >= 1, got {count}")
+    g = torch.Generator().manual_seed(seed)
+    table = {}
+    for key, spec in denoiser.cond_spec.items():
+        shape = [count] + [8 if d is None else d for d in spec.shape]
+        if spec.dtype == "long":
+            classes = int(getattr(denoiser.backbone.config, "num_class_embeds", None) or 2) if hasattr(denoiser.backbone, "config") else 2
+            table[key] = torch.randint(0, classes, shape, generator=g)
+        elif spec.dtype == "mask":
+            table[key] = torch.ones(shape, dtype=torch.long)
+        else:
+            table[key] = torch.randn(shape, generator=g)
+    return table
+
+
 def _conditions(recipe: TrajectoryRecipe, denoiser: Denoiser, cfg: bool) -> tuple[dict[str, torch.Tensor], str | None]:
     """The condition table {"cond.<key>": [N, ...], "uncond.<key>": [N, ...]} and the source file's sha256."""
     source = None
@@ -306,7 +328,15 @@ def _conditions(recipe: TrajectoryRecipe, denoiser: Denoiser, cfg: bool) -> tupl
             raise CacheError(
                 f"{recipe.cond_path}: keys {unknown} are not cond keys of the teacher {sorted(denoiser.cond_spec)}"
             )
+    elif recipe.random_conditions is not None:
+        cond, null = _random_conditions(denoiser, recipe.random_conditions, recipe.seed), {}
     else:
+        required = sorted(k for k, spec in denoiser.cond_spec.items() if spec.required)
+        if required:
+            raise ValueError(
+                f"recipe {recipe.name!r}: the teacher needs conditions {required}; set recipe.cond_path "
+                "(precomputed embeddings file), recipe.class_labels or recipe.random_conditions"
+            )
         return {}, None
     sizes = {len(v) for v in cond.values()}
     if len(sizes) != 1:

@@ -39,6 +39,21 @@ from .mixed import (
 )
 from .smooth import smooth_scale
 from .tqe import TQE, parse_token_layout
+from .export import (
+    ExportFormatError,
+    PackedConv1d,
+    PackedConv2d,
+    PackedConv3d,
+    PackedLayer,
+    PackedLinear,
+    export_quantized,
+    export_report,
+    load_quantized,
+    pack_bits,
+    print_export_report,
+    unpack_bits,
+    verify_export,
+)
 
 __all__ = [
     "DynamicTokenQuantizer", "LayerReport", "LayerSpec", "LoRA", "QuantConfig", "QuantConv1d", "QuantConv2d",
@@ -50,4 +65,8 @@ __all__ = [
     "FZRMQQuantizer", "InputStats", "OMQQuantizer", "TQE", "bit_accounting_report", "channel_kurtosis",
     "init_mixed_quantizer", "oolri_init", "oolri_init_layer", "parse_token_layout", "print_bit_report",
     "split_candidates", "svd_factors",
+    # real low-bit export (export.py)
+    "ExportFormatError", "PackedConv1d", "PackedConv2d", "PackedConv3d", "PackedLayer", "PackedLinear",
+    "export_quantized", "export_report", "load_quantized", "pack_bits", "print_export_report", "unpack_bits",
+    "verify_export",
 ]

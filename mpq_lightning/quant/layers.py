@@ -176,8 +176,19 @@ class QuantLayer(nn.Module):
         self.act_quantizer = build_act_quantizer(spec, self.channel_dim)
         self.lora = LoRA(self.weight.shape, spec.lora_rank, spec.lora_param) if spec.lora_rank else None
         self.lora_placement = spec.lora_placement
-        # OOLRI's frozen quantized base replaces W inside the quantizer (mpqdm.md §4.2 (a)).
-        self.register_buffer("base_weight", self.weight.detach().clone() if spec.lora_quantized_base else None)
+        # OOLRI's frozen quantized base replaces W inside the quantizer (mpqdm.md §4.2 (a)). It is
+        # not saved: a frozen snapshot of the weight quantizer at OOLRI time (a few values per
+        # channel) is, and ``base_weight = Q_snapshot(W·s)/s`` is recomputed from the FP weight after
+        # every state-dict load, so checkpoints stay a small fraction of the model.
+        self.register_buffer(
+            "base_weight", self.weight.detach().clone() if spec.lora_quantized_base else None, persistent=False
+        )
+        self.base_quantizer = (
+            build_weight_quantizer(spec, self.weight.shape).requires_grad_(False)
+            if spec.lora_quantized_base and spec.w_bits is not None else None
+        )
+        if self.base_quantizer is not None:
+            self.register_load_state_dict_post_hook(lambda module, incompatible: module.refresh_base_weight())
         cin = self.weight.shape[1]
         self.register_buffer("smooth_scale", torch.ones(cin) if spec.smooth_alpha is not None else None)
         self.corrections = nn.ModuleDict()  # output corrections on the quantized input (TQE)
@@ -187,6 +198,19 @@ class QuantLayer(nn.Module):
         self.weight_quant = False
         self.act_quant = False
         self.observer = None  # calibration hook target, see convert.calibrate
+
+    @torch.no_grad()
+    def refresh_base_weight(self) -> None:
+        """``base_weight := Q_snapshot(W · s) ⊘ s`` from the frozen OOLRI quantizer snapshot."""
+        if self.base_quantizer is None or not bool(self.base_quantizer.initialized):
+            return
+        w = self.weight.detach().float()
+        s = self.smooth_scale
+        ws = self._scale_weight(w, s.float()) if s is not None else w
+        q = self.base_quantizer(ws).float()
+        if s is not None:
+            q = q / s.view(1, -1, *([1] * (w.dim() - 2))).float()
+        self.base_weight.copy_(q.to(self.base_weight))
 
     # -- helpers -------------------------------------------------------------------------------
     def _bcast_in(self, s: Tensor, ndim: int) -> Tensor:

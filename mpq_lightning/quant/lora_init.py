@@ -239,6 +239,7 @@ def oolri_init_layer(layer: QuantLayer, method: str | None = None, stats: InputS
         lora.B.view(cout, r, npos)[:, :k] = b.permute(1, 2, 0).to(lora.B)
         lora.A.view(r, cin, npos)[:k] = a.permute(1, 2, 0).to(lora.A)
     if layer.base_weight is not None:
+        layer.base_quantizer.load_state_dict(layer.weight_quantizer.state_dict())  # snapshot of the prior Q
         layer.base_weight.copy_(q.to(layer.base_weight))
     if spec.oolri_refit_quantizer:
         lat = layer.latent_weight().detach().float()
