@@ -50,7 +50,7 @@ class MPQCLI(LightningCLI):
                 "init_args": {"save_dir": str(run.parent), "name": run.name, "version": ""},
             }
         callbacks = list(cfg.trainer.callbacks or [])
-        names = {c["class_path"].rsplit(".", 1)[-1] if isinstance(c, dict) else type(c).__name__ for c in callbacks}
+        names = {_class_name(c) for c in callbacks}
         defaults = {
             "ModelCheckpoint": {"dirpath": str(run), "save_last": True, "every_n_train_steps": cfg.checkpoint_every_n_steps,
                                 "save_top_k": -1, "filename": "step{step:06d}", "auto_insert_metric_name": False},
@@ -69,6 +69,12 @@ class MPQCLI(LightningCLI):
         prepare = getattr(self.datamodule, "prepare_cache", None)
         if callable(prepare):
             prepare(self.model.teacher)
+
+
+def _class_name(callback) -> str:
+    """Class name of a callback given as a dict / Namespace with ``class_path`` or an instance."""
+    path = callback.get("class_path") if hasattr(callback, "get") else None
+    return path.rsplit(".", 1)[-1] if path else type(callback).__name__
 
 
 def _has_omegaconf() -> bool:

@@ -1,0 +1,22 @@
+"""Evaluate a run: ``python evaluate.py --config checkpoints/<run>/config.yaml [--ckpt_path last]``.
+
+Samples student and teacher from the same noise, computes metrics (PSNR/SSIM, Fréchet distance,
+per-timestep error, ...), writes ``<run>/eval/metrics.json``, an image grid and (video) a GIF.
+"""
+from jsonargparse import ArgumentParser
+
+from mpq_lightning.evaluation import EvalConfig, evaluate
+
+
+def main(argv=None):
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--config", required=True, help="the run's resolved config.yaml")
+    parser.add_argument("--ckpt_path", default="last", help="checkpoint file, or 'last' (<run>/last.ckpt)")
+    parser.add_argument("--out", default=None, help="output folder (default <run>/eval)")
+    parser.add_class_arguments(EvalConfig, "eval")
+    args = parser.parse_args(argv)
+    return evaluate(args.config, args.ckpt_path, EvalConfig(**vars(args.eval)), args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,289 @@
+"""Evaluation of a trained run: samples of student and teacher from the same noise, metrics, media.
+
+    python evaluate.py --config checkpoints/<run>/config.yaml [--ckpt_path last] [--num_samples 16]
+
+Writes ``<run>/eval/`` atomically (built in a temporary folder, then renamed): ``metrics.json``,
+``grid.png`` (teacher row over student row; for videos, frames side by side) and ``videos.gif``
+(video models), and prints a rich table. Metrics (torchmetrics): PSNR / SSIM of the student's
+samples against the teacher's from the same noise; Fréchet distance between student and teacher
+samples in a feature network's space (the shipped digits networks, chosen automatically for the
+digits teachers); class consistency for class-conditional digits teachers; the student–teacher
+ε error per sampler step along the teacher's trajectory (teacher forcing); and for videos a
+temporal-consistency score of both.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from .models.sampling import _cat_cond, guide, make_scheduler, sample
+from .quant import set_quant_state
+
+
+@dataclass
+class EvalConfig:
+    num_samples: int = 16
+    seed: int = 1234
+    num_inference_steps: int | None = None  # None: the trajectory cache's (= the quantizer tables')
+    guidance_scale: float | None = None  # None: the cache recipe's, else the teacher's default
+    feature: str = "auto"  # auto | digits-image | digits-video | none
+    batch_size: int = 16
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_checkpoint(config_path: Path, ckpt_path: str) -> Path:
+    path = config_path.parent / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist (ckpt_path={ckpt_path!r}, run {config_path.parent})")
+    return path
+
+
+def load_run(config: str, ckpt_path: str = "last", overrides: list[str] | None = None):
+    """(QATModule with the checkpoint restored, data module) from a run's resolved ``config.yaml``."""
+    from .cli import MPQCLI
+
+    config_path = Path(config)
+    if not config_path.is_file():
+        raise FileNotFoundError(f"config {config_path} does not exist")
+    ckpt = resolve_checkpoint(config_path, ckpt_path)
+    import yaml
+
+    resolved = yaml.safe_load(config_path.read_text())
+    for key in ("ckpt_path", "weights_only"):  # `fit` options saved with the run, not model/data config
+        resolved.pop(key, None)
+    import sys
+
+    argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when it sees both args and sys.argv
+    try:
+        cli = MPQCLI(args=["--config", yaml.safe_dump(resolved), *(overrides or [])], run=False)
+    finally:
+        sys.argv = argv
+    module, datamodule = cli.model, cli.datamodule
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)  # our own Lightning checkpoint
+    module.on_load_checkpoint(checkpoint)
+    module.load_state_dict(checkpoint["state_dict"], strict=True)
+    return module.eval(), datamodule, ckpt
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------------------------
+
+
+def _conditions(module, datamodule, n: int) -> tuple[dict | None, dict | None, Tensor | None]:
+    teacher = module.teacher
+    if teacher.cond_kind == "class":
+        key = next(k for k, s in teacher.cond_spec.items() if s.dtype == "long")
+        config = getattr(teacher.backbone, "config", {})
+        classes = int(getattr(config, "num_class_embeds", None) or config.get("num_class_embeds", 10) or 10)
+        labels = torch.arange(n) % classes
+        return {key: labels}, None, labels
+    if teacher.cond_kind == "text":
+        if not hasattr(datamodule, "sample_conditions"):
+            raise ValueError("a text-conditional teacher needs a data module with sample_conditions(n)")
+        cond, uncond = datamodule.sample_conditions(n)
+        return cond, uncond, None
+    return None, None, None
+
+
+def _sampler_setup(module, datamodule, cfg: EvalConfig) -> tuple[str, dict, int, float]:
+    teacher = module.teacher
+    recipe = {}
+    try:
+        recipe = datamodule.manifest["recipe"]
+    except Exception:  # no cache / not a trajectory data module: teacher defaults
+        recipe = {}
+    name = recipe.get("scheduler") or teacher.default_scheduler["name"]
+    sched_cfg = recipe.get("scheduler_config") if recipe.get("scheduler") else teacher.default_scheduler["config"]
+    steps = cfg.num_inference_steps or recipe.get("num_inference_steps") or teacher.default_scheduler["num_inference_steps"]
+    if module.quant_cfg.a_quantizer == "timestep" and steps != module.quant_cfg.num_steps:
+        raise ValueError(
+            f"num_inference_steps={steps} but the student's activation step tables have quant.num_steps="
+            f"{module.quant_cfg.num_steps} entries; evaluate with the training sampler or resample the tables"
+        )
+    scale = cfg.guidance_scale if cfg.guidance_scale is not None else recipe.get("guidance_scale", teacher.default_scheduler.get("guidance_scale", 1.0))
+    return name, dict(sched_cfg or {}), int(steps), float(scale)
+
+
+@torch.no_grad()
+def generate(module, datamodule, cfg: EvalConfig) -> dict[str, Any]:
+    """Teacher and student samples from the same noise, and the per-step ε error (teacher forcing)."""
+    teacher, student = module.teacher, module.student
+    name, sched_cfg, steps, scale = _sampler_setup(module, datamodule, cfg)
+    n = cfg.num_samples
+    cond, uncond, labels = _conditions(module, datamodule, n)
+    noise = torch.stack([
+        torch.randn(teacher.latent_shape, generator=torch.Generator().manual_seed(cfg.seed + i)) for i in range(n)
+    ])
+    step_err = torch.zeros(steps, dtype=torch.float64)
+    use_cfg = scale != 1.0
+    if use_cfg and uncond is None and cond is not None:
+        uncond = teacher.null_cond(cond)
+    model_cond = _cat_cond(cond or {}, uncond or {}) if use_cfg else dict(cond or {})
+    channels = teacher.cfg_channels or (teacher.in_channels if teacher.learned_sigma else teacher.out_channels)
+
+    def guided(model, x: Tensor, t: Tensor, i: int) -> Tensor:
+        x_in = torch.cat([x, x]) if use_cfg else x
+        rows = x_in.shape[0]
+        out = model(x_in, t.expand(rows), model_cond, torch.full((rows,), i, dtype=torch.long))
+        if use_cfg:
+            oc, ou = out.chunk(2)
+            out = guide(oc, ou, scale, channels)
+        return out
+
+    def record(step_index, t, x_t, cond, model_output, x_prev):  # teacher forcing: same x_t for both
+        err = (guided(student, x_t, t, step_index) - model_output).float().pow(2).mean()
+        step_err[step_index] += float(err)
+
+    set_quant_state(student.backbone, True, True)
+    results = {}
+    for who, model in (("teacher", teacher), ("student", student)):
+        outs = []
+        for start in range(0, n, cfg.batch_size):
+            sl = slice(start, start + cfg.batch_size)
+            c = {k: v[sl] for k, v in cond.items()} if cond else None
+            u = {k: v[sl] for k, v in uncond.items()} if uncond else None
+            g = torch.Generator().manual_seed(cfg.seed + 10_000 + start)
+            outs.append(sample(model, make_scheduler(name, **sched_cfg), noise[sl], c, u, scale, steps,
+                               generator=g, recorder=record if who == "teacher" else None))
+        results[who] = torch.cat(outs)
+    # the recorder ran once per batch: average over batches
+    step_err /= math.ceil(n / cfg.batch_size)
+    return {"teacher": results["teacher"], "student": results["student"], "labels": labels,
+            "step_error": step_err.tolist(), "scheduler": name, "steps": steps, "guidance_scale": scale}
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics and media
+# ---------------------------------------------------------------------------------------------
+
+
+def _feature_choice(teacher, feature: str) -> str:
+    if feature != "auto":
+        return feature
+    shape = tuple(teacher.latent_shape)
+    if shape == (1, 16, 16):
+        return "digits-image"
+    if shape == (1, 8, 16, 16):
+        return "digits-video"
+    return "none"
+
+
+def compute_metrics(gen: dict[str, Any], teacher, feature: str) -> dict[str, Any]:
+    from . import metrics as M
+
+    s, t = gen["student"].float(), gen["teacher"].float()
+    out: dict[str, Any] = {"num_samples": s.shape[0], "scheduler": gen["scheduler"], "steps": gen["steps"],
+                           "guidance_scale": gen["guidance_scale"]}
+    shown_s, shown_t = s[:, :3], t[:, :3]
+    rng = (float(min(shown_s.min(), shown_t.min())), float(max(shown_s.max(), shown_t.max())))
+    value_range = (-1.0, 1.0) if rng[0] >= -1.5 and rng[1] <= 1.5 else rng
+    out.update({f"{k}_student_vs_teacher": v for k, v in M.psnr_ssim(shown_s, shown_t, value_range).items()})
+    out["latent_mse_student_vs_teacher"] = float((s - t).pow(2).mean())
+    out["step_error"] = gen["step_error"]
+    choice = _feature_choice(teacher, feature)
+    out["feature_network"] = choice
+    if choice in ("digits-image", "digits-video") and s.shape[0] >= 2:
+        net = M.ImageFeatureNet() if choice == "digits-image" else M.VideoFeatureNet()
+        out["frechet_distance_student_vs_teacher"] = M.frechet_distance(t, s, net)
+        if gen["labels"] is not None:
+            clf = M.load_image_classifier() if choice == "digits-image" else M.load_video_classifier()
+            kw = {} if choice == "digits-image" else {"head": "digit"}
+            out["class_consistency_teacher"] = M.class_consistency(t, gen["labels"], clf, **kw)
+            out["class_consistency_student"] = M.class_consistency(s, gen["labels"], clf, **kw)
+    if teacher.is_video:
+        out["temporal_consistency_teacher"] = M.temporal_consistency(shown_t, value_range=value_range)
+        out["temporal_consistency_student"] = M.temporal_consistency(shown_s, value_range=value_range)
+    return out
+
+
+def _to_uint8(x: Tensor) -> Tensor:
+    lo, hi = (-1.0, 1.0) if x.min() >= -1.5 and x.max() <= 1.5 else (float(x.min()), float(x.max()))
+    return ((x.clamp(lo, hi) - lo) / max(hi - lo, 1e-8) * 255).round().to(torch.uint8)
+
+
+def write_media(gen: dict[str, Any], folder: Path) -> list[str]:
+    """grid.png (teacher row over student row) and, for videos, videos.gif (the same grid per frame)."""
+    from PIL import Image
+
+    t, s = gen["teacher"][:, :3].float(), gen["student"][:, :3].float()
+    both = _to_uint8(torch.stack([t, s]))  # [2, N, C, (F,) H, W]
+    if both.shape[2] == 2:
+        both = torch.cat([both, both[:, :, :1]], 2)
+    written = []
+    if both.dim() == 5:  # images
+        grid = rearrange(both, "r n c h w -> (r h) (n w) c")
+        Image.fromarray(grid.squeeze(-1).numpy() if grid.shape[-1] == 1 else grid.numpy()).save(folder / "grid.png")
+        return ["grid.png"]
+    frames = rearrange(both, "r n c f h w -> f (r h) (n w) c")
+    still = rearrange(both, "r n c f h w -> (r n h) (f w) c")
+    Image.fromarray(still.squeeze(-1).numpy() if still.shape[-1] == 1 else still.numpy()).save(folder / "grid.png")
+    written.append("grid.png")
+    pics = [Image.fromarray(f.squeeze(-1).numpy() if f.shape[-1] == 1 else f.numpy()) for f in frames]
+    pics[0].save(folder / "videos.gif", save_all=True, append_images=pics[1:], duration=250, loop=0)
+    written.append("videos.gif")
+    return written
+
+
+def print_table(metrics: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="evaluation")
+    table.add_column("metric")
+    table.add_column("value")
+    for k, v in metrics.items():
+        if k == "step_error":
+            worst = max(range(len(v)), key=v.__getitem__)
+            table.add_row("step_error (mean / worst step)", f"{sum(v) / len(v):.5g} / step {worst}: {v[worst]:.5g}")
+        elif isinstance(v, float):
+            table.add_row(k, f"{v:.5g}")
+        else:
+            table.add_row(k, str(v))
+    Console().print(table)
+
+
+def evaluate(config: str, ckpt_path: str = "last", eval_cfg: EvalConfig | None = None, out: str | None = None,
+             overrides: list[str] | None = None) -> dict[str, Any]:
+    """Load the run, sample, compute metrics, write ``<run>/eval`` (or ``out``) atomically."""
+    cfg = eval_cfg or EvalConfig()
+    module, datamodule, ckpt = load_run(config, ckpt_path, overrides)
+    if hasattr(datamodule, "setup"):
+        try:
+            datamodule.setup("validate")
+        except Exception as err:
+            if module.teacher.cond_kind == "text":
+                raise
+            print(f"note: data module not available ({err}); using the teacher's default sampler")
+    gen = generate(module, datamodule, cfg)
+    metrics = compute_metrics(gen, module.teacher, cfg.feature)
+    metrics["checkpoint"] = str(ckpt)
+    target = Path(out) if out else Path(config).parent / "eval"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".eval-", dir=target.parent))
+    try:
+        metrics["files"] = write_media(gen, tmp) + ["metrics.json"]
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print_table(metrics)
+    print(f"wrote {target}")
+    return metrics
