@@ -34,6 +34,7 @@ class MPQCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--run_name", type=str, default="default", help="run folder under checkpoints/")
         parser.add_argument("--checkpoint_every_n_steps", type=int, default=50, help="periodic checkpoint interval")
+        parser.add_argument("--log_samples", type=bool, default=True, help="add the SampleLogger callback")
         parser.set_defaults({
             "data": {"class_path": "mpq_lightning.data.TrajectoryDataModule"},
             "trainer.default_root_dir": DEFAULT_ROOT,
@@ -57,18 +58,36 @@ class MPQCLI(LightningCLI):
             "LearningRateMonitor": {"logging_interval": "step"},
             "RichProgressBar": {},
         }
+        if cfg.trainer.enable_progress_bar is False:
+            defaults.pop("RichProgressBar")
         for name, init in defaults.items():
             if name not in names:
                 callbacks.append({"class_path": f"lightning.pytorch.callbacks.{name}", "init_args": init})
         for name in ("PerTimestepError", "SampleLogger"):
+            if name == "SampleLogger" and not cfg.log_samples:
+                continue
             if name not in names and _has_callback(name):
                 callbacks.append({"class_path": f"mpq_lightning.callbacks.{name}", "init_args": {}})
         cfg.trainer.callbacks = callbacks
+        _check_paths(cfg)
 
     def before_fit(self) -> None:
         prepare = getattr(self.datamodule, "prepare_cache", None)
         if callable(prepare):
             prepare(self.model.teacher)
+
+
+def _check_paths(cfg) -> None:
+    """Refuse missing local files named by the config before any model is built."""
+    model_kwargs = cfg.model.model_kwargs or {}
+    checks = [(f"model.model_kwargs.{k}", model_kwargs.get(k)) for k in ("ckpt_path", "path")]
+    data_args = getattr(cfg.data, "init_args", None)
+    recipe = getattr(data_args, "recipe", None) if data_args is not None else None
+    if recipe is not None:
+        checks.append(("data.init_args.recipe.cond_path", getattr(recipe, "cond_path", None)))
+    for key, value in checks:
+        if value and not Path(value).exists():
+            raise FileNotFoundError(f"{key}: {value} does not exist (see the header of your config for what it needs)")
 
 
 def _class_name(callback) -> str:

@@ -222,12 +222,13 @@ class QATModule(L.LightningModule):
         """Calibrate once, on the device, after any checkpoint restore (a restore marks the module
         calibrated, so resuming never re-initialises quantizers). Under DDP every rank calibrates on
         its own shard, then rank 0's state is broadcast so all ranks start identical."""
-        if self._calibrated:
-            return
-        self.calibrate_from(self.trainer.datamodule)
-        if self.trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            for tensor in self.student.state_dict().values():
-                torch.distributed.broadcast(tensor, src=0)
+        if not self._calibrated:
+            self.calibrate_from(self.trainer.datamodule)
+            if self.trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+                for tensor in self.student.state_dict().values():
+                    torch.distributed.broadcast(tensor, src=0)
+        # the quant switches are not state-dict entries: set them on every start, resumed or not
+        set_quant_state(self.student.backbone, weight=True, act=self.calib_cfg.train_act_quant)
 
     @torch.no_grad()
     def calibrate_from(self, datamodule) -> None:

@@ -1,0 +1,168 @@
+"""The Lightning application end to end on the tiny STDiT: checkpoints, resume, TensorBoard, DDP,
+bad input. Every run happens in a temporary working directory (caches and runs are relative)."""
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from mpq_lightning.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs" / "tiny" / "stdit_w3a6.yaml")
+QUIET = ["--log_samples", "false", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+def fit(*args: str, run: str = "run") -> object:
+    return main(["--config", TINY, "--run_name", run, *QUIET, *args])
+
+
+class StopAt(Callback):
+    """Stops fitting after ``step`` optimiser steps (a job killed and restarted later)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+def _student_state(cli) -> dict:
+    return {k: v.detach().clone() for k, v in cli.model.student.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("app")
+    old = os.getcwd()
+    os.chdir(path)
+    yield path
+    os.chdir(old)
+
+
+@pytest.fixture(scope="module")
+def full_run(workdir):
+    cli = fit("--trainer.max_steps", "4", "--checkpoint_every_n_steps", "2", run="full")
+    return cli
+
+
+def test_checkpoint_has_no_teacher_and_is_small(full_run, workdir):
+    ckpt = torch.load(workdir / "checkpoints" / "full" / "last.ckpt", weights_only=False)
+    keys = list(ckpt["state_dict"])
+    assert keys and not any(k.startswith("teacher.") for k in keys)
+    teacher = full_run.model.teacher
+    teacher_keys = {f"student.{k}" for k in teacher.state_dict()}
+    assert not teacher_keys & set(keys)  # frozen FP weights are stripped too
+    saved = sum(v.numel() * v.element_size() for v in ckpt["state_dict"].values())
+    fp = sum(v.numel() * v.element_size() for v in teacher.state_dict().values())
+    assert saved < 0.35 * fp, (saved, fp)
+    assert ckpt["mpq_identity"]["model"] == "tiny-stdit"
+
+
+def test_resolved_config_saved_beside_run(full_run, workdir):
+    text = (workdir / "checkpoints" / "full" / "config.yaml").read_text()
+    assert "w_quantizer: fzrmq" in text and "run_name: full" in text
+
+
+def test_tensorboard_has_loss_terms_timestep_error_and_images(full_run, workdir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(workdir / "checkpoints" / "full"))
+    acc.Reload()
+    scalars = set(acc.Tags()["scalars"])
+    assert {"train/mse", "train/mtrd", "train/tmd", "train/loss"} <= scalars
+    assert any(t.startswith("timestep_error/step_") for t in scalars)
+    assert "timestep_error/curve" in acc.Tags()["images"]
+
+
+def test_sample_logger_writes_media(workdir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    main(["--config", TINY, "--run_name", "samples", "--trainer.max_steps", "1",
+          "--trainer.enable_progress_bar", "false"])
+    acc = EventAccumulator(str(workdir / "checkpoints" / "samples"))
+    acc.Reload()
+    assert {"samples/video", "samples/frames"} & set(acc.Tags()["images"])
+
+
+def test_resume_is_exact(full_run, workdir):
+    # Stop after 2 of 4 steps (as a killed job), then resume from last.ckpt for the remaining 2.
+    stopped = _fit_with_stop(workdir, "half", stop=2)
+    assert stopped.trainer.global_step == 2
+    resumed = fit("--trainer.max_steps", "4", "--checkpoint_every_n_steps", "2", "--ckpt_path", "last", run="half")
+    assert resumed.trainer.global_step == 4
+    a, b = _student_state(full_run), _student_state(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+    qa, qb = full_run.model.memory_queue, resumed.model.memory_queue
+    torch.testing.assert_close(qb.feats, qa.feats, rtol=0, atol=1e-6)
+    assert torch.equal(qb.step_tags, qa.step_tags)
+
+
+def _fit_with_stop(workdir, run: str, stop: int):
+    """Like ``fit`` but with a StopAt callback added through the config."""
+    cfg = workdir / f"stop_{run}.yaml"
+    cfg.write_text(
+        "trainer:\n  callbacks:\n    - class_path: test_app.StopAt\n      init_args: {step: %d}\n" % stop
+    )
+    sys.path.insert(0, str(Path(__file__).parent))
+    try:
+        return main(["--config", TINY, "--config", str(cfg), "--run_name", run, *QUIET,
+                     "--trainer.max_steps", "4", "--checkpoint_every_n_steps", "2"])
+    finally:
+        sys.path.remove(str(Path(__file__).parent))
+
+
+def test_resume_with_other_bits_is_refused(full_run, workdir):
+    with pytest.raises(ValueError, match=r"quant.w_bits: checkpoint 3 vs config 4"):
+        fit("--trainer.max_steps", "6", "--ckpt_path", "last", "--model.quant.w_bits", "4", run="full")
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_last_checkpoint(full_run, workdir):
+    last = workdir / "checkpoints" / "full" / "last.ckpt"
+    before = hashlib.sha256(last.read_bytes()).hexdigest()
+    with pytest.raises(FloatingPointError, match=r"non-finite loss .* at global step 4"):
+        fit("--trainer.max_steps", "6", "--ckpt_path", "last", "--model.loss.mse_weight", ".nan", run="full")
+    assert hashlib.sha256(last.read_bytes()).hexdigest() == before
+
+
+def test_unknown_model_name(workdir):
+    with pytest.raises(ValueError, match="unknown model 'no-such-model'; available: .*tiny-stdit"):
+        fit("--model.model", "no-such-model", run="bad")
+
+
+def test_unknown_config_key(workdir, capsys):
+    with pytest.raises(SystemExit):
+        fit("--model.quant.w_bitz", "3", run="bad")
+    assert "w_bitz" in capsys.readouterr().err
+
+
+def test_missing_files_refused_before_building(workdir):
+    with pytest.raises(FileNotFoundError, match="data.init_args.recipe.cond_path: /no/such/t5.safetensors"):
+        fit("--data.init_args.recipe.cond_path", "/no/such/t5.safetensors", run="bad")
+    with pytest.raises(FileNotFoundError, match="model.model_kwargs.ckpt_path"):
+        fit("--model.model_kwargs", "{ckpt_path: /no/such/OpenSora-v1-HQ-16x512x512.pth}", run="bad")
+
+
+def test_bad_quant_config_names_key(workdir):
+    with pytest.raises(ValueError, match="QuantConfig.w_bits"):
+        fit("--model.quant.w_bits", "12", run="bad")
+
+
+def test_ddp_two_processes_cpu(workdir):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "--config", TINY, "--run_name", "ddp", *QUIET,
+         "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_steps", "2",
+         "--data.init_args.drop_last", "true"],
+        cwd=workdir, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = torch.load(workdir / "checkpoints" / "ddp" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 2
