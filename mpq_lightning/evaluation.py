@@ -103,10 +103,13 @@ def _conditions(module, datamodule, n: int) -> tuple[dict | None, dict | None, T
 def _sampler_setup(module, datamodule, cfg: EvalConfig) -> tuple[str, dict, int, float]:
     teacher = module.teacher
     recipe = {}
-    try:
-        recipe = datamodule.manifest["recipe"]
-    except Exception:  # no cache / not a trajectory data module: teacher defaults
-        recipe = {}
+    if hasattr(datamodule, "stream_args"):  # on-the-fly trajectories: the training sampler
+        recipe = {k: v for k, v in datamodule.stream_args.items() if v is not None}
+    else:
+        try:
+            recipe = datamodule.manifest["recipe"]
+        except Exception:  # no cache / not a trajectory data module: teacher defaults
+            recipe = {}
     name = recipe.get("scheduler") or teacher.default_scheduler["name"]
     sched_cfg = recipe.get("scheduler_config") if recipe.get("scheduler") else teacher.default_scheduler["config"]
     steps = cfg.num_inference_steps or recipe.get("num_inference_steps") or teacher.default_scheduler["num_inference_steps"]
@@ -262,13 +265,15 @@ def evaluate(config: str, ckpt_path: str = "last", eval_cfg: EvalConfig | None =
     """Load the run, sample, compute metrics, write ``<run>/eval`` (or ``out``) atomically."""
     cfg = eval_cfg or EvalConfig()
     module, datamodule, ckpt = load_run(config, ckpt_path, overrides)
-    if hasattr(datamodule, "setup"):
-        try:
+    try:
+        if hasattr(datamodule, "prepare_cache"):
+            datamodule.prepare_cache(module.teacher)  # a complete cache is only checked
+        if hasattr(datamodule, "setup"):
             datamodule.setup("validate")
-        except Exception as err:
-            if module.teacher.cond_kind == "text":
-                raise
-            print(f"note: data module not available ({err}); using the teacher's default sampler")
+    except Exception as err:
+        if module.teacher.cond_kind == "text":
+            raise
+        print(f"note: data module not available ({err}); using the teacher's default sampler")
     gen = generate(module, datamodule, cfg)
     metrics = compute_metrics(gen, module.teacher, cfg.feature)
     metrics["checkpoint"] = str(ckpt)

@@ -135,6 +135,7 @@ class QATModule(L.LightningModule):
             default to the backbone's paper defaults when ``use_model_defaults``.
         use_model_defaults: add the backbone's default keep-FP list and bit map to ``quant``.
         loss, optim, calib: see the dataclasses above.
+        gradient_checkpointing: recompute the student's blocks in backward (XL models at batch 4).
     """
 
     def __init__(
@@ -146,6 +147,7 @@ class QATModule(L.LightningModule):
         loss: LossConfig = LossConfig(),
         optim: OptimConfig = OptimConfig(),
         calib: CalibConfig = CalibConfig(),
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         from .models import build
@@ -156,13 +158,19 @@ class QATModule(L.LightningModule):
         if use_model_defaults:
             quant = copy.deepcopy(quant)
             quant.keep_fp = list(dict.fromkeys(list(teacher.default_keep_fp) + list(quant.keep_fp)))
-            quant.bit_map = {**teacher.default_bit_map, **quant.bit_map}
+            defaults = {p: dict(v) for p, v in teacher.default_bit_map.items()}
+            for entry in defaults.values():  # the papers' 8-bit layers keep a plain uniform quantizer
+                if entry.get("w", 0) >= 8 and quant.w_quantizer != "uniform":
+                    entry.setdefault("w_quantizer", "uniform")
+            quant.bit_map = {**defaults, **quant.bit_map}
         self.quant_cfg = quant
         self.teacher_hash = state_hash(teacher)
         self.teacher = teacher.eval().requires_grad_(False)
         student = copy.deepcopy(teacher)
         quantize_model(student.backbone, quant, layer_info=self._layer_info_fn(teacher))
         self.student = student.eval()
+        if gradient_checkpointing:
+            self._enable_checkpointing(self.student.backbone)
         self._fp_keys = {f"student.{k}" for k in teacher.state_dict()}
         self._feat_t = _FeatureHook(self.teacher.backbone.get_submodule(teacher.feature_site))
         self._feat_s = _FeatureHook(self.student.backbone.get_submodule(teacher.feature_site))
@@ -185,6 +193,16 @@ class QATModule(L.LightningModule):
         if loss.tmd and not teacher.is_video:
             raise ValueError(f"loss.tmd needs a video backbone; {model!r} is an image model")
         self._calibrated = False
+
+    @staticmethod
+    def _enable_checkpointing(backbone: nn.Module) -> None:
+        """Activation checkpointing of the student's blocks (our STDiT, or diffusers' switch)."""
+        if hasattr(backbone, "grad_checkpointing"):
+            backbone.grad_checkpointing = True
+        elif hasattr(backbone, "enable_gradient_checkpointing"):
+            backbone.enable_gradient_checkpointing()
+        else:
+            raise ValueError(f"gradient_checkpointing: {type(backbone).__name__} has no checkpointing switch")
 
     @staticmethod
     def _layer_info_fn(denoiser):

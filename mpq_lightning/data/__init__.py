@@ -17,6 +17,7 @@ _EXPORTS = {
     "ensure_cache": "trajectories",
     "synthesize_cache": "trajectories",
     "teacher_fingerprint": "trajectories",
+    "OnTheFlyDataModule": "datamodule",
     "TeacherForcedTrajectories": "datamodule",
     "TrajectoryDataModule": "datamodule",
     "TrajectoryDataset": "datamodule",

@@ -50,7 +50,7 @@ from mpq_lightning.data.trajectories import (
 from mpq_lightning.models.registry import Denoiser
 from mpq_lightning.models.sampling import _cat_cond, _takes_variance, guide, make_scheduler
 
-__all__ = ["TeacherForcedTrajectories", "TrajectoryDataModule", "TrajectoryDataset"]
+__all__ = ["OnTheFlyDataModule", "TeacherForcedTrajectories", "TrajectoryDataModule", "TrajectoryDataset"]
 
 
 #: Per-sample ids; inside a batch they travel as one [B, 5] "ids" tensor (one shared-memory transfer
@@ -604,3 +604,87 @@ class TeacherForcedTrajectories:
                 out = guide(*out.chunk(2), self.guidance_scale, channels)
             x = scheduler.step(out if takes_variance else out[:, :predicted], t, x, **step_kwargs, return_dict=False)[0]
             yield batch
+
+
+# -------------------------------------------------------------------------------------------------
+# On-the-fly DataModule (EfficientDM / MPQ-DM recipe): no cache, the teacher samples during training
+# -------------------------------------------------------------------------------------------------
+
+
+class OnTheFlyDataModule(L.LightningDataModule):
+    """Teacher-forced trajectories sampled during training, one batch per sampler step in order
+    (so TRD's time smoothing over consecutive steps applies), trajectory j seeded ``seed + j``.
+
+    The teacher is handed over by ``prepare_cache(teacher)`` (``MPQCLI.before_fit``; call it
+    yourself with the QATModule's ``teacher`` outside the CLI). Conditions: ``class_labels``,
+    ``cond_path`` (precomputed embeddings file, as for the cache) or ``random_conditions`` rows.
+    Calibration draws from a separate stream (seed offset 10^6) so training data is unchanged by it.
+    """
+
+    def __init__(
+        self,
+        scheduler: str | None = None,
+        scheduler_config: dict[str, Any] | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        cfg_channels: int | None = None,
+        eta: float = 0.0,
+        batch_size: int = 4,
+        trajectories_per_epoch: int = 64,
+        seed: int = 0,
+        class_labels: list[int] | None = None,
+        cond_path: str | None = None,
+        random_conditions: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.stream_args = dict(
+            scheduler=scheduler, scheduler_config=scheduler_config, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, cfg_channels=cfg_channels, eta=eta, batch_size=batch_size,
+            trajectories_per_epoch=trajectories_per_epoch,
+        )
+        self.seed = seed
+        self.recipe = TrajectoryRecipe(name="on-the-fly", class_labels=class_labels, cond_path=cond_path,
+                                       random_conditions=random_conditions, seed=seed)
+        self.teacher: Denoiser | None = None
+        self._stream: TeacherForcedTrajectories | None = None
+        self._position = 0
+
+    def prepare_cache(self, teacher: Denoiser) -> None:
+        """Keep the (frozen) teacher and build the condition table; nothing is written to disk."""
+        from mpq_lightning.data.trajectories import _conditions
+
+        self.teacher = teacher
+        cfg = (self.stream_args["guidance_scale"] if self.stream_args["guidance_scale"] is not None
+               else teacher.default_scheduler.get("guidance_scale", 1.0)) != 1.0
+        table, _ = _conditions(self.recipe, teacher, cfg)
+        self.cond = {k[5:]: v for k, v in table.items() if k.startswith("cond.")}
+        self.uncond = {k[7:]: v for k, v in table.items() if k.startswith("uncond.")} or None
+
+    def _make(self, seed: int) -> TeacherForcedTrajectories:
+        if self.teacher is None:
+            raise RuntimeError("OnTheFlyDataModule needs the teacher: call prepare_cache(teacher) before fitting")
+        return TeacherForcedTrajectories(self.teacher, self.cond, self.uncond, seed=seed,
+                                         random_conditions=False, **self.stream_args)
+
+    def train_dataloader(self) -> TeacherForcedTrajectories:
+        if self._stream is None:
+            self._stream = self._make(self.seed)
+            self._stream.position = self._position
+        return self._stream
+
+    def calibration_dataloader(self) -> TeacherForcedTrajectories:
+        return self._make(self.seed + 10**6)
+
+    def sample_conditions(self, n: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+        if not self.cond:
+            return {}, None
+        rows = torch.arange(n) % len(next(iter(self.cond.values())))
+        return {k: v[rows] for k, v in self.cond.items()}, ({k: v[rows] for k, v in self.uncond.items()} if self.uncond else None)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": self._stream.position if self._stream is not None else self._position}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._position = int(state_dict["position"])
+        if self._stream is not None:
+            self._stream.position = self._position

@@ -4,8 +4,8 @@ Source: ``sklearn.datasets.load_digits`` (UCI optical recognition of handwritten
 digits, 4-bit intensities 0..16, 10 classes; bundled with scikit-learn, nothing is downloaded).
 
 Splits are fixed by sample index (no shuffling): the first 1438 of the 1797 indices (0..1437) are
-``"train"``, the last 359 (1438..1796, round(20 % · 1797)) are ``"heldout"``. The UCI set is
-ordered by writer block, so the held-out digits come mostly from writers not seen in training.
+``"train"``, the last 359 (1438..1796, round(20 % · 1797)) are ``"heldout"`` — a contiguous block in
+scikit-learn's order, not a random subset (classes stay balanced: 33..37 per class held out).
 A Moving-Digits video of a split only ever shows digits of that split.
 
 * :class:`DigitsDataset` — class-conditional images ``[1, 16, 16]`` in [-1, 1]: the 8×8 digit scaled to
@@ -15,8 +15,8 @@ A Moving-Digits video of a split only ever shows digits of that split.
   by an integer velocity each frame and reflects at the walls (see :func:`bounce_positions`). Per video a
   generator seeded with ``(seed, index)`` draws the digit (uniformly from the split), the velocity
   ``v = speed · d`` with ``d`` one of the 8 compass directions (each axis −1/0/+1, not both 0) and speed
-  1 or 2 px/frame, and the start position, uniform among the positions from which the first step does not
-  touch a wall (so the first displacement equals ``v`` and the direction label is visible in the video).
+  1 or 2 px/frame, and the start position, uniform among the positions from which the first step is not
+  reflected (so the first displacement equals ``v`` and the direction label is visible in the video).
   Labels: ``label`` = digit class, ``direction`` = index of ``d`` in :data:`DIRECTIONS`.
 
 Items are dicts ``{"x": FloatTensor, "label": LongTensor[], ("direction", "position", "velocity",
@@ -199,7 +199,8 @@ def render_video(digit: torch.Tensor, positions: np.ndarray, canvas: int) -> tor
 class MovingDigitsDataset(Dataset):
     """Bouncing-digit videos ``{"x": [1, frames, canvas, canvas] in [-1, 1], "label", "direction", ...}``.
 
-    ``num_videos`` (default: one per digit of the split) videos; video ``i`` is drawn by
+    ``num_videos`` videos (default: as many as the split has digits; each video's digit is drawn
+    uniformly, with replacement, from the split); video ``i`` is drawn by
     ``np.random.default_rng([seed, i])``, so any index can be read alone and the content depends only on
     (split, seed, i, frames, canvas). Use another ``seed`` for fresh videos of the same digits.
     """

@@ -1,0 +1,139 @@
+"""Training-step time: our full method (QATModule) vs the same backbone's plain FP training step.
+
+    python benchmarks/step_time.py [--device cpu|cuda] [--repeats 20] [--threads N]
+
+For each model (the tiny STDiT and a mid-size STDiT) it times, after warm-up, the median of:
+* FP step: forward + MSE to a target + backward + AdamW step over all backbone parameters;
+* QAT step: ``QATModule.compute_losses`` (frozen teacher + fake-quantized student, W3A6 with FZ-RMQ,
+  OOLRI, TQE, MTRD, TMD) + backward + AdamW step over the trainable quantization state.
+Writes benchmarks/results/step_time_<device>.json. Targets (issue 7): ratio <= 1.6 on CPU, <= 1.3 on GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from mpq_lightning.models import build
+from mpq_lightning.module import CalibConfig, LossConfig, OptimConfig, QATModule
+from mpq_lightning.quant import QuantConfig
+
+MODELS = {
+    "tiny-stdit": {},
+    "mid-stdit": {"config": {"depth": 8, "hidden_size": 384, "num_heads": 6, "input_size": [8, 16, 16],
+                             "caption_channels": 64, "model_max_length": 16}},
+}
+
+
+def batch_for(denoiser, batch: int, device) -> dict:
+    g = torch.Generator().manual_seed(0)
+    cond = {}
+    for key, spec in denoiser.cond_spec.items():
+        shape = [batch] + [8 if d is None else d for d in spec.shape]
+        cond[key] = torch.ones(shape, dtype=torch.long) if spec.dtype == "mask" else torch.randn(shape, generator=g)
+    return {
+        "x_t": torch.randn(batch, *denoiser.latent_shape, generator=g).to(device),
+        "t": torch.randint(0, 1000, (batch,), generator=g).to(device),
+        "step_index": torch.randint(0, 10, (batch,), generator=g).to(device),
+        "cond": {k: v.to(device) for k, v in cond.items()},
+    }
+
+
+class _Calib:
+    def __init__(self, batch):
+        self.batch = batch
+
+    def train_dataloader(self):
+        return [self.batch, self.batch]
+
+
+def timed(fn, repeats: int, device) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench(name: str, kwargs: dict, batch: int, repeats: int, device) -> dict:
+    # -- FP training step -------------------------------------------------------------------
+    fp = build(name.replace("mid-stdit", "tiny-stdit"), **kwargs).to(device)
+    b = batch_for(fp, batch, device)
+    target = torch.randn_like(fp(b["x_t"], b["t"], b["cond"], None))
+    opt = torch.optim.AdamW(fp.parameters(), lr=1e-5)
+
+    def fp_step():
+        loss = (fp(b["x_t"], b["t"], b["cond"], None) - target).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    t_fp = timed(fp_step, repeats, device)
+    # -- QAT step ---------------------------------------------------------------------------
+    quant = QuantConfig(w_bits=3, a_bits=6, num_steps=10, w_quantizer="fzrmq", lora_rank=8,
+                        lora_init="svd_weight_error", lora_quantized_base=True, tqe=True)
+    loss = LossConfig(mse_reduction="mean", mtrd=True, mtrd_anchors=256, mtrd_memory_samples=256, tmd=True)
+    module = QATModule(name.replace("mid-stdit", "tiny-stdit"), kwargs, quant, True, loss, OptimConfig(lora_lr=1e-4),
+                       CalibConfig(num_batches=2)).to(device)
+    module.calibrate_from(_Calib(b))
+    from mpq_lightning.callbacks.memory_queue import MemoryQueue
+    from mpq_lightning.quant import set_quant_state
+
+    set_quant_state(module.student.backbone, True, True)
+    queue = MemoryQueue(num_steps=10, pixels_per_step=64)
+    queue.attach(module)
+    qopt = torch.optim.AdamW(module.param_groups())
+    with torch.no_grad():
+        b["teacher_output"] = module.teacher(b["x_t"], b["t"], b["cond"], b["step_index"])
+
+    def qat_step():
+        losses = module.compute_losses(b)
+        total = sum(losses.values())
+        qopt.zero_grad(set_to_none=True)
+        total.backward()
+        qopt.step()
+
+    t_qat = timed(qat_step, repeats, device)
+    n_params = sum(p.numel() for p in fp.parameters())
+    return {"model": name, "params": n_params, "batch": batch, "fp_step_s": t_fp, "qat_step_s": t_qat,
+            "ratio": t_qat / t_fp}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    rows = [bench(n, kw, args.batch, args.repeats, device) for n, kw in MODELS.items()]
+    for r in rows:
+        print(f"{r['model']:>10} ({r['params'] / 1e6:.2f} M params, batch {r['batch']}): FP {r['fp_step_s'] * 1e3:.1f} ms, "
+              f"QAT {r['qat_step_s'] * 1e3:.1f} ms, ratio {r['ratio']:.2f}")
+    out = Path(args.out or Path(__file__).parent / "results" / f"step_time_{device.type}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows,
+            "method": "W3A6 FZ-RMQ + OOLRI(svd_weight_error, quantized base, r=8) + TQE + MTRD + TMD, TALSQ 10 steps"}
+    out.write_text(json.dumps(info, indent=2))
+    print(f"-> {out}")
+
+
+if __name__ == "__main__":
+    main()
