@@ -72,7 +72,7 @@ def bench(name: str, kwargs: dict, batch: int, repeats: int, device) -> dict:
     fp = build(name.replace("mid-stdit", "tiny-stdit"), **kwargs).to(device)
     b = batch_for(fp, batch, device)
     target = torch.randn_like(fp(b["x_t"], b["t"], b["cond"], None))
-    opt = torch.optim.AdamW(fp.parameters(), lr=1e-5)
+    opt = torch.optim.AdamW(fp.parameters(), lr=1e-5, foreach=True)
 
     def fp_step():
         loss = (fp(b["x_t"], b["t"], b["cond"], None) - target).pow(2).mean()
@@ -94,7 +94,7 @@ def bench(name: str, kwargs: dict, batch: int, repeats: int, device) -> dict:
     set_quant_state(module.student.backbone, True, True)
     queue = MemoryQueue(num_steps=10, pixels_per_step=64)
     queue.attach(module)
-    qopt = torch.optim.AdamW(module.param_groups())
+    qopt = torch.optim.AdamW(module.param_groups(), foreach=True)
     with torch.no_grad():
         b["teacher_output"] = module.teacher(b["x_t"], b["t"], b["cond"], b["step_index"])
 

@@ -360,7 +360,7 @@ class QATModule(L.LightningModule):
 
     def configure_optimizers(self):
         cfg = self.optim_cfg
-        opt = torch.optim.AdamW(self.param_groups(), weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW(self.param_groups(), weight_decay=cfg.weight_decay, foreach=True)
         total = max(1, int(self.trainer.estimated_stepping_batches)) if self.trainer is not None else 1
 
         def factor(step: int) -> float:
