@@ -126,7 +126,7 @@ class TQE(nn.Module):
         if self._dims is None:
             return None
         axis, idx = frame_index(self._dims, shape, self.num_frames)
-        g = self.m[idx.to(device)]
+        g = self.m.float()[idx.to(device)]
         if self.frame_mode == "release":
             g = 1.0 + g
         view = [1] * len(shape)
@@ -141,16 +141,17 @@ class TQE(nn.Module):
         with torch.autocast(device_type=dev, enabled=False):
             x = xq.float()
             r = self.rank
+            alpha, beta = self.alpha.float(), self.beta.float()  # fp32 even if a strategy casts params
             if layer.channel_dim == -1:  # Linear: [..., Cin] → [..., r] → [..., Cout]
-                t = F.linear(x, self.alpha.view(r, -1))
+                t = F.linear(x, alpha.view(r, -1))
                 g = self.frame_factor(tuple(xq.shape), xq.device)
-                y = F.linear(t if g is None else t * g, self.beta)
+                y = F.linear(t if g is None else t * g, beta)
             elif getattr(layer, "groups", 1) == 1:  # Conv: α conv with the layer geometry, β 1×1
-                t = layer._op(x, self.alpha, None)
+                t = layer._op(x, alpha, None)
                 g = self.frame_factor(tuple(t.shape), xq.device)
-                y = torch.einsum("br...,or->bo...", t if g is None else t * g, self.beta)
+                y = torch.einsum("br...,or->bo...", t if g is None else t * g, beta)
             else:  # grouped conv: dense rank-r kernel (a per-position scalar commutes with β)
-                delta = (self.beta @ self.alpha.view(r, -1)).view(self.beta.shape[0], *self.alpha.shape[1:])
+                delta = (beta @ alpha.view(r, -1)).view(beta.shape[0], *alpha.shape[1:])
                 y = layer._op(x, delta, None)
                 g = self.frame_factor(tuple(y.shape), xq.device)
                 y = y if g is None else y * g
