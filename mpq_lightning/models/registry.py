@@ -380,3 +380,56 @@ def _build_tiny_stdit(
 ) -> STDiTDenoiser:
     """A two-block STDiT for CPU tests; `config` and keyword arguments override its constructor arguments."""
     return _stdit_denoiser(stdit.tiny_stdit(**{**(config or {}), **kwargs}), ckpt_path)
+
+
+# -------------------------------------------------------------------------------------------------
+# Shipped digits teachers (issue 8): trained by us on scikit-learn's digits, weights in mpq_lightning/assets
+# -------------------------------------------------------------------------------------------------
+
+
+class ClassCaptionSTDiTDenoiser(STDiTDenoiser):
+    """STDiT conditioned on class ids through fixed caption-token tables (cross-attention path):
+    cond {"class_labels": [B]}; label ``num_classes`` is the null caption (STDiT's ``y_embedding``)."""
+
+    def __init__(self, backbone: stdit.STDiT, class_embeddings: torch.Tensor, class_mask: torch.Tensor,
+                 default_scheduler: Mapping[str, Any]) -> None:
+        super().__init__(backbone)
+        self.cond_kind = "class"
+        self.cond_spec = {"class_labels": CondSpec((), "long")}
+        self.default_scheduler = dict(default_scheduler)
+        self.cfg_channels = backbone.in_channels
+        self.num_classes = class_embeddings.shape[0]
+        self.register_buffer("class_embeddings", class_embeddings.float(), persistent=False)
+        self.register_buffer("class_mask", class_mask.long(), persistent=False)
+
+    def call_backbone(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        labels = cond["class_labels"].long()
+        null = labels >= self.num_classes
+        rows = labels.clamp_max(self.num_classes - 1)
+        y = self.class_embeddings[rows].to(x_t.dtype)
+        y = torch.where(null.view(-1, 1, 1), self.backbone.y_embedder.y_embedding.to(y), y)
+        mask = torch.where(null.view(-1, 1), torch.ones_like(self.class_mask[rows]), self.class_mask[rows])
+        return self.backbone(x_t, t, y[:, None], mask)
+
+    def null_cond(self, cond: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"class_labels": torch.full_like(cond["class_labels"], self.num_classes)}
+
+
+@register("digits-unet")
+def _build_digits_unet(assets_dir: str | None = None) -> Denoiser:
+    """Class-conditional UNet2DModel trained on Digits (16×16, 1 channel); null class 10."""
+    from mpq_lightning.data.digits import load_digits_teacher
+    from mpq_lightning.models.diffusers_adapters import UNet2DDenoiser
+
+    model, meta = load_digits_teacher("digits-unet", assets_dir)
+    return UNet2DDenoiser(model, default_scheduler=meta["scheduler"], null_class=meta["null_class"])
+
+
+@register("moving-digits-stdit")
+def _build_moving_digits_stdit(assets_dir: str | None = None) -> Denoiser:
+    """Our STDiT trained on Moving-Digits ([1, 8, 16, 16]); classes as caption tokens, null = 10."""
+    from mpq_lightning.data.digits import load_digits_teacher
+
+    model, meta = load_digits_teacher("moving-digits-stdit", assets_dir)
+    model.class_dropout_prob = 0.0
+    return ClassCaptionSTDiTDenoiser(model, meta["class_embeddings"], meta["class_mask"], meta["scheduler"])
