@@ -21,6 +21,7 @@ from .module import QATModule
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 DEFAULT_ROOT = "checkpoints"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 
 
 class MPQCLI(LightningCLI):
@@ -113,7 +114,9 @@ def _has_callback(name: str) -> bool:
 def main(argv: list[str] | None = None, default_subcommand: str = "fit") -> MPQCLI:
     """Entry point of ``train.py``: inserts the ``fit`` subcommand when none is given."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in SUBCOMMANDS + ("-h", "--help"):
+    if not argv:  # the embedded default: shipped Moving-Digits teacher, our method at W3A6
+        argv = ["--config", str(DEFAULT_CONFIG)]
+    if argv[0] not in SUBCOMMANDS + ("-h", "--help"):
         argv = [default_subcommand] + argv
     # distillation runs both backbones in eval mode on purpose (QATModule.train)
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")

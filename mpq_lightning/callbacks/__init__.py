@@ -1,7 +1,8 @@
 """Lightning callbacks."""
 
+from mpq_lightning.callbacks.final_report import FinalReport
 from mpq_lightning.callbacks.memory_queue import MemoryQueue
 from mpq_lightning.callbacks.samples import SampleLogger
 from mpq_lightning.callbacks.timestep_error import PerTimestepError
 
-__all__ = ["MemoryQueue", "PerTimestepError", "SampleLogger"]
+__all__ = ["FinalReport", "MemoryQueue", "PerTimestepError", "SampleLogger"]

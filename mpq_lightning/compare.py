@@ -1,0 +1,118 @@
+"""Side-by-side quality of FP, naive PTQ and trained students on the shipped digits teachers.
+
+Every model samples from the same noise with the same sampler; metrics (torchmetrics-based,
+``mpq_lightning.metrics``): Fréchet distance to held-out real digits in our feature network's
+space (``fd_real``), class consistency of the samples under our classifier, PSNR / SSIM against the
+FP teacher's samples from the same noise, and (videos) temporal consistency. Used by the
+``FinalReport`` callback of the embedded default and by ``benchmarks/methods_table.py``.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .models.sampling import make_scheduler, sample
+from .quant import QuantConfig, calibrate, quantize_model, set_quant_state, step_index_context
+
+
+@dataclass
+class SamplerSpec:
+    scheduler: str = "ddim"
+    scheduler_config: dict | None = None
+    num_inference_steps: int = 20
+    guidance_scale: float = 4.0
+
+
+def real_reference(teacher, n: int = 256) -> torch.Tensor | None:
+    """Held-out real data of the digits teacher's kind (images or videos), or None for other models."""
+    from .data.digits import DigitsDataset, MovingDigitsDataset
+
+    shape = tuple(teacher.latent_shape)
+    if shape == (1, 16, 16):
+        return DigitsDataset("heldout").tensors()[0][:n]
+    if shape == (1, 8, 16, 16):
+        return MovingDigitsDataset("heldout", num_videos=n, seed=12345).tensors()["x"]
+    return None
+
+
+@torch.no_grad()
+def generate(denoiser, spec: SamplerSpec, n: int, seed: int = 1234, batch: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` class-conditional samples (labels i % 10) from fixed seeds, and their labels."""
+    labels = torch.arange(n) % 10
+    device = next(denoiser.parameters()).device
+    outs = []
+    for start in range(0, n, batch):
+        idx = torch.arange(start, min(n, start + batch))
+        noise = torch.stack([torch.randn(denoiser.latent_shape, generator=torch.Generator().manual_seed(seed + int(i)))
+                             for i in idx]).to(device)
+        cond = {"class_labels": labels[idx].to(device)} if denoiser.cond_kind == "class" else None
+        sched = make_scheduler(spec.scheduler, **(spec.scheduler_config or {}))
+        outs.append(sample(denoiser, sched, noise, cond, None, spec.guidance_scale, spec.num_inference_steps,
+                           generator=torch.Generator(device).manual_seed(seed + 7 + start)).cpu())
+    return torch.cat(outs), labels
+
+
+def quality(samples: torch.Tensor, labels: torch.Tensor, fp_samples: torch.Tensor | None, real: torch.Tensor | None,
+            is_video: bool) -> dict[str, float]:
+    from . import metrics as M
+
+    out: dict[str, float] = {}
+    if real is not None:
+        net = M.VideoFeatureNet() if is_video else M.ImageFeatureNet()
+        out["fd_real"] = M.frechet_distance(real, samples, net)
+        clf = M.load_video_classifier() if is_video else M.load_image_classifier()
+        out["class_consistency"] = M.class_consistency(samples, labels, clf, **({"head": "digit"} if is_video else {}))
+    if fp_samples is not None:
+        ps = M.psnr_ssim(samples, fp_samples)
+        out["psnr_vs_fp"], out["ssim_vs_fp"] = ps["psnr"], ps["ssim"]
+    if is_video:
+        out["temporal_consistency"] = M.temporal_consistency(samples)
+    return out
+
+
+def naive_ptq(teacher, quant: QuantConfig, calib_batches: list[dict]) -> nn.Module:
+    """Min-max W/A quantization of a copy of the teacher, no LoRA, no training (the paper's baseline)."""
+    cfg = copy.deepcopy(quant)
+    cfg.w_quantizer, cfg.w_init, cfg.a_init, cfg.lora_rank, cfg.tqe, cfg.smooth_alpha = "uniform", "minmax", "minmax", 0, False, None
+    cfg.lora_init, cfg.lora_quantized_base = "kaiming_zero", False
+    cfg.bit_map = {p: {k: v for k, v in e.items() if k in ("w", "a")} for p, e in cfg.bit_map.items()}
+    student = copy.deepcopy(teacher)
+    quantize_model(student.backbone, cfg)
+
+    def run(_):
+        for b in calib_batches:
+            student(b["x_t"], b["t"], b.get("cond"), b["step_index"])
+
+    calibrate(student.backbone, run)
+    set_quant_state(student.backbone, True, cfg.a_quantizer is not None and cfg.a_bits is not None)
+    return student
+
+
+def compare(models: dict[str, Any], teacher, spec: SamplerSpec, n: int = 64, seed: int = 1234) -> dict[str, dict]:
+    """Metrics of every model (FP teacher first) sampling from the same noise."""
+    real = real_reference(teacher)
+    fp, labels = generate(teacher, spec, n, seed)
+    rows = {"FP": quality(fp, labels, None, real, teacher.is_video)}
+    for name, model in models.items():
+        samples, _ = generate(model, spec, n, seed)
+        rows[name] = quality(samples, labels, fp, real, teacher.is_video)
+    return rows
+
+
+def print_rows(rows: dict[str, dict], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    cols = sorted({k for r in rows.values() for k in r}, key=["fd_real", "class_consistency", "psnr_vs_fp",
+                  "ssim_vs_fp", "temporal_consistency"].index)
+    table = Table(title=title)
+    table.add_column("model")
+    for c in cols:
+        table.add_column(c)
+    for name, r in rows.items():
+        table.add_row(name, *[f"{r[c]:.4g}" if c in r else "-" for c in cols])
+    Console().print(table)
