@@ -10,13 +10,17 @@ thread, everything seeded (--seed): the run is reproducible on the same machine 
 
 * unet: ``UNet2DModel`` (32, 64) channels, one ResNet per level, attention at 8x8, ``num_class_embeds=11``
   (class 10 = null class for CFG). Sampled with DDIM (50 steps, η = 0, x0 clipped to [-1, 1]).
-* stdit: our ``STDiT`` (depth 4, hidden 96, 4 heads, patch (1, 4, 4), learned sigma). Classes are captions:
-  a fixed seeded table ``class_embeddings`` [10, 8, 128] (N(0, 3²)) with a per-class key mask
-  ``class_mask`` [10, 8] (class c keeps its first 3..8 tokens), shipped in
+* stdit: our ``STDiT`` (depth 4, hidden 64, 4 heads, patch (1, 2, 2): 8 frames × 64 tokens, learned sigma),
+  batch 16. Classes are captions: a fixed seeded table ``class_embeddings`` [10, 8, 128] (N(0, 30²)) with a
+  per-class key mask ``class_mask`` [10, 8] (class c keeps its first 3..8 tokens), shipped in
   ``moving_digits_stdit_class_tokens.safetensors``; the null caption is the model's ``y_embedding``.
-  Loss: OpenSora's IDDPM hybrid ``mse(ε) + L_vb`` with the learned-range variance (the KL term sees the
-  mean detached, as in IDDPM). Sampled with IDDPM-100 (``make_scheduler("iddpm-100")``), CFG on the ε
-  channel only (``cfg_channels=1``).
+  Loss: OpenSora's IDDPM hybrid ``w(t)·mse(ε) + L_vb`` with the learned-range variance (the KL term sees
+  the mean detached, as in IDDPM) and min-SNR-5 weights w(t) = min(SNR, 5)/SNR (Hang et al. 2023).
+  Sampled with IDDPM-100 (``make_scheduler("iddpm-100")``), CFG on the ε channel only (``cfg_channels=1``).
+  Design notes (measured in shorter runs, logs in the report): with N(0, 1/C) caption entries the projected
+  caption tokens are ~0.002 and the label had no measurable effect after 2000 steps; patch (1, 4, 4) learns
+  the digit prior much more slowly than (1, 2, 2) (a digit at an integer offset lands in 16 different
+  sub-patch alignments); min-SNR speeds up the mid-noise steps.
 
 After training, samples are drawn with the project sampler (``mpq_lightning.models.sample``) and scored
 with the shipped feature networks (train them first: ``benchmarks/train_feature_nets.py``): class
@@ -70,8 +74,8 @@ UNET_SCHEDULER: dict[str, Any] = dict(
 STDIT_CONFIG: dict[str, Any] = dict(
     input_size=[8, 16, 16],
     in_channels=1,
-    patch_size=[1, 4, 4],
-    hidden_size=96,
+    patch_size=[1, 2, 2],
+    hidden_size=64,
     depth=4,
     num_heads=4,
     mlp_ratio=4.0,
@@ -80,9 +84,9 @@ STDIT_CONFIG: dict[str, Any] = dict(
     caption_channels=128,
     model_max_length=8,
 )
-STDIT_TRAIN: dict[str, Any] = dict(steps=3000, batch_size=32, lr=1e-3, weight_decay=0.0, warmup=200, ema_decay=0.999,
+STDIT_TRAIN: dict[str, Any] = dict(steps=3000, batch_size=16, lr=1e-3, weight_decay=0.0, warmup=200, ema_decay=0.999,
                                    grad_clip=1.0, videos_per_epoch=1438, data_seed_base=10_000,
-                                   caption_min_tokens=3, caption_std=30.0, snr_gamma=None)  # fmt: skip
+                                   caption_min_tokens=3, caption_std=30.0, snr_gamma=5.0)  # fmt: skip
 STDIT_SCHEDULER: dict[str, Any] = dict(name="iddpm", config={}, num_inference_steps=100, guidance_scale=4.0)
 
 
@@ -377,7 +381,7 @@ def train_stdit(args: argparse.Namespace) -> None:
         if step % 100 == 99 or step == cfg["steps"] - 1:
             print(f"[stdit] step {step + 1}/{cfg['steps']} loss(avg100) {sum(losses[-100:]) / len(losses[-100:]):.4f} "
                   f"mse {sum(mses[-100:]) / len(mses[-100:]):.4f} ({time.time() - t0:.0f}s)", flush=True)  # fmt: skip
-        if step % 500 == 499:
+        if step % 250 == 249:
             print(f"[stdit] step {step + 1} EMA ε-mse at t=500, right / wrong class: "
                   f"{_label_effect(ema, noise_sched, meta_tables)}", flush=True)  # fmt: skip
     wall = time.time() - t0
