@@ -17,10 +17,16 @@ thread, everything seeded (--seed): the run is reproducible on the same machine 
   Loss: OpenSora's IDDPM hybrid ``w(t)·mse(ε) + L_vb`` with the learned-range variance (the KL term sees
   the mean detached, as in IDDPM) and min-SNR-5 weights w(t) = min(SNR, 5)/SNR (Hang et al. 2023).
   Sampled with IDDPM-100 (``make_scheduler("iddpm-100")``), CFG on the ε channel only (``cfg_channels=1``).
-  Design notes (measured in shorter runs, logs in the report): with N(0, 1/C) caption entries the projected
-  caption tokens are ~0.002 and the label had no measurable effect after 2000 steps; patch (1, 4, 4) learns
-  the digit prior much more slowly than (1, 2, 2) (a digit at an integer offset lands in 16 different
-  sub-patch alignments); min-SNR speeds up the mid-noise steps.
+  Design notes (earlier runs of this script, same seed; ε-MSE at t = 500 on 64 held-out videos with the
+  right / a wrong class caption, printed every 250 steps): with N(0, 1/C) caption entries (C = 32) the
+  projected caption tokens are ~0.002 and after 2000 steps (patch (1, 4, 4), hidden 96, batch 32) the label
+  had no effect at all (class consistency 9.5 %, chance); with N(0, 30²) entries the label starts to matter
+  but slowly (patch (1, 4, 4): 0.01510 / 0.01510 at step 1000 without min-SNR, 0.01411 / 0.01415 with it);
+  the shipped patch (1, 2, 2) / batch 16 run (same time per step) reached 0.01343 / 0.01347 at step 1000
+  and 0.01226 / 0.01237 at step 3000. In a video the digit's identity stays visible in x_t up to high noise
+  (8 frames of the same digit), so the ε loss gets little signal from the class, and a 20-minute CPU budget
+  gives a weak class-conditional teacher (see ``quality`` in the JSON: class consistency 0.165 without CFG,
+  0.315 at CFG 4). ``--steps`` / ``--device`` train it longer, e.g. on a GPU.
 
 After training, samples are drawn with the project sampler (``mpq_lightning.models.sample``) and scored
 with the shipped feature networks (train them first: ``benchmarks/train_feature_nets.py``): class
@@ -87,6 +93,12 @@ STDIT_CONFIG: dict[str, Any] = dict(
 STDIT_TRAIN: dict[str, Any] = dict(steps=3000, batch_size=16, lr=1e-3, weight_decay=0.0, warmup=200, ema_decay=0.999,
                                    grad_clip=1.0, videos_per_epoch=1438, data_seed_base=10_000,
                                    caption_min_tokens=3, caption_std=30.0, snr_gamma=5.0)  # fmt: skip
+STDIT_NOTES = (
+    "Weak teacher (CPU training budget: 3000 steps x 16 videos on one thread): motion statistics match real "
+    "videos (temporal_consistency, frame_difference), digit shapes are speckled and only partly class-consistent; "
+    "use guidance 4 (the default) and compare students against the teacher's own samples (psnr_ssim, FVD to "
+    "teacher), not against real data. Longer training: --steps N [--device cuda]."
+)
 STDIT_SCHEDULER: dict[str, Any] = dict(name="iddpm", config={}, num_inference_steps=100, guidance_scale=4.0)
 
 
@@ -187,7 +199,8 @@ def train_unet(args: argparse.Namespace) -> None:
     torch.manual_seed(cfg["seed"])
     g = torch.Generator().manual_seed(cfg["seed"])
     x_all, y_all = DigitsDataset("train").tensors()
-    model = UNet2DModel(**UNET_CONFIG)
+    dev = torch.device(args.device)
+    model = UNet2DModel(**UNET_CONFIG).to(dev)
     ema = copy.deepcopy(model).requires_grad_(False)
     noise_sched = DDPMScheduler(**NOISE_SCHEDULE)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
@@ -202,6 +215,7 @@ def train_unet(args: argparse.Namespace) -> None:
         labels[torch.rand(len(labels), generator=g) < cfg["label_dropout"]] = cfg["null_class"]
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, NOISE_SCHEDULE["num_train_timesteps"], (len(idx),), generator=g)
+        x0, labels, noise, t = x0.to(dev), labels.to(dev), noise.to(dev), t.to(dev)
         xt = noise_sched.add_noise(x0, noise, t)
         loss = F.mse_loss(model(xt, t, class_labels=labels).sample, noise)
         for group in opt.param_groups:
@@ -228,7 +242,7 @@ def train_unet(args: argparse.Namespace) -> None:
         "prediction_type": "epsilon",
         "noise_schedule": {"class": "DDPMScheduler", **NOISE_SCHEDULE},
         "scheduler": UNET_SCHEDULER,
-        "train_config": {**cfg, "optimizer": "AdamW", "lr_schedule": "linear warmup + cosine", "threads": args.threads,
+        "train_config": {**cfg, "optimizer": "AdamW", "lr_schedule": "linear warmup + cosine", "threads": args.threads, "device": args.device,
                          "shipped_weights": "EMA"},  # fmt: skip
         "final_loss_avg100": sum(losses[-100:]) / len(losses[-100:]),
         "loss_curve_avg100": [round(sum(losses[i : i + 100]) / len(losses[i : i + 100]), 5) for i in range(0, len(losses), 100)],
@@ -237,7 +251,7 @@ def train_unet(args: argparse.Namespace) -> None:
         "command": f"python benchmarks/train_teachers.py --which unet --seed {args.seed}"
         + (f" --steps {args.steps}" if args.steps else ""),
     }
-    _save(ema.eval(), "digits_unet", meta, args.out)
+    _save(ema.eval().cpu(), "digits_unet", meta, args.out)
     if not args.no_eval:
         evaluate_unet(args)
 
@@ -250,7 +264,8 @@ def evaluate_unet(args: argparse.Namespace) -> None:
 
     backbone, meta = load_digits_teacher("unet", args.out)
     meta["scheduler"] = spec = UNET_SCHEDULER
-    denoiser = UNet2DDenoiser(backbone, null_class=meta["null_class"], default_scheduler=spec).eval()
+    dev = torch.device(args.device)
+    denoiser = UNet2DDenoiser(backbone, null_class=meta["null_class"], default_scheduler=spec).eval().to(dev)
     clf = load_image_classifier(args.out)
     net = ImageFeatureNet(clf)
     real_held, _ = DigitsDataset("heldout").tensors()
@@ -266,8 +281,8 @@ def evaluate_unet(args: argparse.Namespace) -> None:
         out = []
         for i in range(0, len(labels), 250):
             sched = make_scheduler(spec["name"], **spec["config"])
-            out.append(sample(denoiser, sched, noise[i : i + 250], {"class_labels": labels[i : i + 250]},
-                              guidance_scale=scale, num_inference_steps=spec["num_inference_steps"]))  # fmt: skip
+            out.append(sample(denoiser, sched, noise[i : i + 250].to(dev), {"class_labels": labels[i : i + 250].to(dev)},
+                              guidance_scale=scale, num_inference_steps=spec["num_inference_steps"]).cpu())  # fmt: skip
         x = torch.cat(out).clamp(-1, 1)
         quality[f"cfg{scale:g}"] = {
             "class_consistency": class_consistency(x, labels, clf),
@@ -310,18 +325,20 @@ def class_token_tables(seed: int, num_classes: int = 10, length: int = 8, channe
 
 
 @torch.no_grad()
-def _label_effect(model: nn.Module, sched: DDPMScheduler, tables: dict[str, torch.Tensor], t: int = 500) -> str:
+def _label_effect(model: nn.Module, sched: DDPMScheduler, tables: dict[str, torch.Tensor], t: int = 500,
+                  device: torch.device | str = "cpu") -> str:  # fmt: skip
     """Diagnostic: ε-MSE on 64 fixed held-out videos noised to t with the right vs a wrong class caption."""
     data = MovingDigitsDataset("heldout", 64, seed=0).tensors()
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(data["x"].shape, generator=g)
     tt = torch.full((64,), t)
-    xt = sched.add_noise(data["x"], noise, tt)
+    xt = sched.add_noise(data["x"], noise, tt).to(device)
+    noise, tt = noise.to(device), tt.to(device)
     was_training = model.training
     model.eval()
     out = []
     for labels in (data["label"], (data["label"] + 1) % 10):
-        cond = stdit_class_cond(labels, tables)
+        cond = stdit_class_cond(labels.to(device), tables)
         out.append(F.mse_loss(model(xt, tt, cond["y"], cond["mask"])[:, :1], noise).item())
     model.train(was_training)
     return f"{out[0]:.5f} / {out[1]:.5f}"
@@ -341,7 +358,8 @@ def train_stdit(args: argparse.Namespace) -> None:
                                 channels=STDIT_CONFIG["caption_channels"], min_tokens=cfg["caption_min_tokens"],
                                 std=cfg["caption_std"])  # fmt: skip
     meta_tables = {"class_embeddings": tables["class_embeddings"], "class_mask": tables["class_mask"]}
-    model = STDiT(**STDIT_CONFIG)
+    dev = torch.device(args.device)
+    model = STDiT(**STDIT_CONFIG).to(dev)
     ema = copy.deepcopy(model).requires_grad_(False)
     noise_sched = DDPMScheduler(**NOISE_SCHEDULE)
     vlb = IDDPMTerms(noise_sched)
@@ -360,12 +378,15 @@ def train_stdit(args: argparse.Namespace) -> None:
         cond = stdit_class_cond(data["label"][idx], meta_tables)
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, NOISE_SCHEDULE["num_train_timesteps"], (bs,), generator=g)
+        x0, noise, t = x0.to(dev), noise.to(dev), t.to(dev)
+        cond = {k: v.to(dev) for k, v in cond.items()}
         xt = noise_sched.add_noise(x0, noise, t)
         out = model(xt, t, cond["y"], cond["mask"])
         eps, var_out = out[:, :1], out[:, 1:]
         mse = (eps - noise).square().flatten(1).mean(1)
         if cfg["snr_gamma"]:  # min-SNR-γ weighting of the ε loss (Hang et al. 2023): min(SNR, γ) / SNR
-            snr = noise_sched.alphas_cumprod[t] / (1 - noise_sched.alphas_cumprod[t])
+            ac = noise_sched.alphas_cumprod.to(dev)[t]
+            snr = ac / (1 - ac)
             mse = mse * snr.clamp(max=cfg["snr_gamma"]) / snr
         vb = vlb.vb(x0, xt, t, eps.detach(), var_out)
         loss = (mse + vb).mean()
@@ -383,7 +404,7 @@ def train_stdit(args: argparse.Namespace) -> None:
                   f"mse {sum(mses[-100:]) / len(mses[-100:]):.4f} ({time.time() - t0:.0f}s)", flush=True)  # fmt: skip
         if step % 250 == 249:
             print(f"[stdit] step {step + 1} EMA ε-mse at t=500, right / wrong class: "
-                  f"{_label_effect(ema, noise_sched, meta_tables)}", flush=True)  # fmt: skip
+                  f"{_label_effect(ema, noise_sched, meta_tables, device=dev)}", flush=True)  # fmt: skip
     wall = time.time() - t0
     meta = {
         "name": "moving-digits-stdit",
@@ -397,10 +418,11 @@ def train_stdit(args: argparse.Namespace) -> None:
         "prediction_type": "epsilon",
         "learned_sigma": True,
         "cfg_channels": 1,
+        "notes": STDIT_NOTES,
         "noise_schedule": {"class": "DDPMScheduler", **NOISE_SCHEDULE},
         "scheduler": STDIT_SCHEDULER,
         "train_config": {**cfg, "loss": "IDDPM hybrid: mse(eps) + L_vb (learned_range, mean detached)",
-                         "optimizer": "AdamW", "lr_schedule": "linear warmup + cosine", "threads": args.threads,
+                         "optimizer": "AdamW", "lr_schedule": "linear warmup + cosine", "threads": args.threads, "device": args.device,
                          "shipped_weights": "EMA"},  # fmt: skip
         "final_loss_avg100": sum(losses[-100:]) / len(losses[-100:]),
         "final_mse_avg100": sum(mses[-100:]) / len(mses[-100:]),
@@ -410,7 +432,7 @@ def train_stdit(args: argparse.Namespace) -> None:
         "command": f"python benchmarks/train_teachers.py --which stdit --seed {args.seed}"
         + (f" --steps {args.steps}" if args.steps else ""),
     }
-    _save(ema.eval(), "moving_digits_stdit", meta, args.out, extra=tables)
+    _save(ema.eval().cpu(), "moving_digits_stdit", meta, args.out, extra=tables)
     if not args.no_eval:
         evaluate_stdit(args)
 
@@ -430,7 +452,8 @@ def evaluate_stdit(args: argparse.Namespace) -> None:
 
     backbone, meta = load_digits_teacher("stdit", args.out)
     meta["scheduler"] = spec = STDIT_SCHEDULER
-    denoiser = STDiTDenoiser(backbone).eval()
+    dev = torch.device(args.device)
+    denoiser = STDiTDenoiser(backbone).eval().to(dev)
     clf = load_video_classifier(args.out)
     net = VideoFeatureNet(clf)
     real_held = MovingDigitsDataset("heldout", 359 * 3, seed=0).tensors()
@@ -441,16 +464,16 @@ def evaluate_stdit(args: argparse.Namespace) -> None:
                                "num_inference_steps": spec["num_inference_steps"], "cfg_channels": 1,
                                "noise_seed": 0}  # fmt: skip
     t0 = time.time()
-    scales = [float(s) for s in args.eval_guidance] if args.eval_guidance else [float(spec["guidance_scale"])]
-    for scale in scales:
+    scales = args.eval_guidance if args.eval_guidance else [1.0]
+    for scale in sorted({*map(float, scales), float(spec["guidance_scale"])}):
         noise = torch.randn(len(labels), 1, 8, 16, 16, generator=torch.Generator().manual_seed(0))
         out = []
         for i in range(0, len(labels), 100):
             sched = make_scheduler(spec["name"], **spec["config"])
-            cond = stdit_class_cond(labels[i : i + 100], meta)
-            out.append(sample(denoiser, sched, noise[i : i + 100], cond, guidance_scale=scale,
+            cond = stdit_class_cond(labels[i : i + 100].to(dev), meta)
+            out.append(sample(denoiser, sched, noise[i : i + 100].to(dev), cond, guidance_scale=scale,
                               num_inference_steps=spec["num_inference_steps"], cfg_channels=1,
-                              generator=torch.Generator().manual_seed(i)))  # fmt: skip
+                              generator=torch.Generator(dev).manual_seed(i)).cpu())  # fmt: skip
         x = torch.cat(out).clamp(-1, 1)
         quality[f"cfg{scale:g}"] = {
             "class_consistency": class_consistency(x, labels, clf),
@@ -502,9 +525,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ASSETS)
     parser.add_argument("--eval-only", action="store_true", help="only re-score the weights in --out")
     parser.add_argument("--snr-gamma", type=float, default=None, help="stdit: min-SNR-γ loss weighting (0 = off)")
+    parser.add_argument("--device", default="cpu", help="torch device for training and sampling (metrics run on CPU)")
     parser.add_argument("--no-eval", action="store_true", help="train and save only")
     parser.add_argument("--eval-per-class", type=int, default=None, help="samples per class (unet 50, stdit 20)")
-    parser.add_argument("--eval-guidance", type=float, nargs="*", default=None, help="guidance scales to score (default: unet 1 2, stdit the default scale)")
+    parser.add_argument("--eval-guidance", type=float, nargs="*", default=None, help="guidance scales to score besides the default one (default: unet 1 2, stdit 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.eval_per_class is None:
