@@ -421,7 +421,7 @@ def train_stdit(args: argparse.Namespace) -> None:
         "notes": STDIT_NOTES,
         "noise_schedule": {"class": "DDPMScheduler", **NOISE_SCHEDULE},
         "scheduler": STDIT_SCHEDULER,
-        "train_config": {**cfg, "loss": "IDDPM hybrid: mse(eps) + L_vb (learned_range, mean detached)",
+        "train_config": {**cfg, "loss": "IDDPM hybrid: w(t)·mse(eps) + L_vb (learned_range, mean detached); w = min(SNR, snr_gamma)/SNR if snr_gamma else 1",
                          "optimizer": "AdamW", "lr_schedule": "linear warmup + cosine", "threads": args.threads, "device": args.device,
                          "shipped_weights": "EMA"},  # fmt: skip
         "final_loss_avg100": sum(losses[-100:]) / len(losses[-100:]),
