@@ -10,17 +10,9 @@ import torch
 
 def _random_cond(denoiser, batch: int, seed: int = 0, length: int = 6) -> dict[str, torch.Tensor]:
     """Random cond tensors matching `denoiser.cond_spec` (free lengths become `length`)."""
-    g = torch.Generator().manual_seed(seed)
-    cond = {}
-    for key, spec in denoiser.cond_spec.items():
-        shape = [batch] + [length if d is None else d for d in spec.shape]
-        if spec.dtype == "long":
-            cond[key] = torch.randint(0, 3, shape, generator=g)
-        elif spec.dtype == "mask":
-            cond[key] = torch.ones(shape, dtype=torch.long)
-        else:
-            cond[key] = torch.randn(shape, generator=g)
-    return cond
+    from mpq_lightning.models import random_cond
+
+    return random_cond(denoiser, batch, seed, length=length, num_classes=3)
 
 
 @pytest.fixture(scope="module")

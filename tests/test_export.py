@@ -116,17 +116,9 @@ def _perturb_adapters(model: nn.Module, seed: int = 1) -> None:
 
 
 def _random_cond(denoiser, batch: int) -> dict:
-    g = torch.Generator().manual_seed(0)
-    cond = {}
-    for key, spec in denoiser.cond_spec.items():
-        shape = [batch] + [6 if d is None else d for d in spec.shape]
-        if spec.dtype == "long":
-            cond[key] = torch.randint(0, 3, shape, generator=g)
-        elif spec.dtype == "mask":
-            cond[key] = torch.ones(shape, dtype=torch.long)
-        else:
-            cond[key] = torch.randn(shape, generator=g)
-    return cond
+    from mpq_lightning.models import random_cond
+
+    return random_cond(denoiser, batch, 0, length=6, num_classes=3)
 
 
 def _layer_info(denoiser):

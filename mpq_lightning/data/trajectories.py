@@ -31,7 +31,7 @@ import safetensors.torch
 import torch
 import torch.distributed as dist
 
-from mpq_lightning.models.registry import Denoiser
+from mpq_lightning.models.registry import Denoiser, random_cond
 from mpq_lightning.models.sampling import make_scheduler, sample
 
 __all__ = [
@@ -295,21 +295,12 @@ def _class_key(denoiser: Denoiser) -> str:
 
 
 def _random_conditions(denoiser: Denoiser, count: int, seed: int) -> dict[str, torch.Tensor]:
-    """`count` random rows of every cond key of the teacher (free lengths: the model's maximum or 8)."""
+    """`count` random rows of every cond key of the teacher (free lengths 8; labels < num_class_embeds)."""
     if count < 1:
         raise ValueError(f"random_conditions must be >= 1, got {count}")
-    g = torch.Generator().manual_seed(seed)
-    table = {}
-    for key, spec in denoiser.cond_spec.items():
-        shape = [count] + [8 if d is None else d for d in spec.shape]
-        if spec.dtype == "long":
-            classes = int(getattr(denoiser.backbone.config, "num_class_embeds", None) or 2) if hasattr(denoiser.backbone, "config") else 2
-            table[key] = torch.randint(0, classes, shape, generator=g)
-        elif spec.dtype == "mask":
-            table[key] = torch.ones(shape, dtype=torch.long)
-        else:
-            table[key] = torch.randn(shape, generator=g)
-    return table
+    config = getattr(denoiser.backbone, "config", None)
+    classes = int(getattr(config, "num_class_embeds", None) or 2) if config is not None else 2
+    return random_cond(denoiser, count, seed, length=8, num_classes=classes)
 
 
 def _conditions(recipe: TrajectoryRecipe, denoiser: Denoiser, cfg: bool) -> tuple[dict[str, torch.Tensor], str | None]:

@@ -27,6 +27,7 @@ __all__ = [
     "Denoiser",
     "STDiTDenoiser",
     "build",
+    "random_cond",
     "list_models",
     "register",
 ]
@@ -285,6 +286,25 @@ def register(name: str) -> Callable[[Callable[..., Denoiser]], Callable[..., Den
 def list_models() -> list[str]:
     """Names accepted by `build`."""
     return sorted(_BUILDERS)
+
+
+def random_cond(
+    denoiser: Denoiser, batch: int, seed: int = 0, length: int = 8, num_classes: int = 2
+) -> dict[str, torch.Tensor]:
+    """Random conditioning matching ``denoiser.cond_spec`` (free lengths become ``length``): float
+    tensors ~ N(0, 1), masks all ones, labels uniform in [0, num_classes). For random test teachers,
+    smoke tests and benchmarks, never for real models."""
+    g = torch.Generator().manual_seed(seed)
+    cond = {}
+    for key, spec in denoiser.cond_spec.items():
+        shape = [batch] + [length if d is None else d for d in spec.shape]
+        if spec.dtype == "long":
+            cond[key] = torch.randint(0, num_classes, shape, generator=g)
+        elif spec.dtype == "mask":
+            cond[key] = torch.ones(shape, dtype=torch.long)
+        else:
+            cond[key] = torch.randn(shape, generator=g)
+    return cond
 
 
 def build(name: str, **kwargs: Any) -> Denoiser:
