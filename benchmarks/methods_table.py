@@ -1,7 +1,7 @@
 """Every method side by side on the shipped digits teachers -> docs/results.md + PNG plots.
 
     python benchmarks/methods_table.py                 # full table (W4A6, W3A6, W2A4; both teachers)
-    python benchmarks/methods_table.py --smoke         # tiny budgets, W3A6, one teacher (CI)
+    python benchmarks/methods_table.py --smoke         # tiny budgets: W3A6, both teachers, 2 methods (CI)
 
 Rows: FP, naive PTQ (min-max, no training), EfficientDM, MPQ-DM, Q-VDiT, MPQ-DMv2, ours; plus an
 ablation adding each MPQ-DMv2 / Q-VDiT component to the EfficientDM base one at a time (W3A6, video).
@@ -64,13 +64,14 @@ def _overrides(method_args: list[str], video: bool) -> list[str]:
     return out
 
 
-def run_one(teacher: str, setting: str, method: str, args: list[str], steps: int, root: Path) -> dict:
+def run_one(teacher: str, setting: str, method: str, args: list[str], steps: int, root: Path,
+            data_args: list[str]) -> dict:
     w, a = SETTINGS[setting]
     run = f"{teacher}_{setting}_{method}".replace(" ", "").replace("(", "").replace(")", "").replace("+", "p").replace("=", "")
     argv = ["--config", str(TEACHERS[teacher]), "--run_name", run, "--trainer.default_root_dir", str(root),
             "--trainer.max_steps", str(steps), "--model.quant.w_bits", str(w), "--model.quant.a_bits", str(a),
             "--trainer.callbacks=[]", "--log_samples", "false", "--trainer.enable_progress_bar", "false",
-            "--trainer.enable_model_summary", "false", *_overrides(args, teacher == "video")]
+            "--trainer.enable_model_summary", "false", *data_args, *_overrides(args, teacher == "video")]
     t0 = time.time()
     cli = cli_main(argv)
     return {"cli": cli, "train_s": time.time() - t0}
@@ -81,19 +82,42 @@ def spec_of(cli) -> SamplerSpec:
     return SamplerSpec(r["scheduler"], r["scheduler_config"], r["num_inference_steps"], r["guidance_scale"])
 
 
-def table_rows(teacher: str, setting: str, methods: dict, steps: int, n: int, root: Path) -> dict[str, dict]:
+#: trained students by (teacher, setting, overrides): the ablation's first and last rows are the same
+#: runs as EfficientDM and ours, trained once
+_TRAINED: dict[tuple, tuple] = {}
+
+
+def data_args_of(teacher: str, cache_dir: str | None, num_trajectories: int | None) -> list[str]:
+    """Overrides moving a teacher's trajectory cache under ``cache_dir`` (and shrinking it for smoke runs)."""
+    out = []
+    if cache_dir:
+        name = "moving_digits_ddim20" if teacher == "video" else "digits_unet_ddim20"
+        out += ["--data.init_args.cache", str(Path(cache_dir) / name)]
+    if num_trajectories:
+        out += ["--data.init_args.recipe.num_trajectories", str(num_trajectories)]
+    return out
+
+
+def table_rows(teacher: str, setting: str, methods: dict, steps: int, n: int, root: Path,
+               data_args: list[str] = ()) -> dict[str, dict]:
     trained, ptq, spec, fp_teacher = {}, None, None, None
     for name, args in methods.items():
-        res = run_one(teacher, setting, name, args, steps, root)
-        cli = res["cli"]
+        key = (teacher, setting, tuple(args))
+        if key in _TRAINED:
+            trained[name], cli = _TRAINED[key]
+            print(f"[{teacher} {setting}] {name}: same run as an earlier row, reused", flush=True)
+        else:
+            res = run_one(teacher, setting, name, args, steps, root, list(data_args))
+            cli = res["cli"]
+            set_quant_state(cli.model.student.backbone, True, True)
+            trained[name] = cli.model.student
+            _TRAINED[key] = (trained[name], cli)
+            print(f"[{teacher} {setting}] {name}: trained {steps} steps in {res['train_s']:.0f} s", flush=True)
         module = cli.model
-        set_quant_state(module.student.backbone, True, True)
-        trained[name] = module.student
         if ptq is None:  # naive PTQ of the same teacher, calibrated on the same cache
             loader = cli.datamodule.train_dataloader()
             batches = [b for _, b in zip(range(module.calib_cfg.num_batches), loader)]
             ptq, spec, fp_teacher = naive_ptq(module.teacher, module.quant_cfg, batches), spec_of(cli), module.teacher
-        print(f"[{teacher} {setting}] {name}: trained {steps} steps in {res['train_s']:.0f} s", flush=True)
     rows = compare({"naive PTQ": ptq, **trained}, fp_teacher, spec, n)
     return rows
 
@@ -102,7 +126,12 @@ def _fmt(v) -> str:
     return "-" if v is None else (f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}")
 
 
-def write_markdown(results: dict, meta: dict, out: Path) -> None:
+def gap_closed(fp: float, ptq: float, ours: float) -> float | None:
+    """(PTQ − ours) / (PTQ − FP): 1 = ours matches FP, 0 = no better than naive PTQ; None without a gap."""
+    return None if ptq <= fp else (ptq - ours) / (ptq - fp)
+
+
+def write_markdown(results: dict, meta: dict, out: Path, plots: dict[str, str] | None = None) -> None:
     cols = ["fd_real", "class_consistency", "psnr_vs_fp", "ssim_vs_fp", "temporal_consistency"]
     lines = ["# Methods on the shipped digits teachers", "",
              f"Written by `benchmarks/methods_table.py` ({meta['mode']}) on {meta['date']}, {meta['device']}; "
@@ -110,28 +139,30 @@ def write_markdown(results: dict, meta: dict, out: Path) -> None:
              "for every method of a teacher. fd_real: Fréchet distance to held-out real data in our feature net's "
              "space (lower is better); class_consistency: share of samples our classifier assigns to their class; "
              "psnr/ssim vs the FP teacher's samples from the same noise; temporal_consistency: consecutive-frame "
-             "feature cosine (video).", ""]
+             f"feature cosine (video). Wall time of the whole run: {meta['wall_s']} s. Regenerate with "
+             f"`python benchmarks/methods_table.py{' --smoke' if meta['mode'] == 'smoke' else ''}`.", ""]
     for key, rows in results.items():
         lines += [f"## {key}", "", "| model | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
         for name, r in rows.items():
             lines.append(f"| {name} | " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
         fp, ptq, ours = rows.get("FP", {}), rows.get("naive PTQ", {}), rows.get("ours", rows.get("+ TMD (= ours)", {}))
-        if "fd_real" in fp and "fd_real" in ptq and "fd_real" in ours and ptq["fd_real"] != fp["fd_real"]:
-            gap = (ptq["fd_real"] - ours["fd_real"]) / (ptq["fd_real"] - fp["fd_real"])
-            lines += ["", f"Fraction of the naive-PTQ → FP Fréchet-distance gap closed by ours: {gap:.1%}"]
+        if "fd_real" in fp and "fd_real" in ptq and "fd_real" in ours:
+            gap = gap_closed(fp["fd_real"], ptq["fd_real"], ours["fd_real"])
+            lines += ["", f"Fraction of the naive-PTQ → FP Fréchet-distance gap closed by ours: {gap:.1%}" if gap is not None
+                      else "Naive PTQ's Fréchet distance is not above FP's here: there is no gap to close."]
+        if plots and key in plots:
+            lines += ["", f"![{key}]({plots[key]})"]
         lines.append("")
     out.write_text("\n".join(lines))
 
 
-def plot(results: dict, out_dir: Path) -> list[str]:
-    try:
-        import matplotlib
+def plot(results: dict, out_dir: Path, prefix: str = "results") -> dict[str, str]:
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return []
-    written = []
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = {}
     for key, rows in results.items():
         names = list(rows)
         vals = [rows[n].get("fd_real", float("nan")) for n in names]
@@ -141,18 +172,19 @@ def plot(results: dict, out_dir: Path) -> list[str]:
         ax.set_title(key)
         ax.tick_params(axis="x", rotation=30)
         fig.tight_layout()
-        path = out_dir / f"results_{key.replace(' ', '_').replace('/', '')}.png"
+        path = out_dir / f"{prefix}_{key.replace(' ', '_').replace('/', '')}.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)
-        written.append(path.name)
+        written[key] = path.name
     return written
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--smoke", action="store_true", help="tiny budgets: W3A6, video teacher, 2 methods, 2 steps")
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--smoke", action="store_true", help="tiny budgets: W3A6, both teachers, 2 methods, 2 steps")
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--cache-dir", default=None, help="trajectory caches here instead of the configs' data/ paths")
     ap.add_argument("--out", default=str(REPO / "docs"))
     ap.add_argument("--root", default=str(REPO / "checkpoints" / "methods_table"))
     ap.add_argument("--teachers", nargs="+", default=list(TEACHERS))
@@ -161,26 +193,29 @@ def main() -> None:
     root, out = Path(args.root), Path(args.out)
     methods, ablation = METHODS, ABLATION
     teachers, settings, steps, samples = args.teachers, args.settings, args.steps, args.samples
+    num_trajectories = None
     if args.smoke:
         methods = {k: METHODS[k] for k in ("EfficientDM", "ours")}
-        ablation, teachers, settings, steps, samples = {}, ["video"], ["W3A6"], 2, 8
+        ablation = {k: ABLATION[k] for k in ("base (EfficientDM)", "+ MTRD", "+ TMD (= ours)")}
+        teachers, settings, steps, samples, num_trajectories = list(TEACHERS), ["W3A6"], 2, 8, 10
     results = {}
     t0 = time.time()
     for teacher in teachers:
+        data_args = data_args_of(teacher, args.cache_dir, num_trajectories)
         for setting in settings:
-            results[f"{teacher} {setting}"] = table_rows(teacher, setting, methods, steps, samples, root)
-    if ablation:
-        results["ablation video W3A6"] = table_rows("video", "W3A6", ablation, steps, samples, root)
+            results[f"{teacher} {setting}"] = table_rows(teacher, setting, methods, steps, samples, root, data_args)
+    if ablation and "video" in teachers:
+        results["ablation video W3A6"] = table_rows("video", "W3A6", ablation, steps, samples, root,
+                                                    data_args_of("video", args.cache_dir, num_trajectories))
     meta = {"mode": "smoke" if args.smoke else "full", "date": time.strftime("%Y-%m-%d"), "steps": steps,
             "samples": samples, "device": "CPU" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
             "wall_s": round(time.time() - t0)}
     out.mkdir(parents=True, exist_ok=True)
     name = "results_smoke" if args.smoke else "results"
-    write_markdown(results, meta, out / f"{name}.md")
+    plots = plot(results, out, prefix=name)
+    write_markdown(results, meta, out / f"{name}.md", plots)
     (out / f"{name}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    if not args.smoke:
-        plot(results, out)
-    print(f"wrote {out / (name + '.md')} in {meta['wall_s']} s")
+    print(f"wrote {out / (name + '.md')} and {len(plots)} plots in {meta['wall_s']} s")
 
 
 if __name__ == "__main__":

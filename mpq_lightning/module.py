@@ -172,6 +172,10 @@ class QATModule(L.LightningModule):
         if gradient_checkpointing:
             self._enable_checkpointing(self.student.backbone)
         self._fp_keys = {f"student.{k}" for k in teacher.state_dict()}
+        # checkpoints carry neither the teacher nor the student's frozen FP weights, so strategies that load
+        # module states before on_load_checkpoint (FSDP, DeepSpeed) must not demand them; on_load_checkpoint
+        # refills them and checks every other key itself
+        self.strict_loading = False
         self._feat_t = _FeatureHook(self.teacher.backbone.get_submodule(teacher.feature_site))
         self._feat_s = _FeatureHook(self.student.backbone.get_submodule(teacher.feature_site))
         self.feature_channel_dim = 1 if teacher.feature_layout.split()[1] == "c" else -1
@@ -404,10 +408,17 @@ class QATModule(L.LightningModule):
                 for k in diff
             )
             raise ValueError(f"checkpoint does not match this run's model / quantization setting ({details})")
-        sd = checkpoint["state_dict"]
-        for k, v in self.state_dict().items():  # teacher and frozen FP weights come from the teacher
-            if k not in sd and (k.startswith("teacher.") or k in self._fp_keys):
-                sd[k] = v
+        sd = checkpoint.get("state_dict")
+        if sd is not None:  # FSDP loads module states inside the strategy, before this hook (non-strictly)
+            own = self.state_dict()
+            for k, v in own.items():  # teacher and frozen FP weights come from the teacher
+                if k not in sd and (k.startswith("teacher.") or k in self._fp_keys):
+                    sd[k] = v
+            missing, unexpected = [k for k in own if k not in sd], [k for k in sd if k not in own]
+            if missing or unexpected:  # our own strictness: Lightning loads with strict_loading = False
+                raise ValueError(f"checkpoint state_dict does not fit this model: missing keys {missing[:5]}"
+                                 f"{' ...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
+                                 f"{' ...' if len(unexpected) > 5 else ''}")
         rng = checkpoint.get("mpq_rng", {})
         for key, loss in (("trd", self.trd), ("mtrd", self.mtrd)):
             state = rng.get(key)

@@ -124,6 +124,22 @@ def test_resume_with_other_bits_is_refused(full_run, workdir):
         fit("--trainer.max_steps", "6", "--ckpt_path", "last", "--model.quant.w_bits", "4", run="full")
 
 
+def test_checkpoint_keys_are_checked_although_lightning_loads_non_strictly(full_run, workdir):
+    # strict_loading is off (FSDP / DeepSpeed load module states before on_load_checkpoint and the
+    # checkpoint has no teacher keys), so on_load_checkpoint refills teacher / FP keys and checks the rest.
+    module = full_run.model
+    assert module.strict_loading is False
+    ckpt = torch.load(workdir / "checkpoints" / "full" / "last.ckpt", weights_only=False)
+    module.on_load_checkpoint(ckpt)  # a genuine checkpoint: teacher and frozen FP weights refilled
+    assert set(ckpt["state_dict"]) == set(module.state_dict())
+    ckpt = torch.load(workdir / "checkpoints" / "full" / "last.ckpt", weights_only=False)
+    lora = next(k for k in ckpt["state_dict"] if "lora" in k)
+    ckpt["state_dict"]["student.bogus.weight"] = torch.zeros(1)
+    del ckpt["state_dict"][lora]
+    with pytest.raises(ValueError, match=rf"missing keys \['{lora}'\].*unexpected keys \['student.bogus.weight'\]"):
+        module.on_load_checkpoint(ckpt)
+
+
 def test_nan_loss_stops_naming_the_step_and_keeps_last_checkpoint(full_run, workdir):
     last = workdir / "checkpoints" / "full" / "last.ckpt"
     before = hashlib.sha256(last.read_bytes()).hexdigest()

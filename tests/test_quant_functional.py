@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from mpq_lightning.quant import fake_quantize, init_grid_search, init_lp_search, init_minmax, qrange
-from mpq_lightning.quant.functional import _quant_dequant
+from mpq_lightning.quant.functional import _quant_dequant, qparams_from_range
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
@@ -108,6 +108,29 @@ def test_searches_vectorised_match_row_by_row():
     for i in range(6):
         si, zi = init_grid_search(w[i : i + 1], 3, False)
         assert torch.equal(si, s[i : i + 1]) and torch.equal(zi, z[i : i + 1])
+
+
+@pytest.mark.parametrize("bits,symmetric", [(1, False), (2, False), (3, False), (4, True), (5, False)])
+def test_grid_histogram_search_equals_brute_force(bits, symmetric):
+    """The sort-free histogram search picks the candidate a brute-force scan over all 51 ratios picks,
+    including zero rows, one-signed rows, tiny rows, row chunking and without the full-range ratio."""
+    from mpq_lightning.quant.functional import _search_sse_grid_hist
+
+    w = _heavy_tailed(40, 300, bits)
+    w[0], w[1], w[2], w[3] = 0.0, w[1].abs(), -w[2].abs(), 1e-12
+    qmin, qmax = qrange(bits, symmetric)
+    ratios = torch.cat([torch.arange(50, dtype=torch.float32) * (1.0 / 50), torch.ones(1)])  # as Q-VDiT's grid
+    for full in (True, False):
+        errs, cands = [], []
+        for rr in ratios[: None if full else -1]:
+            s_, z_ = qparams_from_range(rr * w.amin(1, keepdim=True), rr * w.amax(1, keepdim=True), bits, symmetric)
+            errs.append((_quant_dequant(w, s_, z_, qmin, qmax) - w).double().pow(2).sum(1))
+            cands.append(s_)
+        best = torch.stack(errs, 1).argmin(1)
+        expected = torch.stack(cands, 1).squeeze(2).gather(1, best.view(-1, 1))
+        for budget in (2**24, 2000):  # one chunk / many row chunks
+            s, _ = _search_sse_grid_hist(w, bits, symmetric, 50, full, budget)
+            torch.testing.assert_close(s, expected, rtol=0, atol=0)
 
 
 def test_chunked_search_matches_unchunked():

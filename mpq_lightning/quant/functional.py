@@ -249,6 +249,69 @@ def _search_sse_sorted(
     return best_scale, best_zero
 
 
+def _search_sse_grid_hist(
+    x: Tensor, bits: int, symmetric: bool, num_ratios: int, include_full_range: bool, memory_budget: int
+) -> tuple[Tensor, Tensor]:
+    """Exact-SSE search over the ratio grid ``i / n`` (i = 0..n) from one histogram per row, no sort.
+
+    Every candidate's zero point equals the full range's ``z`` (the ratio cancels in ``lo / scale``) and
+    its step is ``scale_1 * i / n``, so each rounding edge ``(c - z + 1/2) * scale_1 * i / n`` is the
+    integer ``(2c - 2z + 1) * i`` in units of ``scale_1 / 2n``. Cells ``[g, g + 1)`` of
+    ``g = floor(2n x / scale_1)`` hold no edge inside, so per-row histograms of count, Σx and Σx² over
+    the ~2n(2^b - 1) cells (float64) give every candidate's per-bin sums by cumulative sums: O(K) per
+    row plus O(n 2^b) per candidate. Rows where the zero point differs between ratios (float rounding at
+    a .5 tie) or whose range is at the fp32 floor go through :func:`_search_sse_sorted`. Elements within
+    float rounding of an edge may fall in the neighbouring bin (measure zero, as for the sorted search).
+    """
+    x = x.detach().float()
+    qmin, qmax = qrange(bits, symmetric)
+    rows, k = x.shape
+    n, dev = num_ratios, x.device
+    r = torch.cat([torch.arange(n, dtype=torch.float32) * (1.0 / n), torch.ones(1)]).to(dev)  # i / n
+    lo, hi = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
+    scale, zero = qparams_from_range(r * lo, r * hi, bits, symmetric)  # [rows, n + 1]: the candidates
+    z, s1 = zero[:, -1:], scale[:, -1:]
+    codes = torch.arange(qmin, qmax + 1, dtype=torch.float64, device=dev)
+    unit = (2 * n) / s1
+    gmin, gmax = torch.floor(torch.minimum(lo, torch.zeros_like(lo)) * unit), torch.floor(hi.clamp_min(0) * unit)
+    cells = int((gmax - gmin).max().item()) + 1
+    err = torch.empty(rows, n + 1, dtype=torch.float64, device=dev)
+    ii = torch.arange(1, n + 1, device=dev, dtype=torch.float64).view(1, -1, 1)
+    chunk = max(1, memory_budget // (3 * cells + k))
+    for start in range(0, rows, chunk):  # row chunks bound memory (count fixed by the budget)
+        sl = slice(start, start + chunk)
+        xc, m = x[sl], x[sl].shape[0]
+        g = torch.floor(xc * unit[sl]).long()
+        g += (torch.arange(m, device=dev).view(-1, 1) * cells - gmin[sl].long())
+        flat = g.view(-1).clamp_(0, m * cells - 1)
+        xd = xc.double().view(-1)
+        zero_col = torch.zeros(m, 1, dtype=torch.float64, device=dev)
+        cum = [torch.cat([zero_col, torch.bincount(flat, weights=w, minlength=m * cells).view(m, cells).double()
+                          .cumsum(1)], 1) for w in (None, xd, xd * xd)]  # cum[j]: sums over cells < gmin + j
+        e = (2 * codes[:-1] - 2 * z[sl].double() + 1).unsqueeze(1) * ii  # [m, n, L-1] edges of ratios 1..n
+        j = (e - gmin[sl].double().unsqueeze(1)).clamp(0, cells).long()
+        idx = torch.cat([j.new_zeros(m, n, 1), j, j.new_full((m, n, 1), cells)], 2).view(m, -1)
+        s0, s1_, s2 = (c.gather(1, idx).view(m, n, -1).diff(dim=2) for c in cum)
+        v = (codes - zero[sl, 1:].double().unsqueeze(2)) * scale[sl, 1:].double().unsqueeze(2)  # [m, n, L]
+        err[sl, 1:] = (s2 - 2 * v * s1_ + s0 * v * v).sum(2)
+        # ratio 0: step EPS, every x < 0 lands on the lowest level, every x >= 0 on the highest
+        neg = (-gmin[sl]).clamp(0, cells).long()
+        v0 = (torch.tensor([qmin, qmax], dtype=torch.float64, device=dev) - zero[sl, :1].double()) * scale[sl, :1].double()
+        tot = [c[:, -1:] for c in cum]
+        below = [c.gather(1, neg) for c in cum]
+        err[sl, :1] = (below[2] - 2 * v0[:, :1] * below[1] + below[0] * v0[:, :1] ** 2
+                       + (tot[2] - below[2]) - 2 * v0[:, 1:] * (tot[1] - below[1]) + (tot[0] - below[0]) * v0[:, 1:] ** 2)
+    if not include_full_range:
+        err[:, -1] = float("inf")
+    best = err.argmin(1, keepdim=True)
+    out_s, out_z = scale.gather(1, best), zero.gather(1, best)
+    exact = ~(zero[:, 1:] == z).all(1) | ((hi - lo).view(-1) < 1e3 * EPS * (qmax - qmin))
+    if exact.any():
+        s_e, z_e = _search_sse_sorted(x[exact], bits, symmetric, r if include_full_range else r[:-1], memory_budget)
+        out_s[exact], out_z[exact] = s_e, z_e
+    return out_s, out_z
+
+
 def init_grid_search(
     x: Tensor,
     bits: int,
@@ -260,7 +323,13 @@ def init_grid_search(
     """Q-VDiT ``grid_search_lp`` init: ratios 0, 0.02, ..., 0.98 of the zero-including per-row
     range, per-row sum of squared errors. ``include_full_range`` adds ratio 1.0 (= min-max), which
     the release omits, so the result is never worse than min-max. The release scores each candidate
-    with ``x / (delta + 1e-4)``; we score the quantizer actually used (documented deviation)."""
+    with ``x / (delta + 1e-4)``; we score the quantizer actually used (documented deviation).
+    Low bit widths (histogram cells <= 4 K) use :func:`_search_sse_grid_hist`, others the sorted
+    prefix-sum search; both are exact up to elements lying on a rounding edge."""
+    x = x.detach().float()
+    cells = 2 * num_ratios * (2**bits - 1) + 2
+    if cells <= 4 * x.shape[1]:
+        return _search_sse_grid_hist(x, bits, symmetric, num_ratios, include_full_range, memory_budget)
     ratios = torch.arange(num_ratios, dtype=torch.float32) * (1.0 / num_ratios)
     if include_full_range:
         ratios = torch.cat([ratios, torch.ones(1)])
