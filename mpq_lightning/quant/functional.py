@@ -277,13 +277,14 @@ def _search_sse_grid_hist(
     cells = int((gmax - gmin).max().item()) + 1
     err = torch.empty(rows, n + 1, dtype=torch.float64, device=dev)
     ii = torch.arange(1, n + 1, device=dev, dtype=torch.float64).view(1, -1, 1)
-    chunk = max(1, memory_budget // (3 * cells + k))
-    for start in range(0, rows, chunk):  # row chunks bound memory (count fixed by the budget)
+    # row chunks bound memory and keep every flat cell index an exact float32 integer (< 2^24)
+    chunk = max(1, min(memory_budget // (3 * cells + k), (2**24 - 1) // cells))
+    for start in range(0, rows, chunk):
         sl = slice(start, start + chunk)
         xc, m = x[sl], x[sl].shape[0]
-        g = torch.floor(xc * unit[sl]).long()
-        g += (torch.arange(m, device=dev).view(-1, 1) * cells - gmin[sl].long())
-        flat = g.view(-1).clamp_(0, m * cells - 1)
+        g = torch.floor(xc * unit[sl])  # in [gmin, gmax] of its row by monotonicity of fp32 mul and floor
+        g.add_(torch.arange(m, device=dev, dtype=torch.float32).view(-1, 1) * cells - gmin[sl])
+        flat = g.long().view(-1)
         xd = xc.double().view(-1)
         zero_col = torch.zeros(m, 1, dtype=torch.float64, device=dev)
         cum = [torch.cat([zero_col, torch.bincount(flat, weights=w, minlength=m * cells).view(m, cells).double()
