@@ -56,6 +56,21 @@ ABLATION = {
     "+ TMD (= ours)": [],
 }
 
+#: follow-up probes of the table's findings (``--probes``): is Q-VDiT's lead its dynamic per-token
+#: activation quantizer, and is the W2A4 UNet collapse of MPQ-DMv2 / ours FZ-RMQ's 1-bit base?
+PROBES = {
+    ("video", "W3A6"): {
+        "ours": [],
+        "ours + dynamic per-token activations": ["--model.quant.a_quantizer", "dynamic_token",
+                                                 "--model.calib.train_act_quant", "false"],
+    },
+    ("image", "W2A4"): {
+        "ours": [],
+        "ours with uniform weights (no FZ-RMQ)": ["--model.quant.w_quantizer", "uniform"],
+        "ours with OMQ weights": ["--model.quant.w_quantizer", "omq"],
+    },
+}
+
 
 def _overrides(method_args: list[str], video: bool) -> list[str]:
     out = []
@@ -140,7 +155,7 @@ def write_markdown(results: dict, meta: dict, out: Path, plots: dict[str, str] |
              "space (lower is better); class_consistency: share of samples our classifier assigns to their class; "
              "psnr/ssim vs the FP teacher's samples from the same noise; temporal_consistency: consecutive-frame "
              f"feature cosine (video). Wall time of the whole run: {meta['wall_s']} s. Regenerate with "
-             f"`python benchmarks/methods_table.py{' --smoke' if meta['mode'] == 'smoke' else ''}`.", ""]
+             f"`python benchmarks/methods_table.py{ {'smoke': ' --smoke', 'probes': ' --probes'}.get(meta['mode'], '') }`.", ""]
     for key, rows in results.items():
         lines += [f"## {key}", "", "| model | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
         for name, r in rows.items():
@@ -184,6 +199,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny budgets: W3A6, both teachers, 2 methods, 2 steps")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--probes", action="store_true", help="run PROBES (follow-ups) -> docs/results_probes.md")
     ap.add_argument("--cache-dir", default=None, help="trajectory caches here instead of the configs' data/ paths")
     ap.add_argument("--out", default=str(REPO / "docs"))
     ap.add_argument("--root", default=str(REPO / "checkpoints" / "methods_table"))
@@ -200,6 +216,11 @@ def main() -> None:
         teachers, settings, steps, samples, num_trajectories = list(TEACHERS), ["W3A6"], 2, 8, 10
     results = {}
     t0 = time.time()
+    if args.probes:
+        methods, ablation, teachers = {}, {}, []
+        for (teacher, setting), probe in PROBES.items():
+            results[f"probe {teacher} {setting}"] = table_rows(teacher, setting, probe, steps, samples, root,
+                                                               data_args_of(teacher, args.cache_dir, None))
     for teacher in teachers:
         data_args = data_args_of(teacher, args.cache_dir, num_trajectories)
         for setting in settings:
@@ -207,11 +228,11 @@ def main() -> None:
     if ablation and "video" in teachers:
         results["ablation video W3A6"] = table_rows("video", "W3A6", ablation, steps, samples, root,
                                                     data_args_of("video", args.cache_dir, num_trajectories))
-    meta = {"mode": "smoke" if args.smoke else "full", "date": time.strftime("%Y-%m-%d"), "steps": steps,
+    meta = {"mode": "smoke" if args.smoke else "probes" if args.probes else "full", "date": time.strftime("%Y-%m-%d"), "steps": steps,
             "samples": samples, "device": "CPU" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
             "wall_s": round(time.time() - t0)}
     out.mkdir(parents=True, exist_ok=True)
-    name = "results_smoke" if args.smoke else "results"
+    name = "results_smoke" if args.smoke else "results_probes" if args.probes else "results"
     plots = plot(results, out, prefix=name)
     write_markdown(results, meta, out / f"{name}.md", plots)
     (out / f"{name}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
