@@ -112,6 +112,17 @@ def _lr(step: int, cfg: dict[str, Any]) -> float:
     return cfg["lr"] * warm * 0.5 * (1 + math.cos(math.pi * step / cfg["steps"]))
 
 
+def _optimise(opt, model: nn.Module, ema: nn.Module, loss: torch.Tensor, step: int, cfg: dict[str, Any]) -> None:
+    """One AdamW step of a teacher: scheduled lr, clipped gradients, EMA update."""
+    for group in opt.param_groups:
+        group["lr"] = _lr(step, cfg)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+    opt.step()
+    _ema_update(ema, model, cfg["ema_decay"], step)
+
+
 @torch.no_grad()
 def _ema_update(ema: nn.Module, model: nn.Module, decay: float, step: int) -> None:
     d = min(decay, (1 + step) / (10 + step))
@@ -218,13 +229,7 @@ def train_unet(args: argparse.Namespace) -> None:
         x0, labels, noise, t = x0.to(dev), labels.to(dev), noise.to(dev), t.to(dev)
         xt = noise_sched.add_noise(x0, noise, t)
         loss = F.mse_loss(model(xt, t, class_labels=labels).sample, noise)
-        for group in opt.param_groups:
-            group["lr"] = _lr(step, cfg)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-        opt.step()
-        _ema_update(ema, model, cfg["ema_decay"], step)
+        _optimise(opt, model, ema, loss, step, cfg)
         losses.append(loss.item())
         if step % 100 == 99 or step == cfg["steps"] - 1:
             print(f"[unet] step {step + 1}/{cfg['steps']} loss(avg100) {sum(losses[-100:]) / len(losses[-100:]):.4f} "
@@ -390,13 +395,7 @@ def train_stdit(args: argparse.Namespace) -> None:
             mse = mse * snr.clamp(max=cfg["snr_gamma"]) / snr
         vb = vlb.vb(x0, xt, t, eps.detach(), var_out)
         loss = (mse + vb).mean()
-        for group in opt.param_groups:
-            group["lr"] = _lr(step, cfg)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-        opt.step()
-        _ema_update(ema, model, cfg["ema_decay"], step)
+        _optimise(opt, model, ema, loss, step, cfg)
         losses.append(loss.item())
         mses.append(mse.mean().item())
         if step % 100 == 99 or step == cfg["steps"] - 1:

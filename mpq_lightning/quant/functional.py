@@ -249,6 +249,12 @@ def _search_sse_sorted(
     return best_scale, best_zero
 
 
+def _ratio_grid(num_ratios: int, include_full_range: bool) -> Tensor:
+    """Q-VDiT's candidate ratios ``i / n`` (fp32, i = 0..n-1), plus 1.0 with ``include_full_range``."""
+    ratios = torch.arange(num_ratios, dtype=torch.float32) * (1.0 / num_ratios)
+    return torch.cat([ratios, torch.ones(1)]) if include_full_range else ratios
+
+
 def _search_sse_grid_hist(
     x: Tensor, bits: int, symmetric: bool, num_ratios: int, include_full_range: bool, memory_budget: int
 ) -> tuple[Tensor, Tensor]:
@@ -267,7 +273,7 @@ def _search_sse_grid_hist(
     qmin, qmax = qrange(bits, symmetric)
     rows, k = x.shape
     n, dev = num_ratios, x.device
-    r = torch.cat([torch.arange(n, dtype=torch.float32) * (1.0 / n), torch.ones(1)]).to(dev)  # i / n
+    r = _ratio_grid(n, True).to(dev)  # i / n, i = 0..n
     lo, hi = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
     scale, zero = qparams_from_range(r * lo, r * hi, bits, symmetric)  # [rows, n + 1]: the candidates
     z, s1 = zero[:, -1:], scale[:, -1:]
@@ -331,10 +337,7 @@ def init_grid_search(
     cells = 2 * num_ratios * (2**bits - 1) + 2
     if cells <= 4 * x.shape[1]:
         return _search_sse_grid_hist(x, bits, symmetric, num_ratios, include_full_range, memory_budget)
-    ratios = torch.arange(num_ratios, dtype=torch.float32) * (1.0 / num_ratios)
-    if include_full_range:
-        ratios = torch.cat([ratios, torch.ones(1)])
-    return _search_sse_sorted(x, bits, symmetric, ratios, memory_budget)
+    return _search_sse_sorted(x, bits, symmetric, _ratio_grid(num_ratios, include_full_range), memory_budget)
 
 
 INITIALISERS = {"minmax": init_minmax, "lp": init_lp_search, "grid": init_grid_search}
