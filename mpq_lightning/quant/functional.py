@@ -263,9 +263,10 @@ def _search_sse_grid_hist(
     Every candidate's zero point equals the full range's ``z`` (the ratio cancels in ``lo / scale``) and
     its step is ``scale_1 * i / n``, so each rounding edge ``(c - z + 1/2) * scale_1 * i / n`` is the
     integer ``(2c - 2z + 1) * i`` in units of ``scale_1 / 2n``. Cells ``[g, g + 1)`` of
-    ``g = floor(2n x / scale_1)`` hold no edge inside, so per-row histograms of count, Σx and Σx² over
-    the ~2n(2^b - 1) cells (float64) give every candidate's per-bin sums by cumulative sums: O(K) per
-    row plus O(n 2^b) per candidate. Rows where the zero point differs between ratios (float rounding at
+    ``g = floor(2n x / scale_1)`` hold no edge inside, so per-row histograms of count and Σx over the
+    ~2n(2^b - 1) cells (int32 cell index; Σx accumulated in fp32 per cell, cumulative sums in float64)
+    give every candidate's per-bin sums: O(K) per row plus O(n 2^b) per candidate. Σx² is not needed:
+    over a candidate's bins it always sums to the row's Σx², a constant that cannot move the argmin. Rows where the zero point differs between ratios (float rounding at
     a .5 tie) or whose range is at the fp32 floor go through :func:`_search_sse_sorted`. Elements within
     float rounding of an edge may fall in the neighbouring bin (measure zero, as for the sorted search).
     """
@@ -284,30 +285,31 @@ def _search_sse_grid_hist(
     err = torch.empty(rows, n + 1, dtype=torch.float64, device=dev)
     ii = torch.arange(1, n + 1, device=dev, dtype=torch.float64).view(1, -1, 1)
     # row chunks bound memory and keep every flat cell index an exact float32 integer (< 2^24)
-    chunk = max(1, min(memory_budget // (3 * cells + k), (2**24 - 1) // cells))
+    chunk = max(1, min(memory_budget // (2 * cells + k), (2**24 - 1) // cells))
     for start in range(0, rows, chunk):
         sl = slice(start, start + chunk)
         xc, m = x[sl], x[sl].shape[0]
         g = torch.floor(xc * unit[sl])  # in [gmin, gmax] of its row by monotonicity of fp32 mul and floor
         g.add_(torch.arange(m, device=dev, dtype=torch.float32).view(-1, 1) * cells - gmin[sl])
-        flat = g.long().view(-1)
-        xd = xc.double().view(-1)
+        flat = g.view(-1).int()
         zero_col = torch.zeros(m, 1, dtype=torch.float64, device=dev)
-        cum = [torch.cat([zero_col, torch.bincount(flat, weights=w, minlength=m * cells).view(m, cells).double()
-                          .cumsum(1)], 1) for w in (None, xd, xd * xd)]  # cum[j]: sums over cells < gmin + j
+        # per-cell count and Σx (Σx² is not needed: summed over a candidate's bins it is the row's
+        # Σx² for every candidate, a constant that cannot change the argmin)
+        cum = [torch.cat([zero_col, torch.bincount(flat, weights=w, minlength=m * cells).view(m, cells)
+                          .cumsum(1, dtype=torch.float64)], 1) for w in (None, xc.reshape(-1))]
         e = (2 * codes[:-1] - 2 * z[sl].double() + 1).unsqueeze(1) * ii  # [m, n, L-1] edges of ratios 1..n
         j = (e - gmin[sl].double().unsqueeze(1)).clamp(0, cells).long()
         idx = torch.cat([j.new_zeros(m, n, 1), j, j.new_full((m, n, 1), cells)], 2).view(m, -1)
-        s0, s1_, s2 = (c.gather(1, idx).view(m, n, -1).diff(dim=2) for c in cum)
+        s0, s1_ = (c.gather(1, idx).view(m, n, -1).diff(dim=2) for c in cum)
         v = (codes - zero[sl, 1:].double().unsqueeze(2)) * scale[sl, 1:].double().unsqueeze(2)  # [m, n, L]
-        err[sl, 1:] = (s2 - 2 * v * s1_ + s0 * v * v).sum(2)
+        err[sl, 1:] = (s0 * v * v - 2 * v * s1_).sum(2)  # SSE minus the row's Σx²
         # ratio 0: step EPS, every x < 0 lands on the lowest level, every x >= 0 on the highest
         neg = (-gmin[sl]).clamp(0, cells).long()
         v0 = (torch.tensor([qmin, qmax], dtype=torch.float64, device=dev) - zero[sl, :1].double()) * scale[sl, :1].double()
         tot = [c[:, -1:] for c in cum]
         below = [c.gather(1, neg) for c in cum]
-        err[sl, :1] = (below[2] - 2 * v0[:, :1] * below[1] + below[0] * v0[:, :1] ** 2
-                       + (tot[2] - below[2]) - 2 * v0[:, 1:] * (tot[1] - below[1]) + (tot[0] - below[0]) * v0[:, 1:] ** 2)
+        err[sl, :1] = (below[0] * v0[:, :1] ** 2 - 2 * v0[:, :1] * below[1]
+                       + (tot[0] - below[0]) * v0[:, 1:] ** 2 - 2 * v0[:, 1:] * (tot[1] - below[1]))
     if not include_full_range:
         err[:, -1] = float("inf")
     best = err.argmin(1, keepdim=True)
