@@ -5,7 +5,9 @@
 For each model (the tiny STDiT and a mid-size STDiT) it times, after warm-up, the median of:
 * FP step: forward + MSE to a target + backward + AdamW step over all backbone parameters;
 * QAT step: ``QATModule.compute_losses`` (frozen teacher + fake-quantized student, W3A6 with FZ-RMQ,
-  OOLRI, TQE, MTRD, TMD) + backward + AdamW step over the trainable quantization state.
+  OOLRI, TQE, MTRD, TMD) + backward + AdamW step over the trainable quantization state, once with
+  eager quantizers and once with ``QuantConfig.compile_quantizers=True`` (torch.compile of the
+  element-wise quantizer math; compilation happens in the warm-up and is not timed).
 Writes benchmarks/results/step_time_<device>.json. Targets (issue 7): ratio <= 1.6 on CPU, <= 1.3 on GPU.
 """
 from __future__ import annotations
@@ -52,8 +54,8 @@ class _Calib:
         return [self.batch, self.batch]
 
 
-def timed(fn, repeats: int, device) -> float:
-    for _ in range(3):
+def timed(fn, repeats: int, device, warmup: int = 3) -> float:
+    for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
@@ -67,7 +69,7 @@ def timed(fn, repeats: int, device) -> float:
     return statistics.median(times)
 
 
-def bench(name: str, kwargs: dict, batch: int, repeats: int, device) -> dict:
+def bench(name: str, kwargs: dict, batch: int, repeats: int, device, compile_modes: list[bool]) -> dict:
     # -- FP training step -------------------------------------------------------------------
     fp = build(name.replace("mid-stdit", "tiny-stdit"), **kwargs).to(device)
     b = batch_for(fp, batch, device)
@@ -81,12 +83,21 @@ def bench(name: str, kwargs: dict, batch: int, repeats: int, device) -> dict:
         opt.step()
 
     t_fp = timed(fp_step, repeats, device)
-    # -- QAT step ---------------------------------------------------------------------------
+    row = {"model": name, "params": sum(p.numel() for p in fp.parameters()), "batch": batch, "fp_step_s": t_fp}
+    for compiled in compile_modes:
+        t_qat = qat_step_time(name, kwargs, b, repeats, device, compiled)
+        key = "qat_compiled" if compiled else "qat"
+        row[f"{key}_step_s"], row[f"{key}_ratio"] = t_qat, t_qat / t_fp
+    return row
+
+
+def qat_step_time(name: str, kwargs: dict, b: dict, repeats: int, device, compiled: bool) -> float:
     quant = QuantConfig(w_bits=3, a_bits=6, num_steps=10, w_quantizer="fzrmq", lora_rank=8,
-                        lora_init="svd_weight_error", lora_quantized_base=True, tqe=True)
+                        lora_init="svd_weight_error", lora_quantized_base=True, tqe=True, compile_quantizers=compiled)
     loss = LossConfig(mse_reduction="mean", mtrd=True, mtrd_anchors=256, mtrd_memory_samples=256, tmd=True)
     module = QATModule(name.replace("mid-stdit", "tiny-stdit"), kwargs, quant, True, loss, OptimConfig(lora_lr=1e-4),
                        CalibConfig(num_batches=2)).to(device)
+    b = {k: v for k, v in b.items() if k != "teacher_output"}
     module.calibrate_from(_Calib(b))
     from mpq_lightning.callbacks.memory_queue import MemoryQueue
     from mpq_lightning.quant import set_quant_state
@@ -105,10 +116,7 @@ def bench(name: str, kwargs: dict, batch: int, repeats: int, device) -> dict:
         total.backward()
         qopt.step()
 
-    t_qat = timed(qat_step, repeats, device)
-    n_params = sum(p.numel() for p in fp.parameters())
-    return {"model": name, "params": n_params, "batch": batch, "fp_step_s": t_fp, "qat_step_s": t_qat,
-            "ratio": t_qat / t_fp}
+    return timed(qat_step, repeats, device, warmup=5 if compiled else 3)
 
 
 def main() -> None:
@@ -118,14 +126,18 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--compile", choices=["off", "on", "both"], default="both",
+                    help="QAT step with eager quantizers (off), compiled quantizers (on) or both")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    rows = [bench(n, kw, args.batch, args.repeats, device) for n, kw in MODELS.items()]
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    rows = [bench(n, kw, args.batch, args.repeats, device, modes) for n, kw in MODELS.items()]
     for r in rows:
-        print(f"{r['model']:>10} ({r['params'] / 1e6:.2f} M params, batch {r['batch']}): FP {r['fp_step_s'] * 1e3:.1f} ms, "
-              f"QAT {r['qat_step_s'] * 1e3:.1f} ms, ratio {r['ratio']:.2f}")
+        qat = ", ".join(f"{label} {r[k + '_step_s'] * 1e3:.1f} ms (ratio {r[k + '_ratio']:.2f})"
+                        for k, label in (("qat", "QAT eager"), ("qat_compiled", "QAT compiled")) if k + "_step_s" in r)
+        print(f"{r['model']:>10} ({r['params'] / 1e6:.2f} M params, batch {r['batch']}): FP {r['fp_step_s'] * 1e3:.1f} ms, {qat}")
     out = Path(args.out or Path(__file__).parent / "results" / f"step_time_{device.type}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),

@@ -179,3 +179,32 @@ def test_autocast_output_dtype_not_promoted():
         with torch.autocast("cpu", torch.bfloat16):
             dtypes.append(layer(x).dtype)
     assert dtypes == [torch.bfloat16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_folded_tqe_equals_the_branch(conv):
+    """Without a frame factor the fp32 forward adds βα to the quantized weight instead of running the
+    branch on the activations: same output and same gradients as ``op(xq, Q(W)) + tqe(xq)``."""
+    torch.manual_seed(0)
+    spec = LayerSpec(w_bits=3, a_bits=8, a_quantizer="dynamic_token", tqe=True, tqe_rank=2, tqe_frame_scale="none")
+    if conv:
+        layer = QuantConv2d.from_module(nn.Conv2d(4, 6, 3, padding=1), spec)
+        x = torch.randn(2, 4, 5, 5)
+    else:
+        layer = QuantLinear.from_module(nn.Linear(C, COUT), spec)
+        x = torch.randn(B, S, C)
+    layer.weight_quantizer.initialize(layer.weight.detach())
+    set_quant_state(layer, True, True)
+    tqe = layer.corrections["tqe"]
+    assert tqe.foldable
+    with torch.no_grad():
+        tqe.beta.normal_()
+    layer(x).pow(2).sum().backward()
+    folded = [p.grad.clone() for p in (tqe.alpha, tqe.beta)]
+    tqe.zero_grad()
+    xq = layer.act_quantizer(x)
+    reference = layer._op(xq, layer.quantized_weight(), layer.bias) + tqe(xq, layer)
+    torch.testing.assert_close(layer(x), reference, rtol=1e-5, atol=1e-5)
+    reference.pow(2).sum().backward()
+    for a, b in zip(folded, (tqe.alpha.grad, tqe.beta.grad)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

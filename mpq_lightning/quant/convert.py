@@ -96,6 +96,8 @@ class QuantConfig:
     tqe: bool = False  # Q-VDiT token-aware quantization estimator
     tqe_rank: int = 1
     tqe_frame_scale: str = "temporal"  # temporal (release, 1 + m) | all (paper, m) | none
+    # -- speed ----------------------------------------------------------------------------------
+    compile_quantizers: bool = False  # torch.compile the element-wise quantizer math (same values)
 
     def __post_init__(self) -> None:
         _check_bits(self.w_bits, "w_bits", allow_none=True)
@@ -165,6 +167,8 @@ class QuantConfig:
             raise ValueError(f"QuantConfig.tqe_rank must be a positive int, got {self.tqe_rank!r}")
         if not isinstance(self.tqe, bool):
             raise ValueError(f"QuantConfig.tqe must be a bool, got {self.tqe!r}")
+        if not isinstance(self.compile_quantizers, bool):
+            raise ValueError(f"QuantConfig.compile_quantizers must be a bool, got {self.compile_quantizers!r}")
 
     def layer_spec(self, name: str) -> LayerSpec:
         """Settings for the layer called ``name`` after applying ``bit_map`` and ``lora_exclude``."""

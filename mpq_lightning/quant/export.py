@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import LoRA, QuantConv1d, QuantConv2d, QuantConv3d, QuantLayer, QuantLinear
+from .layers import LoRA, fold_corrections, QuantConv1d, QuantConv2d, QuantConv3d, QuantLayer, QuantLinear
 from .mixed import FZRMQQuantizer, MixedQuantizerBase, OMQQuantizer
 from .quantizers import DynamicTokenQuantizer, TimestepActQuantizer, UniformQuantizer, _rows_view
 from .tqe import TQE
@@ -481,10 +481,11 @@ class PackedLayer(nn.Module):
         xq = self.act_quantizer(xs) if (self.act_quant and self.act_quantizer is not None) else xs
         xq = xq.to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        y = self._op(xq, self.weight.to(x.dtype), bias)
+        w, branches = fold_corrections(self.corrections, self.weight, x)  # as the QuantLayer does
+        y = self._op(xq, w.to(x.dtype), bias)
         if self.lora is not None:
             y = y + self._op(x, self.lora.delta().to(x.dtype), None)
-        for corr in self.corrections.values():
+        for corr in branches:
             y = y + corr(xq, self)
         return y
 

@@ -16,6 +16,7 @@ EfficientDM / Q-VDiT choice).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -52,42 +53,49 @@ def round_ste(x: Tensor) -> Tensor:
 
 def sign_ste(x: Tensor) -> Tensor:
     """sign(x) in {-1, +1} (0 maps to +1) forward, identity gradient (straight-through)."""
-    s = torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
-    return x + (s - x).detach()
+    return _SignSTE.apply(x)
+
+
+class _SignSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[override]
+        return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return grad
 
 
 class _FakeQuantize(torch.autograd.Function):
+    """``clamp(round(x / s), qmin - z, qmax - z) * s`` (= ``(clamp(round(x/s) + z, qmin, qmax) - z) s``
+    exactly, all values being integers in fp32), saving only what the requested gradients need."""
+
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, grad_scale):  # type: ignore[override]
-        xf = x.float()
         s = scale.float()
         z = torch.round(zero_point.float())
-        inv = 1.0 / s
-        xs = xf * inv
+        xs = x.float() * (1.0 / s)
         r = torch.round(xs)
-        q = r + z
-        inside = (q >= qmin) & (q <= qmax)
-        qc = q.clamp(qmin, qmax)
-        out = (qc - z) * s
-        ctx.save_for_backward(xs, r, qc, z, s, inside)
+        rc = torch.clamp(r, qmin - z, qmax - z)
+        out = rc * s
+        inside = rc == r  # the clamp left it alone: round(x/s) + z lies in [qmin, qmax]
+        need_s, need_z = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        ctx.save_for_backward(inside, xs if need_s else None, rc if need_s else None, s if need_z else None)
         ctx.grad_scale = grad_scale
         ctx.shapes = (scale.shape, zero_point.shape)
-        ctx.needs = (ctx.needs_input_grad[1], ctx.needs_input_grad[2])
         return out
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        xs, r, qc, z, s, inside = ctx.saved_tensors
+        inside, xs, rc, s = ctx.saved_tensors
         s_shape, z_shape = ctx.shapes
         g = grad.float()
-        gx = torch.where(inside, g, torch.zeros_like(g))
+        gx = torch.where(inside, g, 0.0)
         gs = gz = None
-        if ctx.needs[0]:
-            ds = torch.where(inside, r - xs, qc - z)
-            gs = (g * ds * ctx.grad_scale).sum_to_size(s_shape)
-        if ctx.needs[1]:
-            dz = torch.where(inside, torch.zeros_like(g), -s.expand_as(g))
-            gz = (g * dz * ctx.grad_scale).sum_to_size(z_shape)
+        if ctx.needs_input_grad[1]:  # LSQ: round(x/s) - x/s inside, q_clamped - z outside
+            gs = (g * torch.where(inside, rc - xs, rc) * ctx.grad_scale).sum_to_size(s_shape)
+        if ctx.needs_input_grad[2]:  # LSQ+: 0 inside, -s outside
+            gz = ((gx - g) * s * ctx.grad_scale).sum_to_size(z_shape)
         return gx.to(grad.dtype), gs, gz, None, None, None
 
 
@@ -103,14 +111,93 @@ def fake_quantize(
 
     ``scale`` and ``zero_point`` broadcast against ``x``. The forward is bit-identical (CPU, fp32)
     to ``torch.fake_quantize_per_tensor_affine`` / ``torch.fake_quantize_per_channel_affine`` for
-    integer zero points. The result is fp32.
+    integer zero points. The result is fp32. Inside :func:`compiled_quantizers` the same function
+    runs through ``torch.compile`` (fused element-wise kernels, same values).
     """
     with torch.autocast(device_type=x.device.type, enabled=False):
         if not torch.is_tensor(scale):
             scale = torch.tensor(float(scale), device=x.device)
         if not torch.is_tensor(zero_point):
             zero_point = torch.tensor(float(zero_point), device=x.device)
+        if _COMPILE.enabled and not torch.compiler.is_compiling():
+            rows = _leading_rows(x.shape, scale.shape)
+            zrows = _leading_rows(x.shape, zero_point.shape)
+            if rows is not None and zrows in (rows, 1):
+                # one 2-D [rows, K] form for every granularity: few graphs, no recompiles per rank
+                fn = _compiled(_fake_quantize_rows)
+                return fn(x.reshape(rows, -1), scale.reshape(-1, 1), zero_point.reshape(-1, 1),
+                          int(qmin), int(qmax), float(grad_scale)).view(x.shape)
         return _FakeQuantize.apply(x, scale, zero_point, int(qmin), int(qmax), float(grad_scale))
+
+
+def _fake_quantize_rows(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, grad_scale: float) -> Tensor:
+    return _FakeQuantize.apply(x, scale, zero_point, qmin, qmax, grad_scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# Optional torch.compile of the element-wise quantizer math
+# ---------------------------------------------------------------------------------------------
+
+
+class _CompileState:
+    enabled = False
+    fns: dict = {}
+
+
+_COMPILE = _CompileState()
+RECOMPILE_LIMIT = 64  # graphs per quantizer function: bit widths x grad modes x which inputs need grad
+
+
+def _leading_rows(x_shape: torch.Size, p_shape: torch.Size) -> int | None:
+    """Rows ``R`` such that a parameter of shape ``p_shape`` broadcast on ``x`` is one value per row of
+    ``x.reshape(R, -1)`` (per tensor: 1; per output channel / group / token / sample: leading dims),
+    or None when it is not of that form (e.g. a per-input-channel vector)."""
+    nd = len(x_shape)
+    if len(p_shape) > nd:
+        return None
+    ps = (1,) * (nd - len(p_shape)) + tuple(p_shape)
+    k = nd
+    while k > 0 and ps[k - 1] == 1:
+        k -= 1
+    if tuple(ps[:k]) != tuple(x_shape[:k]):
+        return None
+    return math.prod(x_shape[:k])
+
+
+def _compiled(fn):
+    """``torch.compile(fn, dynamic=True)``, built once per function."""
+    c = _COMPILE.fns.get(fn)
+    if c is None:
+        import torch._dynamo.config as dynamo_config
+
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
+        c = _COMPILE.fns[fn] = torch.compile(fn, dynamic=True)
+    return c
+
+
+def set_compiled_quantizers(enabled: bool) -> bool:
+    """Switch ``torch.compile`` of the quantizer math on or off; returns the previous setting.
+    Quantized layers switch it per forward from their ``LayerSpec.compile_quantizers``."""
+    previous = _COMPILE.enabled
+    _COMPILE.enabled = bool(enabled)
+    return previous
+
+
+def quantizer_compile_enabled() -> bool:
+    return _COMPILE.enabled
+
+
+def compilable(fn):
+    """Decorator for pure quantizer functions: run through ``torch.compile`` while compiled
+    quantizers are switched on (and not already inside a traced region), eagerly otherwise."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if _COMPILE.enabled and not torch.compiler.is_compiling():
+            return _compiled(fn)(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapper
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .functional import set_compiled_quantizers
 from .mixed import FZRMQQuantizer, OMQQuantizer, uniform_bit_accounting
 from .quantizers import DynamicTokenQuantizer, TimestepActQuantizer, UniformQuantizer
 from .tqe import build_tqe
@@ -69,6 +70,7 @@ class LayerSpec:
     tqe: bool = False
     tqe_rank: int = 1
     tqe_frame_scale: str = "temporal"
+    compile_quantizers: bool = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,6 +120,22 @@ class LoRA(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Quantized layers
 # ---------------------------------------------------------------------------------------------
+
+
+def fold_corrections(corrections: nn.ModuleDict, w: Tensor, x: Tensor) -> tuple[Tensor, list[nn.Module]]:
+    """(``w`` plus the corrections that are a plain rank-r weight, the corrections left as branches).
+
+    A correction without a per-token factor (TQE without frame scale) is the weight ``βα``:
+    ``op(xq, W) + op(xq, βα) = op(xq, W + βα)`` by linearity, which saves its passes over the
+    activations. Only for an fp32 op: under autocast the branch keeps the small correction out of
+    a 16-bit weight."""
+    branches = list(corrections.values())
+    if x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type):
+        for corr in [c for c in branches if getattr(c, "foldable", False)]:
+            w = w + corr.weight_delta().float()
+            branches.remove(corr)
+    return w, branches
+
 
 
 def build_weight_quantizer(spec: LayerSpec, weight_shape: torch.Size) -> nn.Module | None:
@@ -268,15 +286,23 @@ class QuantLayer(nn.Module):
             if self.lora is not None:  # FP mode keeps the adapter, exact FP when B A = 0
                 w = w + self.lora.delta().to(w.dtype)
             return self._op(x, w, self.bias)
+        previous = set_compiled_quantizers(self.spec.compile_quantizers)
+        try:
+            return self._quant_forward(x)
+        finally:
+            set_compiled_quantizers(previous)
+
+    def _quant_forward(self, x: Tensor) -> Tensor:
         xs = x
         if self.smooth_scale is not None:
             xs = x / self._bcast_in(self.smooth_scale, x.dim()).to(x.dtype)
         xq = self.act_quantizer(xs) if (self.act_quant and self.act_quantizer is not None) else xs
         xq = xq.to(x.dtype)
-        y = self._op(xq, self.quantized_weight().to(x.dtype), self.bias)
+        w, branches = fold_corrections(self.corrections, self.quantized_weight(), x)
+        y = self._op(xq, w.to(x.dtype), self.bias)
         if self.lora is not None and self.lora_placement == "fp_branch":
             y = y + self._op(x, self.lora.delta().to(x.dtype), None)
-        for corr in self.corrections.values():
+        for corr in branches:
             y = y + corr(xq, self)
         return y
 

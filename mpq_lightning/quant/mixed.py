@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .functional import _quant_dequant, fake_quantize, init_qparams, lsq_grad_scale, qparams_from_range, qrange, sign_ste
+from .functional import _quant_dequant, compilable, fake_quantize, init_qparams, lsq_grad_scale, qparams_from_range, qrange, sign_ste
 from .quantizers import UniformQuantizer
 
 CLASS_NAMES = ("unsalient", "normal", "salient")
@@ -111,6 +111,8 @@ class MixedQuantizerBase(nn.Module):
         self.register_buffer("initialized", torch.tensor(False))
         self._cache_key: tuple | None = None
         self._cache: tuple | None = None
+        self._mask_key: tuple | None = None
+        self._masks: tuple | None = None
 
     # -- class bookkeeping -----------------------------------------------------------------------
     def candidates(self) -> list[int]:
@@ -134,6 +136,14 @@ class MixedQuantizerBase(nn.Module):
             sizes = torch.bincount(self.group_id, minlength=3).tolist()
             self._cache, self._cache_key = (perm, inv, sizes), key
         return self._cache  # type: ignore[return-value]
+
+    def class_masks(self) -> tuple[Tensor, Tensor]:
+        """(normal ∪ salient, salient) float masks [Cout, 1], cached on ``group_id`` like
+        :meth:`_class_index`."""
+        key = (self.group_id.data_ptr(), self.group_id._version, self.group_id.device)
+        if self._mask_key != key:
+            self._masks, self._mask_key = (self.class_mask((1, 2)), self.class_mask((2,))), key
+        return self._masks  # type: ignore[return-value]
 
     def class_mask(self, classes: tuple[int, ...]) -> Tensor:
         """[Cout, 1] float mask of the channels whose class is in ``classes``."""
@@ -316,6 +326,20 @@ def binary_residual(r: Tensor, scale: Tensor) -> Tensor:
     return scale * sign_ste(r)
 
 
+@compilable
+def fzrmq_figure(rows: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, grad_scale: float,
+                 b1: Tensor, b2: Tensor, m12: Tensor, m2: Tensor) -> Tensor:
+    """FZ-RMQ figure layout on weight rows [Cout, K]: ``Q_base(W) + m₁₂ b₁ sign(R₁) + m₂ b₂ sign(R₂)``,
+    ``R₁ = W - Q_base(W)``, ``R₂ = R₁ - b₁ sign(R₁)``; ``m₁₂`` / ``m₂`` [Cout, 1] are the normal ∪ salient
+    and salient channel masks. One pure function so ``compiled_quantizers`` fuses the whole chain."""
+    qb = fake_quantize(rows, scale, zero_point, qmin, qmax, grad_scale)
+    r1 = rows.float() - qb
+    s1 = sign_ste(r1)
+    s2 = sign_ste(r1 - b1 * s1)
+    # masks are 0/1 and signs ±1, so (m b) s is exact in any order: one fused pass per branch
+    return torch.addcmul(torch.addcmul(qb, m12 * b1, s1), m2 * b2, s2)
+
+
 def closed_form_residual_scale(r: Tensor) -> Tensor:
     """``mean |r|`` per row [rows, 1]: the L2-optimal scale of ``b · sign(r)`` (``‖r - b sign r‖²`` is
     minimised at ``b = Σ|r| / n``, giving ``‖r‖² - n b² ≤ ‖r‖²``)."""
@@ -439,14 +463,6 @@ class FZRMQQuantizer(MixedQuantizerBase):
         return self.residual_scale_2
 
     # -- math on all rows (used by the forward and the init) -------------------------------------
-    def _branches(self, rows: Tensor, b1: Tensor, b2: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Figure layout: (Q_base, b₁ sign R₁, b₂ sign R₂) on every row."""
-        qb = self.base(rows)
-        r1 = rows.float() - qb
-        br1 = binary_residual(r1, b1)
-        br2 = None if b2 is None else binary_residual(r1 - br1, b2)
-        return qb, br1, br2
-
     def _set_base(self, scale: Tensor, zero: Tensor) -> None:
         self.base.scale.data = scale.to(self.base.scale.device)
         self.base.zero_point.data = zero.to(self.base.zero_point.device)
@@ -534,14 +550,16 @@ class FZRMQQuantizer(MixedQuantizerBase):
     def forward(self, w: Tensor) -> Tensor:
         rows = w.reshape(w.shape[0], -1)
         if self.layout == "figure":
-            qb, br1, br2 = self._branches(rows, self.b1, self.b2)
-            out = qb + self.class_mask((1, 2)) * br1 + self.class_mask((2,)) * br2
+            base = self.base
+            g = lsq_grad_scale(rows.shape[1], base.qmax) if base.use_lsq_grad_scale else 1.0
+            m12, m2 = self.class_masks()
+            out = fzrmq_figure(rows, base.scale, base.zero_point, base.qmin, base.qmax, g, self.b1, self.b2, m12, m2)
             return out.view(w.shape)
         perm, inv, sizes = self._class_index()
         # classes 0 → base (N-1 bits), 1 and 2 → mid (N bits); salient adds b₁ sign(W - Q_N(W))
         two = [self.base, self.mid, self.mid]
         qu = _grouped_fake_quant(rows, two, perm, inv, sizes)
-        out = qu + self.class_mask((2,)) * binary_residual(rows.float() - qu, self.b1)
+        out = qu + self.class_masks()[1] * binary_residual(rows.float() - qu, self.b1)
         return out.view(w.shape)
 
 

@@ -101,6 +101,11 @@ class UniformQuantizer(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
+def _check_step_range(idx: Tensor, num_steps: int) -> None:
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= num_steps):
+        raise IndexError(f"step index {idx.tolist()} out of range for a table of {num_steps} steps")
+
+
 def _expand_index(step_index: Tensor, n: int) -> Tensor:
     """Map a per-sample index [B] onto a leading dim of size n = B * k (batch-major layouts such as
     ``(b f) s c``)."""
@@ -141,6 +146,7 @@ class TimestepActQuantizer(nn.Module):
         self.zero_point = nn.Parameter(torch.zeros(num_steps), requires_grad=learn_zero_point)
         self.register_buffer("initialized", torch.tensor(False))
         self.step_index: Tensor | int | None = None  # set by step_index_context
+        self._checked_index: Tensor | int | None = None  # the step_index whose range was checked
         self.observing = False
         self._reservoir = reservoir
         self._samples: dict[int, list[Tensor]] = {}
@@ -155,8 +161,9 @@ class TimestepActQuantizer(nn.Module):
                 "Denoiser.forward(..., step_index) or inside step_index_context(model, step_index)"
             )
         idx = torch.as_tensor(self.step_index, device=device, dtype=torch.long)
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.num_steps):
-            raise IndexError(f"step index {idx.tolist()} out of range for a table of {self.num_steps} steps")
+        if self.step_index is not self._checked_index:  # step_index_context checks once per forward
+            _check_step_range(idx, self.num_steps)
+            self._checked_index = self.step_index
         return _expand_index(idx, n)
 
     # -- calibration ---------------------------------------------------------------------------
@@ -233,8 +240,12 @@ def step_index_context(model: nn.Module, step_index: int | Tensor | None) -> Ite
     """Hand the sampler step index (int or LongTensor [B]) to every TimestepActQuantizer in model."""
     quantizers = [m for m in model.modules() if isinstance(m, TimestepActQuantizer)]
     previous = [q.step_index for q in quantizers]
+    if quantizers and step_index is not None:
+        # one range check (one device sync) per forward instead of one per quantizer
+        _check_step_range(torch.as_tensor(step_index), min(q.num_steps for q in quantizers))
     for q in quantizers:
         q.step_index = step_index
+        q._checked_index = step_index
     try:
         yield
     finally:

@@ -157,6 +157,12 @@ class TQE(nn.Module):
                 y = y if g is None else y * g
         return y.to(out_dtype)
 
+    @property
+    def foldable(self) -> bool:
+        """True without a per-frame factor: the correction is then the rank-r weight
+        :meth:`weight_delta`, which a layer may add to its quantized weight instead (same math)."""
+        return self._dims is None
+
     def weight_delta(self) -> Tensor:
         """``β αᵀ`` as a weight-shaped tensor [Cout, Cin, *k] (without the frame scale)."""
         return (self.beta @ self.alpha.view(self.rank, -1)).view(self.beta.shape[0], *self.alpha.shape[1:])

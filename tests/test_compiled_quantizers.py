@@ -1,0 +1,81 @@
+"""``QuantConfig.compile_quantizers``: torch.compile of the element-wise quantizer math gives the
+eager values and gradients (mpq_lightning/quant/functional.py: fake_quantize, compilable)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from mpq_lightning.quant import set_quant_state, step_index_context
+from mpq_lightning.quant.functional import _leading_rows, quantizer_compile_enabled
+from mpq_lightning.quant.layers import LayerSpec, QuantLinear
+from mpq_lightning.quant.mixed import init_mixed_quantizer
+
+
+@pytest.mark.parametrize(
+    "x_shape,p_shape,rows",
+    [
+        ((6, 5), (6, 1), 6),  # per output channel
+        ((6, 5, 3, 3), (6, 1, 1, 1), 6),  # conv weight per output channel
+        ((4, 7, 9), (4, 1, 1), 4),  # per sample (timestep table gathered per sample)
+        ((4, 7, 9), (4, 7, 1), 28),  # per token
+        ((4, 7, 9), (), 1),  # per tensor
+        ((4, 7, 9), (1, 1), 1),
+        ((4, 9), (1, 9), None),  # per input channel: not a leading-rows layout
+        ((4, 7, 9), (7, 1), None),  # broadcast over a leading dim
+        ((3,), (1, 1, 3), None),  # more dims than x
+    ],
+)
+def test_leading_rows(x_shape, p_shape, rows):
+    assert _leading_rows(torch.Size(x_shape), torch.Size(p_shape)) == rows
+
+
+def _layer(compiled: bool) -> QuantLinear:
+    torch.manual_seed(0)
+    spec = LayerSpec(w_bits=3, a_bits=6, a_quantizer="timestep", num_steps=4, w_quantizer="fzrmq",
+                     omq_group_frac=0.25, lora_rank=2, tqe=True, tqe_frame_scale="all",
+                     extras={"layer_info": {"token_layout": "(b f) s c", "num_frames": 2}},
+                     compile_quantizers=compiled)
+    layer = QuantLinear.from_module(nn.Linear(16, 12), spec)
+    init_mixed_quantizer(layer)
+    q = layer.act_quantizer
+    with torch.no_grad():
+        q.scale.copy_(torch.tensor([0.02, 0.03, 0.05, 0.08]))
+        q.zero_point.copy_(torch.tensor([30.0, 31.0, 33.0, 29.0]))
+        layer.lora.B.normal_(std=0.05)
+        layer.corrections["tqe"].beta.normal_(std=0.05)
+    q.initialized.fill_(True)
+    set_quant_state(layer, True, True)
+    return layer
+
+
+def test_compiled_quantizers_match_eager_values_and_gradients():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    eager = _layer(False)
+    comp = copy.deepcopy(eager)
+    comp.spec.compile_quantizers = True
+    x = torch.randn(4, 5, 16) * 2  # (b f) s c with b = 2, f = 2
+    step = torch.tensor([0, 3, 1, 2])
+    outs, grads = [], []
+    for layer in (eager, comp):
+        xi = x.clone().requires_grad_(True)
+        with step_index_context(layer, step):
+            y = layer(xi)
+            y.pow(2).sum().backward()
+        outs.append(y.detach())
+        grads.append({"x": xi.grad, **{n: p.grad for n, p in layer.named_parameters() if p.requires_grad}})
+        with torch.no_grad(), step_index_context(layer, step):  # inference graphs (sampling)
+            outs.append(layer(x))
+    assert not quantizer_compile_enabled()  # the layer switches it on only for its own forward
+    assert torch._dynamo.utils.counters["frames"]["ok"] >= 2  # FZ-RMQ chain + activation fake-quant compiled
+    torch.testing.assert_close(outs[2], outs[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(outs[3], outs[1], rtol=1e-6, atol=1e-6)
+    assert set(grads[0]) == set(grads[1]) and len(grads[0]) >= 8  # x, LoRA, steps, zero points, b1, b2, TQE
+    for name in grads[0]:
+        assert grads[0][name] is not None and grads[1][name] is not None, name
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
