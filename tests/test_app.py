@@ -105,6 +105,19 @@ def test_resume_is_exact(full_run, workdir):
     assert torch.equal(qb.step_tags, qa.step_tags)
 
 
+def test_compiled_quantizers_train_through_the_app(workdir):
+    """``--model.quant.compile_quantizers true`` trains through Lightning and its first loss (same
+    seed, data, calibration) is the eager run's."""
+    eager = fit("--trainer.max_steps", "1", run="eager1")
+    compiled = fit("--trainer.max_steps", "1", "--model.quant.compile_quantizers", "true", run="compiled1")
+    from mpq_lightning.quant import QuantLayer
+
+    layers = [m for m in compiled.model.student.modules() if isinstance(m, QuantLayer)]
+    assert layers and all(m.spec.compile_quantizers for m in layers) and compiled.trainer.global_step == 1
+    a, b = (float(c.trainer.callback_metrics["train/loss"]) for c in (eager, compiled))
+    assert a == pytest.approx(b, rel=1e-5) and torch.isfinite(torch.tensor(b))
+
+
 def _fit_with_stop(workdir, run: str, stop: int):
     """Like ``fit`` but with a StopAt callback added through the config."""
     cfg = workdir / f"stop_{run}.yaml"
