@@ -111,23 +111,25 @@ def fake_quantize(
 
     ``scale`` and ``zero_point`` broadcast against ``x``. The forward is bit-identical (CPU, fp32)
     to ``torch.fake_quantize_per_tensor_affine`` / ``torch.fake_quantize_per_channel_affine`` for
-    integer zero points. The result is fp32. Inside :func:`compiled_quantizers` the same function
-    runs through ``torch.compile`` (fused element-wise kernels, same values).
+    integer zero points. The result is fp32. With :func:`set_compiled_quantizers` on, the same
+    function runs through ``torch.compile`` (fused element-wise kernels, same values).
     """
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        if not torch.is_tensor(scale):
-            scale = torch.tensor(float(scale), device=x.device)
-        if not torch.is_tensor(zero_point):
-            zero_point = torch.tensor(float(zero_point), device=x.device)
-        if _COMPILE.enabled and not torch.compiler.is_compiling():
-            rows = _leading_rows(x.shape, scale.shape)
-            zrows = _leading_rows(x.shape, zero_point.shape)
-            if rows is not None and zrows in (rows, 1):
-                # one 2-D [rows, K] form for every granularity: few graphs, no recompiles per rank
-                fn = _compiled(_fake_quantize_rows)
-                return fn(x.reshape(rows, -1), scale.reshape(-1, 1), zero_point.reshape(-1, 1),
-                          int(qmin), int(qmax), float(grad_scale)).view(x.shape)
-        return _FakeQuantize.apply(x, scale, zero_point, int(qmin), int(qmax), float(grad_scale))
+    if torch.is_autocast_enabled(x.device.type):  # quantizer math stays fp32 under autocast
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return fake_quantize(x, scale, zero_point, qmin, qmax, grad_scale)
+    if not torch.is_tensor(scale):
+        scale = torch.tensor(float(scale), device=x.device)
+    if not torch.is_tensor(zero_point):
+        zero_point = torch.tensor(float(zero_point), device=x.device)
+    if _COMPILE.enabled and not torch.compiler.is_compiling():
+        rows = _leading_rows(x.shape, scale.shape)
+        zrows = _leading_rows(x.shape, zero_point.shape)
+        if rows is not None and zrows in (rows, 1):
+            # one 2-D [rows, K] form for every granularity: few graphs, no recompiles per rank
+            fn = _compiled(_fake_quantize_rows)
+            return fn(x.reshape(rows, -1), scale.reshape(-1, 1), zero_point.reshape(-1, 1),
+                      int(qmin), int(qmax), float(grad_scale)).view(x.shape)
+    return _FakeQuantize.apply(x, scale, zero_point, int(qmin), int(qmax), float(grad_scale))
 
 
 def _fake_quantize_rows(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, grad_scale: float) -> Tensor:

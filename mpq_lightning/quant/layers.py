@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import set_compiled_quantizers
+from .functional import quantizer_compile_enabled, set_compiled_quantizers
 from .mixed import FZRMQQuantizer, OMQQuantizer, uniform_bit_accounting
 from .quantizers import DynamicTokenQuantizer, TimestepActQuantizer, UniformQuantizer
 from .tqe import build_tqe
@@ -129,6 +129,8 @@ def fold_corrections(corrections: nn.ModuleDict, w: Tensor, x: Tensor) -> tuple[
     ``op(xq, W) + op(xq, βα) = op(xq, W + βα)`` by linearity, which saves its passes over the
     activations. Only for an fp32 op: under autocast the branch keeps the small correction out of
     a 16-bit weight."""
+    if not len(corrections):
+        return w, []
     branches = list(corrections.values())
     if x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type):
         for corr in [c for c in branches if getattr(c, "foldable", False)]:
@@ -286,6 +288,8 @@ class QuantLayer(nn.Module):
             if self.lora is not None:  # FP mode keeps the adapter, exact FP when B A = 0
                 w = w + self.lora.delta().to(w.dtype)
             return self._op(x, w, self.bias)
+        if self.spec.compile_quantizers == quantizer_compile_enabled():
+            return self._quant_forward(x)
         previous = set_compiled_quantizers(self.spec.compile_quantizers)
         try:
             return self._quant_forward(x)

@@ -101,6 +101,27 @@ class UniformQuantizer(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
+_EXPANDED: dict = {"key": None, "by_n": {}}
+
+
+def _same(a, b) -> bool:
+    """Identity for tensors (never an element-wise comparison), equality for ints and devices."""
+    return a is b or (not torch.is_tensor(a) and not torch.is_tensor(b) and a == b)
+
+
+def _expanded_index(step_index: Tensor | int, n: int, device: torch.device) -> Tensor:
+    """:func:`_expand_index` of the current step index, built once per (index, leading size) and
+    shared by every quantizer of the forward instead of once per layer."""
+    key = (step_index, getattr(step_index, "_version", None), device)
+    cache = _EXPANDED
+    if cache["key"] is None or not all(_same(a, b) for a, b in zip(cache["key"], key)):
+        cache["key"], cache["by_n"] = key, {}
+    out = cache["by_n"].get(n)
+    if out is None:
+        out = cache["by_n"][n] = _expand_index(torch.as_tensor(step_index, device=device, dtype=torch.long), n)
+    return out
+
+
 def _check_step_range(idx: Tensor, num_steps: int) -> None:
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= num_steps):
         raise IndexError(f"step index {idx.tolist()} out of range for a table of {num_steps} steps")
@@ -160,11 +181,10 @@ class TimestepActQuantizer(nn.Module):
                 "TimestepActQuantizer needs the sampler step index: call the model through "
                 "Denoiser.forward(..., step_index) or inside step_index_context(model, step_index)"
             )
-        idx = torch.as_tensor(self.step_index, device=device, dtype=torch.long)
         if self.step_index is not self._checked_index:  # step_index_context checks once per forward
-            _check_step_range(idx, self.num_steps)
+            _check_step_range(torch.as_tensor(self.step_index, device=device, dtype=torch.long), self.num_steps)
             self._checked_index = self.step_index
-        return _expand_index(idx, n)
+        return _expanded_index(self.step_index, n, device)
 
     # -- calibration ---------------------------------------------------------------------------
     @torch.no_grad()
