@@ -7,7 +7,9 @@ For each model (the tiny STDiT and a mid-size STDiT) it times, after warm-up, th
 * QAT step: ``QATModule.compute_losses`` (frozen teacher + fake-quantized student, W3A6 with FZ-RMQ,
   OOLRI, TQE, MTRD, TMD) + backward + AdamW step over the trainable quantization state, once with
   eager quantizers and once with ``QuantConfig.compile_quantizers=True`` (torch.compile of the
-  element-wise quantizer math; compilation happens in the warm-up and is not timed).
+  element-wise quantizer math; compilation happens in the warm-up and is not timed);
+* the same QAT step with every quantizer switched off (teacher forward, LoRA student, losses, AdamW):
+  the floor that no quantizer speed-up can go below.
 Writes benchmarks/results/step_time_<device>.json. Targets (issue 7): ratio <= 1.6 on CPU, <= 1.3 on GPU.
 """
 from __future__ import annotations
@@ -85,13 +87,15 @@ def bench(name: str, kwargs: dict, batch: int, repeats: int, device, compile_mod
     t_fp = timed(fp_step, repeats, device)
     row = {"model": name, "params": sum(p.numel() for p in fp.parameters()), "batch": batch, "fp_step_s": t_fp}
     for compiled in compile_modes:
-        t_qat = qat_step_time(name, kwargs, b, repeats, device, compiled)
+        t_qat, t_floor = qat_step_time(name, kwargs, b, repeats, device, compiled)
         key = "qat_compiled" if compiled else "qat"
         row[f"{key}_step_s"], row[f"{key}_ratio"] = t_qat, t_qat / t_fp
+        if not compiled:
+            row["no_quantizers_step_s"], row["no_quantizers_ratio"] = t_floor, t_floor / t_fp
     return row
 
 
-def qat_step_time(name: str, kwargs: dict, b: dict, repeats: int, device, compiled: bool) -> float:
+def qat_step_time(name: str, kwargs: dict, b: dict, repeats: int, device, compiled: bool) -> tuple[float, float | None]:
     quant = QuantConfig(w_bits=3, a_bits=6, num_steps=10, w_quantizer="fzrmq", lora_rank=8,
                         lora_init="svd_weight_error", lora_quantized_base=True, tqe=True, compile_quantizers=compiled)
     loss = LossConfig(mse_reduction="mean", mtrd=True, mtrd_anchors=256, mtrd_memory_samples=256, tmd=True)
@@ -116,7 +120,12 @@ def qat_step_time(name: str, kwargs: dict, b: dict, repeats: int, device, compil
         total.backward()
         qopt.step()
 
-    return timed(qat_step, repeats, device, warmup=5 if compiled else 3)
+    t_qat = timed(qat_step, repeats, device, warmup=5 if compiled else 3)
+    t_floor = None
+    if not compiled:  # the same step with every quantizer off: teacher, LoRA student, losses, AdamW
+        set_quant_state(module.student.backbone, False, False)
+        t_floor = timed(qat_step, repeats, device)
+    return t_qat, t_floor
 
 
 def main() -> None:
@@ -136,7 +145,8 @@ def main() -> None:
     rows = [bench(n, kw, args.batch, args.repeats, device, modes) for n, kw in MODELS.items()]
     for r in rows:
         qat = ", ".join(f"{label} {r[k + '_step_s'] * 1e3:.1f} ms (ratio {r[k + '_ratio']:.2f})"
-                        for k, label in (("qat", "QAT eager"), ("qat_compiled", "QAT compiled")) if k + "_step_s" in r)
+                        for k, label in (("qat", "QAT eager"), ("qat_compiled", "QAT compiled"),
+                                         ("no_quantizers", "same step, quantizers off")) if k + "_step_s" in r)
         print(f"{r['model']:>10} ({r['params'] / 1e6:.2f} M params, batch {r['batch']}): FP {r['fp_step_s'] * 1e3:.1f} ms, {qat}")
     out = Path(args.out or Path(__file__).parent / "results" / f"step_time_{device.type}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
