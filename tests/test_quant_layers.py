@@ -155,3 +155,44 @@ def test_oolri_base_weight_not_saved_and_recomputed_on_load():
 
     set_quant_state(fresh, True, False)
     assert torch.equal(fresh(x), q(x))
+
+
+def test_cached_quantized_weights_reuse_and_invalidate():
+    """Inside ``cached_quantized_weights`` no-grad forwards compute Q(W) once; an in-place update of
+    any tensor it reads (optimiser step on LoRA, new step size, state-dict load) recomputes it; grad
+    forwards never use the cache; the cache is dropped on exit."""
+    from mpq_lightning.quant.layers import cached_quantized_weights
+    from mpq_lightning.quant import set_quant_state
+
+    torch.manual_seed(0)
+    layer = QuantLinear.from_module(nn.Linear(6, 5), _spec())
+    layer.weight_quantizer.initialize(layer.weight.detach())
+    set_quant_state(layer, True, True)
+    with torch.no_grad():
+        layer.lora.B.normal_()
+    x = torch.randn(3, 6)
+    calls = []
+    original = layer.quantized_weight
+    layer.quantized_weight = lambda: calls.append(1) or original()
+
+    def uncached():
+        with torch.no_grad():
+            return layer._op(layer.act_quantizer(x), original(), layer.bias)
+
+    with cached_quantized_weights(layer), torch.no_grad():
+        y0, y1 = layer(x), layer(x)
+        assert len(calls) == 1 and torch.equal(y0, y1) and torch.equal(y0, uncached())
+        layer.lora.B.add_(0.1)  # an optimiser-style in-place update
+        assert torch.equal(layer(x), uncached()) and not torch.equal(layer(x), y0) and len(calls) == 2
+        layer.weight_quantizer.scale.mul_(1.5)
+        assert torch.equal(layer(x), uncached()) and len(calls) == 3
+        layer.load_state_dict(copy.deepcopy(layer.state_dict()))  # copy_ into every tensor
+        layer(x)
+        assert len(calls) == 4
+        with torch.enable_grad():
+            layer(x).sum().backward()  # grad forwards recompute and keep the graph
+        assert len(calls) == 5 and layer.lora.B.grad is not None
+    assert layer._weight_cache is None and not layer.cache_weight
+    with torch.no_grad():
+        layer(x), layer(x)
+    assert len(calls) == 7  # outside the context: no caching

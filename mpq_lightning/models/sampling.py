@@ -19,6 +19,7 @@ from diffusers import DDPMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from mpq_lightning.models.registry import Denoiser
+from mpq_lightning.quant.layers import cached_quantized_weights
 
 __all__ = ["IDDPM_CONFIG", "SCHEDULERS", "Recorder", "guide", "make_scheduler", "sample"]
 
@@ -174,17 +175,18 @@ def sample(
     batch = noise.shape[0]
     rows = 2 * batch if use_cfg else batch
     x = noise * getattr(scheduler, "init_noise_sigma", 1.0)
-    for i, t in enumerate(scheduler.timesteps):
-        x_in = scale_input(x, t)
-        x_in = torch.cat([x_in, x_in]) if use_cfg else x_in
-        step_index = torch.full((rows,), i, dtype=torch.long, device=noise.device)
-        out = denoiser(x_in, t.expand(rows), model_cond, step_index)
-        if use_cfg:
-            out_cond, out_uncond = out.chunk(2)
-            out = guide(out_cond, out_uncond, guidance_scale, channels)
-        step_out = out if takes_variance else out[:, :predicted]
-        x_prev = scheduler.step(step_out, t, x, **step_kwargs, return_dict=False)[0]
-        if recorder is not None:
-            recorder(step_index=i, t=t, x_t=x, cond=cond, model_output=out, x_prev=x_prev)
-        x = x_prev
+    with cached_quantized_weights(denoiser):  # Q(W) once per sampling run (no-grad forwards only)
+        for i, t in enumerate(scheduler.timesteps):
+            x_in = scale_input(x, t)
+            x_in = torch.cat([x_in, x_in]) if use_cfg else x_in
+            step_index = torch.full((rows,), i, dtype=torch.long, device=noise.device)
+            out = denoiser(x_in, t.expand(rows), model_cond, step_index)
+            if use_cfg:
+                out_cond, out_uncond = out.chunk(2)
+                out = guide(out_cond, out_uncond, guidance_scale, channels)
+            step_out = out if takes_variance else out[:, :predicted]
+            x_prev = scheduler.step(step_out, t, x, **step_kwargs, return_dict=False)[0]
+            if recorder is not None:
+                recorder(step_index=i, t=t, x_t=x, cond=cond, model_output=out, x_prev=x_prev)
+            x = x_prev
     return x

@@ -13,7 +13,9 @@ computes ``op(X, W + B A)``, which is the original module's output when B A = 0.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -218,6 +220,8 @@ class QuantLayer(nn.Module):
         self.weight_quant = False
         self.act_quant = False
         self.observer = None  # calibration hook target, see convert.calibrate
+        self.cache_weight = False  # set by cached_quantized_weights (no-grad sampling)
+        self._weight_cache: tuple | None = None
 
     @torch.no_grad()
     def refresh_base_weight(self) -> None:
@@ -257,6 +261,24 @@ class QuantLayer(nn.Module):
         if self.weight_quant and self.weight_quantizer is not None:
             w = self.weight_quantizer(w)
         return w
+
+    def _forward_weight(self) -> Tensor:
+        """:meth:`quantized_weight`, reused between no-grad forwards inside
+        :func:`cached_quantized_weights` while nothing it depends on has changed."""
+        if not self.cache_weight or torch.is_grad_enabled():
+            return self.quantized_weight()
+        key = self._weight_state_key()
+        if self._weight_cache is None or self._weight_cache[0] != key:
+            self._weight_cache = (key, self.quantized_weight())
+        return self._weight_cache[1]
+
+    def _weight_state_key(self) -> tuple:
+        """Identity, storage and in-place-write counter of every tensor ``Q_w(W_lat · s)`` reads."""
+        tensors = [self.weight, self.base_weight, self.smooth_scale]
+        for m in (self.lora, self.weight_quantizer):
+            if m is not None:
+                tensors += [*m.parameters(), *m.buffers()]
+        return (self.weight_quant, *((id(t), t.data_ptr(), t._version) for t in tensors if t is not None))
 
     def input_patches(self, x: Tensor) -> Tensor:
         """Input rows ``P`` [n, groups, d] with ``op(x, D)`` = ``P_g D_gᵀ`` for a weight ``D`` viewed as
@@ -302,7 +324,7 @@ class QuantLayer(nn.Module):
             xs = x / self._bcast_in(self.smooth_scale, x.dim()).to(x.dtype)
         xq = self.act_quantizer(xs) if (self.act_quant and self.act_quantizer is not None) else xs
         xq = xq.to(x.dtype)
-        w, branches = fold_corrections(self.corrections, self.quantized_weight(), x)
+        w, branches = fold_corrections(self.corrections, self._forward_weight(), x)
         y = self._op(xq, w.to(x.dtype), self.bias)
         if self.lora is not None and self.lora_placement == "fp_branch":
             y = y + self._op(x, self.lora.delta().to(x.dtype), None)
@@ -394,6 +416,23 @@ class _QuantConvNd(QuantLayer):
             if self.bias is not None:
                 m.bias.copy_(self.bias)
         return m
+
+
+@contextmanager
+def cached_quantized_weights(model: nn.Module) -> Iterator[None]:
+    """Inside, every quantized layer of ``model`` computes its quantized weight once and reuses it
+    across no-grad forwards (a sampler's steps and CFG branches), recomputing it only when a tensor
+    it depends on was replaced or written in place. Forwards with grad enabled never use the cache.
+    The cached weights (one per layer) are dropped on exit."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLayer)]
+    previous = [m.cache_weight for m in layers]
+    for m in layers:
+        m.cache_weight = True
+    try:
+        yield
+    finally:
+        for m, p in zip(layers, previous):
+            m.cache_weight, m._weight_cache = p, None
 
 
 def conv_input_patches(x: Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], padding, dilation: tuple[int, ...],
