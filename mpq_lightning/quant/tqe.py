@@ -106,6 +106,7 @@ class TQE(nn.Module):
         self.beta = nn.Parameter(torch.zeros(cout, rank))
         self._dims = None
         self.num_frames = None
+        self._frame_idx: dict = {}  # (input shape, device) -> (frame axis, frame index on device)
         if frame_mode != "none":
             if token_layout is None:
                 raise ValueError("a TQE frame scale needs layer_info(...)['token_layout']")
@@ -125,8 +126,12 @@ class TQE(nn.Module):
         """Broadcastable per-frame factor g for a tensor of ``shape`` laid out as the input."""
         if self._dims is None:
             return None
-        axis, idx = frame_index(self._dims, shape, self.num_frames)
-        g = self.m.float()[idx.to(device)]
+        key = (shape, device)
+        if key not in self._frame_idx:  # built once per shape: no host-to-device copy per forward
+            axis, idx = frame_index(self._dims, shape, self.num_frames)
+            self._frame_idx[key] = (axis, idx.to(device))
+        axis, idx = self._frame_idx[key]
+        g = self.m.float()[idx]
         if self.frame_mode == "release":
             g = 1.0 + g
         view = [1] * len(shape)
