@@ -2,6 +2,7 @@
 bad input. Every run happens in a temporary working directory (caches and runs are relative)."""
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -105,6 +106,7 @@ def test_resume_is_exact(full_run, workdir):
     assert torch.equal(qb.step_tags, qa.step_tags)
 
 
+@pytest.mark.skipif(not any(map(shutil.which, ("g++", "c++", "clang++"))), reason="no C++ compiler for inductor")
 def test_compiled_quantizers_train_through_the_app(workdir):
     """``--model.quant.compile_quantizers true`` trains through Lightning and its first loss (same
     seed, data, calibration) is the eager run's."""

@@ -3,6 +3,7 @@ eager values and gradients (mpq_lightning/quant/functional.py: fake_quantize, co
 from __future__ import annotations
 
 import copy
+import shutil
 
 import pytest
 import torch
@@ -51,6 +52,11 @@ def _layer(compiled: bool) -> QuantLinear:
     return layer
 
 
+# inductor compiles C++ kernels on CPU
+needs_cpp = pytest.mark.skipif(not any(map(shutil.which, ("g++", "c++", "clang++"))), reason="no C++ compiler for inductor")
+
+
+@needs_cpp
 def test_compiled_quantizers_match_eager_values_and_gradients():
     import torch._dynamo
 
