@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from .losses import MemoryRelationLoss, TimeSmoothedRelationLoss, output_mse, tmd_loss
 from .quant import QuantConfig, calibrate, quantize_model, set_quant_state
 from .quant.layers import QuantLayer
+from .quant.functional import check_compile_support
 
 # ---------------------------------------------------------------------------------------------
 # Configuration (typed dataclasses: the YAML schema, see configs/)
@@ -244,6 +245,8 @@ class QATModule(L.LightningModule):
         """Calibrate once, on the device, after any checkpoint restore (a restore marks the module
         calibrated, so resuming never re-initialises quantizers). Under DDP every rank calibrates on
         its own shard, then rank 0's state is broadcast so all ranks start identical."""
+        if self.quant_cfg.compile_quantizers:
+            check_compile_support(self.device)
         if not self._calibrated:
             self.calibrate_from(self.trainer.datamodule)
             if self.trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():

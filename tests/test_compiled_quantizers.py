@@ -85,3 +85,15 @@ def test_compiled_quantizers_match_eager_values_and_gradients():
     for name in grads[0]:
         assert grads[0][name] is not None and grads[1][name] is not None, name
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_compile_without_a_compiler_is_refused_naming_the_key(monkeypatch):
+    from mpq_lightning.quant import functional
+
+    monkeypatch.setattr(functional.shutil, "which", lambda name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(RuntimeError, match="compile_quantizers"):
+        functional.check_compile_support("cpu")
+    monkeypatch.setattr(functional.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(RuntimeError, match="compile_quantizers.*Triton"):
+        functional.check_compile_support("cuda")

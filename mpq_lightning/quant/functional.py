@@ -17,7 +17,10 @@ EfficientDM / Q-VDiT choice).
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
+import os
+import shutil
 
 import torch
 from torch import Tensor
@@ -187,6 +190,19 @@ def set_compiled_quantizers(enabled: bool) -> bool:
 
 def quantizer_compile_enabled() -> bool:
     return _COMPILE.enabled
+
+
+def check_compile_support(device: torch.device | str) -> None:
+    """Refuse ``compile_quantizers`` up front, naming the key, where ``torch.compile`` cannot build
+    kernels: no C++ compiler on CPU (inductor), no Triton on CUDA."""
+    device = torch.device(device)
+    if device.type == "cpu" and not os.environ.get("CXX") and not any(map(shutil.which, ("g++", "c++", "clang++"))):
+        raise RuntimeError("QuantConfig.compile_quantizers=True on CPU needs a C++ compiler for torch.compile "
+                           "(none of g++ / c++ / clang++ is on PATH and CXX is unset): install one or set "
+                           "model.quant.compile_quantizers false")
+    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        raise RuntimeError("QuantConfig.compile_quantizers=True on CUDA needs Triton (pip install triton) or set "
+                           "model.quant.compile_quantizers false")
 
 
 def compilable(fn):
