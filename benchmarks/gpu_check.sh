@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# One prepared run on a lent GPU machine (see README "Benchmarks"): wheels the image lacks are in .whl/.
+# One prepared run on a lent GPU machine (see README "Benchmarks"): wheels the image lacks are in .whl/
+# (git-ignored: pass carry [".whl"]), DeepSpeed and its pure-Python deps in .whl/deepspeed/ (installed
+# apart, so a DeepSpeed that fails to import cannot break the other checks).
 # Writes results and logs under $OUT. Usage there: bash benchmarks/gpu_check.sh
 set -u
 export PYTHONUNBUFFERED=1
@@ -10,9 +12,14 @@ nvidia-smi -L | tee "$OUT/device.txt"; python3 -c "import torch, lightning; prin
 run() { local t=$1 name=$2; shift 2; echo "== $name" | tee -a "$OUT/all.log"; ( timeout "$t" "$@" ) > /tmp/$name.log 2>&1; local rc=$?
         cat /tmp/$name.log >> "$OUT/all.log"; echo "rc=$rc $name" | tee -a "$OUT/summary.txt"; tail -4 /tmp/$name.log; }
 T="--config configs/tiny/stdit_w3a6.yaml --trainer.accelerator gpu --trainer.devices 1 --log_samples false --trainer.enable_progress_bar false"
-run 100 fit_ddp_bf16 python3 train.py $T --trainer.max_steps 4 --run_name gpu_ddp --trainer.strategy ddp --trainer.precision bf16-mixed
-run 100 fit_16_compiled python3 train.py $T --trainer.max_steps 4 --run_name gpu_16c --trainer.precision 16-mixed --model.quant.compile_quantizers true
-run 100 fit_fsdp_bf16 python3 train.py $T --trainer.max_steps 2 --checkpoint_every_n_steps 2 --run_name gpu_fsdp --trainer.strategy fsdp --trainer.precision bf16-mixed
-run 100 resume_fsdp_bf16 python3 train.py $T --trainer.max_steps 4 --checkpoint_every_n_steps 2 --run_name gpu_fsdp --trainer.strategy fsdp --trainer.precision bf16-mixed --ckpt_path last
+# most wanted first (the FSDP resume fix and DeepSpeed have never run on a GPU); the whole script fits one
+# 600 s device call in the usual case, and $OUT/summary.txt grows check by check if it is cut short
+run 90 fit_fsdp_bf16 python3 train.py $T --trainer.max_steps 2 --checkpoint_every_n_steps 2 --run_name gpu_fsdp --trainer.strategy fsdp --trainer.precision bf16-mixed
+run 90 resume_fsdp_bf16 python3 train.py $T --trainer.max_steps 4 --checkpoint_every_n_steps 2 --run_name gpu_fsdp --trainer.strategy fsdp --trainer.precision bf16-mixed --ckpt_path last
+if ls .whl/deepspeed/*.whl > /dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site_ds .whl/deepspeed/*.whl; then
+  run 30 deepspeed_import env PYTHONPATH=/tmp/site_ds:$PYTHONPATH python3 -c "import deepspeed; print(deepspeed.__version__)"
+  run 120 fit_deepspeed2_bf16 env PYTHONPATH=/tmp/site_ds:$PYTHONPATH DS_BUILD_OPS=0 python3 train.py $T --trainer.max_steps 2 --checkpoint_every_n_steps 2 --run_name gpu_ds --trainer.strategy deepspeed_stage_2 --trainer.precision bf16-mixed
+fi
+run 60 fit_ddp_bf16 python3 train.py $T --trainer.max_steps 4 --run_name gpu_ddp --trainer.strategy ddp --trainer.precision bf16-mixed
+run 120 fit_16_compiled python3 train.py $T --trainer.max_steps 4 --run_name gpu_16c --trainer.precision 16-mixed --model.quant.compile_quantizers true
 run 240 step_time_cuda python3 benchmarks/step_time.py --device cuda --repeats 20 --out "$OUT/step_time_cuda.json"
-run 20 deepspeed_import python3 -c "import deepspeed; print(deepspeed.__version__)"
