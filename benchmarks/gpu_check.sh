@@ -16,7 +16,9 @@ T="--config configs/tiny/stdit_w3a6.yaml --trainer.accelerator gpu --trainer.dev
 # 600 s device call in the usual case, and $OUT/summary.txt grows check by check if it is cut short
 run 90 fit_fsdp_bf16 python3 train.py $T --trainer.max_steps 2 --checkpoint_every_n_steps 2 --run_name gpu_fsdp --trainer.strategy fsdp --trainer.precision bf16-mixed
 run 90 resume_fsdp_bf16 python3 train.py $T --trainer.max_steps 4 --checkpoint_every_n_steps 2 --run_name gpu_fsdp --trainer.strategy fsdp --trainer.precision bf16-mixed --ckpt_path last
-if ls .whl/deepspeed/*.whl > /dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site_ds .whl/deepspeed/*.whl; then
+# one wheel at a time: the binary ones exist for cp310 / cp311 / cp312 and only the matching one installs
+for w in .whl/deepspeed/*.whl; do python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site_ds "$w" > /dev/null 2>&1; done
+if [ -d /tmp/site_ds/deepspeed ]; then
   run 30 deepspeed_import env PYTHONPATH=/tmp/site_ds:$PYTHONPATH python3 -c "import deepspeed; print(deepspeed.__version__)"
   run 120 fit_deepspeed2_bf16 env PYTHONPATH=/tmp/site_ds:$PYTHONPATH DS_BUILD_OPS=0 python3 train.py $T --trainer.max_steps 2 --checkpoint_every_n_steps 2 --run_name gpu_ds --trainer.strategy deepspeed_stage_2 --trainer.precision bf16-mixed
 fi
