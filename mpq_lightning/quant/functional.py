@@ -70,8 +70,10 @@ class _SignSTE(torch.autograd.Function):
 
 
 class _FakeQuantize(torch.autograd.Function):
-    """``clamp(round(x / s), qmin - z, qmax - z) * s`` (= ``(clamp(round(x/s) + z, qmin, qmax) - z) s``
-    exactly, all values being integers in fp32), saving only what the requested gradients need."""
+    """``min(max(round(x / s), qmin - z), qmax - z) * s``, equal bit for bit to
+    ``(clamp(round(x/s) + z, qmin, qmax) - z) * s`` (every value is an integer in fp32). The in-range
+    mask is saved as fp32 0/1 ("the clamp changed nothing") so the backward multiplies instead of
+    selecting; only what the requested gradients need is saved."""
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, grad_scale):  # type: ignore[override]
@@ -79,9 +81,9 @@ class _FakeQuantize(torch.autograd.Function):
         z = torch.round(zero_point.float())
         xs = x.float() * (1.0 / s)
         r = torch.round(xs)
-        rc = torch.clamp(r, qmin - z, qmax - z)
+        rc = torch.minimum(torch.maximum(r, qmin - z), qmax - z)
         out = rc * s
-        inside = rc == r  # the clamp left it alone: round(x/s) + z lies in [qmin, qmax]
+        inside = torch.eq(rc, r, out=torch.empty_like(rc))  # 1.0 where round(x/s) + z is in [qmin, qmax]
         need_s, need_z = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         ctx.save_for_backward(inside, xs if need_s else None, rc if need_s else None, s if need_z else None)
         ctx.grad_scale = grad_scale
@@ -93,12 +95,15 @@ class _FakeQuantize(torch.autograd.Function):
         inside, xs, rc, s = ctx.saved_tensors
         s_shape, z_shape = ctx.shapes
         g = grad.float()
-        gx = torch.where(inside, g, 0.0)
+        gx = g * inside
         gs = gz = None
-        if ctx.needs_input_grad[1]:  # LSQ: round(x/s) - x/s inside, q_clamped - z outside
-            gs = (g * torch.where(inside, rc - xs, rc) * ctx.grad_scale).sum_to_size(s_shape)
+        if ctx.needs_input_grad[1]:  # LSQ: round(x/s) - x/s inside (rc = r there), q_clamped - z outside
+            gs = (g * torch.addcmul(rc, xs, inside, value=-1)).sum_to_size(s_shape)
+            gs = gs if ctx.grad_scale == 1.0 else gs * ctx.grad_scale
         if ctx.needs_input_grad[2]:  # LSQ+: 0 inside, -s outside
-            gz = ((gx - g) * s * ctx.grad_scale).sum_to_size(z_shape)
+            d = gx - g
+            gz = d.sum_to_size(z_shape) * s if s.shape == z_shape else (d * s).sum_to_size(z_shape)
+            gz = gz if ctx.grad_scale == 1.0 else gz * ctx.grad_scale
         return gx.to(grad.dtype), gs, gz, None, None, None
 
 
