@@ -376,9 +376,10 @@ def _search_sse_grid_hist(
     ``g = floor(2n x / scale_1)`` hold no edge inside, so per-row histograms of count and Σx over the
     ~2n(2^b - 1) cells (int32 cell index; Σx accumulated in fp32 per cell, cumulative sums in float64)
     give every candidate's per-bin sums: O(K) per row plus O(n 2^b) per candidate. Σx² is not needed:
-    over a candidate's bins it always sums to the row's Σx², a constant that cannot move the argmin. Rows where the zero point differs between ratios (float rounding at
-    a .5 tie) or whose range is at the fp32 floor go through :func:`_search_sse_sorted`. Elements within
-    float rounding of an edge may fall in the neighbouring bin (measure zero, as for the sorted search).
+    over a candidate's bins it always sums to the row's Σx², a constant that cannot move the argmin.
+    Rows where the zero point differs between ratios (float rounding at a .5 tie) or whose range is at
+    the fp32 floor go through :func:`_search_sse_sorted`. Elements within float rounding of an edge
+    may fall in the neighbouring bin (measure zero, as for the sorted search).
     """
     x = x.detach().float()
     qmin, qmax = qrange(bits, symmetric)
@@ -403,8 +404,7 @@ def _search_sse_grid_hist(
         g.add_(torch.arange(m, device=dev, dtype=torch.float32).view(-1, 1) * cells - gmin[sl])
         flat = g.view(-1).int()
         zero_col = torch.zeros(m, 1, dtype=torch.float64, device=dev)
-        # per-cell count and Σx (Σx² is not needed: summed over a candidate's bins it is the row's
-        # Σx² for every candidate, a constant that cannot change the argmin)
+        # per-cell count and Σx (no Σx², see the docstring)
         cum = [torch.cat([zero_col, torch.bincount(flat, weights=w, minlength=m * cells).view(m, cells)
                           .cumsum(1, dtype=torch.float64)], 1) for w in (None, xc.reshape(-1))]
         e = (2 * codes[:-1] - 2 * z[sl].double() + 1).unsqueeze(1) * ii  # [m, n, L-1] edges of ratios 1..n

@@ -141,7 +141,6 @@ def fold_corrections(corrections: nn.ModuleDict, w: Tensor, x: Tensor) -> tuple[
     return w, branches
 
 
-
 def build_weight_quantizer(spec: LayerSpec, weight_shape: torch.Size) -> nn.Module | None:
     if spec.w_bits is None:
         return None

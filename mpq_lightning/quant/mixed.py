@@ -110,9 +110,7 @@ class MixedQuantizerBase(nn.Module):
         self.register_buffer("split", torch.tensor(0, dtype=torch.long))
         self.register_buffer("initialized", torch.tensor(False))
         self._cache_key: tuple | None = None
-        self._cache: tuple | None = None
-        self._mask_key: tuple | None = None
-        self._masks: tuple | None = None
+        self._cache: dict = {}
 
     # -- class bookkeeping -----------------------------------------------------------------------
     def candidates(self) -> list[int]:
@@ -125,25 +123,30 @@ class MixedQuantizerBase(nn.Module):
         self.group_id.copy_(group_id.to(self.group_id))
         self.split.fill_(int((self.group_id == 2).sum()))
 
-    def _class_index(self) -> tuple[Tensor, Tensor, list[int]]:
-        """(permutation sorting channels by class, its inverse, class sizes), cached on ``group_id``
-        (invalidated by any in-place write, including ``load_state_dict``)."""
+    def _derived(self, name: str, build: Callable[[], object]):
+        """``build()`` cached on ``group_id`` (invalidated by any in-place write, including
+        ``load_state_dict``, and by a move to another device)."""
         key = (self.group_id.data_ptr(), self.group_id._version, self.group_id.device)
         if self._cache_key != key:
+            self._cache, self._cache_key = {}, key
+        if name not in self._cache:
+            self._cache[name] = build()
+        return self._cache[name]
+
+    def _class_index(self) -> tuple[Tensor, Tensor, list[int]]:
+        """(permutation sorting channels by class, its inverse, class sizes), cached on ``group_id``."""
+
+        def build():
             perm = torch.argsort(self.group_id, stable=True)
             inv = torch.empty_like(perm)
             inv[perm] = torch.arange(perm.numel(), device=perm.device)
-            sizes = torch.bincount(self.group_id, minlength=3).tolist()
-            self._cache, self._cache_key = (perm, inv, sizes), key
-        return self._cache  # type: ignore[return-value]
+            return perm, inv, torch.bincount(self.group_id, minlength=3).tolist()
+
+        return self._derived("index", build)  # type: ignore[return-value]
 
     def class_masks(self) -> tuple[Tensor, Tensor]:
-        """(normal ∪ salient, salient) float masks [Cout, 1], cached on ``group_id`` like
-        :meth:`_class_index`."""
-        key = (self.group_id.data_ptr(), self.group_id._version, self.group_id.device)
-        if self._mask_key != key:
-            self._masks, self._mask_key = (self.class_mask((1, 2)), self.class_mask((2,))), key
-        return self._masks  # type: ignore[return-value]
+        """(normal ∪ salient, salient) float masks [Cout, 1], cached on ``group_id``."""
+        return self._derived("masks", lambda: (self.class_mask((1, 2)), self.class_mask((2,))))  # type: ignore[return-value]
 
     def class_mask(self, classes: tuple[int, ...]) -> Tensor:
         """[Cout, 1] float mask of the channels whose class is in ``classes``."""

@@ -101,27 +101,6 @@ class UniformQuantizer(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-_EXPANDED: dict = {"key": None, "by_n": {}}
-
-
-def _same(a, b) -> bool:
-    """Identity for tensors (never an element-wise comparison), equality for ints and devices."""
-    return a is b or (not torch.is_tensor(a) and not torch.is_tensor(b) and a == b)
-
-
-def _expanded_index(step_index: Tensor | int, n: int, device: torch.device) -> Tensor:
-    """:func:`_expand_index` of the current step index, built once per (index, leading size) and
-    shared by every quantizer of the forward instead of once per layer."""
-    key = (step_index, getattr(step_index, "_version", None), device)
-    cache = _EXPANDED
-    if cache["key"] is None or not all(_same(a, b) for a, b in zip(cache["key"], key)):
-        cache["key"], cache["by_n"] = key, {}
-    out = cache["by_n"].get(n)
-    if out is None:
-        out = cache["by_n"][n] = _expand_index(torch.as_tensor(step_index, device=device, dtype=torch.long), n)
-    return out
-
-
 def _check_step_range(idx: Tensor, num_steps: int) -> None:
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= num_steps):
         raise IndexError(f"step index {idx.tolist()} out of range for a table of {num_steps} steps")
@@ -167,7 +146,9 @@ class TimestepActQuantizer(nn.Module):
         self.zero_point = nn.Parameter(torch.zeros(num_steps), requires_grad=learn_zero_point)
         self.register_buffer("initialized", torch.tensor(False))
         self.step_index: Tensor | int | None = None  # set by step_index_context
-        self._checked_index: Tensor | int | None = None  # the step_index whose range was checked
+        # (step_index, {(n, device): expanded index}) shared by the quantizers of one step_index_context:
+        # the index is range-checked once there and expanded once per leading size, not once per layer
+        self._shared: tuple | None = None
         self.observing = False
         self._reservoir = reservoir
         self._samples: dict[int, list[Tensor]] = {}
@@ -181,10 +162,15 @@ class TimestepActQuantizer(nn.Module):
                 "TimestepActQuantizer needs the sampler step index: call the model through "
                 "Denoiser.forward(..., step_index) or inside step_index_context(model, step_index)"
             )
-        if self.step_index is not self._checked_index:  # step_index_context checks once per forward
-            _check_step_range(torch.as_tensor(self.step_index, device=device, dtype=torch.long), self.num_steps)
-            self._checked_index = self.step_index
-        return _expanded_index(self.step_index, n, device)
+        shared = self._shared
+        if shared is None or shared[0] is not self.step_index:  # set by hand, outside step_index_context
+            idx = torch.as_tensor(self.step_index, device=device, dtype=torch.long)
+            _check_step_range(idx, self.num_steps)
+            return _expand_index(idx, n)
+        cache = shared[1]
+        if (n, device) not in cache:
+            cache[n, device] = _expand_index(torch.as_tensor(self.step_index, device=device, dtype=torch.long), n)
+        return cache[n, device]
 
     # -- calibration ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -259,18 +245,19 @@ def resample_step_table(
 def step_index_context(model: nn.Module, step_index: int | Tensor | None) -> Iterator[None]:
     """Hand the sampler step index (int or LongTensor [B]) to every TimestepActQuantizer in model."""
     quantizers = [m for m in model.modules() if isinstance(m, TimestepActQuantizer)]
-    previous = [q.step_index for q in quantizers]
+    previous = [(q.step_index, q._shared) for q in quantizers]
+    shared = None
     if quantizers and step_index is not None:
         # one range check (one device sync) per forward instead of one per quantizer
         _check_step_range(torch.as_tensor(step_index), min(q.num_steps for q in quantizers))
+        shared = (step_index, {})
     for q in quantizers:
-        q.step_index = step_index
-        q._checked_index = step_index
+        q.step_index, q._shared = step_index, shared
     try:
         yield
     finally:
-        for q, p in zip(quantizers, previous):
-            q.step_index = p
+        for q, (p, sh) in zip(quantizers, previous):
+            q.step_index, q._shared = p, sh
 
 
 # ---------------------------------------------------------------------------------------------
