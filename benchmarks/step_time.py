@@ -1,16 +1,20 @@
 """Training-step time: our full method (QATModule) vs the same backbone's plain FP training step.
 
-    python benchmarks/step_time.py [--device cpu|cuda] [--repeats 20] [--threads N]
+    python benchmarks/step_time.py [--device cpu|cuda] [--repeats 20] [--threads N] [--modes eager,quantizers,model]
 
 For each model (the tiny STDiT and a mid-size STDiT) it times, after warm-up, the median of:
-* FP step: forward + MSE to a target + backward + AdamW step over all backbone parameters;
+* FP step: forward + MSE to a target + backward + fused AdamW step over all backbone parameters,
+  eager, and (with mode ``model``) with the backbone compiled;
 * QAT step: ``QATModule.compute_losses`` (frozen teacher + fake-quantized student, W3A6 with FZ-RMQ,
-  OOLRI, TQE, MTRD, TMD) + backward + AdamW step over the trainable quantization state, once with
-  eager quantizers and once with ``QuantConfig.compile_quantizers=True`` (torch.compile of the
-  element-wise quantizer math; compilation happens in the warm-up and is not timed);
-* the same QAT step with every quantizer switched off (teacher forward, LoRA student, losses, AdamW):
-  the floor that no quantizer speed-up can go below.
-Writes benchmarks/results/step_time_<device>.json. Targets (issue 7): ratio <= 1.6 on CPU, <= 1.3 on GPU.
+  OOLRI, TQE, MTRD, TMD) + backward + the module's own AdamW step over the trainable quantization
+  state, in each mode: ``eager``; ``quantizers`` (``QuantConfig.compile_quantizers``: torch.compile
+  of the element-wise quantizer math); ``model`` (``QATModule(compile_model=True)``: student and
+  teacher backbones compiled whole). Compilation happens in the warm-up and is not timed;
+* the same eager QAT step with every quantizer switched off (teacher forward, LoRA student, losses,
+  AdamW): the floor that no eager quantizer speed-up can go below.
+Ratios are against the eager FP step; the compiled-model step is also given against the compiled FP
+step. Writes benchmarks/results/step_time_<device>.json. Targets (issue 7): ratio <= 1.6 on CPU,
+<= 1.3 on GPU.
 """
 from __future__ import annotations
 
@@ -71,12 +75,19 @@ def timed(fn, repeats: int, device, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def bench(name: str, kwargs: dict, batch: int, repeats: int, device, compile_modes: list[bool]) -> dict:
-    # -- FP training step -------------------------------------------------------------------
+MODES = {  # QAT step variants: (key, QuantConfig.compile_quantizers, QATModule.compile_model)
+    "eager": ("qat", False, False),
+    "quantizers": ("qat_compiled", True, False),
+    "model": ("qat_compiled_model", False, True),
+}
+
+
+def bench(name: str, kwargs: dict, batch: int, repeats: int, device, modes: list[str]) -> dict:
+    # -- FP training step (fused AdamW where torch has it, as QATModule uses by default) --------
     fp = build(name.replace("mid-stdit", "tiny-stdit"), **kwargs).to(device)
     b = batch_for(fp, batch, device)
     target = torch.randn_like(fp(b["x_t"], b["t"], b["cond"], None))
-    opt = torch.optim.AdamW(fp.parameters(), lr=1e-5, foreach=True)
+    opt = torch.optim.AdamW(fp.parameters(), lr=1e-5, fused=True)
 
     def fp_step():
         loss = (fp(b["x_t"], b["t"], b["cond"], None) - target).pow(2).mean()
@@ -84,32 +95,41 @@ def bench(name: str, kwargs: dict, batch: int, repeats: int, device, compile_mod
         loss.backward()
         opt.step()
 
-    t_fp = timed(fp_step, repeats, device)
-    row = {"model": name, "params": sum(p.numel() for p in fp.parameters()), "batch": batch, "fp_step_s": t_fp}
-    for compiled in compile_modes:
-        t_qat, t_floor = qat_step_time(name, kwargs, b, repeats, device, compiled)
-        key = "qat_compiled" if compiled else "qat"
+    row = {"model": name, "params": sum(p.numel() for p in fp.parameters()), "batch": batch}
+    row["fp_step_s"] = t_fp = timed(fp_step, repeats, device)
+    if "model" in modes:  # the fair baseline for a compiled QAT step is a compiled FP step
+        fp.backbone.compile()
+        row["fp_compiled_step_s"] = timed(fp_step, repeats, device, warmup=5)
+    for mode in modes:
+        key, compile_quantizers, compile_model = MODES[mode]
+        t_qat, t_floor = qat_step_time(name, kwargs, b, repeats, device, compile_quantizers, compile_model)
         row[f"{key}_step_s"], row[f"{key}_ratio"] = t_qat, t_qat / t_fp
-        if not compiled:
+        if compile_model:
+            row[f"{key}_ratio_vs_fp_compiled"] = t_qat / row["fp_compiled_step_s"]
+        if t_floor is not None:
             row["no_quantizers_step_s"], row["no_quantizers_ratio"] = t_floor, t_floor / t_fp
     return row
 
 
-def qat_step_time(name: str, kwargs: dict, b: dict, repeats: int, device, compiled: bool) -> tuple[float, float | None]:
-    quant = QuantConfig(w_bits=3, a_bits=6, num_steps=10, w_quantizer="fzrmq", lora_rank=8,
-                        lora_init="svd_weight_error", lora_quantized_base=True, tqe=True, compile_quantizers=compiled)
+def qat_step_time(name: str, kwargs: dict, b: dict, repeats: int, device, compile_quantizers: bool,
+                  compile_model: bool) -> tuple[float, float | None]:
+    quant = QuantConfig(w_bits=3, a_bits=6, num_steps=10, w_quantizer="fzrmq", lora_rank=8, lora_init="svd_weight_error",
+                        lora_quantized_base=True, tqe=True, compile_quantizers=compile_quantizers)
     loss = LossConfig(mse_reduction="mean", mtrd=True, mtrd_anchors=256, mtrd_memory_samples=256, tmd=True)
     module = QATModule(name.replace("mid-stdit", "tiny-stdit"), kwargs, quant, True, loss, OptimConfig(lora_lr=1e-4),
-                       CalibConfig(num_batches=2)).to(device)
+                       CalibConfig(num_batches=2), compile_model=compile_model).to(device)
     b = {k: v for k, v in b.items() if k != "teacher_output"}
     module.calibrate_from(_Calib(b))
     from mpq_lightning.callbacks.memory_queue import MemoryQueue
     from mpq_lightning.quant import set_quant_state
 
     set_quant_state(module.student.backbone, True, True)
+    if compile_model:  # what QATModule.on_fit_start does after calibration
+        module.student.backbone.compile()
+        module.teacher.backbone.compile()
     queue = MemoryQueue(num_steps=10, pixels_per_step=64)
     queue.attach(module)
-    qopt = torch.optim.AdamW(module.param_groups(), foreach=True)
+    qopt = module.build_optimizer()  # the module's own AdamW (fused where available)
     with torch.no_grad():
         b["teacher_output"] = module.teacher(b["x_t"], b["t"], b["cond"], b["step_index"])
 
@@ -120,9 +140,9 @@ def qat_step_time(name: str, kwargs: dict, b: dict, repeats: int, device, compil
         total.backward()
         qopt.step()
 
-    t_qat = timed(qat_step, repeats, device, warmup=5 if compiled else 3)
+    t_qat = timed(qat_step, repeats, device, warmup=5 if compile_quantizers or compile_model else 3)
     t_floor = None
-    if not compiled:  # the same step with every quantizer off: teacher, LoRA student, losses, AdamW
+    if not (compile_quantizers or compile_model):  # the same step, every quantizer off: teacher, LoRA student, losses, AdamW
         set_quant_state(module.student.backbone, False, False)
         t_floor = timed(qat_step, repeats, device)
     return t_qat, t_floor
@@ -135,18 +155,24 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--compile", choices=["off", "on", "both"], default="both",
-                    help="QAT step with eager quantizers (off), compiled quantizers (on) or both")
+    ap.add_argument("--modes", default="eager,quantizers,model",
+                    help="comma-separated QAT step variants: eager, quantizers (compile_quantizers), model (compile_model)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    modes = [m for m in args.modes.split(",") if m]
+    if bad := [m for m in modes if m not in MODES]:
+        ap.error(f"--modes: unknown {bad}; choose from {list(MODES)}")
     rows = [bench(n, kw, args.batch, args.repeats, device, modes) for n, kw in MODELS.items()]
     for r in rows:
         qat = ", ".join(f"{label} {r[k + '_step_s'] * 1e3:.1f} ms (ratio {r[k + '_ratio']:.2f})"
-                        for k, label in (("qat", "QAT eager"), ("qat_compiled", "QAT compiled"),
+                        for k, label in (("qat", "QAT eager"), ("qat_compiled", "QAT compiled quantizers"),
+                                         ("qat_compiled_model", "QAT compiled model"),
                                          ("no_quantizers", "same step, quantizers off")) if k + "_step_s" in r)
+        if "fp_compiled_step_s" in r:
+            qat += (f", FP compiled {r['fp_compiled_step_s'] * 1e3:.1f} ms (compiled QAT / compiled FP "
+                    f"{r['qat_compiled_model_ratio_vs_fp_compiled']:.2f})")
         print(f"{r['model']:>10} ({r['params'] / 1e6:.2f} M params, batch {r['batch']}): FP {r['fp_step_s'] * 1e3:.1f} ms, {qat}")
     out = Path(args.out or Path(__file__).parent / "results" / f"step_time_{device.type}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -80,6 +80,9 @@ class OptimConfig:
     weight_decay: float = 0.01
     schedule: str = "linear"  # linear decay to 0 | cosine | constant
     warmup_steps: int = 0
+    # AdamW implementation: True = one fused kernel per group (torch's fused AdamW), False = foreach,
+    # None = fused when every trainable tensor is floating point on CPU or CUDA
+    fused: bool | None = None
 
     def __post_init__(self) -> None:
         if self.schedule not in ("linear", "cosine", "constant"):
@@ -137,6 +140,9 @@ class QATModule(L.LightningModule):
         use_model_defaults: add the backbone's default keep-FP list and bit map to ``quant``.
         loss, optim, calib: see the dataclasses above.
         gradient_checkpointing: recompute the student's blocks in backward (XL models at batch 4).
+        compile_model: run the student and teacher backbones through ``torch.compile`` once the
+            quantizers are calibrated (whole forward graphs, quantizer math fused into them; single
+            device or DDP). Needs a C++ compiler on CPU, Triton on CUDA.
     """
 
     def __init__(
@@ -149,12 +155,14 @@ class QATModule(L.LightningModule):
         optim: OptimConfig = OptimConfig(),
         calib: CalibConfig = CalibConfig(),
         gradient_checkpointing: bool = False,
+        compile_model: bool = False,
     ) -> None:
         super().__init__()
         from .models import build
 
         self.save_hyperparameters()
         self.model_name, self.loss_cfg, self.optim_cfg, self.calib_cfg = model, loss, optim, calib
+        self.compile_model = compile_model
         teacher = build(model, **(model_kwargs or {}))
         if use_model_defaults:
             quant = copy.deepcopy(quant)
@@ -247,6 +255,8 @@ class QATModule(L.LightningModule):
         its own shard, then rank 0's state is broadcast so all ranks start identical."""
         if self.quant_cfg.compile_quantizers:
             check_compile_support(self.device)
+        if self.compile_model:
+            self._check_compile_model()
         if not self._calibrated:
             self.calibrate_from(self.trainer.datamodule)
             if self.trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -254,6 +264,16 @@ class QATModule(L.LightningModule):
                     torch.distributed.broadcast(tensor, src=0)
         # the quant switches are not state-dict entries: set them on every start, resumed or not
         set_quant_state(self.student.backbone, weight=True, act=self.calib_cfg.train_act_quant)
+        if self.compile_model:  # after calibration, whose observers are data-dependent Python
+            self.student.backbone.compile()
+            self.teacher.backbone.compile()
+
+    def _check_compile_model(self) -> None:
+        check_compile_support(self.device, "model.compile_model")
+        strategy = type(self.trainer.strategy).__name__
+        if "FSDP" in strategy or "DeepSpeed" in strategy:
+            raise ValueError(f"model.compile_model=true is supported on a single device and with DDP, not with "
+                             f"{strategy}: set model.compile_model false (model.quant.compile_quantizers works there)")
 
     @torch.no_grad()
     def calibrate_from(self, datamodule) -> None:
@@ -365,9 +385,17 @@ class QATModule(L.LightningModule):
             add("other", p, cfg.other_lr)
         return list(groups.values())
 
+    def build_optimizer(self) -> torch.optim.AdamW:
+        """AdamW over :meth:`param_groups`, fused or foreach as ``optim.fused`` says."""
+        groups = self.param_groups()
+        fused = self.optim_cfg.fused
+        if fused is None:
+            fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
+        return torch.optim.AdamW(groups, weight_decay=self.optim_cfg.weight_decay, fused=fused or None, foreach=not fused)
+
     def configure_optimizers(self):
         cfg = self.optim_cfg
-        opt = torch.optim.AdamW(self.param_groups(), weight_decay=cfg.weight_decay, foreach=True)
+        opt = self.build_optimizer()
         total = max(1, int(self.trainer.estimated_stepping_batches)) if self.trainer is not None else 1
 
         def factor(step: int) -> float:

@@ -107,17 +107,20 @@ def test_resume_is_exact(full_run, workdir):
 
 
 @pytest.mark.skipif(not any(map(shutil.which, ("g++", "c++", "clang++"))), reason="no C++ compiler for inductor")
-def test_compiled_quantizers_train_through_the_app(workdir):
-    """``--model.quant.compile_quantizers true`` trains through Lightning and its first loss (same
-    seed, data, calibration) is the eager run's."""
+def test_compile_switches_train_through_the_app(workdir):
+    """``--model.quant.compile_quantizers true`` and ``--model.compile_model true`` train through
+    Lightning, and their first loss (same seed, data, calibration) is the eager run's."""
     eager = fit("--trainer.max_steps", "1", run="eager1")
     compiled = fit("--trainer.max_steps", "1", "--model.quant.compile_quantizers", "true", run="compiled1")
+    whole = fit("--trainer.max_steps", "1", "--model.compile_model", "true", run="compiled_model1")
     from mpq_lightning.quant import QuantLayer
 
     layers = [m for m in compiled.model.student.modules() if isinstance(m, QuantLayer)]
     assert layers and all(m.spec.compile_quantizers for m in layers) and compiled.trainer.global_step == 1
-    a, b = (float(c.trainer.callback_metrics["train/loss"]) for c in (eager, compiled))
-    assert a == pytest.approx(b, rel=1e-5) and torch.isfinite(torch.tensor(b))
+    backbone = whole.model.student.backbone
+    assert backbone._compiled_call_impl is not None and whole.trainer.global_step == 1
+    a, b, c = (float(r.trainer.callback_metrics["train/loss"]) for r in (eager, compiled, whole))
+    assert a == pytest.approx(b, rel=1e-5) and a == pytest.approx(c, rel=1e-5) and torch.isfinite(torch.tensor(c))
 
 
 def _fit_with_stop(workdir, run: str, stop: int):

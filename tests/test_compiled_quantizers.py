@@ -1,5 +1,6 @@
-"""``QuantConfig.compile_quantizers``: torch.compile of the element-wise quantizer math gives the
-eager values and gradients (mpq_lightning/quant/functional.py: fake_quantize, compilable)."""
+"""``QuantConfig.compile_quantizers`` (torch.compile of the element-wise quantizer math) and
+``QATModule(compile_model=True)`` (whole backbones compiled) give the eager values and gradients
+(mpq_lightning/quant/functional.py: fake_quantize, compilable; mpq_lightning/module.py)."""
 from __future__ import annotations
 
 import copy
@@ -97,3 +98,86 @@ def test_compile_without_a_compiler_is_refused_naming_the_key(monkeypatch):
     monkeypatch.setattr(functional.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(RuntimeError, match="compile_quantizers.*Triton"):
         functional.check_compile_support("cuda")
+    monkeypatch.setattr(functional.importlib.util, "find_spec", lambda name: True)
+    with pytest.raises(RuntimeError, match="model.compile_model=true on CPU needs a C\\+\\+ compiler"):
+        functional.check_compile_support("cpu", "model.compile_model")
+
+
+class _OneBatch:
+    def __init__(self, batch: dict) -> None:
+        self.batch = batch
+
+    def train_dataloader(self):
+        return [self.batch]
+
+
+def _qat_module(**kwargs):
+    from mpq_lightning.models import random_cond
+    from mpq_lightning.module import CalibConfig, LossConfig, OptimConfig, QATModule
+    from mpq_lightning.quant import QuantConfig
+
+    torch.manual_seed(0)
+    quant = QuantConfig(w_bits=3, a_bits=6, num_steps=4, w_quantizer="fzrmq", lora_rank=2, lora_init="svd_weight_error",
+                        lora_quantized_base=True, tqe=True, tqe_frame_scale="all")
+    module = QATModule("tiny-stdit", {"config": {"depth": 1}}, quant, True, LossConfig(mse_reduction="mean"),
+                       OptimConfig(lora_lr=1e-4), CalibConfig(num_batches=1), **kwargs)
+    with torch.no_grad():  # the official zero-initialised output layers would hide the student's error
+        for p in module.teacher.parameters():
+            if not p.any():
+                p.normal_(std=0.1)
+    module.student.load_state_dict(module.teacher.state_dict(), strict=False)
+    t = module.teacher
+    batch = {"x_t": torch.randn(2, *t.latent_shape), "t": torch.tensor([900, 100]), "step_index": torch.tensor([0, 3]),
+             "cond": random_cond(t, 2, 0, length=6, num_classes=3)}
+    module.calibrate_from(_OneBatch(batch))
+    set_quant_state(module.student.backbone, True, True)
+    return module, batch
+
+
+@needs_cpp
+def test_compiled_model_is_one_graph_with_eager_values_and_gradients():
+    """``QATModule(compile_model=True)`` compiles the student backbone whole: FZ-RMQ, OOLRI, TQE with its
+    per-frame factor and TALSQ step tables trace as ONE graph (``fullgraph=True`` raises on any graph
+    break), give the eager output, distillation feature and every gradient, and another step index
+    reuses the graph (no recompile)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    module, b = _qat_module()
+    student = module.student
+    trainable = {n: p for n, p in student.named_parameters() if p.requires_grad}
+
+    def run(step):
+        for p in trainable.values():
+            p.grad = None
+        out = student(b["x_t"], b["t"], b["cond"], step)
+        feat = module._feat_s.value
+        (out.pow(2).mean() + feat.pow(2).mean()).backward()
+        return out.detach(), feat.detach(), {n: p.grad.clone() for n, p in trainable.items() if p.grad is not None}
+
+    steps = [b["step_index"], torch.tensor([2, 1])]
+    eager = [run(s) for s in steps]
+    student.backbone.compile(fullgraph=True)
+    compiled = [run(steps[0])]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled.append(run(steps[1]))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    for (oe, fe, ge), (oc, fc, gc) in zip(eager, compiled):
+        torch.testing.assert_close(oc, oe, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fc, fe, rtol=1e-5, atol=1e-5)
+        assert set(gc) == set(ge) and len(ge) >= 10  # LoRA, weight/act steps, zero points, b1, b2, TQE, ...
+        for name in ge:
+            torch.testing.assert_close(gc[name], ge[name], rtol=1e-3, atol=1e-6, msg=name)
+
+
+def test_compile_model_is_refused_under_fsdp_naming_the_key():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from mpq_lightning.module import QATModule
+
+    module = QATModule("tiny-stdit", {"config": {"depth": 1}}, compile_model=True)
+    module._trainer = SimpleNamespace(strategy=FSDPStrategy())
+    with pytest.raises(ValueError, match="model.compile_model=true .* not with FSDPStrategy"):
+        module._check_compile_model()

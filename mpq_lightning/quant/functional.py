@@ -83,7 +83,8 @@ class _FakeQuantize(torch.autograd.Function):
         r = torch.round(xs)
         rc = torch.minimum(torch.maximum(r, qmin - z), qmax - z)
         out = rc * s
-        inside = torch.eq(rc, r, out=torch.empty_like(rc))  # 1.0 where round(x/s) + z is in [qmin, qmax]
+        # 1.0 where round(x/s) + z is in [qmin, qmax]
+        inside = (rc == r).to(rc.dtype) if torch.compiler.is_compiling() else torch.eq(rc, r, out=torch.empty_like(rc))
         need_s, need_z = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         ctx.save_for_backward(inside, xs if need_s else None, rc if need_s else None, s if need_z else None)
         ctx.grad_scale = grad_scale
@@ -197,17 +198,16 @@ def quantizer_compile_enabled() -> bool:
     return _COMPILE.enabled
 
 
-def check_compile_support(device: torch.device | str) -> None:
-    """Refuse ``compile_quantizers`` up front, naming the key, where ``torch.compile`` cannot build
-    kernels: no C++ compiler on CPU (inductor), no Triton on CUDA."""
+def check_compile_support(device: torch.device | str, key: str = "model.quant.compile_quantizers") -> None:
+    """Refuse a compile switch (``key``, as the command line spells it) up front where
+    ``torch.compile`` cannot build kernels: no C++ compiler on CPU (inductor), no Triton on CUDA."""
     device = torch.device(device)
     if device.type == "cpu" and not os.environ.get("CXX") and not any(map(shutil.which, ("g++", "c++", "clang++"))):
-        raise RuntimeError("QuantConfig.compile_quantizers=True on CPU needs a C++ compiler for torch.compile "
+        raise RuntimeError(f"{key}=true on CPU needs a C++ compiler for torch.compile "
                            "(none of g++ / c++ / clang++ is on PATH and CXX is unset): install one or set "
-                           "model.quant.compile_quantizers false")
+                           f"{key} false")
     if device.type == "cuda" and importlib.util.find_spec("triton") is None:
-        raise RuntimeError("QuantConfig.compile_quantizers=True on CUDA needs Triton (pip install triton) or set "
-                           "model.quant.compile_quantizers false")
+        raise RuntimeError(f"{key}=true on CUDA needs Triton (pip install triton) or set {key} false")
 
 
 def compilable(fn):

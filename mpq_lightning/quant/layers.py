@@ -264,8 +264,8 @@ class QuantLayer(nn.Module):
     def _forward_weight(self) -> Tensor:
         """:meth:`quantized_weight`, reused between no-grad forwards inside
         :func:`cached_quantized_weights` while nothing it depends on has changed."""
-        if not self.cache_weight or torch.is_grad_enabled():
-            return self.quantized_weight()
+        if not self.cache_weight or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self.quantized_weight()  # a compiled graph has no Python between layers to save
         key = self._weight_state_key()
         if self._weight_cache is None or self._weight_cache[0] != key:
             self._weight_cache = (key, self.quantized_weight())

@@ -122,10 +122,23 @@ class MixedQuantizerBase(nn.Module):
             raise ValueError(f"group_id must have shape {tuple(self.group_id.shape)}, got {tuple(group_id.shape)}")
         self.group_id.copy_(group_id.to(self.group_id))
         self.split.fill_(int((self.group_id == 2).sum()))
+        self._cache, self._cache_key = {}, None
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._cache, self._cache_key = {}, None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, recurse=True):
+        self._cache, self._cache_key = {}, None
+        return super()._apply(fn, recurse)
 
     def _derived(self, name: str, build: Callable[[], object]):
         """``build()`` cached on ``group_id`` (invalidated by any in-place write, including
         ``load_state_dict``, and by a move to another device)."""
+        if torch.compiler.is_compiling() and name in self._cache:
+            # dynamo cannot trace data pointers; the cache is also cleared by set_classes, state-dict
+            # loads and device moves (below), which is all that writes group_id in this codebase
+            return self._cache[name]
         key = (self.group_id.data_ptr(), self.group_id._version, self.group_id.device)
         if self._cache_key != key:
             self._cache, self._cache_key = {}, key

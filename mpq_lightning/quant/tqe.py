@@ -127,10 +127,14 @@ class TQE(nn.Module):
         if self._dims is None:
             return None
         key = (shape, device)
-        if key not in self._frame_idx:  # built once per shape: no host-to-device copy per forward
+        if torch.compiler.is_compiling():  # a constant of the graph; a cache would guard on every shape
             axis, idx = frame_index(self._dims, shape, self.num_frames)
-            self._frame_idx[key] = (axis, idx.to(device))
-        axis, idx = self._frame_idx[key]
+            idx = idx.to(device)
+        else:
+            if key not in self._frame_idx:  # built once per shape: no host-to-device copy per forward
+                axis, idx = frame_index(self._dims, shape, self.num_frames)
+                self._frame_idx[key] = (axis, idx.to(device))
+            axis, idx = self._frame_idx[key]
         g = self.m.float()[idx]
         if self.frame_mode == "release":
             g = 1.0 + g
