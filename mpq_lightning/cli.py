@@ -73,6 +73,7 @@ class MPQCLI(LightningCLI):
         _check_paths(cfg)
 
     def before_fit(self) -> None:
+        self.model.check_compile_settings(self.trainer)  # before the cache is built or a file written
         prepare = getattr(self.datamodule, "prepare_cache", None)
         if callable(prepare):
             prepare(self.model.teacher)

@@ -253,10 +253,7 @@ class QATModule(L.LightningModule):
         """Calibrate once, on the device, after any checkpoint restore (a restore marks the module
         calibrated, so resuming never re-initialises quantizers). Under DDP every rank calibrates on
         its own shard, then rank 0's state is broadcast so all ranks start identical."""
-        if self.quant_cfg.compile_quantizers:
-            check_compile_support(self.device)
-        if self.compile_model:
-            self._check_compile_model()
+        self.check_compile_settings(self.trainer)
         if not self._calibrated:
             self.calibrate_from(self.trainer.datamodule)
             if self.trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -268,12 +265,27 @@ class QATModule(L.LightningModule):
             self.student.backbone.compile()
             self.teacher.backbone.compile()
 
-    def _check_compile_model(self) -> None:
-        check_compile_support(self.device, "model.compile_model")
-        strategy = type(self.trainer.strategy).__name__
-        if "FSDP" in strategy or "DeepSpeed" in strategy:
-            raise ValueError(f"model.compile_model=true is supported on a single device and with DDP, not with "
-                             f"{strategy}: set model.compile_model false (model.quant.compile_quantizers works there)")
+    def check_compile_settings(self, trainer: L.Trainer) -> None:
+        """Refuse a compile switch this run cannot honour, naming the key: called by the CLI before
+        anything is written or built, and again in ``on_fit_start`` for runs without the CLI."""
+        if self.compile_model:
+            strategy = type(trainer.strategy).__name__
+            if "FSDP" in strategy or "DeepSpeed" in strategy:
+                raise ValueError(f"model.compile_model=true is supported on a single device and with DDP, not with "
+                                 f"{strategy}: set model.compile_model false (model.quant.compile_quantizers works there)")
+        device = trainer.strategy.root_device
+        if self.quant_cfg.compile_quantizers:
+            check_compile_support(device)
+        if not self.compile_model:
+            return
+        check_compile_support(device, "model.compile_model")
+        precision = str(trainer.precision)
+        if device.type == "cpu" and not precision.startswith(("32", "64")):
+            # torch 2.13 inductor's vectorised CPU code gives non-finite gradients for the plain FP STDiT
+            # under bf16 autocast (eager, aot_eager and cpp.simdlen=1 are finite): refuse, not NaN later
+            raise ValueError(f"model.compile_model=true with trainer.precision {precision} on CPU: torch.compile's "
+                             "CPU kernels give non-finite gradients under 16-bit autocast; use trainer.precision "
+                             "32-true on CPU or set model.compile_model false")
 
     @torch.no_grad()
     def calibrate_from(self, datamodule) -> None:

@@ -189,6 +189,12 @@ def test_bad_quant_config_names_key(workdir):
         fit("--model.quant.w_bits", "12", run="bad")
 
 
+def test_compile_model_with_cpu_16_bit_refused_before_any_file(workdir):
+    with pytest.raises(ValueError, match="model.compile_model=true with trainer.precision bf16-mixed on CPU"):
+        fit("--trainer.precision", "bf16-mixed", "--model.compile_model", "true", run="bad_compile")
+    assert not (workdir / "checkpoints" / "bad_compile").exists()
+
+
 def test_ddp_two_processes_cpu(workdir):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(

@@ -170,7 +170,7 @@ def test_compiled_model_is_one_graph_with_eager_values_and_gradients():
             torch.testing.assert_close(gc[name], ge[name], rtol=1e-3, atol=1e-6, msg=name)
 
 
-def test_compile_model_is_refused_under_fsdp_naming_the_key():
+def test_compile_model_is_refused_under_fsdp_and_cpu_16_bit_naming_the_key():
     from types import SimpleNamespace
 
     from lightning.pytorch.strategies import FSDPStrategy
@@ -178,6 +178,36 @@ def test_compile_model_is_refused_under_fsdp_naming_the_key():
     from mpq_lightning.module import QATModule
 
     module = QATModule("tiny-stdit", {"config": {"depth": 1}}, compile_model=True)
-    module._trainer = SimpleNamespace(strategy=FSDPStrategy())
+    module._trainer = SimpleNamespace(strategy=FSDPStrategy(), precision="32-true")
     with pytest.raises(ValueError, match="model.compile_model=true .* not with FSDPStrategy"):
-        module._check_compile_model()
+        module.check_compile_settings(module._trainer)
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    module._trainer = SimpleNamespace(strategy=SingleDeviceStrategy("cpu"), precision="bf16-mixed")
+    with pytest.raises(ValueError, match="compile_model=true with trainer.precision bf16-mixed on CPU"):
+        module.check_compile_settings(module._trainer)
+    module._trainer = SimpleNamespace(strategy=SingleDeviceStrategy("cpu"), precision="32-true")
+    module.check_compile_settings(module._trainer)  # single device, fp32: accepted
+
+
+def test_fused_adamw_is_the_default_and_steps_like_foreach():
+    """``optim.fused`` None picks torch's fused AdamW for CPU tensors; one step moves every trainable
+    tensor as the foreach AdamW does (same groups and learning rates)."""
+    from mpq_lightning.module import OptimConfig
+
+    module, b = _qat_module()
+    states = {}
+    for fused in (None, False):
+        m = copy.deepcopy(module)
+        m.optim_cfg = OptimConfig(lora_lr=1e-4, fused=fused)
+        opt = m.build_optimizer()
+        assert opt.defaults["fused"] is (True if fused is None else None) and opt.defaults["foreach"] is (fused is False)
+        out = m.student(b["x_t"], b["t"], b["cond"], b["step_index"])
+        (out.pow(2).mean() + m._feat_s.value.pow(2).mean()).backward()
+        opt.step()
+        states[fused] = {n: p.detach().clone() for n, p in m.student.named_parameters() if p.requires_grad}
+    before = {n: p for n, p in module.student.named_parameters() if p.requires_grad}
+    moved = [n for n in before if not torch.equal(states[None][n], before[n])]
+    assert len(moved) >= 10
+    for n in before:
+        torch.testing.assert_close(states[None][n], states[False][n], rtol=1e-5, atol=1e-7, msg=n)
