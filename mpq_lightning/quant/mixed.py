@@ -137,7 +137,7 @@ class MixedQuantizerBase(nn.Module):
         ``load_state_dict``, and by a move to another device)."""
         if torch.compiler.is_compiling() and name in self._cache:
             # dynamo cannot trace data pointers; the cache is also cleared by set_classes, state-dict
-            # loads and device moves (below), which is all that writes group_id in this codebase
+            # loads and device moves (above), which is all that writes group_id in this codebase
             return self._cache[name]
         key = (self.group_id.data_ptr(), self.group_id._version, self.group_id.device)
         if self._cache_key != key:

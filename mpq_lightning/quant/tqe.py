@@ -126,11 +126,11 @@ class TQE(nn.Module):
         """Broadcastable per-frame factor g for a tensor of ``shape`` laid out as the input."""
         if self._dims is None:
             return None
-        key = (shape, device)
         if torch.compiler.is_compiling():  # a constant of the graph; a cache would guard on every shape
             axis, idx = frame_index(self._dims, shape, self.num_frames)
             idx = idx.to(device)
         else:
+            key = (shape, device)
             if key not in self._frame_idx:  # built once per shape: no host-to-device copy per forward
                 axis, idx = frame_index(self._dims, shape, self.num_frames)
                 self._frame_idx[key] = (axis, idx.to(device))
