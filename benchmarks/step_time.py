@@ -124,9 +124,8 @@ def qat_step_time(name: str, kwargs: dict, b: dict, repeats: int, device, compil
     from mpq_lightning.quant import set_quant_state
 
     set_quant_state(module.student.backbone, True, True)
-    if compile_model:  # what QATModule.on_fit_start does after calibration
-        module.student.backbone.compile()
-        module.teacher.backbone.compile()
+    if compile_model:  # as QATModule.on_fit_start does after calibration
+        module.compile_backbones()
     queue = MemoryQueue(num_steps=10, pixels_per_step=64)
     queue.attach(module)
     qopt = module.build_optimizer()  # the module's own AdamW (fused where available)

@@ -262,12 +262,19 @@ class QATModule(L.LightningModule):
         # the quant switches are not state-dict entries: set them on every start, resumed or not
         set_quant_state(self.student.backbone, weight=True, act=self.calib_cfg.train_act_quant)
         if self.compile_model:  # after calibration, whose observers are data-dependent Python
-            self.student.backbone.compile()
-            self.teacher.backbone.compile()
+            self.compile_backbones()
+
+    def compile_backbones(self) -> None:
+        """``nn.Module.compile()`` of the student and teacher backbones (lazy: compiled on first
+        call; the state-dict keys stay those of the eager modules)."""
+        self.student.backbone.compile()
+        self.teacher.backbone.compile()
 
     def check_compile_settings(self, trainer: L.Trainer) -> None:
         """Refuse a compile switch this run cannot honour, naming the key: called by the CLI before
         anything is written or built, and again in ``on_fit_start`` for runs without the CLI."""
+        if not (self.compile_model or self.quant_cfg.compile_quantizers):
+            return
         if self.compile_model:
             strategy = type(trainer.strategy).__name__
             if "FSDP" in strategy or "DeepSpeed" in strategy:

@@ -126,15 +126,16 @@ class TQE(nn.Module):
         """Broadcastable per-frame factor g for a tensor of ``shape`` laid out as the input."""
         if self._dims is None:
             return None
-        if torch.compiler.is_compiling():  # a constant of the graph; a cache would guard on every shape
+        # eager: built once per shape (no host-to-device copy per forward); under dynamo a constant of
+        # the graph, since a cache would add a guard per shape
+        compiling, key = torch.compiler.is_compiling(), (shape, device)
+        entry = None if compiling else self._frame_idx.get(key)
+        if entry is None:
             axis, idx = frame_index(self._dims, shape, self.num_frames)
-            idx = idx.to(device)
-        else:
-            key = (shape, device)
-            if key not in self._frame_idx:  # built once per shape: no host-to-device copy per forward
-                axis, idx = frame_index(self._dims, shape, self.num_frames)
-                self._frame_idx[key] = (axis, idx.to(device))
-            axis, idx = self._frame_idx[key]
+            entry = (axis, idx.to(device))
+            if not compiling:
+                self._frame_idx[key] = entry
+        axis, idx = entry
         g = self.m.float()[idx]
         if self.frame_mode == "release":
             g = 1.0 + g
