@@ -24,5 +24,5 @@ if [ -d /tmp/site_ds/deepspeed ]; then
 fi
 run 60 fit_ddp_bf16 python3 train.py $T --trainer.max_steps 4 --run_name gpu_ddp --trainer.strategy ddp --trainer.precision bf16-mixed
 run 120 fit_bf16_compiled_model python3 train.py $T --trainer.max_steps 4 --run_name gpu_bfcm --trainer.precision bf16-mixed --model.compile_model true
-run 240 step_time_cuda python3 benchmarks/step_time.py --device cuda --repeats 20 --modes eager,model --out "$OUT/step_time_cuda.json"
+run 240 step_time_cuda python3 benchmarks/step_time.py --device cuda --repeats 20 --modes eager,model --breakdown --out "$OUT/step_time_cuda.json"
 run 120 fit_16_compiled python3 train.py $T --trainer.max_steps 4 --run_name gpu_16c --trainer.precision 16-mixed --model.quant.compile_quantizers true

@@ -1,6 +1,7 @@
 """Training-step time: our full method (QATModule) vs the same backbone's plain FP training step.
 
     python benchmarks/step_time.py [--device cpu|cuda] [--repeats 20] [--threads N] [--modes eager,quantizers,model]
+                                   [--breakdown] [--models tiny-stdit,mid-stdit]
 
 For each model (the tiny STDiT and a mid-size STDiT) it times, after warm-up, the median of:
 * FP step: forward + MSE to a target + backward + fused AdamW step over all backbone parameters,
@@ -13,8 +14,11 @@ For each model (the tiny STDiT and a mid-size STDiT) it times, after warm-up, th
 * the same eager QAT step with every quantizer switched off (teacher forward, LoRA student, losses,
   AdamW): the floor that no eager quantizer speed-up can go below.
 Ratios are against the eager FP step; the compiled-model step is also given against the compiled FP
-step. Writes benchmarks/results/step_time_<device>.json. Targets (issue 7): ratio <= 1.6 on CPU,
-<= 1.3 on GPU.
+step. ``--breakdown`` also times the parts of each QAT step on their own (frozen-teacher forward,
+student forward, ``compute_losses`` = both forwards + losses + memory-queue writes, backward,
+optimiser; medians) and writes them as ``<mode>_phases_s``, the eager FP step's as ``fp_phases_s``.
+Writes benchmarks/results/step_time_<device>.json. Targets (issue 7): ratio <= 1.6 on CPU, <= 1.3 on
+GPU.
 """
 from __future__ import annotations
 
@@ -82,7 +86,47 @@ MODES = {  # QAT step variants: (key, QuantConfig.compile_quantizers, QATModule.
 }
 
 
-def bench(name: str, kwargs: dict, batch: int, repeats: int, device, modes: list[str]) -> dict:
+def timed_after(prepare, fn, repeats: int, device) -> float:
+    """Median seconds of ``fn`` alone, each run after an untimed ``prepare()``."""
+    times = []
+    for _ in range(repeats):
+        prepare()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def phase_times(module: QATModule, opt: torch.optim.Optimizer, b: dict, repeats: int, device) -> dict[str, float]:
+    """Median seconds of each phase of one QAT step, each timed on its own."""
+    x_t, t, cond, step = b["x_t"], b["t"], b["cond"], b["step_index"]
+
+    def teacher():
+        with torch.no_grad():
+            module.teacher(x_t, t, cond, step)
+
+    state = {}
+
+    def losses():
+        state["total"] = sum(module.compute_losses(b).values())
+
+    def backward():
+        opt.zero_grad(set_to_none=True)
+        state["total"].backward()
+
+    phases = {"teacher_forward": timed(teacher, repeats, device),
+              "student_forward": timed(lambda: module.student(x_t, t, cond, step), repeats, device)}
+    phases["compute_losses"] = timed(losses, repeats, device)  # both forwards + losses + queue writes
+    phases["backward"] = timed_after(losses, backward, repeats, device)
+    phases["optimizer"] = timed_after(lambda: (losses(), backward()), opt.step, repeats, device)
+    return phases
+
+
+def bench(name: str, kwargs: dict, batch: int, repeats: int, device, modes: list[str], breakdown: bool = False) -> dict:
     # -- FP training step (fused AdamW where torch has it, as QATModule uses by default) --------
     fp = build(name.replace("mid-stdit", "tiny-stdit"), **kwargs).to(device)
     b = batch_for(fp, batch, device)
@@ -97,13 +141,29 @@ def bench(name: str, kwargs: dict, batch: int, repeats: int, device, modes: list
 
     row = {"model": name, "params": sum(p.numel() for p in fp.parameters()), "batch": batch}
     row["fp_step_s"] = t_fp = timed(fp_step, repeats, device)
+    if breakdown:
+        state = {}
+
+        def fp_loss():
+            state["loss"] = (fp(b["x_t"], b["t"], b["cond"], None) - target).pow(2).mean()
+
+        def fp_backward():
+            opt.zero_grad(set_to_none=True)
+            state["loss"].backward()
+
+        row["fp_phases_s"] = {"forward": timed(fp_loss, repeats, device),
+                              "backward": timed_after(fp_loss, fp_backward, repeats, device),
+                              "optimizer": timed_after(lambda: (fp_loss(), fp_backward()), opt.step, repeats, device)}
     if "model" in modes:  # the fair baseline for a compiled QAT step is a compiled FP step
         fp.backbone.compile()
         row["fp_compiled_step_s"] = timed(fp_step, repeats, device, warmup=5)
     for mode in modes:
         key, compile_quantizers, compile_model = MODES[mode]
-        t_qat, t_floor = qat_step_time(name, kwargs, b, repeats, device, compile_quantizers, compile_model)
+        t_qat, t_floor, phases = qat_step_time(name, kwargs, b, repeats, device, compile_quantizers, compile_model,
+                                               breakdown)
         row[f"{key}_step_s"], row[f"{key}_ratio"] = t_qat, t_qat / t_fp
+        if phases:
+            row[f"{key}_phases_s"] = phases
         if compile_model:
             row[f"{key}_ratio_vs_fp_compiled"] = t_qat / row["fp_compiled_step_s"]
         if t_floor is not None:
@@ -112,7 +172,7 @@ def bench(name: str, kwargs: dict, batch: int, repeats: int, device, modes: list
 
 
 def qat_step_time(name: str, kwargs: dict, b: dict, repeats: int, device, compile_quantizers: bool,
-                  compile_model: bool) -> tuple[float, float | None]:
+                  compile_model: bool, breakdown: bool = False) -> tuple[float, float | None, dict | None]:
     quant = QuantConfig(w_bits=3, a_bits=6, num_steps=10, w_quantizer="fzrmq", lora_rank=8, lora_init="svd_weight_error",
                         lora_quantized_base=True, tqe=True, compile_quantizers=compile_quantizers)
     loss = LossConfig(mse_reduction="mean", mtrd=True, mtrd_anchors=256, mtrd_memory_samples=256, tmd=True)
@@ -140,11 +200,12 @@ def qat_step_time(name: str, kwargs: dict, b: dict, repeats: int, device, compil
         qopt.step()
 
     t_qat = timed(qat_step, repeats, device, warmup=5 if compile_quantizers or compile_model else 3)
+    phases = phase_times(module, qopt, b, repeats, device) if breakdown else None
     t_floor = None
     if not (compile_quantizers or compile_model):  # the same step, every quantizer off: teacher, LoRA student, losses, AdamW
         set_quant_state(module.student.backbone, False, False)
         t_floor = timed(qat_step, repeats, device)
-    return t_qat, t_floor
+    return t_qat, t_floor, phases
 
 
 def main() -> None:
@@ -154,6 +215,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {list(MODELS)}")
+    ap.add_argument("--breakdown", action="store_true", help="also time each phase of the QAT step (<mode>_phases_s)")
     ap.add_argument("--modes", default="eager,quantizers,model",
                     help="comma-separated QAT step variants: eager, quantizers (compile_quantizers), model (compile_model)")
     args = ap.parse_args()
@@ -163,7 +226,10 @@ def main() -> None:
     modes = [m for m in args.modes.split(",") if m]
     if bad := [m for m in modes if m not in MODES]:
         ap.error(f"--modes: unknown {bad}; choose from {list(MODES)}")
-    rows = [bench(n, kw, args.batch, args.repeats, device, modes) for n, kw in MODELS.items()]
+    models = [m for m in args.models.split(",") if m]
+    if bad := [m for m in models if m not in MODELS]:
+        ap.error(f"--models: unknown {bad}; choose from {list(MODELS)}")
+    rows = [bench(n, MODELS[n], args.batch, args.repeats, device, modes, args.breakdown) for n in models]
     for r in rows:
         qat = ", ".join(f"{label} {r[k + '_step_s'] * 1e3:.1f} ms (ratio {r[k + '_ratio']:.2f})"
                         for k, label in (("qat", "QAT eager"), ("qat_compiled", "QAT compiled quantizers"),
@@ -173,6 +239,8 @@ def main() -> None:
             qat += (f", FP compiled {r['fp_compiled_step_s'] * 1e3:.1f} ms (compiled QAT / compiled FP "
                     f"{r['qat_compiled_model_ratio_vs_fp_compiled']:.2f})")
         print(f"{r['model']:>10} ({r['params'] / 1e6:.2f} M params, batch {r['batch']}): FP {r['fp_step_s'] * 1e3:.1f} ms, {qat}")
+        for k in [k for k in r if k.endswith("_phases_s")]:
+            print(f"{'':>10} {k[:-len('_phases_s')]} phases: " + ", ".join(f"{p} {v * 1e3:.1f} ms" for p, v in r[k].items()))
     out = Path(args.out or Path(__file__).parent / "results" / f"step_time_{device.type}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
