@@ -64,11 +64,14 @@ class _Calib:
         return [self.batch, self.batch]
 
 
-def timed(fn, repeats: int, device, warmup: int = 3) -> float:
+def timed(fn, repeats: int, device, warmup: int = 3, prepare=None) -> float:
+    """Median seconds of ``fn()`` after ``warmup`` untimed calls; ``prepare()`` runs untimed before each."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        if prepare is not None:
+            prepare()
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -84,21 +87,6 @@ MODES = {  # QAT step variants: (key, QuantConfig.compile_quantizers, QATModule.
     "quantizers": ("qat_compiled", True, False),
     "model": ("qat_compiled_model", False, True),
 }
-
-
-def timed_after(prepare, fn, repeats: int, device) -> float:
-    """Median seconds of ``fn`` alone, each run after an untimed ``prepare()``."""
-    times = []
-    for _ in range(repeats):
-        prepare()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def phase_times(module: QATModule, opt: torch.optim.Optimizer, b: dict, repeats: int, device) -> dict[str, float]:
@@ -121,8 +109,8 @@ def phase_times(module: QATModule, opt: torch.optim.Optimizer, b: dict, repeats:
     phases = {"teacher_forward": timed(teacher, repeats, device),
               "student_forward": timed(lambda: module.student(x_t, t, cond, step), repeats, device)}
     phases["compute_losses"] = timed(losses, repeats, device)  # both forwards + losses + queue writes
-    phases["backward"] = timed_after(losses, backward, repeats, device)
-    phases["optimizer"] = timed_after(lambda: (losses(), backward()), opt.step, repeats, device)
+    phases["backward"] = timed(backward, repeats, device, warmup=0, prepare=losses)
+    phases["optimizer"] = timed(opt.step, repeats, device, warmup=0, prepare=lambda: (losses(), backward()))
     return phases
 
 
@@ -152,8 +140,9 @@ def bench(name: str, kwargs: dict, batch: int, repeats: int, device, modes: list
             state["loss"].backward()
 
         row["fp_phases_s"] = {"forward": timed(fp_loss, repeats, device),
-                              "backward": timed_after(fp_loss, fp_backward, repeats, device),
-                              "optimizer": timed_after(lambda: (fp_loss(), fp_backward()), opt.step, repeats, device)}
+                              "backward": timed(fp_backward, repeats, device, warmup=0, prepare=fp_loss),
+                              "optimizer": timed(opt.step, repeats, device, warmup=0,
+                                                 prepare=lambda: (fp_loss(), fp_backward()))}
     if "model" in modes:  # the fair baseline for a compiled QAT step is a compiled FP step
         fp.backbone.compile()
         row["fp_compiled_step_s"] = timed(fp_step, repeats, device, warmup=5)
