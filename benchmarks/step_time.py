@@ -89,6 +89,24 @@ MODES = {  # QAT step variants: (key, QuantConfig.compile_quantizers, QATModule.
 }
 
 
+def loss_backward_optimizer(loss_fn, opt: torch.optim.Optimizer, repeats: int, device,
+                            forward_key: str = "forward") -> dict[str, float]:
+    """Median seconds of ``loss_fn()``, of the backward of its result and of ``opt.step()``, each
+    timed on its own after the untimed parts before it."""
+    state = {}
+
+    def forward():
+        state["loss"] = loss_fn()
+
+    def backward():
+        opt.zero_grad(set_to_none=True)
+        state["loss"].backward()
+
+    return {forward_key: timed(forward, repeats, device),
+            "backward": timed(backward, repeats, device, warmup=0, prepare=forward),
+            "optimizer": timed(opt.step, repeats, device, warmup=0, prepare=lambda: (forward(), backward()))}
+
+
 def phase_times(module: QATModule, opt: torch.optim.Optimizer, b: dict, repeats: int, device) -> dict[str, float]:
     """Median seconds of each phase of one QAT step, each timed on its own."""
     x_t, t, cond, step = b["x_t"], b["t"], b["cond"], b["step_index"]
@@ -97,21 +115,11 @@ def phase_times(module: QATModule, opt: torch.optim.Optimizer, b: dict, repeats:
         with torch.no_grad():
             module.teacher(x_t, t, cond, step)
 
-    state = {}
-
-    def losses():
-        state["total"] = sum(module.compute_losses(b).values())
-
-    def backward():
-        opt.zero_grad(set_to_none=True)
-        state["total"].backward()
-
-    phases = {"teacher_forward": timed(teacher, repeats, device),
-              "student_forward": timed(lambda: module.student(x_t, t, cond, step), repeats, device)}
-    phases["compute_losses"] = timed(losses, repeats, device)  # both forwards + losses + queue writes
-    phases["backward"] = timed(backward, repeats, device, warmup=0, prepare=losses)
-    phases["optimizer"] = timed(opt.step, repeats, device, warmup=0, prepare=lambda: (losses(), backward()))
-    return phases
+    return {"teacher_forward": timed(teacher, repeats, device),
+            "student_forward": timed(lambda: module.student(x_t, t, cond, step), repeats, device),
+            # both forwards + losses + queue writes
+            **loss_backward_optimizer(lambda: sum(module.compute_losses(b).values()), opt, repeats, device,
+                                      forward_key="compute_losses")}
 
 
 def bench(name: str, kwargs: dict, batch: int, repeats: int, device, modes: list[str], breakdown: bool = False) -> dict:
@@ -130,19 +138,8 @@ def bench(name: str, kwargs: dict, batch: int, repeats: int, device, modes: list
     row = {"model": name, "params": sum(p.numel() for p in fp.parameters()), "batch": batch}
     row["fp_step_s"] = t_fp = timed(fp_step, repeats, device)
     if breakdown:
-        state = {}
-
-        def fp_loss():
-            state["loss"] = (fp(b["x_t"], b["t"], b["cond"], None) - target).pow(2).mean()
-
-        def fp_backward():
-            opt.zero_grad(set_to_none=True)
-            state["loss"].backward()
-
-        row["fp_phases_s"] = {"forward": timed(fp_loss, repeats, device),
-                              "backward": timed(fp_backward, repeats, device, warmup=0, prepare=fp_loss),
-                              "optimizer": timed(opt.step, repeats, device, warmup=0,
-                                                 prepare=lambda: (fp_loss(), fp_backward()))}
+        row["fp_phases_s"] = loss_backward_optimizer(
+            lambda: (fp(b["x_t"], b["t"], b["cond"], None) - target).pow(2).mean(), opt, repeats, device)
     if "model" in modes:  # the fair baseline for a compiled QAT step is a compiled FP step
         fp.backbone.compile()
         row["fp_compiled_step_s"] = timed(fp_step, repeats, device, warmup=5)

@@ -273,19 +273,16 @@ class QATModule(L.LightningModule):
     def check_compile_settings(self, trainer: L.Trainer) -> None:
         """Refuse a compile switch this run cannot honour, naming the key: called by the CLI before
         anything is written or built, and again in ``on_fit_start`` for runs without the CLI."""
-        if not (self.compile_model or self.quant_cfg.compile_quantizers):
-            return
-        if self.compile_model:
-            strategy = type(trainer.strategy).__name__
-            if "FSDP" in strategy or "DeepSpeed" in strategy:
-                raise ValueError(f"model.compile_model=true is supported on a single device and with DDP, not with "
-                                 f"{strategy}: set model.compile_model false (model.quant.compile_quantizers works there)")
-        device = trainer.strategy.root_device
-        if self.quant_cfg.compile_quantizers:
-            check_compile_support(device)
         if not self.compile_model:
+            if self.quant_cfg.compile_quantizers:
+                check_compile_support(trainer.strategy.root_device)
             return
-        check_compile_support(device, "model.compile_model")
+        strategy = type(trainer.strategy).__name__
+        if "FSDP" in strategy or "DeepSpeed" in strategy:
+            raise ValueError(f"model.compile_model=true is supported on a single device and with DDP, not with "
+                             f"{strategy}: set model.compile_model false (model.quant.compile_quantizers works there)")
+        device = trainer.strategy.root_device
+        check_compile_support(device, "model.compile_model")  # covers compile_quantizers too: same compiler
         precision = str(trainer.precision)
         if device.type == "cpu" and not precision.startswith(("32", "64")):
             # torch 2.13 inductor's vectorised CPU code gives non-finite gradients for the plain FP STDiT
