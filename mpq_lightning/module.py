@@ -185,6 +185,12 @@ class QATModule(L.LightningModule):
         # module states before on_load_checkpoint (FSDP, DeepSpeed) must not demand them; on_load_checkpoint
         # refills them and checks every other key itself
         self.strict_loading = False
+        # DDP re-broadcasts every buffer from rank 0 before each forward. OOLRI's base weights are weight-sized,
+        # derived from the state and rebuilt on every state load (sync_student_from_rank0, resume): keep
+        # them out of that per-step broadcast
+        self._ddp_params_and_buffers_to_ignore = [
+            f"student.{n}" for n, _ in self.student.named_buffers() if n.rsplit(".", 1)[-1] == "base_weight"
+        ]
         self._feat_t = _FeatureHook(self.teacher.backbone.get_submodule(teacher.feature_site))
         self._feat_s = _FeatureHook(self.student.backbone.get_submodule(teacher.feature_site))
         self.feature_channel_dim = 1 if teacher.feature_layout.split()[1] == "c" else -1
@@ -257,12 +263,23 @@ class QATModule(L.LightningModule):
         if not self._calibrated:
             self.calibrate_from(self.trainer.datamodule)
             if self.trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-                for tensor in self.student.state_dict().values():
-                    torch.distributed.broadcast(tensor, src=0)
+                self.sync_student_from_rank0()
         # the quant switches are not state-dict entries: set them on every start, resumed or not
         set_quant_state(self.student.backbone, weight=True, act=self.calib_cfg.train_act_quant)
         if self.compile_model:  # after calibration, whose observers are data-dependent Python
             self.compile_backbones()
+
+    @torch.no_grad()
+    def sync_student_from_rank0(self, broadcast=None) -> None:
+        """Rank 0's calibrated student state on every rank. A broadcast writes tensor storage without
+        the in-place version bump that state-derived caches key on (FZ-RMQ / OMQ channel classes,
+        OOLRI's frozen quantized base weight, which is not a state-dict entry), so the broadcast state
+        is then loaded through ``load_state_dict``, whose hooks rebuild every one of them."""
+        broadcast = broadcast or torch.distributed.broadcast
+        state = self.student.state_dict()
+        for tensor in state.values():
+            broadcast(tensor, src=0)
+        self.student.load_state_dict(state)
 
     def compile_backbones(self) -> None:
         """``nn.Module.compile()`` of the student and teacher backbones (lazy: compiled on first

@@ -1,5 +1,6 @@
 """The Lightning application end to end on the tiny STDiT: checkpoints, resume, TensorBoard, DDP,
 bad input. Every run happens in a temporary working directory (caches and runs are relative)."""
+import copy
 import hashlib
 import os
 import shutil
@@ -195,14 +196,102 @@ def test_compile_model_with_cpu_16_bit_refused_before_any_file(workdir):
     assert not (workdir / "checkpoints" / "bad_compile").exists()
 
 
+class _Batches:
+    def __init__(self, batches) -> None:
+        self.batches = batches
+
+    def train_dataloader(self):
+        return self.batches
+
+
+def _calibrated_module(seed: int, scale: float):
+    """The tiny STDiT (same teacher weights whatever ``seed``) calibrated on ``seed``'s data."""
+    from mpq_lightning.models import random_cond
+    from mpq_lightning.module import CalibConfig, LossConfig, QATModule
+    from mpq_lightning.quant import QuantConfig, set_quant_state
+
+    torch.manual_seed(0)
+    quant = QuantConfig(w_bits=3, a_bits=6, num_steps=4, w_quantizer="fzrmq", lora_rank=2, lora_init="svd_weight_error",
+                        lora_quantized_base=True, smooth_alpha=0.5)
+    module = QATModule("tiny-stdit", {"config": {"depth": 1}}, quant, True, LossConfig(mse_reduction="mean"),
+                       calib=CalibConfig(num_batches=2))
+    g = torch.Generator().manual_seed(seed)
+    t = module.teacher
+    batches = [{"x_t": scale * torch.randn(2, *t.latent_shape, generator=g), "t": torch.tensor([900, 100]),
+                "step_index": torch.tensor([0, 3]), "cond": random_cond(t, 2, seed, length=6, num_classes=3)}
+               for _ in range(2)]
+    module.calibrate_from(_Batches(batches))
+    set_quant_state(module.student.backbone, True, True)
+    return module
+
+
+def _computed_weights(module) -> dict:
+    from mpq_lightning.quant import QuantLayer
+
+    out = {}
+    with torch.no_grad():
+        for name, layer in module.student.backbone.named_modules():
+            if isinstance(layer, QuantLayer):
+                out[name] = layer.quantized_weight().clone()
+                if layer.base_weight is not None:
+                    out[name + ".base"] = layer.base_weight.clone()
+    return out
+
+
+def test_rank_sync_rebuilds_state_derived_caches():
+    """Under DDP each rank calibrates on its own shard and then takes rank 0's state. A broadcast
+    writes storage without a version bump, so the FZ-RMQ class caches and OOLRI's base weight stay
+    those of the rank's own calibration unless the state is re-loaded: after the sync, every weight
+    the student computes with is rank 0's."""
+    rank0, rank1 = _calibrated_module(1, 1.0), _calibrated_module(2, 4.0)
+    assert rank0.teacher_hash == rank1.teacher_hash
+    want = _computed_weights(rank0)
+    assert any(not torch.equal(want[k], v) for k, v in _computed_weights(rank1).items())
+
+    def fake_broadcast(sources):
+        it = iter(list(sources))
+
+        def broadcast(tensor, src):  # what a collective does: a raw write into the storage
+            tensor.detach().numpy()[...] = next(it).detach().numpy()
+        return broadcast
+
+    stale = copy.deepcopy(rank1)
+    for tensor, source in zip(stale.student.state_dict().values(), rank0.student.state_dict().values()):
+        fake_broadcast([source])(tensor, 0)
+    assert any(not torch.equal(want[k], v) for k, v in _computed_weights(stale).items())  # the bug the sync fixes
+
+    rank1.sync_student_from_rank0(fake_broadcast(rank0.student.state_dict().values()))
+    got = _computed_weights(rank1)
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
+
+
+def test_ddp_ignores_derived_base_weights():
+    module = _calibrated_module(1, 1.0)
+    ignored = set(module._ddp_params_and_buffers_to_ignore)
+    bases = {f"student.{n}" for n, _ in module.student.named_buffers() if n.endswith(".base_weight")}
+    assert ignored == bases and bases
+    assert not any(k.endswith("base_weight") for k in module.state_dict())  # derived: never saved either
+
+
 def test_ddp_two_processes_cpu(workdir):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
     proc = subprocess.run(
         [sys.executable, str(REPO / "train.py"), "--config", TINY, "--run_name", "ddp", *QUIET,
          "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_steps", "2",
-         "--data.init_args.drop_last", "true"],
+         "--data.init_args.drop_last", "true", "--trainer.callbacks+=ddp_probe.RankProbe"],
         cwd=workdir, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = torch.load(workdir / "checkpoints" / "ddp" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 2
+    # both ranks computed with the same quantized model, after calibration and after training
+    for tag in ("start", "end"):
+        r0, r1 = (torch.load(workdir / "ddp_probe" / f"{tag}_rank{r}.pt") for r in (0, 1))
+        assert r0.keys() == r1.keys() and any(k.endswith("quantized_weight") for k in r0)
+        differ = [k for k in r0 if k != "batches_seen" and not torch.equal(r0[k], r1[k])]
+        assert not differ, f"{tag}: ranks differ in {differ[:5]}"
+    # ... and each rank trained on its own shard of the data
+    seen0, seen1 = (set(torch.load(workdir / "ddp_probe" / f"end_rank{r}.pt")["batches_seen"].flatten().tolist()) for r in (0, 1))
+    assert seen0 and seen1 and not seen0 & seen1

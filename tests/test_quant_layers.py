@@ -126,6 +126,24 @@ def test_bf16_autocast_quant_math_fp32():
     assert y.dtype == torch.bfloat16
 
 
+def test_bf16_autocast_quantizes_the_fp32_lora_merged_weight():
+    """In the merged placement ``W + B A`` is the weight quantizer's input: under 16-bit autocast
+    ``B A`` stays fp32, so every weight lands in the same quantization bin as in an fp32 run."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 64)
+    q = QuantLinear.from_module(lin, _spec(lora_rank=8, w_bits=3))
+    with torch.no_grad():
+        q.lora.B.normal_(std=0.05)
+    q.weight_quantizer.initialize(q.latent_weight().detach())
+    q.weight_quant = True
+    want = q.quantized_weight().detach()
+    for dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast("cpu", dtype=dtype):
+            assert q.lora.delta().dtype == torch.float32
+            got = q.quantized_weight().detach()
+        assert torch.equal(got, want), dtype
+
+
 def test_deepcopy_and_state_dict_restore_strict():
     lin = nn.Linear(8, 4)
     q = QuantLinear.from_module(lin, _spec(w_granularity="group", w_group_size=4))

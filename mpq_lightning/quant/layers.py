@@ -111,9 +111,13 @@ class LoRA(nn.Module):
             self.A.zero_()
 
     def delta(self) -> Tensor:
-        if self.B.dim() == 2:
-            return (self.B @ self.A.reshape(self.rank, -1)).view(self.B.shape[0], *self.A.shape[1:])
-        return torch.einsum("or...,ri...->oi...", self.B, self.A)
+        """``B A`` in fp32, autocast or not: in the merged placement it is part of the weight
+        quantizer's input, whose rounding must not depend on the training precision."""
+        with torch.autocast(device_type=self.B.device.type, enabled=False):
+            b, a = self.B.float(), self.A.float()
+            if b.dim() == 2:
+                return (b @ a.reshape(self.rank, -1)).view(b.shape[0], *a.shape[1:])
+            return torch.einsum("or...,ri...->oi...", b, a)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, param={self.param}"

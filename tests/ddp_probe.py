@@ -1,0 +1,41 @@
+"""A callback the 2-process DDP test adds through the CLI (``--trainer.callbacks+=ddp_probe.RankProbe``):
+each rank writes what its student computes with, at the start and the end of fitting, so the test can
+check that every rank trains the same quantized model."""
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from mpq_lightning.quant import QuantLayer
+
+
+class RankProbe(Callback):
+    def __init__(self, out_dir: str = "ddp_probe") -> None:
+        self.out_dir = Path(out_dir)
+        self.seen: list[list[float]] = []
+
+    @torch.no_grad()
+    def _dump(self, trainer, pl_module, tag: str) -> None:
+        tensors = {}
+        for name, layer in pl_module.student.backbone.named_modules():
+            if isinstance(layer, QuantLayer):
+                tensors[f"{name}.quantized_weight"] = layer.quantized_weight().detach().cpu().clone()
+                if layer.base_weight is not None:
+                    tensors[f"{name}.base_weight"] = layer.base_weight.detach().cpu().clone()
+        for key, value in pl_module.student.state_dict().items():
+            tensors[f"state.{key}"] = value.detach().cpu().clone()
+        if self.seen:
+            tensors["batches_seen"] = torch.tensor(self.seen)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(tensors, self.out_dir / f"{tag}_rank{trainer.global_rank}.pt")
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._dump(trainer, pl_module, "start")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        # one fingerprint per sample, so the test can check the ranks trained on different data
+        # (noisy latents only: a guided trajectory's conditional and unconditional samples share them)
+        self.seen.append(batch["x_t"].detach().double().flatten(1).sum(1).cpu().tolist())
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._dump(trainer, pl_module, "end")
