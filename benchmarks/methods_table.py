@@ -85,7 +85,7 @@ def run_one(teacher: str, setting: str, method: str, args: list[str], steps: int
     run = f"{teacher}_{setting}_{method}".replace(" ", "").replace("(", "").replace(")", "").replace("+", "p").replace("=", "")
     argv = ["--config", str(TEACHERS[teacher]), "--run_name", run, "--trainer.default_root_dir", str(root),
             "--trainer.max_steps", str(steps), "--model.quant.w_bits", str(w), "--model.quant.a_bits", str(a),
-            "--trainer.callbacks=[]", "--log_samples", "false", "--trainer.enable_progress_bar", "false",
+            "--trainer.callbacks=[]", "--overwrite_run", "true", "--log_samples", "false", "--trainer.enable_progress_bar", "false",
             "--trainer.enable_model_summary", "false", *data_args, *_overrides(args, teacher == "video")]
     t0 = time.time()
     cli = cli_main(argv)

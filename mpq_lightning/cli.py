@@ -7,6 +7,11 @@
   resumes the run of the same ``run_name``.
 * A data module that can build its teacher-trajectory cache (``prepare_cache(teacher)``) gets the
   frozen teacher before fitting, so a missing cache is generated on first use.
+* A run folder that already holds checkpoints is never written into by accident: ``fit`` without
+  ``--ckpt_path`` refuses it unless ``--overwrite_run true`` (which starts the run afresh). A
+  checkpoint to resume is checked against the model and bit setting before anything is written
+  (not even ``config.yaml``), and the config decides the model: a checkpoint's saved hyper-parameters
+  never replace it.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -36,6 +42,9 @@ class MPQCLI(LightningCLI):
         parser.add_argument("--run_name", type=str, default="default", help="run folder under checkpoints/")
         parser.add_argument("--checkpoint_every_n_steps", type=int, default=50, help="periodic checkpoint interval")
         parser.add_argument("--log_samples", type=bool, default=True, help="add the SampleLogger callback")
+        parser.add_argument("--overwrite_run", type=bool, default=False,
+                            help="fit without --ckpt_path into a run folder that holds checkpoints: delete that "
+                                 "run's checkpoints, config and TensorBoard events and start afresh")
         parser.set_defaults({
             "data": {"class_path": "mpq_lightning.data.TrajectoryDataModule"},
             "trainer.default_root_dir": DEFAULT_ROOT,
@@ -46,7 +55,7 @@ class MPQCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         run = Path(cfg.trainer.default_root_dir or DEFAULT_ROOT) / cfg.run_name
-        if not cfg.trainer.logger or cfg.trainer.logger is True:
+        if cfg.trainer.logger is None or cfg.trainer.logger is True:  # False: no logger, as Lightning
             cfg.trainer.logger = {
                 "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                 "init_args": {"save_dir": str(run.parent), "name": run.name, "version": ""},
@@ -54,16 +63,22 @@ class MPQCLI(LightningCLI):
         callbacks = list(cfg.trainer.callbacks or [])
         names = {_class_name(c) for c in callbacks}
         defaults = {
-            "ModelCheckpoint": {"dirpath": str(run), "save_last": True, "every_n_train_steps": cfg.checkpoint_every_n_steps,
-                                "save_top_k": -1, "filename": "step{step:06d}", "auto_insert_metric_name": False},
+            "RunCheckpoint": {"dirpath": str(run), "save_last": True, "every_n_train_steps": cfg.checkpoint_every_n_steps,
+                              "save_top_k": -1, "filename": "step{step:06d}", "auto_insert_metric_name": False,
+                              "enable_version_counter": False},
             "LearningRateMonitor": {"logging_interval": "step"},
             "RichProgressBar": {},
         }
         if cfg.trainer.enable_progress_bar is False:
             defaults.pop("RichProgressBar")
+        if cfg.trainer.logger is False:  # Lightning refuses a learning-rate monitor with nothing to log to
+            defaults.pop("LearningRateMonitor")
+        if "ModelCheckpoint" in names:  # the user's own checkpoint callback replaces ours
+            defaults.pop("RunCheckpoint")
         for name, init in defaults.items():
             if name not in names:
-                callbacks.append({"class_path": f"lightning.pytorch.callbacks.{name}", "init_args": init})
+                package = "mpq_lightning.callbacks" if name == "RunCheckpoint" else "lightning.pytorch.callbacks"
+                callbacks.append({"class_path": f"{package}.{name}", "init_args": init})
         for name in ("PerTimestepError", "SampleLogger"):
             if name == "SampleLogger" and not cfg.log_samples:
                 continue
@@ -71,12 +86,70 @@ class MPQCLI(LightningCLI):
                 callbacks.append({"class_path": f"mpq_lightning.callbacks.{name}", "init_args": {}})
         cfg.trainer.callbacks = callbacks
         _check_paths(cfg)
+        if self.subcommand == "fit":
+            self._run_dir = run
+            _check_run_folder(run, cfg.ckpt_path, cfg.overwrite_run)
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI replaces the model config by a checkpoint file's saved hyper-parameters (dropping
+        command-line overrides). Here the config decides, and ``QATModule.check_checkpoint`` refuses a
+        checkpoint of another model or bit setting by name."""
 
     def before_fit(self) -> None:
-        self.model.check_compile_settings(self.trainer)  # before the cache is built or a file written
+        # every check before the trajectory cache is built or a file (config.yaml included) is written
+        self.model.check_compile_settings(self.trainer)
+        cfg = self.config[self.subcommand]
+        ckpt = _resolve_ckpt_path(self.trainer, cfg.ckpt_path)
+        if ckpt is not None:
+            self.model.check_checkpoint(torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True),
+                                        source=str(ckpt))
+        elif cfg.overwrite_run:
+            _clear_run_folder(self._run_dir)
         prepare = getattr(self.datamodule, "prepare_cache", None)
         if callable(prepare):
             prepare(self.model.teacher)
+
+
+#: what a run writes into its folder (``checkpoints/<run_name>/``)
+RUN_FILES = ("*.ckpt", "config.yaml", "hparams.yaml", "events.out.tfevents.*")
+
+
+def _check_run_folder(run: Path, ckpt_path, overwrite: bool) -> None:
+    """Refuse to train a fresh run into a folder that holds another run's checkpoints."""
+    if ckpt_path is not None or overwrite or not run.is_dir():
+        return
+    found = sorted(p.name for p in run.glob("*.ckpt"))
+    if found:
+        raise FileExistsError(
+            f"run folder {run} already holds checkpoints ({', '.join(found[:3])}{' ...' if len(found) > 3 else ''}) "
+            "of an earlier run: resume it with --ckpt_path last, start it afresh with --overwrite_run true, "
+            "or choose another --run_name"
+        )
+
+
+def _clear_run_folder(run: Path) -> None:
+    """``--overwrite_run true``: delete what an earlier run wrote (its files only, not the folder)."""
+    for pattern in RUN_FILES:
+        for path in run.glob(pattern):
+            if path.is_file():
+                path.unlink()
+
+
+def _resolve_ckpt_path(trainer, ckpt_path) -> Path | None:
+    """The file ``trainer.fit(ckpt_path=...)`` will restore (``last`` / ``best`` resolved the way
+    Lightning resolves them), or None."""
+    if ckpt_path is None:
+        return None
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    resolved = trainer._checkpoint_connector._parse_ckpt_path(TrainerFn.FITTING, ckpt_path, model_provided=True,
+                                                             model_connected=True)
+    if resolved is None:
+        return None
+    path = Path(resolved)
+    if not path.is_file():  # Lightning's own message comes later for remote paths; a local one fails here
+        raise FileNotFoundError(f"ckpt_path: {ckpt_path} ({path}) does not exist")
+    return path
 
 
 def _check_paths(cfg) -> None:
@@ -87,6 +160,8 @@ def _check_paths(cfg) -> None:
     recipe = getattr(data_args, "recipe", None) if data_args is not None else None
     if recipe is not None:
         checks.append(("data.init_args.recipe.cond_path", getattr(recipe, "cond_path", None)))
+    if data_args is not None and isinstance(getattr(data_args, "cond_path", None), str):  # OnTheFlyDataModule
+        checks.append(("data.init_args.cond_path", data_args.cond_path))
     for key, value in checks:
         if value and not Path(value).exists():
             raise FileNotFoundError(f"{key}: {value} does not exist (see the header of your config for what it needs)")
@@ -115,12 +190,18 @@ def _has_callback(name: str) -> bool:
 def main(argv: list[str] | None = None, default_subcommand: str = "fit") -> MPQCLI:
     """Entry point of ``train.py``: inserts the ``fit`` subcommand when none is given."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv:  # the embedded default: shipped Moving-Digits teacher, our method at W3A6
-        argv = ["--config", str(DEFAULT_CONFIG)]
+    # the embedded default (shipped Moving-Digits teacher, our method at W3A6) unless a config is given:
+    # `python train.py` runs it, `python train.py --trainer.max_steps 5` overrides it
+    if not any(a in ("-c", "--config", "-h", "--help") or a.startswith("--config=") for a in argv):
+        argv = ["--config", str(DEFAULT_CONFIG), *argv]
+        if argv[2:3] and argv[2] in SUBCOMMANDS:  # `python train.py fit ...`: the subcommand comes first
+            argv = [argv[2], *argv[:2], *argv[3:]]
     if argv[0] not in SUBCOMMANDS + ("-h", "--help"):
         argv = [default_subcommand] + argv
     # distillation runs both backbones in eval mode on purpose (QATModule.train)
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+    # the run folder is checked by _check_run_folder (TensorBoard's events are written there first)
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     sys.argv = [sys.argv[0]] + argv  # LightningCLI reads sys.argv; passing args too makes it warn
     return MPQCLI()

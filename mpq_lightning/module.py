@@ -362,10 +362,16 @@ class QATModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         losses = self.compute_losses(batch)
         loss = sum(losses.values())
-        if not torch.isfinite(loss):
+        finite = bool(torch.isfinite(loss.detach()))
+        if self.trainer.world_size > 1:  # every rank stops together, none is left waiting in a collective
+            finite_everywhere = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        else:
+            finite_everywhere = finite
+        if not finite_everywhere:
+            where = "" if not finite else f" on another rank than rank {self.global_rank}"
             raise FloatingPointError(
-                f"non-finite loss {loss.item()} at global step {self.global_step} "
-                f"(terms: { {k: float(v) for k, v in losses.items()} }); the last good checkpoint is kept"
+                f"non-finite loss{where} at global step {self.global_step} (this rank's terms: "
+                f"{ {k: float(v.detach()) for k, v in losses.items()} }); the last good checkpoint is kept"
             )
         bs = batch["x_t"].shape[0]
         for k, v in losses.items():
@@ -458,20 +464,29 @@ class QATModule(L.LightningModule):
             "mtrd": self.mtrd.generator.get_state() if self.mtrd is not None and self.mtrd.generator is not None else None,
         }
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
+    #: QuantConfig fields that change how the quantizers are computed, not what they hold: a checkpoint
+    #: resumes or evaluates with other values of these
+    EXECUTION_ONLY_QUANT_KEYS = ("compile_quantizers", "calib_stats_device")
+
+    def check_checkpoint(self, checkpoint: dict, source: str = "checkpoint") -> None:
+        """Refuse a checkpoint of another model, teacher or quantization setting, naming each key."""
         saved = checkpoint.get("mpq_identity")
         if saved is None:
-            raise ValueError("checkpoint has no 'mpq_identity': it was not written by QATModule")
+            raise ValueError(f"{source} has no 'mpq_identity': it was not written by QATModule")
         mine = self._identity()
         diff = [k for k in ("model", "teacher_hash") if saved.get(k) != mine[k]]
-        diff += [f"quant.{k}" for k in mine["quant"] if saved["quant"].get(k) != mine["quant"][k]]
+        diff += [f"quant.{k}" for k in mine["quant"]
+                 if k not in self.EXECUTION_ONLY_QUANT_KEYS and saved["quant"].get(k) != mine["quant"][k]]
         if diff:
             details = "; ".join(
                 f"{k}: checkpoint {saved.get(k) if not k.startswith('quant.') else saved['quant'].get(k[6:])!r} "
                 f"vs config {mine.get(k) if not k.startswith('quant.') else mine['quant'][k[6:]]!r}"
                 for k in diff
             )
-            raise ValueError(f"checkpoint does not match this run's model / quantization setting ({details})")
+            raise ValueError(f"{source} does not match this run's model / quantization setting ({details})")
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.check_checkpoint(checkpoint)
         sd = checkpoint.get("state_dict")
         if sd is not None:  # FSDP loads module states inside the strategy, before this hook (non-strictly)
             own = self.state_dict()

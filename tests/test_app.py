@@ -138,9 +138,58 @@ def _fit_with_stop(workdir, run: str, stop: int):
         sys.path.remove(str(Path(__file__).parent))
 
 
+def _digests(folder: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
 def test_resume_with_other_bits_is_refused(full_run, workdir):
-    with pytest.raises(ValueError, match=r"quant.w_bits: checkpoint 3 vs config 4"):
+    run = workdir / "checkpoints" / "full"
+    before = _digests(run)
+    with pytest.raises(ValueError, match=r"last.ckpt does not match .*quant.w_bits: checkpoint 3 vs config 4"):
         fit("--trainer.max_steps", "6", "--ckpt_path", "last", "--model.quant.w_bits", "4", run="full")
+    assert _digests(run) == before  # refused before anything was written: config.yaml included
+
+
+def test_checkpoint_file_of_another_model_is_refused(full_run, workdir):
+    """An explicit checkpoint file is checked like ``last``: the config decides the model (the
+    checkpoint's saved hyper-parameters do not replace it) and a mismatch is refused by name."""
+    ckpt = str(workdir / "checkpoints" / "full" / "last.ckpt")
+    with pytest.raises(ValueError, match=r"does not match .*teacher_hash: checkpoint"):
+        fit("--ckpt_path", ckpt, "--model.model_kwargs", "{config: {depth: 1}}", run="other_model")
+    with pytest.raises(ValueError, match=r"quant.a_bits: checkpoint 6 vs config 8"):
+        fit("--ckpt_path", ckpt, "--model.quant.a_bits", "8", run="other_model")
+    assert not (workdir / "checkpoints" / "other_model").exists()
+
+
+def test_execution_only_switches_do_not_block_a_resume(full_run):
+    module = full_run.model
+    ckpt = {"mpq_identity": module._identity()}
+    ckpt["mpq_identity"]["quant"] = {**ckpt["mpq_identity"]["quant"], "compile_quantizers": True,
+                                     "calib_stats_device": "cuda"}
+    module.check_checkpoint(ckpt)
+    ckpt["mpq_identity"]["quant"]["lora_rank"] = 99
+    with pytest.raises(ValueError, match="quant.lora_rank: checkpoint 99"):
+        module.check_checkpoint(ckpt)
+
+
+def test_a_run_folder_with_checkpoints_is_not_reused_by_accident(full_run, workdir):
+    run = workdir / "checkpoints" / "full"
+    before = _digests(run)
+    with pytest.raises(FileExistsError, match=r"checkpoints/full already holds checkpoints .*--ckpt_path last.*--overwrite_run true"):
+        fit("--trainer.max_steps", "2", run="full")
+    assert _digests(run) == before
+
+
+def test_overwrite_run_starts_afresh_and_the_final_step_is_saved(workdir):
+    run = workdir / "checkpoints" / "again"
+    fit("--trainer.max_steps", "2", "--checkpoint_every_n_steps", "2", run="again")
+    assert {"last.ckpt", "step000002.ckpt", "config.yaml"} <= set(_digests(run))
+    # 3 steps, a checkpoint every 2: last.ckpt still holds step 3 (Lightning alone would leave step 2)
+    fit("--trainer.max_steps", "3", "--checkpoint_every_n_steps", "2", "--overwrite_run", "true", run="again")
+    assert torch.load(run / "last.ckpt", weights_only=False)["global_step"] == 3
+    assert not list(run.glob("last-v*.ckpt"))
+    events = list(run.glob("events.out.tfevents.*"))
+    assert len(events) == 1  # the earlier run's events were removed with its checkpoints
 
 
 def test_checkpoint_keys_are_checked_although_lightning_loads_non_strictly(full_run, workdir):
@@ -159,12 +208,17 @@ def test_checkpoint_keys_are_checked_although_lightning_loads_non_strictly(full_
         module.on_load_checkpoint(ckpt)
 
 
-def test_nan_loss_stops_naming_the_step_and_keeps_last_checkpoint(full_run, workdir):
-    last = workdir / "checkpoints" / "full" / "last.ckpt"
-    before = hashlib.sha256(last.read_bytes()).hexdigest()
-    with pytest.raises(FloatingPointError, match=r"non-finite loss .* at global step 4"):
-        fit("--trainer.max_steps", "6", "--ckpt_path", "last", "--model.loss.mse_weight", ".nan", run="full")
-    assert hashlib.sha256(last.read_bytes()).hexdigest() == before
+def test_nan_loss_stops_naming_the_step_and_keeps_last_checkpoint(workdir):
+    """The loss turns NaN at step 3, between the checkpoints of steps 2 and 4: the run stops naming
+    step 3 and last.ckpt is still the good one of step 2."""
+    run = workdir / "checkpoints" / "diverges"
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at global step 3 \(this rank's terms: \{'mse': nan"):
+        fit("--trainer.max_steps", "6", "--checkpoint_every_n_steps", "2", "--trainer.callbacks+=app_probes.NanAt",
+            "--trainer.callbacks.init_args.step", "3", run="diverges")
+    last = torch.load(run / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
+    assert sorted(p.name for p in run.glob("*.ckpt")) == ["last.ckpt", "step000002.ckpt"]
 
 
 def test_unknown_model_name(workdir):
@@ -176,6 +230,29 @@ def test_unknown_config_key(workdir, capsys):
     with pytest.raises(SystemExit):
         fit("--model.quant.w_bitz", "3", run="bad")
     assert "w_bitz" in capsys.readouterr().err
+
+
+def test_missing_on_the_fly_conditions_refused_before_building(workdir):
+    with pytest.raises(FileNotFoundError, match="data.init_args.cond_path: /no/such/cond.safetensors"):
+        fit("--data", "mpq_lightning.data.OnTheFlyDataModule", "--data.init_args.cond_path", "/no/such/cond.safetensors",
+            run="bad")
+
+
+def test_overrides_without_a_config_apply_to_the_embedded_default(capsys):
+    import yaml
+
+    with pytest.raises(SystemExit):
+        main(["--trainer.max_steps", "5", "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    default = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
+    assert printed["trainer"]["max_steps"] == 5
+    assert printed["model"]["model"] == default["model"]["model"] and printed["run_name"] == default["run_name"]
+
+
+def test_logger_false_means_no_logger(workdir):
+    cli = fit("--trainer.max_steps", "1", "--trainer.logger", "false", run="no_logger")
+    assert cli.trainer.logger is None
+    assert not list((workdir / "checkpoints" / "no_logger").glob("events.out.tfevents.*"))
 
 
 def test_missing_files_refused_before_building(workdir):
@@ -280,7 +357,7 @@ def test_ddp_two_processes_cpu(workdir):
     proc = subprocess.run(
         [sys.executable, str(REPO / "train.py"), "--config", TINY, "--run_name", "ddp", *QUIET,
          "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_steps", "2",
-         "--data.init_args.drop_last", "true", "--trainer.callbacks+=ddp_probe.RankProbe"],
+         "--data.init_args.drop_last", "true", "--trainer.callbacks+=app_probes.RankProbe"],
         cwd=workdir, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,6 +1,4 @@
-"""A callback the 2-process DDP test adds through the CLI (``--trainer.callbacks+=ddp_probe.RankProbe``):
-each rank writes what its student computes with, at the start and the end of fitting, so the test can
-check that every rank trains the same quantized model."""
+"""Callbacks the application tests add through the CLI (``--trainer.callbacks+=app_probes.RankProbe``)."""
 from pathlib import Path
 
 import torch
@@ -10,6 +8,9 @@ from mpq_lightning.quant import QuantLayer
 
 
 class RankProbe(Callback):
+    """Each rank writes what its student computes with, at the start and the end of fitting, and a
+    fingerprint of every sample it trained on: the 2-process DDP test checks the ranks agree."""
+
     def __init__(self, out_dir: str = "ddp_probe") -> None:
         self.out_dir = Path(out_dir)
         self.seen: list[list[float]] = []
@@ -39,3 +40,14 @@ class RankProbe(Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._dump(trainer, pl_module, "end")
+
+
+class NanAt(Callback):
+    """Makes the loss non-finite from global step ``step`` on (a diverging run)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            object.__setattr__(pl_module.loss_cfg, "mse_weight", float("nan"))

@@ -1,0 +1,18 @@
+"""``RunCheckpoint``: Lightning's ModelCheckpoint that always leaves the final step in ``last.ckpt``.
+
+Lightning saves ``last`` when a periodic checkpoint is written, and at the end of training only if
+no ``last`` was written at all. With ``max_steps`` not a multiple of ``every_n_train_steps`` the
+steps after the last periodic checkpoint would be lost, and ``evaluate.py`` / ``--ckpt_path last``
+would use an older student. This callback saves the final step when training ends normally (a run
+stopped by an exception keeps its last good checkpoint untouched).
+"""
+from __future__ import annotations
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+
+class RunCheckpoint(ModelCheckpoint):
+    def on_train_end(self, trainer, pl_module) -> None:
+        super().on_train_end(trainer, pl_module)
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
