@@ -85,6 +85,8 @@ class MPQCLI(LightningCLI):
             if name not in names and _has_callback(name):
                 callbacks.append({"class_path": f"mpq_lightning.callbacks.{name}", "init_args": {}})
         cfg.trainer.callbacks = callbacks
+        if isinstance(cfg.trainer.strategy, str) and cfg.trainer.strategy.startswith("deepspeed"):
+            cfg.trainer.strategy = deepspeed_strategy(cfg.trainer.strategy)
         _check_paths(cfg)
         if self.subcommand == "fit":
             self._run_dir = run
@@ -108,6 +110,19 @@ class MPQCLI(LightningCLI):
         prepare = getattr(self.datamodule, "prepare_cache", None)
         if callable(prepare):
             prepare(self.model.teacher)
+
+
+def deepspeed_strategy(name: str):
+    """Lightning's registered DeepSpeed strategy ``name`` (``deepspeed_stage_2``, ...) with frozen
+    parameters left out of its checkpoints: DeepSpeed saves module states itself, so without this the
+    teacher and the student's frozen FP weights would be in every checkpoint. They come back from the
+    teacher on load (``QATModule`` loads non-strictly and checks its own keys)."""
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    if name not in StrategyRegistry:
+        return name  # Lightning names the valid strategies
+    init = {**StrategyRegistry[name]["init_params"], "exclude_frozen_parameters": True}
+    return {"class_path": "lightning.pytorch.strategies.DeepSpeedStrategy", "init_args": init}
 
 
 #: what a run writes into its folder (``checkpoints/<run_name>/``)
@@ -147,7 +162,9 @@ def _resolve_ckpt_path(trainer, ckpt_path) -> Path | None:
     if resolved is None:
         return None
     path = Path(resolved)
-    if not path.is_file():  # Lightning's own message comes later for remote paths; a local one fails here
+    if path.is_dir():  # a DeepSpeed checkpoint folder: checked by on_load_checkpoint during the restore
+        return None
+    if not path.is_file():
         raise FileNotFoundError(f"ckpt_path: {ckpt_path} ({path}) does not exist")
     return path
 

@@ -38,6 +38,25 @@ class EvalConfig:
     guidance_scale: float | None = None  # None: the cache recipe's, else the teacher's default
     feature: str = "auto"  # auto | digits-image | digits-video | none
     batch_size: int = 16
+    device: str = "auto"  # auto: cuda when available, else cpu | any torch device string
+
+    def __post_init__(self) -> None:
+        if self.feature not in FEATURES:
+            raise ValueError(f"eval.feature must be one of {FEATURES}, got {self.feature!r}")
+        try:
+            torch.device(self.resolved_device())
+        except RuntimeError as err:
+            raise ValueError(f"eval.device: {self.device!r} is not a torch device ({err})") from None
+        if self.resolved_device().startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"eval.device={self.device!r} but CUDA is not available on this machine")
+
+    def resolved_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+
+FEATURES = ("auto", "digits-image", "digits-video", "none")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,12 +145,14 @@ def _sampler_setup(module, datamodule, cfg: EvalConfig) -> tuple[str, dict, int,
 def generate(module, datamodule, cfg: EvalConfig) -> dict[str, Any]:
     """Teacher and student samples from the same noise, and the per-step ε error (teacher forcing)."""
     teacher, student = module.teacher, module.student
+    device = next(module.parameters()).device
     name, sched_cfg, steps, scale = _sampler_setup(module, datamodule, cfg)
     n = cfg.num_samples
     cond, uncond, labels = _conditions(module, datamodule, n)
-    noise = torch.stack([
+    cond, uncond = (None if c is None else {k: v.to(device) for k, v in c.items()} for c in (cond, uncond))
+    noise = torch.stack([  # on the CPU from fixed seeds: the same samples on every device
         torch.randn(teacher.latent_shape, generator=torch.Generator().manual_seed(cfg.seed + i)) for i in range(n)
-    ])
+    ]).to(device)
     step_err = torch.zeros(steps, dtype=torch.float64)
     use_cfg = scale != 1.0
     if use_cfg and uncond is None and cond is not None:
@@ -142,7 +163,7 @@ def generate(module, datamodule, cfg: EvalConfig) -> dict[str, Any]:
     def guided(model, x: Tensor, t: Tensor, i: int) -> Tensor:
         x_in = torch.cat([x, x]) if use_cfg else x
         rows = x_in.shape[0]
-        out = model(x_in, t.expand(rows), model_cond, torch.full((rows,), i, dtype=torch.long))
+        out = model(x_in, t.expand(rows), model_cond, torch.full((rows,), i, dtype=torch.long, device=x.device))
         if use_cfg:
             oc, ou = out.chunk(2)
             out = guide(oc, ou, scale, channels)
@@ -163,7 +184,7 @@ def generate(module, datamodule, cfg: EvalConfig) -> dict[str, Any]:
             g = torch.Generator().manual_seed(cfg.seed + 10_000 + start)
             outs.append(sample(model, make_scheduler(name, **sched_cfg), noise[sl], c, u, scale, steps,
                                generator=g, recorder=record if who == "teacher" else None))
-        results[who] = torch.cat(outs)
+        results[who] = torch.cat(outs).cpu()
     # the recorder ran once per batch: average over batches
     step_err /= math.ceil(n / cfg.batch_size)
     return {"teacher": results["teacher"], "student": results["student"], "labels": labels,
@@ -265,6 +286,7 @@ def evaluate(config: str, ckpt_path: str = "last", eval_cfg: EvalConfig | None =
     """Load the run, sample, compute metrics, write ``<run>/eval`` (or ``out``) atomically."""
     cfg = eval_cfg or EvalConfig()
     module, datamodule, ckpt = load_run(config, ckpt_path, overrides)
+    module.to(cfg.resolved_device())
     try:
         if hasattr(datamodule, "prepare_cache"):
             datamodule.prepare_cache(module.teacher)  # a complete cache is only checked

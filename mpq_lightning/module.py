@@ -257,10 +257,11 @@ class QATModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         """Calibrate once, on the device, after any checkpoint restore (a restore marks the module
-        calibrated, so resuming never re-initialises quantizers). Under DDP every rank calibrates on
-        its own shard, then rank 0's state is broadcast so all ranks start identical."""
+        calibrated, so resuming never re-initialises quantizers; strategies that restore after this
+        hook, FSDP and DeepSpeed, have ``trainer.ckpt_path`` set instead). Under DDP every rank
+        calibrates on its own shard, then rank 0's state is broadcast so all ranks start identical."""
         self.check_compile_settings(self.trainer)
-        if not self._calibrated:
+        if not self._calibrated and self.trainer.ckpt_path is None:
             self.calibrate_from(self.trainer.datamodule)
             if self.trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
                 self.sync_student_from_rank0()

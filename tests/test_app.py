@@ -221,6 +221,30 @@ def test_nan_loss_stops_naming_the_step_and_keeps_last_checkpoint(workdir):
     assert sorted(p.name for p in run.glob("*.ckpt")) == ["last.ckpt", "step000002.ckpt"]
 
 
+def test_deepspeed_strategies_leave_frozen_weights_out_of_checkpoints():
+    from mpq_lightning.cli import deepspeed_strategy
+
+    assert deepspeed_strategy("deepspeed_stage_2") == {
+        "class_path": "lightning.pytorch.strategies.DeepSpeedStrategy",
+        "init_args": {"stage": 2, "exclude_frozen_parameters": True}}
+    assert deepspeed_strategy("deepspeed_stage_2_offload")["init_args"] == {
+        "stage": 2, "offload_optimizer": True, "exclude_frozen_parameters": True}
+    assert deepspeed_strategy("deepspeed_stage_9") == "deepspeed_stage_9"
+
+
+def test_eval_config_bad_input_names_the_key():
+    from mpq_lightning.evaluation import EvalConfig
+
+    with pytest.raises(ValueError, match="eval.feature must be one of"):
+        EvalConfig(feature="inception")
+    with pytest.raises(ValueError, match="eval.device: 'gpu0' is not a torch device"):
+        EvalConfig(device="gpu0")
+    assert EvalConfig(device="auto").resolved_device() == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="eval.device='cuda' but CUDA is not available"):
+            EvalConfig(device="cuda")
+
+
 def test_unknown_model_name(workdir):
     with pytest.raises(ValueError, match="unknown model 'no-such-model'; available: .*tiny-stdit"):
         fit("--model.model", "no-such-model", run="bad")
@@ -315,6 +339,15 @@ def _computed_weights(module) -> dict:
     return out
 
 
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_mixed_precision_trains_with_fp32_quantizer_state(workdir, precision):
+    cli = fit("--trainer.max_steps", "2", "--trainer.precision", precision, run=f"prec_{precision}")
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+    student = cli.model.student
+    assert {p.dtype for p in student.parameters()} == {torch.float32}  # autocast, not a 16-bit model
+    assert cli.trainer.global_step == 2
+
+
 def test_rank_sync_rebuilds_state_derived_caches():
     """Under DDP each rank calibrates on its own shard and then takes rank 0's state. A broadcast
     writes storage without a version bump, so the FZ-RMQ class caches and OOLRI's base weight stay
@@ -342,6 +375,25 @@ def test_rank_sync_rebuilds_state_derived_caches():
     assert got.keys() == want.keys()
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
+
+
+def test_calibration_waits_for_a_restore_that_comes_after_fit_start():
+    """FSDP and DeepSpeed restore a checkpoint after ``on_fit_start``: with a checkpoint to restore,
+    the quantizers are not calibrated first (the restore sets them); without one they are."""
+    from mpq_lightning.module import QATModule
+
+    class Trainer:  # what on_fit_start reads
+        strategy = type("S", (), {"root_device": torch.device("cpu")})()
+        precision, world_size, datamodule = "32-true", 1, None
+
+    module = QATModule("tiny-stdit", {"config": {"depth": 1}})
+    module.trainer = Trainer()
+    module.trainer.ckpt_path = "run/last.ckpt"
+    module.on_fit_start()
+    assert not module._calibrated
+    module.trainer.ckpt_path = None
+    with pytest.raises(ValueError, match="needs a data module for calibration"):
+        module.on_fit_start()
 
 
 def test_ddp_ignores_derived_base_weights():
