@@ -7,9 +7,10 @@ Writes ``<run>/eval/`` atomically (built in a temporary folder, then renamed): `
 (video models), and prints a rich table. Metrics (torchmetrics): PSNR / SSIM of the student's
 samples against the teacher's from the same noise; Fréchet distance between student and teacher
 samples in a feature network's space (the shipped digits networks, chosen automatically for the
-digits teachers); class consistency for class-conditional digits teachers; the student–teacher
+digits teachers, or the user's ``eval.feature = "package.module:factory"``); class consistency for class-conditional digits teachers; the student–teacher
 ε error per sampler step along the teacher's trajectory (teacher forcing); and for videos a
-temporal-consistency score of both.
+temporal-consistency score of both. Everything is computed on the denoiser's output space: pixels
+for the digits teachers, latents for the real models (no VAE decode). Runs on ``eval.device``.
 """
 from __future__ import annotations
 
@@ -36,13 +37,17 @@ class EvalConfig:
     seed: int = 1234
     num_inference_steps: int | None = None  # None: the trajectory cache's (= the quantizer tables')
     guidance_scale: float | None = None  # None: the cache recipe's, else the teacher's default
-    feature: str = "auto"  # auto | digits-image | digits-video | none
+    # auto | digits-image | digits-video | none | "package.module:factory" (your feature network:
+    # factory() returns an nn.Module mapping samples in [0, 1] to [N, D] features)
+    feature: str = "auto"
     batch_size: int = 16
     device: str = "auto"  # auto: cuda when available, else cpu | any torch device string
 
     def __post_init__(self) -> None:
-        if self.feature not in FEATURES:
-            raise ValueError(f"eval.feature must be one of {FEATURES}, got {self.feature!r}")
+        if self.feature not in FEATURES and ":" not in self.feature:
+            raise ValueError(f"eval.feature must be one of {FEATURES} or 'package.module:factory', got {self.feature!r}")
+        if ":" in self.feature:
+            feature_factory(self.feature)  # importable, before any sampling
         try:
             torch.device(self.resolved_device())
         except RuntimeError as err:
@@ -57,6 +62,20 @@ class EvalConfig:
 
 
 FEATURES = ("auto", "digits-image", "digits-video", "none")
+
+
+def feature_factory(spec: str):
+    """The callable named by ``eval.feature = "package.module:factory"``."""
+    import importlib
+
+    module_name, _, attr = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"eval.feature: cannot import {spec!r} ({err})") from None
+    if not callable(factory):
+        raise ValueError(f"eval.feature: {spec!r} is not callable")
+    return factory
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,6 +240,12 @@ def compute_metrics(gen: dict[str, Any], teacher, feature: str) -> dict[str, Any
     out["step_error"] = gen["step_error"]
     choice = _feature_choice(teacher, feature)
     out["feature_network"] = choice
+    if ":" in choice and s.shape[0] >= 2:  # the user's feature network, on the samples mapped to [0, 1]
+        net = feature_factory(choice)().eval()
+        if not hasattr(net, "num_features"):  # torchmetrics would probe it with a 299x299 RGB image
+            with torch.no_grad():
+                net.num_features = int(net(M._to_unit(t[:1], value_range)).shape[-1])
+        out["frechet_distance_student_vs_teacher"] = M.frechet_distance(t, s, net, value_range=value_range)
     if choice in ("digits-image", "digits-video") and s.shape[0] >= 2:
         net = M.ImageFeatureNet() if choice == "digits-image" else M.VideoFeatureNet()
         out["frechet_distance_student_vs_teacher"] = M.frechet_distance(t, s, net)

@@ -51,3 +51,14 @@ class NanAt(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step >= self.step:
             object.__setattr__(pl_module.loss_cfg, "mse_weight", float("nan"))
+
+
+class _PooledFeatures(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        return torch.nn.functional.adaptive_avg_pool1d(x[:, None], 8)[:, 0].double()
+
+
+def pooled_features() -> torch.nn.Module:
+    """A feature network for ``eval.feature = "app_probes:pooled_features"`` (8 pooled values)."""
+    return _PooledFeatures()

@@ -245,6 +245,23 @@ def test_eval_config_bad_input_names_the_key():
             EvalConfig(device="cuda")
 
 
+def test_eval_feature_network_from_an_import_path():
+    """``eval.feature = "module:factory"``: the Fréchet distance in the user's feature space, 0 for
+    identical sample sets and growing with a shift of the student's samples."""
+    from mpq_lightning.evaluation import EvalConfig, compute_metrics
+    from mpq_lightning.models import build
+
+    with pytest.raises(ValueError, match="eval.feature: cannot import 'app_probes:no_such'"):
+        EvalConfig(feature="app_probes:no_such")
+    teacher = build("tiny-stdit")
+    g = torch.Generator().manual_seed(0)
+    samples = torch.rand(16, *teacher.latent_shape, generator=g) * 2 - 1
+    gen = {"teacher": samples, "labels": None, "step_error": [], "scheduler": "ddim", "steps": 10, "guidance_scale": 1.0}
+    fd = [compute_metrics({**gen, "student": (samples + shift).clamp(-1, 1)}, teacher, "app_probes:pooled_features")
+          ["frechet_distance_student_vs_teacher"] for shift in (0.0, 0.2, 0.5)]
+    assert abs(fd[0]) < 1e-6 < fd[1] < fd[2]
+
+
 def test_unknown_model_name(workdir):
     with pytest.raises(ValueError, match="unknown model 'no-such-model'; available: .*tiny-stdit"):
         fit("--model.model", "no-such-model", run="bad")
