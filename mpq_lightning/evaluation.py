@@ -27,6 +27,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
+from .data.trajectories import MANIFEST
 from .models.sampling import _cat_cond, guide, make_scheduler, sample
 from .quant import set_quant_state
 
@@ -312,15 +313,25 @@ def evaluate(config: str, ckpt_path: str = "last", eval_cfg: EvalConfig | None =
     cfg = eval_cfg or EvalConfig()
     module, datamodule, ckpt = load_run(config, ckpt_path, overrides)
     module.to(cfg.resolved_device())
-    try:
-        if hasattr(datamodule, "prepare_cache"):
-            datamodule.prepare_cache(module.teacher)  # a complete cache is only checked
-        if hasattr(datamodule, "setup"):
-            datamodule.setup("validate")
-    except Exception as err:
+    cache_dir = getattr(datamodule, "cache_dir", None)
+    if cache_dir is not None and not (Path(cache_dir) / MANIFEST).is_file():
+        # evaluation reads the sampler recipe and the conditions from the run's cache, and never
+        # generates one (hours of teacher sampling for the real models)
+        msg = (f"the run's trajectory cache {cache_dir} does not exist: copy it from the training machine or "
+               "build it with `python -m mpq_lightning.data.trajectories`")
         if module.teacher.cond_kind == "text":
-            raise
-        print(f"note: data module not available ({err}); using the teacher's default sampler")
+            raise FileNotFoundError(msg + " (the text conditions come from it)")
+        print(f"note: {msg}; using the teacher's default sampler")
+    else:
+        try:
+            if hasattr(datamodule, "prepare_cache"):
+                datamodule.prepare_cache(module.teacher)  # a complete cache is only checked
+            if hasattr(datamodule, "setup"):
+                datamodule.setup("validate")
+        except Exception as err:
+            if module.teacher.cond_kind == "text":
+                raise
+            print(f"note: data module not available ({err}); using the teacher's default sampler")
     gen = generate(module, datamodule, cfg)
     metrics = compute_metrics(gen, module.teacher, cfg.feature)
     metrics["checkpoint"] = str(ckpt)

@@ -262,6 +262,20 @@ def test_eval_feature_network_from_an_import_path():
     assert abs(fd[0]) < 1e-6 < fd[1] < fd[2]
 
 
+def test_evaluate_never_generates_a_missing_cache(full_run, workdir):
+    from mpq_lightning.evaluation import EvalConfig, evaluate
+
+    cache = workdir / "data" / "tiny_stdit_ddim10"
+    moved = cache.with_name("moved_away")
+    cache.rename(moved)
+    try:
+        with pytest.raises(FileNotFoundError, match="trajectory cache data/tiny_stdit_ddim10 does not exist"):
+            evaluate(str(workdir / "checkpoints" / "full" / "config.yaml"), "last", EvalConfig(num_samples=2))
+        assert not cache.exists() and not (workdir / "checkpoints" / "full" / "eval").exists()
+    finally:
+        moved.rename(cache)
+
+
 def test_unknown_model_name(workdir):
     with pytest.raises(ValueError, match="unknown model 'no-such-model'; available: .*tiny-stdit"):
         fit("--model.model", "no-such-model", run="bad")
