@@ -435,6 +435,39 @@ def test_ddp_ignores_derived_base_weights():
     assert not any(k.endswith("base_weight") for k in module.state_dict())  # derived: never saved either
 
 
+def _ranks_agree(probe_dir: Path) -> None:
+    for tag in ("start", "end"):
+        r0, r1 = (torch.load(probe_dir / f"{tag}_rank{r}.pt") for r in (0, 1))
+        assert r0.keys() == r1.keys() and any(k.endswith("quantized_weight") for k in r0)
+        differ = [k for k in r0 if k != "batches_seen" and not torch.equal(r0[k], r1[k])]
+        assert not differ, f"{tag}: ranks differ in {differ[:5]}"
+    # ... and each rank trained on its own shard of the data
+    seen0, seen1 = (set(torch.load(probe_dir / f"end_rank{r}.pt")["batches_seen"].flatten().tolist()) for r in (0, 1))
+    assert seen0 and seen1 and not seen0 & seen1
+
+
+def test_torchrun_two_nodes_cpu(tmp_path):
+    """``torchrun`` on two "nodes" (two launchers on this machine, one process each) with
+    ``--trainer.num_nodes 2``: one run, both ranks training the same student on their own shards."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    port = str(29500 + os.getpid() % 1000)
+    launchers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
+             "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port,
+             str(REPO / "train.py"), "--config", TINY, "--run_name", "nodes", *QUIET, "--trainer.devices", "1",
+             "--trainer.num_nodes", "2", "--trainer.strategy", "ddp", "--trainer.max_steps", "2",
+             "--data.init_args.drop_last", "true", "--trainer.callbacks+=app_probes.RankProbe"],
+            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for node in (0, 1)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in launchers]
+    for p, out in zip(launchers, outputs):
+        assert p.returncode == 0, out[-3000:]
+    assert torch.load(tmp_path / "checkpoints" / "nodes" / "last.ckpt", weights_only=False)["global_step"] == 2
+    _ranks_agree(tmp_path / "ddp_probe")
+
+
 def test_ddp_two_processes_cpu(workdir):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
     proc = subprocess.run(
@@ -446,12 +479,4 @@ def test_ddp_two_processes_cpu(workdir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = torch.load(workdir / "checkpoints" / "ddp" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 2
-    # both ranks computed with the same quantized model, after calibration and after training
-    for tag in ("start", "end"):
-        r0, r1 = (torch.load(workdir / "ddp_probe" / f"{tag}_rank{r}.pt") for r in (0, 1))
-        assert r0.keys() == r1.keys() and any(k.endswith("quantized_weight") for k in r0)
-        differ = [k for k in r0 if k != "batches_seen" and not torch.equal(r0[k], r1[k])]
-        assert not differ, f"{tag}: ranks differ in {differ[:5]}"
-    # ... and each rank trained on its own shard of the data
-    seen0, seen1 = (set(torch.load(workdir / "ddp_probe" / f"end_rank{r}.pt")["batches_seen"].flatten().tolist()) for r in (0, 1))
-    assert seen0 and seen1 and not seen0 & seen1
+    _ranks_agree(workdir / "ddp_probe")  # one student on both ranks, after calibration and training

@@ -231,7 +231,12 @@ def _distributed(enabled: bool) -> Iterator[tuple[int, int]]:
     Lightning later creates its own."""
     created = enabled and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     if created:
-        dist.init_process_group("gloo")
+        # keys under our own prefix of the launcher's store: the default group that Lightning creates
+        # next starts its group count at 0 again, and would otherwise read this group's stale keys and
+        # hang connecting to its closed sockets
+        store, rank, world = next(dist.rendezvous("env://"))
+        dist.init_process_group("gloo", store=dist.PrefixStore("mpq_lightning.trajectories", store),
+                                rank=rank, world_size=world)
     try:
         yield (dist.get_rank(), dist.get_world_size()) if enabled and dist.is_initialized() else (0, 1)
     finally:
