@@ -410,3 +410,21 @@ def test_cli_yaml_arguments():
     assert callbacks[0].log_every_n_steps == 7
     assert callbacks[1].every_n_steps == 3 and callbacks[1].class_labels == [1, 2]
     assert callbacks[1].scheduler_config == {"num_train_timesteps": 1000}
+
+
+def test_final_report_takes_part_in_the_log_dir_broadcast_on_every_rank():
+    """``trainer.log_dir`` is a collective under DDP: a rank that returned before reading it would
+    leave rank 0 blocked in the broadcast at the end of every multi-GPU run."""
+    from mpq_lightning.callbacks import FinalReport
+
+    class Trainer:
+        is_global_zero = False
+        reads = 0
+
+        @property
+        def log_dir(self):
+            Trainer.reads += 1
+            return None
+
+    FinalReport().on_fit_end(Trainer(), pl_module=None)
+    assert Trainer.reads == 1

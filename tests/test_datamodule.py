@@ -137,6 +137,28 @@ def test_resume_mid_epoch_gives_the_remaining_batches(small):
     assert uids(loader) == epochs[1]
 
 
+def test_a_reloaded_loader_continues_and_calibration_leaves_the_position(small):
+    """``train_dataloader()`` called again (``reload_dataloaders_every_n_epochs``, or a callback)
+    continues the stream instead of replaying epoch 0; ``calibration_dataloader()`` gives the first
+    batches of the training order without moving the checkpointed position."""
+    options = dict(batch_size=8, shuffle_buffer=20, seed=3)
+    loader = TrajectoryDataModule(str(small), **options).train_dataloader()
+    epochs = [uids(loader), uids(loader), uids(loader)]
+
+    dm = TrajectoryDataModule(str(small), **options)
+    calib = dm.calibration_dataloader()
+    assert [b["uid"].tolist() for b, _ in zip(calib, range(3))] == epochs[0][:3]
+    assert dm.state_dict()["batches"] == 0
+    assert uids(dm.train_dataloader()) == epochs[0]
+    assert uids(dm.train_dataloader()) == epochs[1]  # a new loader: the next epoch, not epoch 0 again
+    it = iter(dm.train_dataloader())
+    head = [next(it)["uid"].tolist() for _ in range(4)]
+    assert head == epochs[2][:4]
+    list(zip(dm.calibration_dataloader(), range(2)))  # e.g. FinalReport's naive-PTQ calibration
+    assert dm.state_dict()["epoch"] == 2 and dm.state_dict()["batches"] == 4
+    assert uids(dm.train_dataloader()) == epochs[2][4:]
+
+
 class _Recorder(L.LightningModule):
     """Records the uids it trains on; one parameter so that the optimizer has work."""
 

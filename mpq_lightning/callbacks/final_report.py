@@ -31,9 +31,11 @@ class FinalReport(Callback):
 
     @torch.no_grad()
     def on_fit_end(self, trainer, pl_module) -> None:
+        log_dir = trainer.log_dir  # a broadcast under DDP: every rank takes part before rank 0 goes on alone
         if not trainer.is_global_zero:
             return
-        loader = trainer.datamodule.train_dataloader()
+        dm = trainer.datamodule  # calibration data for naive PTQ, without moving the training position
+        loader = dm.calibration_dataloader() if hasattr(dm, "calibration_dataloader") else dm.train_dataloader()
         batches = []
         for i, b in enumerate(loader):
             if i >= pl_module.calib_cfg.num_batches:
@@ -45,5 +47,5 @@ class FinalReport(Callback):
                             self._spec(trainer, pl_module), self.num_samples, self.seed)
         q = pl_module.quant_cfg
         print_rows(self.rows, f"{pl_module.model_name}: W{q.w_bits}A{q.a_bits}, {self.num_samples} samples")
-        if trainer.log_dir:
-            Path(trainer.log_dir, "report.json").write_text(json.dumps(self.rows, indent=2))
+        if log_dir:
+            Path(log_dir, "report.json").write_text(json.dumps(self.rows, indent=2))

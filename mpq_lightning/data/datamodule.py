@@ -428,18 +428,23 @@ class TrajectoryDataModule(L.LightningDataModule):
         return pick(cond), (pick(uncond) if uncond else None)
 
     def train_dataloader(self) -> DataLoader:
+        """The training loader, continuing where the previous one stopped (a restored position, or the
+        live position of a loader this data module built before: ``reload_dataloaders_every_n_epochs``)."""
+        position = self._loader.state_dict() if self._loader is not None else self._position
+        self._loader = self._make_loader(position["epoch"], position["batches"])
+        return self._loader
+
+    def calibration_dataloader(self) -> DataLoader:
+        """The training order from its start (the first batches calibrate the quantizers), without
+        touching the training loader or its checkpointed position."""
+        return self._make_loader(0, 0)
+
+    def _make_loader(self, epoch: int, skip: int) -> _ResumableLoader:
         self.setup()
         rank, world = _rank_world(self.rank, self.world_size)
         dataset = TrajectoryDataset(self.cache, rank=rank, world_size=world, **self.options)
         self._layout = {"world_size": world, "num_workers": self.num_workers, **self.options}
-        self._loader = _ResumableLoader(
-            dataset,
-            self._position["epoch"],
-            self._position["batches"],
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-        )
-        return self._loader
+        return _ResumableLoader(dataset, epoch, skip, num_workers=self.num_workers, pin_memory=self.pin_memory)
 
     def state_dict(self) -> dict[str, Any]:
         if self._loader is None:
