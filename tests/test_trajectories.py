@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -209,3 +210,31 @@ def test_no_cache_and_cli_help(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "--recipe.keep_stride" in capsys.readouterr().out
+
+
+def _generate_alone(root: str, results) -> None:
+    os.environ.pop("WORLD_SIZE", None)  # a process that does not know of the other (two runs, one recipe)
+    torch.set_num_threads(1)
+    try:
+        ensure_cache(make_recipe(Path(root) / "p.safetensors", num_trajectories=8, shard_size=1, batch_size=1),
+                     make_teacher(), Path(root) / "data")
+        results.put("ok")
+    except BaseException as err:  # noqa: BLE001 - reported to the test
+        results.put(f"{type(err).__name__}: {err}")
+
+
+def test_two_processes_generating_one_cache_take_turns(tmp_path):
+    """Without a process group both would generate every shard and one's finalize would delete the
+    other's work in progress; the file lock makes the second reuse the first's finished cache."""
+    import multiprocessing
+
+    write_prompts(tmp_path / "p.safetensors")
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_generate_alone, args=(str(tmp_path), results)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    assert sorted(results.get(timeout=5) for _ in procs) == ["ok", "ok"]
+    TrajectoryCache(tmp_path / "data" / "tiny", verify="full")

@@ -244,6 +244,27 @@ def _distributed(enabled: bool) -> Iterator[tuple[int, int]]:
             dist.destroy_process_group()
 
 
+@contextmanager
+def _exclusive(directory: Path, enabled: bool) -> Iterator[None]:
+    """An exclusive lock on ``.<name>.lock`` beside the cache directory while one process generates
+    it alone: two runs (or ranks that do not know of each other) sharing a recipe take turns, and the
+    second finds the cache finished. The ranks of one process group split the shards instead."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        enabled = False
+    if not enabled:
+        yield
+        return
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with open(directory.parent / f".{directory.name}.lock", "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _barrier(world: int) -> None:
     if world > 1:
         dist.barrier()
@@ -598,7 +619,12 @@ def ensure_cache(
     if stored is not None and stored.get("complete"):  # before any process group: ranks may not all be here
         TrajectoryCache(directory, verify="size")
         return directory
-    with _distributed(distributed) as (rank, world):
+    with _distributed(distributed) as (rank, world), _exclusive(directory, world == 1):
+        if world == 1:  # another process may have finished the cache while this one waited for the lock
+            stored = writer.existing()
+            if stored is not None and stored.get("complete"):
+                TrajectoryCache(directory, verify="size")
+                return directory
         if rank == 0:
             writer.begin(table)
         _barrier(world)
