@@ -109,7 +109,9 @@ class MPQCLI(LightningCLI):
             _clear_run_folder(self._run_dir)
         prepare = getattr(self.datamodule, "prepare_cache", None)
         if callable(prepare):
-            prepare(self.model.teacher)
+            # the teacher samples any missing trajectories on this rank's device (Lightning moves the
+            # whole module there later anyway), not on the CPU where it was built
+            prepare(self.model.teacher.to(self.trainer.strategy.root_device))
 
 
 def deepspeed_strategy(name: str):

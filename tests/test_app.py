@@ -479,4 +479,6 @@ def test_ddp_two_processes_cpu(workdir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = torch.load(workdir / "checkpoints" / "ddp" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 2
+    queue = next(v for k, v in ckpt["callbacks"].items() if k.startswith("MemoryQueue"))
+    assert len(queue["generators"]) == 2 and not torch.equal(*queue["generators"])  # each rank's own pixels
     _ranks_agree(workdir / "ddp_probe")  # one student on both ranks, after calibration and training

@@ -261,3 +261,39 @@ def test_memory_queue_callback_through_trainer_checkpoint(tmp_path):
     cb2 = MemoryQueue(num_steps=3, pixels_per_step=6)
     pl.Trainer(max_steps=5, callbacks=[cb2], **kw).fit(Module(), ckpt_path=ckpt)
     assert cb2.queue.num_writes.item() == 30  # 24 restored + one more step
+
+
+def test_every_rank_resumes_its_own_pixel_generator():
+    """Under DDP each rank samples its own pixels (seed + rank). The checkpoint keeps every rank's
+    generator (all-gathered when rank 0's checkpoint is built), and a resumed rank r takes state r,
+    not rank 0's (which would make all ranks draw the same pixels from then on)."""
+    ranks = [MemoryQueue(num_steps=3, pixels_per_step=6, seed=5) for _ in range(2)]
+
+    class Trainer:
+        world_size = 2
+
+        def __init__(self, rank):
+            self.global_rank = rank
+
+    class Module:  # what the callback uses of the LightningModule
+        device = torch.device("cpu")
+
+        def all_gather(self, tensor):
+            return torch.stack([cb.generator.get_state() for cb in ranks])
+
+    for rank, cb in enumerate(ranks):
+        cb.setup(Trainer(rank), Module(), "fit")
+        torch.rand(rank + 1, generator=cb.generator)  # training has drawn from both
+    saved = ranks[0].state_dict()
+    assert len(saved["generators"]) == 2
+    expected = []
+    for cb in ranks:
+        continuation = torch.Generator()
+        continuation.set_state(cb.generator.get_state())
+        expected.append(torch.rand(4, generator=continuation))
+    assert not torch.equal(expected[0], expected[1])
+    for rank in range(2):
+        resumed = MemoryQueue(num_steps=3, pixels_per_step=6, seed=5)
+        resumed.setup(Trainer(rank), Module(), "fit")
+        resumed.load_state_dict(saved)
+        assert torch.equal(torch.rand(4, generator=resumed.generator), expected[rank])

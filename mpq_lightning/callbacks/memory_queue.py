@@ -27,6 +27,8 @@ under ``checkpoint['callbacks'][state_key]``), together with the callback's samp
 
 from __future__ import annotations
 
+import warnings
+
 from typing import Any, Literal
 
 import torch
@@ -129,14 +131,29 @@ class MemoryQueue(Callback):
         self.attach(pl_module)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "queue": {k: v.detach().cpu() if isinstance(v, Tensor) else v for k, v in self.queue.state_dict().items()},
             "generator": self.generator.get_state() if self.generator is not None else None,
         }
+        if state["generator"] is not None and self._world_size() > 1 and self._pl_module is not None:
+            # every rank draws its own pixels: keep every rank's generator (Lightning builds the checkpoint
+            # on every rank, so this collective runs everywhere; rank 0 writes it)
+            gathered = self._pl_module.all_gather(state["generator"].to(self._pl_module.device))
+            state["generators"] = [g.cpu().clone() for g in gathered]  # own storage: set_state reads from its start
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.queue.load_state_dict(state_dict["queue"])
         gen_state = state_dict.get("generator")
+        per_rank = state_dict.get("generators")
+        if per_rank is not None:
+            rank, world = self._global_rank(), self._world_size()
+            if len(per_rank) == world:
+                gen_state = per_rank[rank].clone()
+            else:
+                warnings.warn(f"MemoryQueue: checkpoint of {len(per_rank)} ranks resumed on {world}: pixel sampling "
+                              "is reseeded per rank, so it differs from the original run", stacklevel=2)
+                gen_state = torch.Generator().manual_seed((self.seed or 0) + rank + 7919 * len(per_rank)).get_state()
         if gen_state is not None:
             if self.generator is None:
                 self.generator = torch.Generator()
