@@ -158,6 +158,10 @@ def _gloo_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> No
         for step in (0, 0, 1):
             cb.enqueue_and_sync(torch.randn(2, 4, 3, 3), step)
         torch.save(cb.queue.state_dict(), Path(out_dir) / f"cb{rank}.pt")
+
+        apart = MemoryQueue(num_steps=3, pixels_per_step=8, seed=0)  # a shuffled stream: ranks at different steps
+        apart.enqueue_and_sync(torch.randn(2, 4, 3, 3), step_index=rank)
+        torch.save(apart.queue.state_dict(), Path(out_dir) / f"apart{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -180,6 +184,10 @@ def test_two_process_gloo_all_gather_keeps_queues_identical(tmp_path):
     # each call writes 8 // 2 = 4 vectors per rank, 8 in all; slot 0's second write overwrote the first
     assert c0["valid"].sum(dim=1).tolist() == [8, 8, 0]
     assert sorted(c0["write_order"][0].tolist()) == list(range(8, 16))
+    # ranks at different steps: each slot is refilled as fully as in one process (not 8 // 2)
+    a0, a1 = (torch.load(tmp_path / f"apart{r}.pt", weights_only=False) for r in (0, 1))
+    assert torch.equal(a0["feats"], a1["feats"])
+    assert a0["valid"].sum(dim=1).tolist() == [8, 8, 0]
 
 
 # ==================================================================================================

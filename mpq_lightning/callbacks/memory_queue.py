@@ -49,8 +49,11 @@ class MemoryQueue(Callback):
         pixels_per_step: slot capacity (paper value unknown; default 256).
         dim: feature dimension (``None``: from the first enqueue).
         refresh: ``'replace'`` | ``'fifo'`` (see :class:`TimeAwarePixelQueue`).
-        pixels_per_enqueue: pixels written per step **summed over ranks** (default ``pixels_per_step``); each
-            rank samples ``max(1, pixels_per_enqueue // world_size)``.
+        pixels_per_enqueue: pixels written per step slot and write, **summed over ranks** (default
+            ``pixels_per_step``). Each rank samples that many; ranks at the same step share the write
+            (``ceil(n / ranks)`` each, a prefix of each rank's random selection), a rank alone at its step
+            writes all of its own. So a slot is refilled as fully as in one process whatever the ranks'
+            steps (a shuffled cache puts them at different steps).
         attr_name: attribute name used on the LightningModule.
         seed: seed of the CPU generator used for pixel selection (offset by the global rank so ranks draw
             different pixels); ``None`` uses the global RNG.
@@ -182,8 +185,8 @@ class MemoryQueue(Callback):
         """
         self._to_device(features.device)
         world = self._world_size()
-        if num is None:
-            num = max(1, self.queue.pixels_per_enqueue // max(world, 1))
+        if num is None:  # all_gather_ shares a slot's write among the ranks at that step
+            num = self.queue.pixels_per_enqueue
         vectors = self.queue.select_pixels(
             features, num=num, generator=generator if generator is not None else self.generator, channel_dim=channel_dim
         )

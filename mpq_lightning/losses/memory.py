@@ -271,7 +271,9 @@ class TimeAwarePixelQueue(nn.Module):
         (returns ``[world, *t.shape]``; a result without the world dimension is treated as world size 1).
         Ranks may contribute different numbers of vectors (padded internally) and different step indices;
         vectors of the same step are concatenated in rank order and written at once (so ``replace`` keeps
-        all ranks' contributions of this step).
+        all ranks' contributions of this step). When the ranks at one step bring more than a slot holds,
+        each keeps the first ``ceil(P / ranks at that step)`` of its vectors (a uniform random subset, as
+        they were drawn without replacement), so every rank is represented.
 
         Returns:
             The gathered vectors, concatenated in rank order, ``[Σ k_r, C]``.
@@ -300,7 +302,11 @@ class TimeAwarePixelQueue(nn.Module):
         per_rank = [gathered[r, : int(metas[r, 0])] for r in range(gathered.shape[0])]
         steps = [int(metas[r, 1]) for r in range(gathered.shape[0])]
         for s in dict.fromkeys(steps):  # unique steps, first-appearance (rank) order
-            self.write_(torch.cat([v for v, st in zip(per_rank, steps) if st == s]), s)
+            parts = [v for v, st in zip(per_rank, steps) if st == s]
+            if sum(v.shape[0] for v in parts) > self.pixels_per_step:
+                share = -(-self.pixels_per_step // len(parts))
+                parts = [v[:share] for v in parts]
+            self.write_(torch.cat(parts), s)
         return torch.cat(per_rank)
 
     # ----------------------------------------------------------------------------------------------
