@@ -348,6 +348,8 @@ class QATModule(L.LightningModule):
         cfg = self.loss_cfg
         losses = {"mse": cfg.mse_weight * output_mse(out_s.float(), out_t.float(), reduction=cfg.mse_reduction)}
         if self.trd is not None:
+            if self.trd.window > 1 and int(batch["step_index"][0]) == 0:
+                self.trd.reset()  # a window never spans two trajectories (the stream starts one at step 0)
             losses["trd"] = self.trd(f_s.float(), f_t.float())
         if self.mtrd is not None:
             losses["mtrd"] = self.mtrd(f_s.float(), f_t.float(), self.memory_queue)
@@ -460,6 +462,9 @@ class QATModule(L.LightningModule):
         for k in [k for k in sd if k.startswith("teacher.") or k in self._fp_keys]:
             del sd[k]
         checkpoint["mpq_identity"] = self._identity()
+        if self.trd is not None and self.trd.pending:  # a TRD window open at the save: resume completes it
+            checkpoint["mpq_trd_pending"] = {"student": [f.detach().cpu() for f in self.trd._student_buf],
+                                             "teacher": [f.detach().cpu() for f in self.trd._teacher_buf]}
         checkpoint["mpq_rng"] = {
             "trd": self.trd.generator.get_state() if self.trd is not None and getattr(self.trd, "generator", None) is not None else None,
             "mtrd": self.mtrd.generator.get_state() if self.mtrd is not None and self.mtrd.generator is not None else None,
@@ -499,6 +504,12 @@ class QATModule(L.LightningModule):
                 raise ValueError(f"checkpoint state_dict does not fit this model: missing keys {missing[:5]}"
                                  f"{' ...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
                                  f"{' ...' if len(unexpected) > 5 else ''}")
+        pending = checkpoint.get("mpq_trd_pending")
+        if self.trd is not None:
+            self.trd.reset()
+            if pending is not None:  # the earlier steps of a window are constants at its close, as without a stop
+                self.trd._student_buf.extend(f.to(self.device) for f in pending["student"])
+                self.trd._teacher_buf.extend(f.to(self.device) for f in pending["teacher"])
         rng = checkpoint.get("mpq_rng", {})
         for key, loss in (("trd", self.trd), ("mtrd", self.mtrd)):
             state = rng.get(key)

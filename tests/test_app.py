@@ -124,7 +124,7 @@ def test_compile_switches_train_through_the_app(workdir):
     assert a == pytest.approx(b, rel=1e-5) and a == pytest.approx(c, rel=1e-5) and torch.isfinite(torch.tensor(c))
 
 
-def _fit_with_stop(workdir, run: str, stop: int):
+def _fit_with_stop(workdir, run: str, stop: int, config: str = TINY, every: int = 2):
     """Like ``fit`` but with a StopAt callback added through the config."""
     cfg = workdir / f"stop_{run}.yaml"
     cfg.write_text(
@@ -132,10 +132,25 @@ def _fit_with_stop(workdir, run: str, stop: int):
     )
     sys.path.insert(0, str(Path(__file__).parent))
     try:
-        return main(["--config", TINY, "--config", str(cfg), "--run_name", run, *QUIET,
-                     "--trainer.max_steps", "4", "--checkpoint_every_n_steps", "2"])
+        return main(["--config", config, "--config", str(cfg), "--run_name", run, *QUIET,
+                     "--trainer.max_steps", "4", "--checkpoint_every_n_steps", str(every)])
     finally:
         sys.path.remove(str(Path(__file__).parent))
+
+
+def test_resume_inside_a_trd_window_is_exact(workdir):
+    """MPQ-DM's TRD averages features over 2 consecutive sampler steps of an in-order on-the-fly
+    stream. Stopped after step 1 (a window half full) and resumed, the window is completed with the
+    saved step, as without the stop."""
+    config = str(REPO / "configs" / "tiny" / "recipes" / "mpqdm_onthefly.yaml")
+    args = [*QUIET, "--trainer.max_steps", "4", "--checkpoint_every_n_steps", "1"]
+    full = main(["--config", config, "--run_name", "trd_full", *args])
+    _fit_with_stop(workdir, "trd_half", stop=1, config=config, every=1)
+    assert "mpq_trd_pending" in torch.load(workdir / "checkpoints" / "trd_half" / "last.ckpt", weights_only=False)
+    resumed = main(["--config", config, "--run_name", "trd_half", *args, "--ckpt_path", "last"])
+    a, b = _student_state(full), _student_state(resumed)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
 
 
 def _digests(folder: Path) -> dict:
