@@ -17,7 +17,9 @@ Sampler: the teacher's ``default_scheduler`` unless ``scheduler`` (a name for ``
 ``scheduler_config``) is given. Steps: ``num_inference_steps``, else ``pl_module.quant_cfg.num_steps``
 when it is > 1 (the student's timestep-wise quantizers have one entry per trained step index), else the
 scheduler default. A student trained with a single shared step entry (``num_steps == 1``) gets step index
-0 at every sampling step; any other mismatch maps the indices proportionally (with a warning).
+0 at every sampling step; any other mismatch maps each sampling step to the trained entry of the nearest
+diffusion timestep when the data module's cache tells the training sampler and its kept steps, else
+proportionally (with a warning either way).
 
 Conditions: ``cond_kind == "class"``: labels ``class_labels`` or 0..n-1 (modulo the number of classes when
 the backbone says); ``"text"``: ``trainer.datamodule.sample_conditions(n)`` → a dict of batched tensors, or a
@@ -102,20 +104,50 @@ def _has_moviepy_editor() -> bool:
         return False
 
 
-class _StepIndexMap:
-    """A denoiser whose ``step_index`` argument is remapped (sampling steps → trained quantizer entries)."""
+def trained_step_entries(datamodule, sampler, num_sample_steps: int, num_table_steps: int) -> Tensor | None:
+    """For each sampling step, the trained table entry of the nearest diffusion timestep: entries are
+    the training sampler's steps (the trajectory cache's recipe) that the data module actually serves
+    (the cache's kept steps, the data module's ``steps`` / ``step_stride``). None when the training
+    sampler is unknown or its step count is not the table's (then indices are mapped proportionally)."""
+    from mpq_lightning.models.sampling import make_scheduler
 
-    def __init__(self, denoiser, num_sample_steps: int, num_table_steps: int) -> None:
+    try:
+        manifest = datamodule.manifest
+        recipe, kept = manifest["recipe"], list(manifest["structure"]["kept_steps"])
+        train = make_scheduler(recipe["scheduler"], **(recipe.get("scheduler_config") or {}))
+        train.set_timesteps(int(recipe["num_inference_steps"]))
+    except Exception:  # no cache behind the data module (on-the-fly stream, tests): proportional
+        return None
+    options = getattr(datamodule, "options", {}) or {}
+    wanted, stride = options.get("steps"), int(options.get("step_stride") or 1)
+    allowed = [i for i in kept if (wanted is None or i in wanted) and i % stride == 0]
+    sampler.set_timesteps(num_sample_steps)
+    if len(train.timesteps) != num_table_steps or len(sampler.timesteps) != num_sample_steps or not allowed:
+        return None
+    allowed_t = torch.as_tensor(allowed, dtype=torch.long)
+    table_t = train.timesteps.double().cpu()[allowed_t]
+    nearest = (table_t.view(-1, 1) - sampler.timesteps.double().cpu().view(1, -1)).abs().argmin(0)
+    return allowed_t[nearest]
+
+
+class _StepIndexMap:
+    """A denoiser whose ``step_index`` argument is remapped (sampling steps → trained quantizer entries):
+    through ``entries`` (one table entry per sampling step) when given, else proportionally."""
+
+    def __init__(self, denoiser, num_sample_steps: int, num_table_steps: int, entries: Tensor | None = None) -> None:
         self._denoiser = denoiser
         self._s, self._n = num_sample_steps, num_table_steps
+        self._entries = entries
 
     def __getattr__(self, name: str):
         return getattr(self._denoiser, name)
 
     def _map(self, step_index):
-        if step_index is None or self._s == self._n:
+        if step_index is None or (self._s == self._n and self._entries is None):
             return step_index
         idx = torch.as_tensor(step_index, dtype=torch.long)
+        if self._entries is not None:
+            return self._entries.to(idx.device)[idx]
         if self._n == 1:
             return torch.zeros_like(idx)
         return torch.round(idx.double() * (self._n - 1) / max(self._s - 1, 1)).long().clamp_(0, self._n - 1)
@@ -284,10 +316,13 @@ class SampleLogger(Callback):
         quant = getattr(pl_module, "quant_cfg", None)
         table_steps = int(getattr(quant, "num_steps", 0) or 0) or None
         make_sched, steps = self._scheduler_and_steps(teacher, table_steps)
+        entries = None
         if table_steps and steps != table_steps and table_steps > 1:
+            entries = trained_step_entries(datamodule, make_sched(), steps, table_steps)
+            how = "to the trained entry of the nearest timestep" if entries is not None else "proportionally"
             self._warn_once(
                 "steps", f"SampleLogger: sampling with {steps} steps but the student's timestep quantizers have "
-                f"{table_steps} entries; step indices are mapped proportionally",
+                f"{table_steps} entries; step indices are mapped {how}",
             )
 
         conds = self._conditions(teacher, datamodule, self.num_samples, device)
@@ -310,7 +345,7 @@ class SampleLogger(Callback):
                 scale = 1.0
 
         noise = torch.randn((n, *teacher.latent_shape), generator=torch.Generator().manual_seed(self.seed)).to(device)
-        model_student = _StepIndexMap(student, steps, table_steps) if table_steps else student
+        model_student = _StepIndexMap(student, steps, table_steps, entries) if table_steps else student
 
         precision = getattr(trainer, "precision_plugin", None) if trainer is not None else None
         forward_ctx = getattr(precision, "forward_context", None) or contextlib.nullcontext
