@@ -314,6 +314,17 @@ def test_with_qat_module_tiny_stdit(tmp_path):
     acc = read_events(tmp_path)
     assert {"timestep_error/curve", "samples/video", "samples/frames"} <= set(acc.Tags()["images"])
     assert {"timestep_error/step_000", "timestep_error/step_001"} <= set(acc.Tags()["scalars"])
+    # samples come from the student as it trains (quantizers on), whatever its flags were; flags restored
+    from mpq_lightning.quant import QuantLayer, set_quant_state
+
+    layer = next(m for m in module.student.modules() if isinstance(m, QuantLayer))
+    seen = []
+    handle = layer.register_forward_pre_hook(lambda m, args: seen.append((m.weight_quant, m.act_quant)))
+    set_quant_state(module.student.backbone, False, False)
+    sampler.generate(module, TextData())
+    handle.remove()
+    assert seen and set(seen) == {(True, module.calib_cfg.train_act_quant)}
+    assert (layer.weight_quant, layer.act_quant) == (False, False)
 
 
 # -------------------------------------------------------------------------------------------------

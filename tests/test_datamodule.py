@@ -56,7 +56,10 @@ def _ddp_worker(rank: int, root: str, port: int) -> None:
         shard_size=1,
         batch_size=1,
     )
-    path = ensure_cache(recipe, make_teacher(), Path(root) / "data")  # rank r writes shards r, r + 2, ...
+    written = []
+    path = ensure_cache(recipe, make_teacher(), Path(root) / "data",  # rank r writes shards r, r + 2, ...
+                        on_shard_written=lambda index, _: written.append(index))
+    Path(root, f"written{rank}.json").write_text(json.dumps(written))
     seen = uids(TrajectoryDataModule(str(path), batch_size=3, shuffle_buffer=4).train_dataloader())
     Path(root, f"rank{rank}.json").write_text(json.dumps(seen))
     dist.destroy_process_group()
@@ -70,6 +73,8 @@ def test_two_ranks_generate_and_see_disjoint_samples(tmp_path):
     mp.spawn(_ddp_worker, args=(str(tmp_path), port), nprocs=2)
     manifest = json.loads((tmp_path / "data" / "ddp" / "manifest.json").read_text())
     assert manifest["complete"] and len(manifest["shards"]) == 5
+    written = [json.loads((tmp_path / f"written{r}.json").read_text()) for r in range(2)]
+    assert written == [[0, 2, 4], [1, 3]]  # the shards were split between the ranks
     seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert len(seen[0]) == len(seen[1])  # equal batch counts: no DDP hang
     flat = [set(sum(s, [])) for s in seen]
