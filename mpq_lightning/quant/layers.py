@@ -113,11 +113,17 @@ class LoRA(nn.Module):
     def delta(self) -> Tensor:
         """``B A`` in fp32, autocast or not: in the merged placement it is part of the weight
         quantizer's input, whose rounding must not depend on the training precision."""
-        with torch.autocast(device_type=self.B.device.type, enabled=False):
-            b, a = self.B.float(), self.A.float()
-            if b.dim() == 2:
-                return (b @ a.reshape(self.rank, -1)).view(b.shape[0], *a.shape[1:])
-            return torch.einsum("or...,ri...->oi...", b, a)
+        device = self.B.device.type
+        if torch.is_autocast_enabled(device):
+            with torch.autocast(device_type=device, enabled=False):
+                return self._delta()
+        return self._delta()
+
+    def _delta(self) -> Tensor:
+        b, a = self.B.float(), self.A.float()
+        if b.dim() == 2:
+            return (b @ a.reshape(self.rank, -1)).view(b.shape[0], *a.shape[1:])
+        return torch.einsum("or...,ri...->oi...", b, a)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, param={self.param}"
