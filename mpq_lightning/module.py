@@ -265,10 +265,31 @@ class QATModule(L.LightningModule):
             self.calibrate_from(self.trainer.datamodule)
             if self.trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
                 self.sync_student_from_rank0()
+            self.refresh_scale_aware_lrs()
         # the quant switches are not state-dict entries: set them on every start, resumed or not
         set_quant_state(self.student.backbone, weight=True, act=self.calib_cfg.train_act_quant)
         if self.compile_model:  # after calibration, whose observers are data-dependent Python
             self.compile_backbones()
+
+    def refresh_scale_aware_lrs(self) -> None:
+        """``optim.lora_lr: null`` sets each layer's LoRA lr from its calibrated weight steps (mean Δ_w /
+        lora_lr_div). Lightning builds the optimizer before ``on_fit_start``, i.e. before calibration,
+        so the groups' (and the schedulers' base) learning rates are set again here, once calibrated.
+        A resumed run keeps the optimizer state of its checkpoint instead."""
+        if self.optim_cfg.lora_lr is not None or self._trainer is None:
+            return
+        fresh = {g["name"]: g["lr"] for g in self.param_groups() if g["name"].startswith("lora:")}
+        for optimizer in self.trainer.optimizers:
+            schedulers = [c.scheduler for c in self.trainer.lr_scheduler_configs if c.scheduler.optimizer is optimizer]
+            for i, group in enumerate(optimizer.param_groups):
+                lr = fresh.get(group.get("name"))
+                if lr is None:
+                    continue
+                base = group.get("initial_lr", group["lr"])
+                factor = group["lr"] / base if base else 1.0  # the scheduler's current factor (warm-up)
+                group["initial_lr"], group["lr"] = lr, lr * factor
+                for scheduler in schedulers:
+                    scheduler.base_lrs[i] = lr
 
     @torch.no_grad()
     def sync_student_from_rank0(self, broadcast=None) -> None:

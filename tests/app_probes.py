@@ -62,3 +62,14 @@ class _PooledFeatures(torch.nn.Module):
 def pooled_features() -> torch.nn.Module:
     """A feature network for ``eval.feature = "app_probes:pooled_features"`` (8 pooled values)."""
     return _PooledFeatures()
+
+
+class LrProbe(Callback):
+    """Records, when training starts, the LoRA learning rates the optimizer holds and the ones the
+    module computes from its (now calibrated) quantizer steps."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.used = {g["name"]: g["initial_lr"] for g in trainer.optimizers[0].param_groups if g["name"].startswith("lora:")}
+        self.scheduler_base = dict(zip([g["name"] for g in trainer.optimizers[0].param_groups],
+                                       trainer.lr_scheduler_configs[0].scheduler.base_lrs))
+        self.want = {g["name"]: g["lr"] for g in pl_module.param_groups() if g["name"].startswith("lora:")}

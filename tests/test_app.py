@@ -394,6 +394,18 @@ def test_mixed_precision_trains_with_fp32_quantizer_state(workdir, precision):
     assert cli.trainer.global_step == 2
 
 
+def test_scale_aware_lora_lrs_come_from_the_calibrated_steps(workdir):
+    """EfficientDM's per-layer LoRA lr (``optim.lora_lr: null``) is mean(Δ_w) / lora_lr_div of the
+    *calibrated* weight quantizer, although Lightning builds the optimizer before calibration."""
+    cli = fit("--trainer.max_steps", "1", "--model.optim.lora_lr", "null", "--trainer.callbacks+=app_probes.LrProbe",
+              run="scale_aware_lr")
+    probe = next(c for c in cli.trainer.callbacks if type(c).__name__ == "LrProbe")
+    assert probe.used and probe.used.keys() == probe.want.keys()
+    for name, lr in probe.want.items():
+        assert probe.used[name] == pytest.approx(lr, rel=1e-6) and probe.scheduler_base[name] == probe.used[name]
+    assert max(probe.used.values()) < 0.5 / cli.model.optim_cfg.lora_lr_div  # uncalibrated steps (1.0) gave 1 / div
+
+
 def test_rank_sync_rebuilds_state_derived_caches():
     """Under DDP each rank calibrates on its own shard and then takes rank 0's state. A broadcast
     writes storage without a version bump, so the FZ-RMQ class caches and OOLRI's base weight stay
