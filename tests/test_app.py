@@ -66,6 +66,15 @@ def test_checkpoint_has_no_teacher_and_is_small(full_run, workdir):
     assert ckpt["mpq_identity"]["model"] == "tiny-stdit"
 
 
+def test_optimizer_holds_every_trainable_tensor_after_calibration(full_run):
+    """Lightning builds the optimizer before calibration (on_fit_start): calibration and OOLRI must
+    write into the existing parameters, never replace them, or the new ones would not train."""
+    held = [p for g in full_run.trainer.optimizers[0].param_groups for p in g["params"]]
+    trainable = [p for p in full_run.model.parameters() if p.requires_grad]
+    assert len(held) == len({id(p) for p in held}) and {id(p) for p in held} == {id(p) for p in trainable}
+    assert not any(p.requires_grad for p in full_run.model.teacher.parameters())
+
+
 def test_resolved_config_saved_beside_run(full_run, workdir):
     text = (workdir / "checkpoints" / "full" / "config.yaml").read_text()
     assert "w_quantizer: fzrmq" in text and "run_name: full" in text
