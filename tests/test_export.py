@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 from dataclasses import asdict
 
 import pytest
@@ -22,6 +23,7 @@ from mpq_lightning.quant.export import (
     packed_nbytes,
     read_safetensors_header,
     unpack_bits,
+    verify_export,
     write_manifest,
 )
 from mpq_lightning.quant.layers import QuantLayer
@@ -409,6 +411,27 @@ def test_bits_unsupported_by_packer_refused(tmp_path):
     model[0].weight_quantizer.bits = 9  # a quantizer whose codes need 9 bits
     with pytest.raises(ValueError, match=r"layer '0'.*bit widths 1..8"):
         export_quantized(model, tmp_path / "x")
+
+
+def test_an_interrupted_export_is_cleaned_up_and_the_previous_one_put_back(small_export):
+    """A process killed while exporting leaves a hidden build folder (removed once its process is
+    gone) or, killed between the two renames of an overwrite, the previous export moved aside (put
+    back, so it is neither lost nor silently replaced without ``overwrite``)."""
+    import subprocess
+
+    out, _, model = small_export
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    build = out.parent / f".{out.name}.tmp-{dead.pid}-abcd"
+    build.mkdir()
+    mine = out.parent / f".{out.name}.tmp-{os.getpid()}-live"  # a live process's build stays
+    mine.mkdir()
+    aside = out.parent / f".{out.name}.old-1234abcd"
+    os.rename(out, aside)
+    with pytest.raises(FileExistsError, match="already exists"):
+        export_quantized(model, out)
+    assert out.is_dir() and not aside.exists() and not build.exists() and mine.exists()
+    verify_export(out)
 
 
 def test_existing_out_dir_refused_unless_overwrite(small_export):

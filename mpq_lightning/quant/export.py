@@ -623,6 +623,7 @@ def export_quantized(
     if fp_dtype not in FP_DTYPES:
         raise ValueError(f"fp_dtype must be one of {sorted(FP_DTYPES)}, got {fp_dtype!r}")
     out = Path(out_dir)
+    _recover_interrupted(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
     root, name, kwargs = _resolve_model(model, model_name, model_kwargs)
@@ -648,7 +649,7 @@ def export_quantized(
     description = _model_description(root, name, kwargs)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
         from safetensors.torch import save_file
 
@@ -667,6 +668,33 @@ def export_quantized(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+def _recover_interrupted(out: Path) -> None:
+    """Clean up after an export killed mid-way: the hidden build folders of dead processes go, and a
+    previous export moved aside by an interrupted ``overwrite`` (``out`` missing) is put back."""
+    if not out.parent.is_dir():
+        return
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = tmp.name[len(f".{out.name}.tmp-"):].split("-", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+    olds = sorted(out.parent.glob(f".{out.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if olds and not out.exists():
+        os.rename(olds.pop(), out)
+    if out.exists():
+        for old in olds:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _prefixes(name: str) -> Iterator[str]:
