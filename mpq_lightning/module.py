@@ -278,7 +278,19 @@ class QATModule(L.LightningModule):
         A resumed run keeps the optimizer state of its checkpoint instead."""
         if self.optim_cfg.lora_lr is not None or self._trainer is None:
             return
-        fresh = {g["name"]: g["lr"] for g in self.param_groups() if g["name"].startswith("lora:")}
+        names, stats = [], []
+        for name, layer in self.student.backbone.named_modules():
+            if isinstance(layer, QuantLayer) and layer.lora is not None:
+                total, count = self._step_stats(layer)
+                names.append(f"lora:{name}")
+                stats.append(torch.stack([total.double().cpu(), torch.tensor(float(count), dtype=torch.float64)]))
+        if not stats:
+            return
+        stats = torch.stack(stats).to(self.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and self.trainer.world_size > 1:
+            torch.distributed.all_reduce(stats)  # replicated: W·Σ / W·n; sharded (FSDP): the whole layer's mean
+        means = torch.where(stats[:, 1] > 0, stats[:, 0] / stats[:, 1].clamp_min(1), torch.full_like(stats[:, 0], 1e-3))
+        fresh = {n: float(m) / self.optim_cfg.lora_lr_div for n, m in zip(names, means.cpu())}
         for optimizer in self.trainer.optimizers:
             schedulers = [c.scheduler for c in self.trainer.lr_scheduler_configs if c.scheduler.optimizer is optimizer]
             for i, group in enumerate(optimizer.param_groups):
@@ -425,9 +437,8 @@ class QATModule(L.LightningModule):
                 continue
             if layer.lora is not None:
                 if cfg.lora_lr is None:
-                    scales = [p for n, p in layer.weight_quantizer.named_parameters() if "scale" in n and "residual" not in n] if layer.weight_quantizer is not None else []
-                    mean_step = float(torch.cat([s.detach().float().flatten() for s in scales]).abs().mean()) if scales else 1e-3
-                    lr = mean_step / cfg.lora_lr_div
+                    total, count = self._step_stats(layer)
+                    lr = (float(total / count) if count > 0 else 1e-3) / cfg.lora_lr_div
                     for p in layer.lora.parameters():
                         add(f"lora:{name}", p, lr)
                 else:
@@ -447,6 +458,16 @@ class QATModule(L.LightningModule):
         for p in self.student.parameters():
             add("other", p, cfg.other_lr)
         return list(groups.values())
+
+    @staticmethod
+    def _step_stats(layer: QuantLayer) -> tuple[Tensor, int]:
+        """(Σ|Δ_w|, count) over the weight quantizer's step sizes held by this process (all of them,
+        or this rank's shard under FSDP)."""
+        scales = ([p for n, p in layer.weight_quantizer.named_parameters() if "scale" in n and "residual" not in n]
+                  if layer.weight_quantizer is not None else [])
+        flat = [p.detach().float().flatten() for p in scales]
+        count = sum(t.numel() for t in flat)
+        return (torch.cat(flat).abs().sum() if count else torch.zeros(())), count
 
     def build_optimizer(self) -> torch.optim.AdamW:
         """AdamW over :meth:`param_groups`, fused or foreach as ``optim.fused`` says."""

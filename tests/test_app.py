@@ -509,7 +509,8 @@ def test_ddp_two_processes_cpu(workdir):
     proc = subprocess.run(
         [sys.executable, str(REPO / "train.py"), "--config", TINY, "--run_name", "ddp", *QUIET,
          "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_steps", "2",
-         "--data.init_args.drop_last", "true", "--trainer.callbacks+=app_probes.RankProbe"],
+         "--data.init_args.drop_last", "true", "--trainer.callbacks+=app_probes.RankProbe",
+         "--model.optim.lora_lr", "null"],  # scale-aware lrs: all-reduced step statistics
         cwd=workdir, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
