@@ -156,3 +156,9 @@ def test_report_table_prints(capsys):
     quantize_model(model, QuantConfig(keep_fp=["1"]), verbose=True)
     out = capsys.readouterr().out
     assert "quantized" in out and "kept_fp" in out
+
+
+def test_a_lora_init_that_cannot_train_is_refused():
+    """A = B = 0 ("zero") would be an adapter with zero gradients forever: not an option."""
+    with pytest.raises(ValueError, match="lora_init"):
+        QuantConfig(lora_rank=2, lora_init="zero")

@@ -26,7 +26,9 @@ from .mixed import FZRMQQuantizer, OMQQuantizer, uniform_bit_accounting
 from .quantizers import DynamicTokenQuantizer, TimestepActQuantizer, UniformQuantizer
 from .tqe import build_tqe
 
-LORA_INITS = ("kaiming_zero", "zero", "svd_weight_error", "svd_output_error")
+# ("zero", A = B = 0, was accepted but never applied; it would be an adapter that cannot train: dL/dA = Bᵀg
+# and dL/dB = gAᵀ stay 0)
+LORA_INITS = ("kaiming_zero", "svd_weight_error", "svd_output_error")
 LORA_PARAMS = ("efficientdm", "per_position")
 LORA_PLACEMENTS = ("merged", "fp_branch")
 ACT_QUANTIZERS = ("timestep", "dynamic_token", "static")
@@ -107,8 +109,6 @@ class LoRA(nn.Module):
         """Kaiming-uniform A (a=√5, nn.Linear default) and zero B; SVD inits are set by OOLRI."""
         nn.init.kaiming_uniform_(self.A.view(self.rank, -1), a=math.sqrt(5))
         self.B.zero_()
-        if init == "zero":
-            self.A.zero_()
 
     def delta(self) -> Tensor:
         """``B A`` in fp32, autocast or not: in the merged placement it is part of the weight

@@ -221,8 +221,9 @@ def resample_step_table(
 
     With ``old_timesteps`` / ``new_timesteps`` (the schedulers' ``timesteps``), every new step takes
     the entry of the old step with the nearest diffusion timestep (100 -> 20 DDIM steps picks
-    entries 4, 9, ..., 99). With only ``new_steps``, entries are taken at evenly spaced indices
-    (EfficientDM's ``downsample_talsq_ckpt.py`` stride for divisible counts).
+    entries 4, 9, ..., 99). With only ``new_steps``, entries are taken at evenly spaced indices that
+    end at the last (least noisy) step: EfficientDM's ``downsample_talsq_ckpt.py`` stride, whose
+    table counts the steps down, i.e. entries 4, 9, ..., 99 here too (index 0 is the noisiest step).
     """
     if old_timesteps is not None and new_timesteps is not None:
         old_t = torch.as_tensor(old_timesteps, dtype=torch.float64).view(-1, 1)
@@ -233,7 +234,7 @@ def resample_step_table(
     elif new_steps is not None:
         old = table.shape[-1]
         if old % new_steps == 0:
-            idx = torch.arange(new_steps) * (old // new_steps)
+            idx = (torch.arange(new_steps) + 1) * (old // new_steps) - 1
         else:
             idx = torch.linspace(0, old - 1, new_steps).round().long()
     else:
