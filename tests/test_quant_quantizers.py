@@ -44,9 +44,10 @@ def test_uniform_errors():
 def _calibrated_table(steps=4):
     q = TimestepActQuantizer(4, steps, init="minmax")
     q.observing = True
+    g = torch.Generator().manual_seed(0)  # fixed data: the tests below must not depend on the global RNG
     for i in range(steps):
         q.step_index = i
-        q(torch.randn(2, 10) * (i + 1))
+        q(torch.randn(2, 10, generator=g) * (i + 1))
     q.finish_calibration()
     q.step_index = None
     return q
@@ -144,3 +145,22 @@ def test_dynamic_token_conv_channel_dim():
     y = q(x)
     ref = DynamicTokenQuantizer(8)(x.movedim(1, -1)).movedim(-1, 1)
     assert torch.equal(y, ref)
+
+
+def test_lsq_grad_scale_reaches_the_activation_step_table():
+    """``lsq_grad_scale`` multiplies the activation steps' gradients by LSQ's 1/sqrt(N qmax) too
+    (N: one sample's elements, which share a step), as it does the weight steps'."""
+    from mpq_lightning.quant import QuantConfig, quantize_model
+    from mpq_lightning.quant.functional import lsq_grad_scale
+
+    x = torch.randn(2, 10) * 3
+    grads = []
+    for scaled in (False, True):
+        q = _calibrated_table()
+        q.use_lsq_grad_scale = scaled
+        with step_index_context(q, torch.tensor([1, 1])):
+            q(x).sum().backward()
+        grads.append(q.scale.grad[1])
+    torch.testing.assert_close(grads[1], grads[0] * lsq_grad_scale(10, q.qmax))
+    model = quantize_model(torch.nn.Sequential(torch.nn.Linear(10, 4)), QuantConfig(a_bits=6, lsq_grad_scale=True))
+    assert model[0].act_quantizer.use_lsq_grad_scale

@@ -182,14 +182,16 @@ def build_act_quantizer(spec: LayerSpec, channel_dim: int) -> nn.Module | None:
         return None
     if spec.a_quantizer == "timestep":
         return TimestepActQuantizer(
-            spec.a_bits, spec.num_steps, spec.a_symmetric, spec.a_init, spec.learn_a_scale, spec.learn_a_zero_point
+            spec.a_bits, spec.num_steps, spec.a_symmetric, spec.a_init, spec.learn_a_scale, spec.learn_a_zero_point,
+            lsq_grad_scale=spec.lsq_grad_scale,
         )
     if spec.a_quantizer == "dynamic_token":
         return DynamicTokenQuantizer(spec.a_bits, channel_dim=channel_dim)
     if spec.a_quantizer == "static":
         return UniformQuantizer(
             spec.a_bits, spec.a_symmetric, "tensor", init=spec.a_init,
-            learn_scale=spec.learn_a_scale, learn_zero_point=spec.learn_a_zero_point, shape=(1,),
+            learn_scale=spec.learn_a_scale, learn_zero_point=spec.learn_a_zero_point,
+            lsq_grad_scale=spec.lsq_grad_scale, shape=(1,),
         )
     raise ValueError(f"unknown a_quantizer {spec.a_quantizer!r}; choose one of {ACT_QUANTIZERS} or None")
 

@@ -136,11 +136,13 @@ class TimestepActQuantizer(nn.Module):
         learn_scale: bool = True,
         learn_zero_point: bool = True,
         reservoir: int = 4096,
+        lsq_grad_scale: bool = False,
     ) -> None:
         super().__init__()
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
         self.bits, self.symmetric, self.num_steps, self.init_method = int(bits), symmetric, num_steps, init
+        self.use_lsq_grad_scale = lsq_grad_scale  # LSQ's g = 1/sqrt(N qmax), N = one sample's elements
         self.qmin, self.qmax = qrange(self.bits, symmetric)
         self.scale = nn.Parameter(torch.ones(num_steps), requires_grad=learn_scale)
         self.zero_point = nn.Parameter(torch.zeros(num_steps), requires_grad=learn_zero_point)
@@ -211,7 +213,8 @@ class TimestepActQuantizer(nn.Module):
             return x
         idx = self._index(x.shape[0], x.device)
         view = (-1,) + (1,) * (x.dim() - 1)
-        return fake_quantize(x, self.scale[idx].view(view), self.zero_point[idx].view(view), self.qmin, self.qmax)
+        g = lsq_grad_scale(x[0].numel(), self.qmax) if self.use_lsq_grad_scale else 1.0
+        return fake_quantize(x, self.scale[idx].view(view), self.zero_point[idx].view(view), self.qmin, self.qmax, g)
 
 
 def resample_step_table(
