@@ -138,3 +138,16 @@ def test_chunked_search_matches_unchunked():
     a = init_lp_search(w, 3, False, memory_budget=2**30)
     b = init_lp_search(w, 3, False, memory_budget=w.numel() * 3)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_symmetric_min_max_range_covers_both_extremes(bits):
+    """Symmetric codes are [-2^(b-1), 2^(b-1) - 1]: the step must make the positive end reach +amax too
+    (2·amax / (qmax - qmin) clipped it to 2/3 of amax at 2 bits)."""
+    x = torch.tensor([[-0.5, -0.1, 0.0, 0.2, 1.0], [-1.0, -0.3, 0.0, 0.1, 0.4]])
+    scale, zero = qparams_from_range(x.amin(1, keepdim=True), x.amax(1, keepdim=True), bits, True)
+    qmin, qmax = qrange(bits, True)
+    q = _quant_dequant(x, scale, zero, qmin, qmax)
+    amax = x.abs().amax(1)
+    assert torch.all(zero == 0)
+    torch.testing.assert_close(q.abs().amax(1), amax)  # neither +1.0 nor -1.0 is clipped

@@ -239,7 +239,9 @@ def qparams_from_range(
     xmax = torch.maximum(xmax.float(), torch.zeros_like(xmax, dtype=torch.float32))
     if symmetric:
         amax = torch.maximum(-xmin, xmax)
-        scale = (2 * amax / (qmax - qmin)).clamp_min(EPS)
+        # qmax·s ≥ amax and qmin·s ≤ -amax: the whole range is covered at every bit width (2·amax/(qmax-qmin)
+        # would clip +amax to 2/3 of it at 2 bits, [-2, 1] codes, and the Lp / grid searches only shrink)
+        scale = (amax / qmax).clamp_min(EPS)
         zero = torch.zeros_like(scale)
     else:
         scale = ((xmax - xmin) / (qmax - qmin)).clamp_min(EPS)
