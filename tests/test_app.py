@@ -394,7 +394,7 @@ def _computed_weights(module) -> dict:
     return out
 
 
-@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+@pytest.mark.parametrize("precision", ["bf16-mixed"])  # Lightning runs 16-mixed as bf16-mixed on a CPU
 def test_mixed_precision_trains_with_fp32_quantizer_state(workdir, precision):
     cli = fit("--trainer.max_steps", "2", "--trainer.precision", precision, run=f"prec_{precision}")
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
