@@ -241,15 +241,16 @@ def compute_metrics(gen: dict[str, Any], teacher, feature: str) -> dict[str, Any
     out["step_error"] = gen["step_error"]
     choice = _feature_choice(teacher, feature)
     out["feature_network"] = choice
-    if ":" in choice and s.shape[0] >= 2:  # the user's feature network, on the samples mapped to [0, 1]
-        net = feature_factory(choice)().eval()
+    net, fd_range = None, (-1.0, 1.0)  # the digits networks take [-1, 1] samples
+    if ":" in choice:  # the user's feature network, on the samples mapped to [0, 1]
+        net, fd_range = feature_factory(choice)().eval(), value_range
         if not hasattr(net, "num_features"):  # torchmetrics would probe it with a 299x299 RGB image
             with torch.no_grad():
                 net.num_features = int(net(M._to_unit(t[:1], value_range)).shape[-1])
-        out["frechet_distance_student_vs_teacher"] = M.frechet_distance(t, s, net, value_range=value_range)
-    if choice in ("digits-image", "digits-video") and s.shape[0] >= 2:
+    elif choice in ("digits-image", "digits-video"):
         net = M.ImageFeatureNet() if choice == "digits-image" else M.VideoFeatureNet()
-        out["frechet_distance_student_vs_teacher"] = M.frechet_distance(t, s, net)
+    if net is not None and s.shape[0] >= 2:
+        out["frechet_distance_student_vs_teacher"] = M.frechet_distance(t, s, net, value_range=fd_range)
         if gen["labels"] is not None:
             clf = M.load_image_classifier() if choice == "digits-image" else M.load_video_classifier()
             kw = {} if choice == "digits-image" else {"head": "digit"}

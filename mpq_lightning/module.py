@@ -278,19 +278,7 @@ class QATModule(L.LightningModule):
         A resumed run keeps the optimizer state of its checkpoint instead."""
         if self.optim_cfg.lora_lr is not None or self._trainer is None:
             return
-        names, stats = [], []
-        for name, layer in self.student.backbone.named_modules():
-            if isinstance(layer, QuantLayer) and layer.lora is not None:
-                total, count = self._step_stats(layer)
-                names.append(f"lora:{name}")
-                stats.append(torch.stack([total.double().cpu(), torch.tensor(float(count), dtype=torch.float64)]))
-        if not stats:
-            return
-        stats = torch.stack(stats).to(self.device)
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and self.trainer.world_size > 1:
-            torch.distributed.all_reduce(stats)  # replicated: W·Σ / W·n; sharded (FSDP): the whole layer's mean
-        means = torch.where(stats[:, 1] > 0, stats[:, 0] / stats[:, 1].clamp_min(1), torch.full_like(stats[:, 0], 1e-3))
-        fresh = {n: float(m) / self.optim_cfg.lora_lr_div for n, m in zip(names, means.cpu())}
+        fresh = self.scale_aware_lrs()
         for optimizer in self.trainer.optimizers:
             schedulers = [c.scheduler for c in self.trainer.lr_scheduler_configs if c.scheduler.optimizer is optimizer]
             for i, group in enumerate(optimizer.param_groups):
@@ -432,15 +420,14 @@ class QATModule(L.LightningModule):
                 seen.add(id(p))
                 groups.setdefault(key, {"params": [], "lr": lr, "name": key})["params"].append(p)
 
+        scale_aware = self.scale_aware_lrs() if cfg.lora_lr is None else {}
         for name, layer in self.student.backbone.named_modules():
             if not isinstance(layer, QuantLayer):
                 continue
             if layer.lora is not None:
                 if cfg.lora_lr is None:
-                    total, count = self._step_stats(layer)
-                    lr = (float(total / count) if count > 0 else 1e-3) / cfg.lora_lr_div
                     for p in layer.lora.parameters():
-                        add(f"lora:{name}", p, lr)
+                        add(f"lora:{name}", p, scale_aware[f"lora:{name}"])
                 else:
                     for p in layer.lora.parameters():
                         add("lora", p, cfg.lora_lr)
@@ -459,15 +446,28 @@ class QATModule(L.LightningModule):
             add("other", p, cfg.other_lr)
         return list(groups.values())
 
-    @staticmethod
-    def _step_stats(layer: QuantLayer) -> tuple[Tensor, int]:
-        """(Σ|Δ_w|, count) over the weight quantizer's step sizes held by this process (all of them,
-        or this rank's shard under FSDP)."""
-        scales = ([p for n, p in layer.weight_quantizer.named_parameters() if "scale" in n and "residual" not in n]
-                  if layer.weight_quantizer is not None else [])
-        flat = [p.detach().float().flatten() for p in scales]
-        count = sum(t.numel() for t in flat)
-        return (torch.cat(flat).abs().sum() if count else torch.zeros(())), count
+    def scale_aware_lrs(self) -> dict[str, float]:
+        """EfficientDM's per-layer LoRA lr, mean |Δ_w| / ``optim.lora_lr_div``, keyed by group name
+        (``lora:<layer>``); 1e-3 / div for a layer without weight steps. The sums and counts are
+        all-reduced when a process group is up: replicated parameters give W·Σ / W·n, sharded ones
+        (FSDP) the whole layer's mean, and an empty shard no NaN. A collective then: call on every rank."""
+        names, stats = [], []
+        for name, layer in self.student.backbone.named_modules():
+            if isinstance(layer, QuantLayer) and layer.lora is not None:
+                scales = ([p for n, p in layer.weight_quantizer.named_parameters() if "scale" in n and "residual" not in n]
+                          if layer.weight_quantizer is not None else [])
+                flat = [p.detach().double().abs().flatten().cpu() for p in scales]
+                names.append(f"lora:{name}")
+                stats.append(torch.stack([torch.cat(flat).sum() if flat else torch.zeros((), dtype=torch.float64),
+                                          torch.tensor(float(sum(t.numel() for t in flat)), dtype=torch.float64)]))
+        if not stats:
+            return {}
+        stats = torch.stack(stats)
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            stats = stats.to(self.device)
+            torch.distributed.all_reduce(stats)
+        means = torch.where(stats[:, 1] > 0, stats[:, 0] / stats[:, 1].clamp_min(1), torch.full_like(stats[:, 0], 1e-3))
+        return {n: float(m) / self.optim_cfg.lora_lr_div for n, m in zip(names, means.cpu())}
 
     def build_optimizer(self) -> torch.optim.AdamW:
         """AdamW over :meth:`param_groups`, fused or foreach as ``optim.fused`` says."""

@@ -615,16 +615,20 @@ def ensure_cache(
     }
     directory = Path(root) / recipe.name
     writer = ShardWriter(directory, header)
-    stored = writer.existing()  # every rank checks, so a refusal raises everywhere before any barrier
-    if stored is not None and stored.get("complete"):  # before any process group: ranks may not all be here
-        TrajectoryCache(directory, verify="size")
+
+    def complete() -> bool:  # a refusal of another identity raises here, on every rank that checks
+        stored = writer.existing()
+        if stored is not None and stored.get("complete"):
+            TrajectoryCache(directory, verify="size")
+            return True
+        return False
+
+    if complete():  # before any process group: ranks may not all be here
         return directory
     with _distributed(distributed) as (rank, world), _exclusive(directory, world == 1):
-        if world == 1:  # another process may have finished the cache while this one waited for the lock
-            stored = writer.existing()
-            if stored is not None and stored.get("complete"):
-                TrajectoryCache(directory, verify="size")
-                return directory
+        # alone, another process may have finished the cache while this one waited for the lock
+        if world == 1 and complete():
+            return directory
         if rank == 0:
             writer.begin(table)
         _barrier(world)
