@@ -145,11 +145,12 @@ def _check_run_folder(run: Path, ckpt_path, overwrite: bool) -> None:
 
 
 def _clear_run_folder(run: Path) -> None:
-    """``--overwrite_run true``: delete what an earlier run wrote (its files only, not the folder)."""
+    """``--overwrite_run true``: delete what an earlier run wrote (its files only, not the folder). Every
+    rank of a torchrun job does this at once, so a file another rank removed first is no error."""
     for pattern in RUN_FILES:
         for path in run.glob(pattern):
             if path.is_file():
-                path.unlink()
+                path.unlink(missing_ok=True)
 
 
 def _resolve_ckpt_path(trainer, ckpt_path) -> Path | None:
