@@ -9,8 +9,11 @@ samples against the teacher's from the same noise; Fréchet distance between stu
 samples in a feature network's space (the shipped digits networks, chosen automatically for the
 digits teachers, or the user's ``eval.feature = "package.module:factory"``); class consistency for class-conditional digits teachers; the student–teacher
 ε error per sampler step along the teacher's trajectory (teacher forcing); and for videos a
-temporal-consistency score of both. Everything is computed on the denoiser's output space: pixels
-for the digits teachers, latents for the real models (no VAE decode). Runs on ``eval.device``.
+temporal-consistency score of both. Everything is computed on the denoiser's output space (pixels
+for the digits teachers, latents for the real models) unless ``eval.vae`` names a local diffusers
+autoencoder folder: then both sample sets are decoded to pixels first, frame by frame for an image
+autoencoder, whole for a video one (Wan, CogVideoX), and the media show pixels; the latent MSE is
+still reported. Runs on ``eval.device``.
 """
 from __future__ import annotations
 
@@ -43,8 +46,18 @@ class EvalConfig:
     feature: str = "auto"
     batch_size: int = 16
     device: str = "auto"  # auto: cuda when available, else cpu | any torch device string
+    # a local diffusers autoencoder folder (config.json + weights) to decode samples to pixels before
+    # metrics and media, e.g. stabilityai/sd-vae-ft-ema for OpenSora v1.0, Latte and DiT; None: latents
+    vae: str | None = None
+    # None: the autoencoder config's scaling_factor (and shift_factor); set it where the config lacks
+    # the one the teacher was trained with (e.g. 1.0 for an LDM VQ-f4 first stage saved without it)
+    vae_scaling_factor: float | None = None
 
     def __post_init__(self) -> None:
+        if self.vae is not None:
+            vae_class(self.vae)  # a folder of a supported autoencoder, before any sampling
+        if self.vae_scaling_factor is not None and not self.vae_scaling_factor > 0:
+            raise ValueError(f"eval.vae_scaling_factor must be > 0, got {self.vae_scaling_factor}")
         if self.feature not in FEATURES and ":" not in self.feature:
             raise ValueError(f"eval.feature must be one of {FEATURES} or 'package.module:factory', got {self.feature!r}")
         if ":" in self.feature:
@@ -77,6 +90,81 @@ def feature_factory(spec: str):
     if not callable(factory):
         raise ValueError(f"eval.feature: {spec!r} is not callable")
     return factory
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding latents to pixels (eval.vae)
+# ---------------------------------------------------------------------------------------------
+
+#: diffusers autoencoders eval.vae accepts: "frame" ones decode [N, C, H, W] (a video frame by
+#: frame, as OpenSora v1.0 and Latte do), "video" ones decode [B, C, F, H, W] whole.
+VAE_KINDS = {"AutoencoderKL": "frame", "VQModel": "frame", "AutoencoderKLWan": "video",
+             "AutoencoderKLCogVideoX": "video"}
+
+
+def vae_class(folder: str) -> str:
+    """The diffusers class named in ``folder/config.json``; a clear error naming ``eval.vae`` otherwise."""
+    config = Path(folder) / "config.json"
+    if not Path(folder).is_dir():
+        raise ValueError(f"eval.vae: {folder} is not a folder (a diffusers autoencoder saved with save_pretrained)")
+    try:
+        name = json.loads(config.read_text()).get("_class_name")
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"eval.vae: cannot read {config} ({err})") from None
+    if name not in VAE_KINDS:
+        raise ValueError(f"eval.vae: {config} names _class_name={name!r}; supported: {sorted(VAE_KINDS)}")
+    return name
+
+
+def load_vae(cfg: EvalConfig, teacher, device) -> Any:
+    """The autoencoder of ``eval.vae``, checked against the teacher's latents (channels, video or
+    image) before any sampling."""
+    import diffusers
+
+    name = vae_class(cfg.vae)
+    try:
+        vae = getattr(diffusers, name).from_pretrained(cfg.vae).eval().requires_grad_(False)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise ValueError(f"eval.vae: cannot load {name} from {cfg.vae} ({err})") from None
+    channels = vae.config.get("z_dim") or vae.config.get("latent_channels")
+    if channels != teacher.in_channels:
+        raise ValueError(f"eval.vae: {cfg.vae} ({name}) has {channels} latent channels, the teacher's latents "
+                         f"{tuple(teacher.latent_shape)} have {teacher.in_channels}")
+    if VAE_KINDS[name] == "video" and not teacher.is_video:
+        raise ValueError(f"eval.vae: {cfg.vae} is a video autoencoder ({name}) but the teacher makes images")
+    return vae.to(device=device, dtype=torch.float32)
+
+
+def unscale_latents(vae, z: Tensor, scaling_factor: float | None = None) -> Tensor:
+    """Undo the latent normalisation the teacher was trained in, as the diffusers pipelines do:
+    Wan ``z·std + mean`` per channel; else ``z / scaling_factor + shift_factor``."""
+    config = vae.config
+    if type(vae).__name__ == "AutoencoderKLWan" and scaling_factor is None:
+        shape = (1, -1) + (1,) * (z.dim() - 2)
+        mean = torch.tensor(config.latents_mean, dtype=z.dtype, device=z.device).view(shape)
+        std = torch.tensor(config.latents_std, dtype=z.dtype, device=z.device).view(shape)
+        return z * std + mean
+    factor = scaling_factor if scaling_factor is not None else config.get("scaling_factor", 1.0)
+    return z / factor + (config.get("shift_factor") or 0.0)
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: Tensor, batch_size: int, scaling_factor: float | None = None) -> Tensor:
+    """Pixels in [-1, 1] of ``latents`` ([N, C, H, W] or [N, C, F, H, W]), decoded in chunks of
+    ``batch_size`` images or frames (video autoencoders: one video at a time)."""
+    device = next(vae.parameters()).device
+    video = latents.dim() == 5
+    per_frame = VAE_KINDS[type(vae).__name__] == "frame"
+    if video and per_frame:
+        items = rearrange(latents, "n c f h w -> (n f) c h w")
+    else:
+        items, batch_size = latents, (1 if video else batch_size)
+    outs = [vae.decode(unscale_latents(vae, chunk.to(device).float(), scaling_factor)).sample.clamp(-1, 1).cpu()
+            for chunk in items.split(batch_size)]
+    pixels = torch.cat(outs)
+    if video and per_frame:
+        pixels = rearrange(pixels, "(n f) c h w -> n c f h w", n=latents.shape[0])
+    return pixels
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,12 +320,14 @@ def compute_metrics(gen: dict[str, Any], teacher, feature: str) -> dict[str, Any
 
     s, t = gen["student"].float(), gen["teacher"].float()
     out: dict[str, Any] = {"num_samples": s.shape[0], "scheduler": gen["scheduler"], "steps": gen["steps"],
-                           "guidance_scale": gen["guidance_scale"]}
+                           "guidance_scale": gen["guidance_scale"],
+                           "sample_space": gen.get("sample_space", "denoiser output")}
     shown_s, shown_t = s[:, :3], t[:, :3]
     rng = (float(min(shown_s.min(), shown_t.min())), float(max(shown_s.max(), shown_t.max())))
     value_range = (-1.0, 1.0) if rng[0] >= -1.5 and rng[1] <= 1.5 else rng
     out.update({f"{k}_student_vs_teacher": v for k, v in M.psnr_ssim(shown_s, shown_t, value_range).items()})
-    out["latent_mse_student_vs_teacher"] = float((s - t).pow(2).mean())
+    latents = gen.get("latents", {"student": s, "teacher": t})  # the samples before an eval.vae decode
+    out["latent_mse_student_vs_teacher"] = float((latents["student"].float() - latents["teacher"].float()).pow(2).mean())
     out["step_error"] = gen["step_error"]
     choice = _feature_choice(teacher, feature)
     out["feature_network"] = choice
@@ -314,6 +404,7 @@ def evaluate(config: str, ckpt_path: str = "last", eval_cfg: EvalConfig | None =
     cfg = eval_cfg or EvalConfig()
     module, datamodule, ckpt = load_run(config, ckpt_path, overrides)
     module.to(cfg.resolved_device())
+    vae = load_vae(cfg, module.teacher, cfg.resolved_device()) if cfg.vae else None  # before any sampling
     cache_dir = getattr(datamodule, "cache_dir", None)
     if cache_dir is not None and not (Path(cache_dir) / MANIFEST).is_file():
         # evaluation reads the sampler recipe and the conditions from the run's cache, and never
@@ -334,6 +425,11 @@ def evaluate(config: str, ckpt_path: str = "last", eval_cfg: EvalConfig | None =
                 raise
             print(f"note: data module not available ({err}); using the teacher's default sampler")
     gen = generate(module, datamodule, cfg)
+    if vae is not None:
+        gen["latents"] = {who: gen[who] for who in ("teacher", "student")}
+        for who in ("teacher", "student"):
+            gen[who] = decode_latents(vae, gen[who], cfg.batch_size, cfg.vae_scaling_factor)
+        gen["sample_space"] = f"pixels ({type(vae).__name__} {cfg.vae})"
     metrics = compute_metrics(gen, module.teacher, cfg.feature)
     metrics["checkpoint"] = str(ckpt)
     target = Path(out) if out else Path(config).parent / "eval"

@@ -519,3 +519,27 @@ def test_ddp_two_processes_cpu(workdir):
     queue = next(v for k, v in ckpt["callbacks"].items() if k.startswith("MemoryQueue"))
     assert len(queue["generators"]) == 2 and not torch.equal(*queue["generators"])  # each rank's own pixels
     _ranks_agree(workdir / "ddp_probe")  # one student on both ranks, after calibration and training
+
+
+def test_evaluate_decodes_with_eval_vae_before_metrics(full_run, workdir, monkeypatch):
+    """``--eval.vae``: metrics and media in pixels (a 2x autoencoder: 16x16 frames), the latent MSE
+    kept; an autoencoder that does not fit the teacher is refused before any sampling."""
+    from PIL import Image
+
+    import mpq_lightning.evaluation as E
+    from test_eval_vae import tiny_kl
+
+    tiny_kl().save_pretrained(workdir / "vae")
+    tiny_kl(latent_channels=8).save_pretrained(workdir / "vae8")
+    run = workdir / "checkpoints" / "full"
+    out = workdir / "eval_vae"
+    with monkeypatch.context() as m:
+        m.setattr(E, "generate", lambda *a, **k: pytest.fail("sampled before checking eval.vae"))
+        with pytest.raises(ValueError, match="eval.vae: .*vae8 .* has 8 latent channels"):
+            E.evaluate(str(run / "config.yaml"), "last", E.EvalConfig(num_samples=2, vae=str(workdir / "vae8")), str(out))
+    assert not out.exists()
+    metrics = E.evaluate(str(run / "config.yaml"), "last", E.EvalConfig(num_samples=2, vae=str(workdir / "vae")), str(out))
+    assert metrics["sample_space"].startswith("pixels (AutoencoderKL") and metrics["latent_mse_student_vs_teacher"] > 0
+    # grid: (teacher, student) x 2 samples of 16-pixel frames down, 4 frames across; RGB
+    assert Image.open(out / "grid.png").size == (4 * 16, 2 * 2 * 16) and Image.open(out / "grid.png").mode == "RGB"
+    assert Image.open(out / "videos.gif").size == (2 * 16, 2 * 16)
