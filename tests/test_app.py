@@ -562,3 +562,31 @@ def test_checkpoint_file_is_a_small_fraction_of_the_fp_model(workdir):
     assert size < 0.3 * fp.tell(), (size, fp.tell())
     ckpt = torch.load(workdir / "checkpoints" / "wide" / "last.ckpt", weights_only=False)
     assert ckpt["optimizer_states"] and not any(k.startswith("teacher.") for k in ckpt["state_dict"])
+
+
+def test_fp16_autocast_step_keeps_quantizer_math_fp32():
+    """What ``16-mixed`` does on a GPU (fp16 autocast + a grad scaler), run directly on the CPU
+    (Lightning substitutes bf16 there): every quantizer computes in fp32, the losses match the
+    fp32 step's, and the scaled backward gives finite gradients to every trainable tensor."""
+    from mpq_lightning.models import random_cond
+    module = _calibrated_module(0, 1.0)
+    t = module.teacher
+    g = torch.Generator().manual_seed(5)
+    batch = {"x_t": torch.randn(2, *t.latent_shape, generator=g), "t": torch.tensor([700, 300]),
+             "step_index": torch.tensor([1, 2]), "cond": random_cond(t, 2, 5, length=6, num_classes=3)}
+    want = {k: float(v) for k, v in module.compute_losses(batch).items()}
+    dtypes = []
+    hooks = [m.register_forward_hook(lambda m, a, out: dtypes.append(out.dtype))
+             for n, m in module.student.named_modules() if n.endswith(("weight_quantizer", "act_quantizer"))]
+    with torch.autocast("cpu", dtype=torch.float16):
+        losses = module.compute_losses(batch)
+    for h in hooks:
+        h.remove()
+    assert dtypes and set(dtypes) == {torch.float32}
+    for k, v in losses.items():
+        assert v.dtype == torch.float32 and abs(float(v) - want[k]) <= 2e-2 * abs(want[k]) + 1e-6, (k, float(v), want[k])
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    module.zero_grad(set_to_none=True)
+    scaler.scale(sum(losses.values())).backward()
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None and torch.isfinite(p.grad).all() for p in trainable)
