@@ -30,6 +30,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
+from .callbacks.samples import map_to_trained_entries
 from .data.trajectories import MANIFEST
 from .models.sampling import _cat_cond, guide, make_scheduler, sample
 from .quant import set_quant_state
@@ -240,11 +241,6 @@ def _sampler_setup(module, datamodule, cfg: EvalConfig) -> tuple[str, dict, int,
     name = recipe.get("scheduler") or teacher.default_scheduler["name"]
     sched_cfg = recipe.get("scheduler_config") if recipe.get("scheduler") else teacher.default_scheduler["config"]
     steps = cfg.num_inference_steps or recipe.get("num_inference_steps") or teacher.default_scheduler["num_inference_steps"]
-    if module.quant_cfg.a_quantizer == "timestep" and steps != module.quant_cfg.num_steps:
-        raise ValueError(
-            f"num_inference_steps={steps} but the student's activation step tables have quant.num_steps="
-            f"{module.quant_cfg.num_steps} entries; evaluate with the training sampler or resample the tables"
-        )
     scale = cfg.guidance_scale if cfg.guidance_scale is not None else recipe.get("guidance_scale", teacher.default_scheduler.get("guidance_scale", 1.0))
     return name, dict(sched_cfg or {}), int(steps), float(scale)
 
@@ -255,6 +251,17 @@ def generate(module, datamodule, cfg: EvalConfig) -> dict[str, Any]:
     teacher, student = module.teacher, module.student
     device = next(module.parameters()).device
     name, sched_cfg, steps, scale = _sampler_setup(module, datamodule, cfg)
+    set_quant_state(student.backbone, True, True)
+    # sampling step i -> the trained activation-table entry of the nearest timestep (a cache that kept
+    # every 5th step trains 1 entry in 5); another step count needs the cache's timesteps
+    table_steps = module.quant_cfg.num_steps if module.quant_cfg.a_quantizer == "timestep" else None
+    student, step_map = map_to_trained_entries(student, datamodule, make_scheduler(name, **sched_cfg), steps, table_steps)
+    if step_map == "proportionally":
+        raise ValueError(
+            f"num_inference_steps={steps} but the student's activation step tables have quant.num_steps="
+            f"{table_steps} entries and the run's trajectory cache (its training timesteps) is not available; "
+            "evaluate with the training sampler or resample the tables"
+        )
     n = cfg.num_samples
     cond, uncond, labels = _conditions(module, datamodule, n)
     cond, uncond = (None if c is None else {k: v.to(device) for k, v in c.items()} for c in (cond, uncond))
@@ -281,7 +288,6 @@ def generate(module, datamodule, cfg: EvalConfig) -> dict[str, Any]:
         err = (guided(student, x_t, t, step_index) - model_output).float().pow(2).mean()
         step_err[step_index] += float(err)
 
-    set_quant_state(student.backbone, True, True)
     results = {}
     for who, model in (("teacher", teacher), ("student", student)):
         outs = []
@@ -296,7 +302,8 @@ def generate(module, datamodule, cfg: EvalConfig) -> dict[str, Any]:
     # the recorder ran once per batch: average over batches
     step_err /= math.ceil(n / cfg.batch_size)
     return {"teacher": results["teacher"], "student": results["student"], "labels": labels,
-            "step_error": step_err.tolist(), "scheduler": name, "steps": steps, "guidance_scale": scale}
+            "step_error": step_err.tolist(), "scheduler": name, "steps": steps, "guidance_scale": scale,
+            "student_step_map": step_map or "identity"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,7 +328,8 @@ def compute_metrics(gen: dict[str, Any], teacher, feature: str) -> dict[str, Any
     s, t = gen["student"].float(), gen["teacher"].float()
     out: dict[str, Any] = {"num_samples": s.shape[0], "scheduler": gen["scheduler"], "steps": gen["steps"],
                            "guidance_scale": gen["guidance_scale"],
-                           "sample_space": gen.get("sample_space", "denoiser output")}
+                           "sample_space": gen.get("sample_space", "denoiser output"),
+                           "student_step_map": gen.get("student_step_map", "identity")}
     shown_s, shown_t = s[:, :3], t[:, :3]
     rng = (float(min(shown_s.min(), shown_t.min())), float(max(shown_s.max(), shown_t.max())))
     value_range = (-1.0, 1.0) if rng[0] >= -1.5 and rng[1] <= 1.5 else rng

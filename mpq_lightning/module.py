@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from .losses import MemoryRelationLoss, TimeSmoothedRelationLoss, output_mse, tmd_loss
 from .quant import QuantConfig, calibrate, quantize_model, set_quant_state
 from .quant.layers import QuantLayer
+from .quant.quantizers import TimestepActQuantizer
 from .quant.functional import check_compile_support
 
 # ---------------------------------------------------------------------------------------------
@@ -212,6 +213,7 @@ class QATModule(L.LightningModule):
         if loss.tmd and not teacher.is_video:
             raise ValueError(f"loss.tmd needs a video backbone; {model!r} is an image model")
         self._calibrated = False
+        self._step_fill: Tensor | None = None  # see untrained_step_fill
 
     @staticmethod
     def _enable_checkpointing(backbone: nn.Module) -> None:
@@ -266,10 +268,31 @@ class QATModule(L.LightningModule):
             if self.trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
                 self.sync_student_from_rank0()
             self.refresh_scale_aware_lrs()
+        self._step_fill = self.untrained_step_fill(self.trainer.datamodule)
         # the quant switches are not state-dict entries: set them on every start, resumed or not
         set_quant_state(self.student.backbone, weight=True, act=self.calib_cfg.train_act_quant)
         if self.compile_model:  # after calibration, whose observers are data-dependent Python
             self.compile_backbones()
+
+    def untrained_step_fill(self, datamodule) -> Tensor | None:
+        """For each activation-table entry, the trained entry of the nearest training timestep, or None
+        when every entry trains. A cache that keeps 1 sampler step in 5 (Q-VDiT's OpenSora set) trains 1
+        entry in 5; the others keep the calibration's pooled value, so checkpoints store them as copies
+        of their nearest trained neighbour (:meth:`on_save_checkpoint`) and a sampler of the training
+        step count, in or outside this package, uses trained values at every step."""
+        from .callbacks.samples import trained_step_entries
+
+        q = self.quant_cfg
+        if q.a_quantizer != "timestep" or q.num_steps <= 1:
+            return None
+        try:
+            timesteps = datamodule.manifest["scheduler"]["timesteps"]
+        except Exception:  # no trajectory cache behind the data module
+            return None
+        fill = trained_step_entries(datamodule, timesteps, q.num_steps)
+        if fill is None or torch.equal(fill, torch.arange(q.num_steps)):
+            return None
+        return fill
 
     def refresh_scale_aware_lrs(self) -> None:
         """``optim.lora_lr: null`` sets each layer's LoRA lr from its calibrated weight steps (mean Δ_w /
@@ -504,6 +527,15 @@ class QATModule(L.LightningModule):
         for k in [k for k in sd if k.startswith("teacher.") or k in self._fp_keys]:
             del sd[k]
         checkpoint["mpq_identity"] = self._identity()
+        if self._step_fill is not None:
+            fill = self._step_fill
+            for name, m in self.named_modules():
+                if isinstance(m, TimestepActQuantizer):
+                    for key in (f"{name}.scale", f"{name}.zero_point"):
+                        value = sd.get(key)
+                        if type(value) is torch.Tensor and value.shape == fill.shape:  # not a shard (FSDP)
+                            sd[key] = value[fill.to(value.device)].clone()
+            checkpoint["mpq_step_fill"] = fill.tolist()
         if self.trd is not None and self.trd.pending:  # a TRD window open at the save: resume completes it
             checkpoint["mpq_trd_pending"] = {"student": [f.detach().cpu() for f in self.trd._student_buf],
                                              "teacher": [f.detach().cpu() for f in self.trd._teacher_buf]}

@@ -590,3 +590,31 @@ def test_fp16_autocast_step_keeps_quantizer_math_fp32():
     scaler.scale(sum(losses.values())).backward()
     trainable = [p for p in module.parameters() if p.requires_grad]
     assert trainable and all(p.grad is not None and torch.isfinite(p.grad).all() for p in trainable)
+
+
+def test_untrained_step_entries_are_saved_as_their_nearest_trained_entry(workdir):
+    """A cache that keeps every 2nd sampler step trains 5 of the 10 activation-table entries. The
+    checkpoint stores each untrained entry as a copy of the trained entry of the nearest timestep
+    (trained ones untouched), and evaluate.py samples step i with that entry."""
+    from mpq_lightning.evaluation import EvalConfig, evaluate
+    from mpq_lightning.quant.quantizers import TimestepActQuantizer
+
+    cli = fit("--trainer.max_steps", "2", "--data.init_args.cache", "data/stride2", "--data.init_args.recipe.name",
+              "stride2", "--data.init_args.recipe.keep_stride", "2", run="stride2")
+    module, kept = cli.model, [0, 2, 4, 6, 8]
+    timesteps = torch.tensor(cli.datamodule.manifest["scheduler"]["timesteps"], dtype=torch.float64)
+    fill = module._step_fill
+    for i, entry in enumerate(fill.tolist()):
+        assert entry in kept and abs(timesteps[entry] - timesteps[i]) == (timesteps[kept] - timesteps[i]).abs().min()
+    ckpt = torch.load(workdir / "checkpoints" / "stride2" / "last.ckpt", weights_only=False)
+    assert ckpt["mpq_step_fill"] == fill.tolist()
+    changed = 0
+    for name, m in module.named_modules():
+        if isinstance(m, TimestepActQuantizer):
+            for attr in ("scale", "zero_point"):
+                live, saved = getattr(m, attr).detach(), ckpt["state_dict"][f"{name}.{attr}"]
+                assert torch.equal(saved, live[fill]) and torch.equal(saved[kept], live[kept])
+                changed += int(not torch.equal(saved, live))
+    assert changed  # the untrained entries held other (pooled) values
+    metrics = evaluate(str(workdir / "checkpoints" / "stride2" / "config.yaml"), "last", EvalConfig(num_samples=2))
+    assert "5 of the 10 entries are trained" in metrics["student_step_map"]

@@ -447,21 +447,22 @@ def test_sample_logger_maps_sampling_steps_to_trained_entries_of_the_nearest_tim
     from mpq_lightning.callbacks.samples import trained_step_entries
     from mpq_lightning.models.sampling import make_scheduler
 
+    train = make_scheduler("ddim")
+    train.set_timesteps(100)
+
     class DataModule:
-        manifest = {"recipe": {"scheduler": "ddim", "scheduler_config": {}, "num_inference_steps": 100},
+        manifest = {"scheduler": {"timesteps": train.timesteps.tolist()},
                     "structure": {"kept_steps": list(range(0, 100, 5))}}
         options = {"steps": None, "step_stride": 1}
 
-    entries = trained_step_entries(DataModule(), make_scheduler("ddim"), 20, 100)
-    train = make_scheduler("ddim")
-    train.set_timesteps(100)
     sampler = make_scheduler("ddim")
     sampler.set_timesteps(20)
+    entries = trained_step_entries(DataModule(), sampler.timesteps, 100)
     kept = torch.arange(0, 100, 5)
     assert set(entries.tolist()) <= set(kept.tolist())
     for i, t in enumerate(sampler.timesteps):
         gaps = (train.timesteps[kept] - t).abs()
         assert (train.timesteps[entries[i]] - t).abs() == gaps.min()
     DataModule.options = {"steps": None, "step_stride": 10}  # the data module serves every 10th step only
-    assert set(trained_step_entries(DataModule(), make_scheduler("ddim"), 20, 100).tolist()) <= set(range(0, 100, 10))
-    assert trained_step_entries(object(), make_scheduler("ddim"), 20, 100) is None  # no cache: proportional
+    assert set(trained_step_entries(DataModule(), sampler.timesteps, 100).tolist()) <= set(range(0, 100, 10))
+    assert trained_step_entries(object(), sampler.timesteps, 100) is None  # no cache: proportional

@@ -14,7 +14,9 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
 
 from ..compare import SamplerSpec, compare, naive_ptq, print_rows
+from ..models.sampling import make_scheduler
 from ..quant import set_quant_state
+from .samples import map_to_trained_entries
 
 
 class FinalReport(Callback):
@@ -43,9 +45,14 @@ class FinalReport(Callback):
             batches.append(move_data_to_device(b, pl_module.device))
         ptq = naive_ptq(pl_module.teacher, pl_module.quant_cfg, batches)
         set_quant_state(pl_module.student.backbone, True, True)
-        self.rows = compare({"naive PTQ": ptq, "trained (ours)": pl_module.student}, pl_module.teacher,
-                            self._spec(trainer, pl_module), self.num_samples, self.seed)
+        spec = self._spec(trainer, pl_module)
         q = pl_module.quant_cfg
+        table_steps = q.num_steps if q.a_quantizer == "timestep" else None
+        models = {}  # both sample step i with the activation-table entry trained nearest its timestep
+        for name, model in (("naive PTQ", ptq), ("trained (ours)", pl_module.student)):
+            sampler = make_scheduler(spec.scheduler, **(spec.scheduler_config or {}))
+            models[name] = map_to_trained_entries(model, dm, sampler, spec.num_inference_steps, table_steps)[0]
+        self.rows = compare(models, pl_module.teacher, spec, self.num_samples, self.seed)
         print_rows(self.rows, f"{pl_module.model_name}: W{q.w_bits}A{q.a_bits}, {self.num_samples} samples")
         if log_dir:
             Path(log_dir, "report.json").write_text(json.dumps(self.rows, indent=2))

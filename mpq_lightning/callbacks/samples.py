@@ -104,30 +104,50 @@ def _has_moviepy_editor() -> bool:
         return False
 
 
-def trained_step_entries(datamodule, sampler, num_sample_steps: int, num_table_steps: int) -> Tensor | None:
-    """For each sampling step, the trained table entry of the nearest diffusion timestep: entries are
-    the training sampler's steps (the trajectory cache's recipe) that the data module actually serves
-    (the cache's kept steps, the data module's ``steps`` / ``step_stride``). None when the training
-    sampler is unknown or its step count is not the table's (then indices are mapped proportionally)."""
-    from mpq_lightning.models.sampling import make_scheduler
-
+def trained_step_entries(datamodule, sample_timesteps, num_table_steps: int) -> Tensor | None:
+    """For each sampling step (``sample_timesteps``: the sampler's timesteps), the trained table entry
+    of the nearest diffusion timestep: entries are the training sampler's steps (the trajectory
+    cache's scheduler timesteps) that the data module actually serves (the cache's kept steps, the
+    data module's ``steps`` / ``step_stride``). None when the training sampler is unknown or its step
+    count is not the table's (then indices are mapped proportionally)."""
     try:
         manifest = datamodule.manifest
-        recipe, kept = manifest["recipe"], list(manifest["structure"]["kept_steps"])
-        train = make_scheduler(recipe["scheduler"], **(recipe.get("scheduler_config") or {}))
-        train.set_timesteps(int(recipe["num_inference_steps"]))
+        kept = list(manifest["structure"]["kept_steps"])
+        train_t = torch.as_tensor(manifest["scheduler"]["timesteps"], dtype=torch.float64)
     except Exception:  # no cache behind the data module (on-the-fly stream, tests): proportional
         return None
     options = getattr(datamodule, "options", {}) or {}
     wanted, stride = options.get("steps"), int(options.get("step_stride") or 1)
     allowed = [i for i in kept if (wanted is None or i in wanted) and i % stride == 0]
-    sampler.set_timesteps(num_sample_steps)
-    if len(train.timesteps) != num_table_steps or len(sampler.timesteps) != num_sample_steps or not allowed:
+    if len(train_t) != num_table_steps or not allowed:
         return None
     allowed_t = torch.as_tensor(allowed, dtype=torch.long)
-    table_t = train.timesteps.double().cpu()[allowed_t]
-    nearest = (table_t.view(-1, 1) - sampler.timesteps.double().cpu().view(1, -1)).abs().argmin(0)
+    sample_t = torch.as_tensor(sample_timesteps).double().cpu()
+    nearest = (train_t[allowed_t].view(-1, 1) - sample_t.view(1, -1)).abs().argmin(0)
     return allowed_t[nearest]
+
+
+def map_to_trained_entries(denoiser, datamodule, sampler, num_sample_steps: int, num_table_steps: int | None):
+    """``(model, how)``: the student to sample with ``num_sample_steps`` steps of ``sampler``, and how its
+    step indices are remapped (None: not at all). With a trajectory cache, sampling step i uses the
+    trained table entry of the nearest timestep: entries of steps the cache does not keep (Q-VDiT's
+    OpenSora set keeps every 5th of 100) get no gradient and hold the calibration's pooled value.
+    Without one, a different step count is mapped proportionally."""
+    if not num_table_steps or num_table_steps <= 1:
+        return denoiser, None
+    sampler.set_timesteps(num_sample_steps)
+    entries = trained_step_entries(datamodule, sampler.timesteps, num_table_steps)
+    if entries is not None and len(entries) != num_sample_steps:  # a sampler that does not take num_sample_steps
+        entries = None
+    if entries is None:
+        if num_sample_steps == num_table_steps:
+            return denoiser, None
+        return _StepIndexMap(denoiser, num_sample_steps, num_table_steps), "proportionally"
+    if num_sample_steps == num_table_steps and torch.equal(entries, torch.arange(num_table_steps)):
+        return denoiser, None
+    trained = len(set(entries.tolist()))
+    return (_StepIndexMap(denoiser, num_sample_steps, num_table_steps, entries),
+            f"to the trained entry of the nearest timestep ({trained} of the {num_table_steps} entries are trained)")
 
 
 class _StepIndexMap:
@@ -316,12 +336,10 @@ class SampleLogger(Callback):
         quant = getattr(pl_module, "quant_cfg", None)
         table_steps = int(getattr(quant, "num_steps", 0) or 0) or None
         make_sched, steps = self._scheduler_and_steps(teacher, table_steps)
-        entries = None
-        if table_steps and steps != table_steps and table_steps > 1:
-            entries = trained_step_entries(datamodule, make_sched(), steps, table_steps)
-            how = "to the trained entry of the nearest timestep" if entries is not None else "proportionally"
+        model_student, how = map_to_trained_entries(student, datamodule, make_sched(), steps, table_steps)
+        if how is not None:
             self._warn_once(
-                "steps", f"SampleLogger: sampling with {steps} steps but the student's timestep quantizers have "
+                "steps", f"SampleLogger: sampling with {steps} steps, the student's timestep quantizers have "
                 f"{table_steps} entries; step indices are mapped {how}",
             )
 
@@ -345,7 +363,6 @@ class SampleLogger(Callback):
                 scale = 1.0
 
         noise = torch.randn((n, *teacher.latent_shape), generator=torch.Generator().manual_seed(self.seed)).to(device)
-        model_student = _StepIndexMap(student, steps, table_steps, entries) if table_steps else student
 
         precision = getattr(trainer, "precision_plugin", None) if trainer is not None else None
         forward_ctx = getattr(precision, "forward_context", None) or contextlib.nullcontext
