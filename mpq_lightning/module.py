@@ -398,8 +398,11 @@ class QATModule(L.LightningModule):
         if self.mtrd is not None:
             losses["mtrd"] = self.mtrd(f_s.float(), f_t.float(), self.memory_queue)
             steps = batch["step_index"].tolist()
+            per_sample = f_t.float()
+            if self.teacher.feature_layout.startswith("(b "):  # sample axis merged (Latte: "(b s) f c", b outer)
+                per_sample = per_sample.unflatten(0, (len(steps), -1))
             for i, step in enumerate(steps):  # same count on every rank: it is a collective under DDP
-                self.memory_queue_callback.enqueue_and_sync(f_t[i : i + 1].float(), int(step), channel_dim=self.feature_channel_dim)
+                self.memory_queue_callback.enqueue_and_sync(per_sample[i : i + 1], int(step), channel_dim=self.feature_channel_dim)
         if cfg.tmd:
             losses["tmd"] = tmd_loss(out_s.float(), out_t.float(), self.teacher.num_frames, layout="b c f h w",
                                      tau=cfg.tmd_tau, legacy_reshape=cfg.tmd_legacy_reshape, weight=cfg.tmd_weight)

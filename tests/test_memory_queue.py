@@ -305,3 +305,36 @@ def test_every_rank_resumes_its_own_pixel_generator():
         resumed.setup(Trainer(rank), Module(), "fit")
         resumed.load_state_dict(saved)
         assert torch.equal(torch.rand(4, generator=resumed.generator), expected[rank])
+
+
+@pytest.mark.parametrize("model", ["tiny-latte", "tiny-stdit"])
+def test_module_enqueues_each_samples_own_teacher_pixels_at_its_step(model):
+    """``compute_losses`` writes sample i's teacher pixels to the slot of sample i's step, whatever the
+    feature site's layout: Latte's temporal site merges the sample axis with space ("(b s) f c")."""
+    from mpq_lightning.models import random_cond
+    from mpq_lightning.module import CalibConfig, LossConfig, QATModule
+    from mpq_lightning.quant import QuantConfig
+
+    torch.manual_seed(0)
+    module = QATModule(model, {}, QuantConfig(w_bits=4, a_bits=8, num_steps=4, lora_rank=2), True,
+                       LossConfig(mse_reduction="mean", mtrd=True, mtrd_anchors=16, mtrd_memory_samples=16),
+                       calib=CalibConfig(num_batches=1))
+    t = module.teacher
+    batch = {"x_t": torch.randn(2, *t.latent_shape), "t": torch.tensor([900, 300]), "step_index": torch.tensor([1, 3]),
+             "cond": random_cond(t, 2, 0, length=6, num_classes=3)}
+    module.calibrate_from(type("DM", (), {"train_dataloader": lambda self: [batch]})())
+    queue = MemoryQueue(num_steps=4, pixels_per_step=8)
+    queue.attach(module)
+    module.compute_losses(batch)
+    f_t = module._feat_t.value.detach().float()
+    if t.feature_layout.startswith("(b "):
+        f_t = f_t.unflatten(0, (2, -1))
+    own = [F.normalize(f_t[i].reshape(-1, f_t.shape[-1]) if module.feature_channel_dim == -1
+                       else f_t[i].reshape(f_t.shape[1], -1).T, dim=-1) for i in range(2)]
+    q = queue.queue
+    for sample, step in ((0, 1), (1, 3)):
+        written = q.feats[step][q.valid[step]]
+        assert len(written) == 8
+        for v in written:  # every vector is a pixel of its own sample, none of the other's
+            assert (own[sample] - v).abs().amax(-1).min() < 1e-5
+            assert (own[1 - sample] - v).abs().amax(-1).min() > 1e-4
