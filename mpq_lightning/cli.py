@@ -18,6 +18,7 @@ from __future__ import annotations
 import sys
 import warnings
 from pathlib import Path
+from typing import Literal, Optional
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -45,6 +46,10 @@ class MPQCLI(LightningCLI):
         parser.add_argument("--overwrite_run", type=bool, default=False,
                             help="fit without --ckpt_path into a run folder that holds checkpoints: delete that "
                                  "run's checkpoints, config and TensorBoard events and start afresh")
+        parser.add_argument("--matmul_precision", type=Optional[Literal["highest", "high", "medium"]], default=None,
+                            help="torch.set_float32_matmul_precision before anything is built ('high': TF32 "
+                                 "matmuls under 32-true, the papers' fp32 setting on Ampere and later); null: "
+                                 "torch's default")
         parser.set_defaults({
             "data": {"class_path": "mpq_lightning.data.TrajectoryDataModule"},
             "trainer.default_root_dir": DEFAULT_ROOT,
@@ -55,6 +60,8 @@ class MPQCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         run = Path(cfg.trainer.default_root_dir or DEFAULT_ROOT) / cfg.run_name
+        if cfg.get("matmul_precision"):
+            torch.set_float32_matmul_precision(cfg.matmul_precision)
         if cfg.trainer.logger is None or cfg.trainer.logger is True:  # False: no logger, as Lightning
             cfg.trainer.logger = {
                 "class_path": "lightning.pytorch.loggers.TensorBoardLogger",

@@ -380,10 +380,15 @@ class QATModule(L.LightningModule):
     # -- training ------------------------------------------------------------------------------
     def _student_teacher(self, batch: dict) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
         x_t, t, step, cond = batch["x_t"], batch["t"], batch["step_index"], batch.get("cond")
-        need_teacher_forward = "teacher_output" not in batch or self.trd is not None or self.mtrd is not None
-        with torch.no_grad():
-            out_t = self.teacher(x_t, t, cond, step) if need_teacher_forward else batch["teacher_output"]
-        f_t = self._feat_t.value
+        cached = batch.get("teacher_output")
+        f_t = None
+        if cached is None or self.trd is not None or self.mtrd is not None:  # features need the live teacher
+            with torch.no_grad():
+                out_t = self.teacher(x_t, t, cond, step)
+            f_t = self._feat_t.value
+        # the cached output is the teacher's in full fp32; a live forward runs under the trainer's
+        # autocast (bf16-mixed: a bf16 target), so the cache wins where it has the output
+        out_t = cached if cached is not None else out_t
         out_s = self.student(x_t, t, cond, step)
         return out_s, out_t, self._feat_s.value, f_t
 

@@ -618,3 +618,16 @@ def test_untrained_step_entries_are_saved_as_their_nearest_trained_entry(workdir
     assert changed  # the untrained entries held other (pooled) values
     metrics = evaluate(str(workdir / "checkpoints" / "stride2" / "config.yaml"), "last", EvalConfig(num_samples=2))
     assert "5 of the 10 entries are trained" in metrics["student_step_map"]
+
+
+def test_matmul_precision_is_set_before_anything_is_built(workdir):
+    from mpq_lightning.cli import MPQCLI
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        MPQCLI(args=["--config", TINY, "--matmul_precision", "medium", "--run_name", "mm"], run=False)
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    with pytest.raises(SystemExit):
+        MPQCLI(args=["--config", TINY, "--matmul_precision", "fast"], run=False)

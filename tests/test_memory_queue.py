@@ -338,3 +338,29 @@ def test_module_enqueues_each_samples_own_teacher_pixels_at_its_step(model):
         for v in written:  # every vector is a pixel of its own sample, none of the other's
             assert (own[sample] - v).abs().amax(-1).min() < 1e-5
             assert (own[1 - sample] - v).abs().amax(-1).min() > 1e-4
+
+
+def test_cached_teacher_output_is_the_target_when_the_teacher_runs_for_features():
+    """With MTRD the teacher runs for its features, but the ε-MSE / TMD target is still the cache's
+    fp32 teacher output (a live forward runs under the trainer's autocast)."""
+    from mpq_lightning.losses import output_mse
+    from mpq_lightning.models import random_cond
+    from mpq_lightning.module import CalibConfig, LossConfig, QATModule
+    from mpq_lightning.quant import QuantConfig
+
+    torch.manual_seed(0)
+    module = QATModule("tiny-stdit", {"config": {"depth": 1}}, QuantConfig(w_bits=4, a_bits=8, num_steps=4, lora_rank=2),
+                       True, LossConfig(mse_reduction="mean", mtrd=True, mtrd_anchors=16, mtrd_memory_samples=16),
+                       calib=CalibConfig(num_batches=1))
+    t = module.teacher
+    batch = {"x_t": torch.randn(2, *t.latent_shape), "t": torch.tensor([900, 300]), "step_index": torch.tensor([1, 3]),
+             "cond": random_cond(t, 2, 0, length=6, num_classes=3)}
+    module.calibrate_from(type("DM", (), {"train_dataloader": lambda self: [batch]})())
+    MemoryQueue(num_steps=4, pixels_per_step=8).attach(module)
+    with torch.no_grad():
+        live = t(batch["x_t"], batch["t"], batch["cond"], batch["step_index"])
+    cached = live + 0.5  # distinguishable from the live forward
+    out_s, out_t, f_s, f_t = module._student_teacher({**batch, "teacher_output": cached})
+    assert torch.equal(out_t, cached) and f_t is not None and f_s is not None
+    losses = module.compute_losses({**batch, "teacher_output": cached})
+    torch.testing.assert_close(losses["mse"], output_mse(out_s.float(), cached.float(), reduction="mean"))
