@@ -11,7 +11,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from mpq_lightning.models import LAYER_KINDS, build
+from mpq_lightning.models import LAYER_KINDS, build, make_scheduler
 from mpq_lightning.quant import QuantConfig, quant_layers, quantize_model, set_quant_state
 
 TINY = ["tiny-latte", "tiny-wan", "tiny-cogvideox", "tiny-dit", "tiny-unet2d", "tiny-unet2d-condition"]
@@ -197,12 +197,15 @@ def test_presets_need_weights_or_config():
 def test_load_pipeline_folder(tmp_path, random_cond):
     d = build("tiny-dit").eval()
     d.backbone.save_pretrained(tmp_path / "transformer")
-    scheduler = {"_class_name": "DPMSolverMultistepScheduler", "_diffusers_version": "0.0", "beta_schedule": "linear"}
+    # skip_prk_steps: a PNDM key that some pipeline folders carry in other schedulers' configs
+    scheduler = {"_class_name": "DPMSolverMultistepScheduler", "_diffusers_version": "0.0", "beta_schedule": "linear",
+                 "skip_prk_steps": True}
     (tmp_path / "scheduler").mkdir()
     (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
     loaded = build("dit", path=tmp_path).eval()
     assert loaded.default_scheduler["name"] == "DPMSolverMultistepScheduler"
-    assert loaded.default_scheduler["config"] == {"beta_schedule": "linear"}
+    assert loaded.default_scheduler["config"] == {"beta_schedule": "linear"}  # the class's keys only
+    make_scheduler(loaded.default_scheduler["name"], **loaded.default_scheduler["config"])
     x, t, cond = _inputs(d, random_cond)
     with torch.no_grad():
         assert torch.equal(loaded(x, t, cond, 0), d(x, t, cond, 0))

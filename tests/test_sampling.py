@@ -176,3 +176,25 @@ def test_sample_errors(stdit_denoiser, random_cond):
         sample(wan, "iddpm-2", _noise(wan, 1), wan_cond)
     with pytest.raises(ValueError, match="WanDenoiser has no built-in null condition; pass `uncond`"):
         sample(wan, None, _noise(wan, 1), wan_cond, guidance_scale=5.0, num_inference_steps=2)
+
+
+@torch.no_grad()
+def test_cogvideox_dpm_scheduler_carries_the_previous_x0_prediction():
+    """CogVideoXDPMScheduler (the CogVideoX-5b / 1.5 folders' sampler) steps with the previous x0
+    prediction and timestep: ``sample`` gives what diffusers' CogVideoXPipeline loop gives."""
+    torch.manual_seed(0)
+    d = build("tiny-cogvideox").eval()
+    cfg = {"prediction_type": "v_prediction", "timestep_spacing": "trailing", "beta_schedule": "scaled_linear",
+           "beta_start": 0.00085, "beta_end": 0.012, "rescale_betas_zero_snr": True, "snr_shift_scale": 1.0}
+    noise = _noise(d, batch=1, seed=4)
+    cond = {k: torch.randn(1, *[6 if n is None else n for n in spec.shape]) for k, spec in d.cond_spec.items()
+            if spec.dtype != "mask"}
+    got = sample(d, make_scheduler("CogVideoXDPMScheduler", **cfg), noise, cond, num_inference_steps=4,
+                 generator=torch.Generator().manual_seed(1))
+    sched = make_scheduler("CogVideoXDPMScheduler", **cfg)
+    sched.set_timesteps(4)
+    g, x, old = torch.Generator().manual_seed(1), noise * sched.init_noise_sigma, None
+    for i, t in enumerate(sched.timesteps):  # diffusers' CogVideoXPipeline.__call__ loop
+        out = d(sched.scale_model_input(x, t), t.expand(1), cond, torch.tensor([i]))
+        x, old = sched.step(out, old, t, sched.timesteps[i - 1] if i > 0 else None, x, generator=g, return_dict=False)
+    assert torch.isfinite(got).all() and torch.equal(got, x)

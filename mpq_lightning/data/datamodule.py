@@ -26,7 +26,6 @@ remaining batches.
 from __future__ import annotations
 
 import bisect
-import inspect
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -48,7 +47,7 @@ from mpq_lightning.data.trajectories import (
     teacher_fingerprint,
 )
 from mpq_lightning.models.registry import Denoiser
-from mpq_lightning.models.sampling import _cat_cond, _takes_variance, guide, make_scheduler
+from mpq_lightning.models.sampling import SchedulerStep, _cat_cond, _takes_variance, guide, make_scheduler
 
 __all__ = ["OnTheFlyDataModule", "TeacherForcedTrajectories", "TrajectoryDataModule", "TrajectoryDataset"]
 
@@ -585,8 +584,7 @@ class TeacherForcedTrajectories:
         predicted = teacher.in_channels if teacher.learned_sigma else teacher.out_channels
         channels = self.cfg_channels or teacher.cfg_channels or predicted
         generator = torch.Generator(noise.device).manual_seed(mix_seed(self.seed, int(ids[0]), 1))
-        params = inspect.signature(scheduler.step).parameters
-        step_kwargs = {k: v for k, v in (("generator", generator), ("eta", self.eta)) if k in params}
+        step = SchedulerStep(scheduler, generator, self.eta)
         scale_input = getattr(scheduler, "scale_model_input", lambda x, t: x)
         repeat = 2 if use_cfg else 1
         x = noise * getattr(scheduler, "init_noise_sigma", 1.0)
@@ -607,7 +605,7 @@ class TeacherForcedTrajectories:
             }
             if use_cfg:
                 out = guide(*out.chunk(2), self.guidance_scale, channels)
-            x = scheduler.step(out if takes_variance else out[:, :predicted], t, x, **step_kwargs, return_dict=False)[0]
+            x = step(out if takes_variance else out[:, :predicted], i, t, x)
             yield batch
 
 

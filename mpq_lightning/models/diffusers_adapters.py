@@ -30,12 +30,14 @@ FP-kept layers and bit maps (module names relative to the backbone):
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
 from diffusers import (
     CogVideoXTransformer3DModel,
@@ -565,7 +567,11 @@ def load_diffusers_model(
     scheduler = None
     if scheduler_file.is_file():
         raw = json.loads(scheduler_file.read_text())
-        config = {k: v for k, v in raw.items() if not k.startswith("_")}
+        cls_s = getattr(diffusers, str(raw.get("_class_name")), None)
+        accepted = inspect.signature(cls_s.__init__).parameters if isinstance(cls_s, type) else None
+        # the keys the class takes, as diffusers' from_config keeps: folders carry others (e.g. a DDIM
+        # config with a DDPM's variance_type), which the constructor would refuse
+        config = {k: v for k, v in raw.items() if not k.startswith("_") and (accepted is None or k in accepted)}
         scheduler = {"name": raw["_class_name"], "config": config, "num_inference_steps": None, "guidance_scale": None}
     return model, scheduler
 

@@ -121,6 +121,29 @@ def _cat_cond(cond: Mapping[str, torch.Tensor], uncond: Mapping[str, torch.Tenso
 # Loop
 # -------------------------------------------------------------------------------------------------
 
+
+class SchedulerStep:
+    """``scheduler.step`` for a sampling loop, called as ``step(model_output, i, t, x) -> x_prev``.
+    Passes ``generator`` / ``eta`` where the scheduler takes them, and drives CogVideoXDPMScheduler
+    (the CogVideoX-5b / 1.5 folders' sampler), whose step also takes the previous x0 prediction and
+    timestep, as diffusers' CogVideoXPipeline does."""
+
+    def __init__(self, scheduler: SchedulerMixin, generator: torch.Generator | None = None, eta: float = 0.0) -> None:
+        params = inspect.signature(scheduler.step).parameters
+        self.scheduler = scheduler
+        self.kwargs = {k: v for k, v in (("generator", generator), ("eta", eta)) if k in params}
+        self.carries_x0 = "old_pred_original_sample" in params
+        self._old_x0 = None
+
+    def __call__(self, model_output: torch.Tensor, i: int, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        s = self.scheduler
+        if self.carries_x0:
+            back = s.timesteps[i - 1] if i > 0 else None
+            x_prev, self._old_x0 = s.step(model_output, self._old_x0, t, back, x, **self.kwargs, return_dict=False)
+            return x_prev
+        return s.step(model_output, t, x, **self.kwargs, return_dict=False)[0]
+
+
 #: Called once per step with keywords step_index (int), t (the scheduler's timestep, 0-dim tensor),
 #: x_t, cond, model_output (after CFG, variance channels included) and x_prev.
 Recorder = Callable[..., None]
@@ -168,8 +191,7 @@ def sample(
     predicted = denoiser.in_channels if denoiser.learned_sigma else denoiser.out_channels
     channels = cfg_channels or denoiser.cfg_channels or predicted
 
-    step_params = inspect.signature(scheduler.step).parameters
-    step_kwargs = {k: v for k, v in (("generator", generator), ("eta", eta)) if k in step_params}
+    step = SchedulerStep(scheduler, generator, eta)
     scale_input = getattr(scheduler, "scale_model_input", lambda x, t: x)
 
     batch = noise.shape[0]
@@ -185,7 +207,7 @@ def sample(
                 out_cond, out_uncond = out.chunk(2)
                 out = guide(out_cond, out_uncond, guidance_scale, channels)
             step_out = out if takes_variance else out[:, :predicted]
-            x_prev = scheduler.step(step_out, t, x, **step_kwargs, return_dict=False)[0]
+            x_prev = step(step_out, i, t, x)
             if recorder is not None:
                 recorder(step_index=i, t=t, x_t=x, cond=cond, model_output=out, x_prev=x_prev)
             x = x_prev
