@@ -1,6 +1,7 @@
 """Uniform, timestep-aware and dynamic per-token quantizers."""
 import pytest
 import torch
+from torch import nn
 
 from mpq_lightning.quant import (
     DynamicTokenQuantizer,
@@ -164,3 +165,21 @@ def test_lsq_grad_scale_reaches_the_activation_step_table():
     torch.testing.assert_close(grads[1], grads[0] * lsq_grad_scale(10, q.qmax))
     model = quantize_model(torch.nn.Sequential(torch.nn.Linear(10, 4)), QuantConfig(a_bits=6, lsq_grad_scale=True))
     assert model[0].act_quantizer.use_lsq_grad_scale
+
+
+def test_step_index_context_follows_module_tree_changes():
+    """The per-model list of step quantizers is cached, and rebuilt after any submodule is added
+    or replaced anywhere (a quantizer added later still gets the step index)."""
+    from mpq_lightning.quant.quantizers import step_quantizers
+
+    model = nn.Sequential(TimestepActQuantizer(4, 3))
+    with step_index_context(model, 1):
+        assert model[0].step_index == 1
+    assert model[0].step_index is None  # restored
+    model.append(nn.Sequential(TimestepActQuantizer(4, 3)))
+    model[1].add_module("late", TimestepActQuantizer(4, 3))
+    with step_index_context(model, 2):
+        assert [q.step_index for q in step_quantizers(model)] == [2, 2, 2]
+        assert model[1][0].step_index == 2 and model[1].late.step_index == 2
+    model[1][0] = nn.Identity()  # replaced: no longer handed the index
+    assert len(step_quantizers(model)) == 2

@@ -5,6 +5,7 @@ is registered at construction, so a checkpoint restores it strictly before any c
 """
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -245,23 +246,50 @@ def resample_step_table(
     return table[..., idx.to(table.device)].clone()
 
 
+# Every submodule registration anywhere bumps this counter (a global nn.Module hook), so the
+# per-model list of step quantizers below is rebuilt after any change of a module tree.
+_structure_version = 0
+
+
+def _bump_structure_version(module: nn.Module, name: str, submodule: nn.Module | None) -> None:
+    global _structure_version
+    _structure_version += 1
+
+
+nn.modules.module.register_module_module_registration_hook(_bump_structure_version)
+_step_quantizers_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def step_quantizers(model: nn.Module) -> list[TimestepActQuantizer]:
+    """The TimestepActQuantizers of ``model``, walked once per module-tree version (the walk costs
+    about 0.5 ms per forward on a 300-module model, a step of a small model is a few ms)."""
+    cached = _step_quantizers_cache.get(model)
+    if cached is None or cached[0] != _structure_version:
+        cached = (_structure_version, [m for m in model.modules() if isinstance(m, TimestepActQuantizer)])
+        _step_quantizers_cache[model] = cached
+    return cached[1]
+
+
 @contextmanager
 def step_index_context(model: nn.Module, step_index: int | Tensor | None) -> Iterator[None]:
     """Hand the sampler step index (int or LongTensor [B]) to every TimestepActQuantizer in model."""
-    quantizers = [m for m in model.modules() if isinstance(m, TimestepActQuantizer)]
+    quantizers = step_quantizers(model)
     previous = [(q.step_index, q._shared) for q in quantizers]
     shared = None
     if quantizers and step_index is not None:
         # one range check (one device sync) per forward instead of one per quantizer
         _check_step_range(torch.as_tensor(step_index), min(q.num_steps for q in quantizers))
         shared = (step_index, {})
+    setattr_ = object.__setattr__  # plain attributes (no parameter, buffer or module): skip nn.Module's
     for q in quantizers:
-        q.step_index, q._shared = step_index, shared
+        setattr_(q, "step_index", step_index)
+        setattr_(q, "_shared", shared)
     try:
         yield
     finally:
         for q, (p, sh) in zip(quantizers, previous):
-            q.step_index, q._shared = p, sh
+            setattr_(q, "step_index", p)
+            setattr_(q, "_shared", sh)
 
 
 # ---------------------------------------------------------------------------------------------
