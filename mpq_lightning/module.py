@@ -392,8 +392,17 @@ class QATModule(L.LightningModule):
         out_s = self.student(x_t, t, cond, step)
         return out_s, out_t, self._feat_s.value, f_t
 
+    def _sample_major(self, f: Tensor | None, batch: int) -> Tensor | None:
+        """A feature with the sample on axis 0: Latte's temporal site ``(b s) f c`` (b outer) becomes
+        ``b (s f) c``, so TRD relates the pixels of one sample and the queue takes each sample's own."""
+        if f is None or not self.teacher.feature_layout.startswith("(b "):
+            return f
+        return f.reshape(batch, -1, f.shape[-1])
+
     def compute_losses(self, batch: dict) -> dict[str, Tensor]:
         out_s, out_t, f_s, f_t = self._student_teacher(batch)
+        n = batch["x_t"].shape[0]
+        f_s, f_t = self._sample_major(f_s, n), self._sample_major(f_t, n)
         cfg = self.loss_cfg
         losses = {"mse": cfg.mse_weight * output_mse(out_s.float(), out_t.float(), reduction=cfg.mse_reduction)}
         if self.trd is not None:
@@ -403,11 +412,8 @@ class QATModule(L.LightningModule):
         if self.mtrd is not None:
             losses["mtrd"] = self.mtrd(f_s.float(), f_t.float(), self.memory_queue)
             steps = batch["step_index"].tolist()
-            per_sample = f_t.float()
-            if self.teacher.feature_layout.startswith("(b "):  # sample axis merged (Latte: "(b s) f c", b outer)
-                per_sample = per_sample.unflatten(0, (len(steps), -1))
             for i, step in enumerate(steps):  # same count on every rank: it is a collective under DDP
-                self.memory_queue_callback.enqueue_and_sync(per_sample[i : i + 1], int(step), channel_dim=self.feature_channel_dim)
+                self.memory_queue_callback.enqueue_and_sync(f_t[i : i + 1].float(), int(step), channel_dim=self.feature_channel_dim)
         if cfg.tmd:
             losses["tmd"] = tmd_loss(out_s.float(), out_t.float(), self.teacher.num_frames, layout="b c f h w",
                                      tau=cfg.tmd_tau, legacy_reshape=cfg.tmd_legacy_reshape, weight=cfg.tmd_weight)

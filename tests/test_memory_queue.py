@@ -364,3 +364,27 @@ def test_cached_teacher_output_is_the_target_when_the_teacher_runs_for_features(
     assert torch.equal(out_t, cached) and f_t is not None and f_s is not None
     losses = module.compute_losses({**batch, "teacher_output": cached})
     torch.testing.assert_close(losses["mse"], output_mse(out_s.float(), cached.float(), reduction="mean"))
+
+
+def test_trd_relates_the_pixels_of_each_sample_on_latte():
+    """Latte's feature site is "(b s) f c": TRD relates all s·f pixels of a sample (the in-sample
+    relation of MPQ-DM), not the f frames of each spatial position."""
+    from mpq_lightning.losses.relation import relation_kl
+    from mpq_lightning.models import random_cond
+    from mpq_lightning.module import CalibConfig, LossConfig, QATModule
+    from mpq_lightning.quant import QuantConfig
+
+    torch.manual_seed(0)
+    module = QATModule("tiny-latte", {}, QuantConfig(w_bits=4, a_bits=8, num_steps=4, lora_rank=2), True,
+                       LossConfig(mse_reduction="mean", trd=True, trd_window=1), calib=CalibConfig(num_batches=1))
+    t = module.teacher
+    batch = {"x_t": torch.randn(2, *t.latent_shape), "t": torch.tensor([900, 300]), "step_index": torch.tensor([1, 3]),
+             "cond": random_cond(t, 2, 0, length=6, num_classes=3)}
+    module.calibrate_from(type("DM", (), {"train_dataloader": lambda self: [batch]})())
+    losses = module.compute_losses(batch)
+    f_s, f_t = module._feat_s.value.float(), module._feat_t.value.float()
+    assert f_s.shape[0] == 2 * t.latent_shape[2] * t.latent_shape[3] // 4  # (b s): 2 samples x 16 positions
+    per_sample = 100.0 * relation_kl(f_s.reshape(2, -1, f_s.shape[-1]), f_t.reshape(2, -1, f_t.shape[-1]), channel_dim=-1)
+    per_position = 100.0 * relation_kl(f_s, f_t, channel_dim=-1)
+    torch.testing.assert_close(losses["trd"], per_sample)
+    assert not torch.allclose(losses["trd"], per_position)
