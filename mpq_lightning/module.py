@@ -11,6 +11,7 @@ teacher weights on load, so a checkpoint is a small fraction of the model.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import math
@@ -102,6 +103,21 @@ class CalibConfig:
 # ---------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------
+
+
+def full_parameters(trainer, writeback: bool = False):
+    """A context in which every parameter is whole, for module calls outside the strategy's forward
+    (calibration, the sampling callbacks): FSDP keeps parameters sharded between forwards. Under FSDP
+    it gathers them (a collective: enter it on every rank) and, with ``writeback``, keeps what was
+    written into them in place; with any other strategy it does nothing."""
+    model = getattr(getattr(trainer, "strategy", None), "model", None)
+    if model is None or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return contextlib.nullcontext()
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    if not any(isinstance(m, FSDP) for m in model.modules()):
+        return contextlib.nullcontext()
+    return FSDP.summon_full_params(model, writeback=writeback)
 
 
 def state_hash(module: nn.Module) -> str:
@@ -264,9 +280,10 @@ class QATModule(L.LightningModule):
         calibrates on its own shard, then rank 0's state is broadcast so all ranks start identical."""
         self.check_compile_settings(self.trainer)
         if not self._calibrated and self.trainer.ckpt_path is None:
-            self.calibrate_from(self.trainer.datamodule)
-            if self.trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-                self.sync_student_from_rank0()
+            with full_parameters(self.trainer, writeback=True):  # FSDP: calibrate the gathered parameters
+                self.calibrate_from(self.trainer.datamodule)
+                if self.trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+                    self.sync_student_from_rank0()
             self.refresh_scale_aware_lrs()
         self._step_fill = self.untrained_step_fill(self.trainer.datamodule)
         # the quant switches are not state-dict entries: set them on every start, resumed or not

@@ -631,3 +631,29 @@ def test_matmul_precision_is_set_before_anything_is_built(workdir):
         torch.set_float32_matmul_precision(before)
     with pytest.raises(SystemExit):
         MPQCLI(args=["--config", TINY, "--matmul_precision", "fast"], run=False)
+
+
+def test_calibration_writes_every_parameter_in_place():
+    """Under FSDP calibration runs on gathered parameters (``summon_full_params(writeback=True)``),
+    which keeps only in-place writes: every trainable tensor keeps its storage through calibration
+    (and the optimiser, built before it, keeps training the calibrated values)."""
+    from mpq_lightning.models import random_cond
+    from mpq_lightning.module import CalibConfig, LossConfig, QATModule, full_parameters
+    from mpq_lightning.quant import QuantConfig
+
+    for w_quantizer, a_quantizer in (("fzrmq", "timestep"), ("omq", "timestep"), ("uniform", "static")):
+        torch.manual_seed(0)
+        quant = QuantConfig(w_bits=3, a_bits=6, num_steps=4, w_quantizer=w_quantizer, a_quantizer=a_quantizer,
+                            lora_rank=2, lora_init="svd_weight_error", lora_quantized_base=True, tqe=True)
+        module = QATModule("tiny-stdit", {"config": {"depth": 1}}, quant, True, LossConfig(mse_reduction="mean"),
+                           calib=CalibConfig(num_batches=1))
+        t = module.teacher
+        batch = {"x_t": torch.randn(2, *t.latent_shape), "t": torch.tensor([900, 100]), "step_index": torch.tensor([0, 3]),
+                 "cond": random_cond(t, 2, 0, length=6, num_classes=3)}
+        before = {n: (p.data_ptr(), p.detach().clone()) for n, p in module.named_parameters() if p.requires_grad}
+        with full_parameters(None, writeback=True):  # no strategy: a no-op
+            module.calibrate_from(_Batches([batch]))
+        after = dict(module.named_parameters())
+        assert {n: after[n].data_ptr() for n in before} == {n: ptr for n, (ptr, _) in before.items()}, w_quantizer
+        changed = [n for n, (_, v) in before.items() if not torch.equal(v, after[n])]
+        assert any("scale" in n for n in changed), (w_quantizer, changed)

@@ -466,3 +466,45 @@ def test_sample_logger_maps_sampling_steps_to_trained_entries_of_the_nearest_tim
     DataModule.options = {"steps": None, "step_stride": 10}  # the data module serves every 10th step only
     assert set(trained_step_entries(DataModule(), sampler.timesteps, 100).tolist()) <= set(range(0, 100, 10))
     assert trained_step_entries(object(), sampler.timesteps, 100) is None  # no cache: proportional
+
+
+def test_fsdp_ranks_all_gather_parameters_around_calls_outside_the_forward(monkeypatch, tmp_path):
+    """FSDP keeps parameters sharded between forwards: the sampling callbacks gather them on every
+    rank (a collective; rank zero alone then samples), calibration with write-back. FSDP itself needs
+    a GPU, so its ``summon_full_params`` is recorded here on a stand-in FSDP module."""
+    import contextlib
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from mpq_lightning.callbacks import FinalReport
+    from mpq_lightning.module import full_parameters
+
+    calls = []
+
+    @contextlib.contextmanager
+    def summon(module, writeback=False, **kwargs):
+        calls.append(("enter", writeback))
+        yield
+        calls.append(("exit", writeback))
+
+    monkeypatch.setattr(FSDP, "summon_full_params", staticmethod(summon))
+    fake = FSDP.__new__(FSDP)
+    nn.Module.__init__(fake)
+    strategy = SimpleNamespace(model=nn.Sequential(fake))
+    assert isinstance(full_parameters(SimpleNamespace(strategy=strategy)), contextlib.nullcontext)  # no process group
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        trainer = SimpleNamespace(strategy=strategy, global_step=4, is_global_zero=False, log_dir=None)
+        logger = SampleLogger(every_n_steps=2)
+        logger.on_train_batch_end(trainer, None, None, None, 0)  # rank 1 of 2: gathers, does not sample
+        FinalReport().on_fit_end(trainer, pl_module=None)
+        assert calls == [("enter", False), ("exit", False)] * 2
+        calls.clear()
+        with full_parameters(trainer, writeback=True):
+            pass
+        assert calls == [("enter", True), ("exit", True)]
+        assert isinstance(full_parameters(SimpleNamespace(strategy=SimpleNamespace(model=nn.Linear(2, 2)))),
+                          contextlib.nullcontext)  # DDP / single device: nothing to gather
+    finally:
+        dist.destroy_process_group()

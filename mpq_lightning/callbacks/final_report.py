@@ -33,9 +33,14 @@ class FinalReport(Callback):
 
     @torch.no_grad()
     def on_fit_end(self, trainer, pl_module) -> None:
+        from ..module import full_parameters
+
         log_dir = trainer.log_dir  # a broadcast under DDP: every rank takes part before rank 0 goes on alone
-        if not trainer.is_global_zero:
-            return
+        with full_parameters(trainer):  # FSDP: every rank gathers the parameters, rank zero samples
+            if trainer.is_global_zero:
+                self._report(trainer, pl_module, log_dir)
+
+    def _report(self, trainer, pl_module, log_dir) -> None:
         dm = trainer.datamodule  # calibration data for naive PTQ, without moving the training position
         loader = dm.calibration_dataloader() if hasattr(dm, "calibration_dataloader") else dm.train_dataloader()
         batches = []

@@ -262,10 +262,17 @@ class SampleLogger(Callback):
             rank_zero_warn(message)
 
     def _maybe_log(self, trainer, pl_module) -> None:
+        from mpq_lightning.module import full_parameters
+
         step = trainer.global_step
-        if step == self._last_step or not trainer.is_global_zero:
+        if step == self._last_step:
             return
         self._last_step = step
+        with full_parameters(trainer):  # FSDP: every rank gathers the parameters, rank zero samples
+            if trainer.is_global_zero:
+                self._log_samples(trainer, pl_module, step)
+
+    def _log_samples(self, trainer, pl_module, step: int) -> None:
         writers = [lg.experiment for lg in trainer.loggers if hasattr(getattr(lg, "experiment", None), "add_image")]
         if not writers:
             self._warn_once("logger", "SampleLogger: no logger with add_image (e.g. TensorBoardLogger); not sampling")

@@ -466,6 +466,17 @@ def init_qparams(x2d: Tensor, bits: int, symmetric: bool, method: str) -> tuple[
     return fn(x2d, bits, symmetric)
 
 
+@torch.no_grad()
+def assign_(param: Tensor, value: Tensor) -> None:
+    """Write ``value`` into ``param`` in place (same storage, version bumped) when the shapes agree,
+    else rebind its data. In place matters under FSDP: ``summon_full_params(writeback=True)`` writes
+    back what was written into the gathered parameters, not a rebound ``.data``."""
+    if param.shape == value.shape:
+        param.copy_(value)
+    else:
+        param.data = value.to(param.device)
+
+
 def lsq_grad_scale(numel: int, qmax: int) -> float:
     """LSQ's step-gradient scale ``1 / sqrt(N * qmax)``."""
     return 1.0 / math.sqrt(max(1, numel) * max(1, qmax))

@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .functional import _quant_dequant, compilable, fake_quantize, init_qparams, lsq_grad_scale, qparams_from_range, qrange, sign_ste
+from .functional import _quant_dequant, assign_, compilable, fake_quantize, init_qparams, lsq_grad_scale, qparams_from_range, qrange, sign_ste
 from .quantizers import UniformQuantizer
 
 CLASS_NAMES = ("unsalient", "normal", "salient")
@@ -244,8 +244,8 @@ def _fit_uniform(q: UniformQuantizer, w: Tensor, method: str) -> None:
     """Fit ``q`` (channel-wise, all rows) on ``w`` with ``method``: every row on its own data, so a
     class's rows are fitted exactly as a quantizer restricted to that class would be."""
     scale, zero = init_qparams(w.reshape(w.shape[0], -1), q.bits, q.symmetric, method)
-    q.scale.data = scale.to(q.scale.device)
-    q.zero_point.data = zero.to(q.zero_point.device)
+    assign_(q.scale, scale)
+    assign_(q.zero_point, zero)
     q.initialized.fill_(True)
 
 
@@ -480,8 +480,8 @@ class FZRMQQuantizer(MixedQuantizerBase):
 
     # -- math on all rows (used by the forward and the init) -------------------------------------
     def _set_base(self, scale: Tensor, zero: Tensor) -> None:
-        self.base.scale.data = scale.to(self.base.scale.device)
-        self.base.zero_point.data = zero.to(self.base.zero_point.device)
+        assign_(self.base.scale, scale)
+        assign_(self.base.zero_point, zero)
         self.base.initialized.fill_(True)
 
     @torch.no_grad()
@@ -489,8 +489,8 @@ class FZRMQQuantizer(MixedQuantizerBase):
         """Closed-form ``b₁``, ``b₂`` (``mean |R|``) for the current base (figure layout)."""
         qb = self.base(rows).float()
         _, scales = residual_reconstruction(rows, qb, 2)
-        self.residual_scale_1.data = scales[0].to(self.residual_scale_1.device)
-        self.residual_scale_2.data = scales[1].to(self.residual_scale_2.device)
+        assign_(self.residual_scale_1, scales[0])
+        assign_(self.residual_scale_2, scales[1])
 
     @torch.no_grad()
     def fit(self, w: Tensor) -> None:
@@ -501,7 +501,7 @@ class FZRMQQuantizer(MixedQuantizerBase):
             for q in self.quantizers:
                 _fit_uniform(q, w, self.init_method)
             r = rows - self.mid(w).reshape(rows.shape)
-            self.residual_scale_1.data = closed_form_residual_scale(r).to(self.residual_scale_1.device)
+            assign_(self.residual_scale_1, closed_form_residual_scale(r))
             return
         if self.base_fit == "greedy":
             _fit_uniform(self.base, w, self.init_method)

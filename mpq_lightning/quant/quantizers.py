@@ -12,7 +12,7 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from .functional import fake_quantize, init_qparams, lsq_grad_scale, qrange
+from .functional import assign_, fake_quantize, init_qparams, lsq_grad_scale, qrange
 
 GRANULARITIES = ("tensor", "channel", "group", "token")
 
@@ -82,8 +82,8 @@ class UniformQuantizer(nn.Module):
         """Set step and zero point from ``x`` with ``method`` (minmax | lp | grid)."""
         rows = _rows_view(x.detach(), self.granularity, self.group_size)
         scale, zero = init_qparams(rows, self.bits, self.symmetric, method or self.init_method)
-        self.scale.data = scale.to(self.scale.device)
-        self.zero_point.data = zero.to(self.zero_point.device)
+        assign_(self.scale, scale)
+        assign_(self.zero_point, zero)
         self.initialized.fill_(True)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -201,8 +201,8 @@ class TimestepActQuantizer(nn.Module):
         for step, vals in self._samples.items():
             s, z = init_qparams(torch.cat(vals).view(1, -1), self.bits, self.symmetric, method)
             scale[step], zero[step] = s.view(()), z.view(())
-        self.scale.data = scale.to(self.scale.device)
-        self.zero_point.data = zero.to(self.zero_point.device)
+        assign_(self.scale, scale)
+        assign_(self.zero_point, zero)
         self.initialized.fill_(True)
         self._samples.clear()
         self.observing = False
