@@ -94,6 +94,7 @@ class MPQCLI(LightningCLI):
         cfg.trainer.callbacks = callbacks
         if isinstance(cfg.trainer.strategy, str) and cfg.trainer.strategy.startswith("deepspeed"):
             cfg.trainer.strategy = deepspeed_strategy(cfg.trainer.strategy)
+        _refuse_zero3(cfg.trainer.strategy)
         _check_paths(cfg)
         if self.subcommand == "fit":
             self._run_dir = run
@@ -132,6 +133,21 @@ def deepspeed_strategy(name: str):
         return name  # Lightning names the valid strategies
     init = {**StrategyRegistry[name]["init_params"], "exclude_frozen_parameters": True}
     return {"class_path": "lightning.pytorch.strategies.DeepSpeedStrategy", "init_args": init}
+
+
+def _refuse_zero3(strategy) -> None:
+    """DeepSpeed ZeRO-3 partitions parameters between forwards and gathers them only for the length of
+    each module's forward: calibration's writes would be dropped at the next partitioning. Refused by
+    name (ZeRO-2 and FSDP shard what this training needs)."""
+    def get(obj, key):
+        return obj.get(key) if hasattr(obj, "get") else getattr(obj, key, None)
+
+    if strategy is None or isinstance(strategy, str):
+        return
+    class_path, init = str(get(strategy, "class_path") or ""), get(strategy, "init_args") or {}
+    if class_path.endswith("DeepSpeedStrategy") and get(init, "stage") == 3:
+        raise ValueError("trainer.strategy: DeepSpeed ZeRO stage 3 partitions the parameters between forwards and "
+                         "would drop the quantizer calibration; use deepspeed_stage_2 (optionally _offload) or fsdp")
 
 
 #: what a run writes into its folder (``checkpoints/<run_name>/``)

@@ -657,3 +657,11 @@ def test_calibration_writes_every_parameter_in_place():
         assert {n: after[n].data_ptr() for n in before} == {n: ptr for n, (ptr, _) in before.items()}, w_quantizer
         changed = [n for n, (_, v) in before.items() if not torch.equal(v, after[n])]
         assert any("scale" in n for n in changed), (w_quantizer, changed)
+
+
+def test_deepspeed_zero3_is_refused_by_name_before_anything_is_built(workdir):
+    for strategy in ("deepspeed_stage_3", "deepspeed_stage_3_offload",
+                     '{"class_path": "lightning.pytorch.strategies.DeepSpeedStrategy", "init_args": {"stage": 3}}'):
+        with pytest.raises(ValueError, match="trainer.strategy: DeepSpeed ZeRO stage 3 partitions the parameters"):
+            fit("--trainer.strategy", strategy, run="zero3")
+    assert not (workdir / "checkpoints" / "zero3").exists()
