@@ -205,6 +205,11 @@ def _check_paths(cfg) -> None:
         checks.append(("data.init_args.recipe.cond_path", getattr(recipe, "cond_path", None)))
     if data_args is not None and isinstance(getattr(data_args, "cond_path", None), str):  # OnTheFlyDataModule
         checks.append(("data.init_args.cond_path", data_args.cond_path))
+    for i, callback in enumerate(cfg.trainer.callbacks or []):  # SampleLogger(vae=...): a local folder
+        init = callback.get("init_args") if hasattr(callback, "get") else None
+        vae = init.get("vae") if init is not None and hasattr(init, "get") else None
+        if isinstance(vae, str):
+            checks.append((f"trainer.callbacks[{i}].init_args.vae", vae))
     for key, value in checks:
         if value and not Path(value).exists():
             raise FileNotFoundError(f"{key}: {value} does not exist (see the header of your config for what it needs)")

@@ -33,6 +33,7 @@ from torch import Tensor
 from .callbacks.samples import map_to_trained_entries
 from .data.trajectories import MANIFEST
 from .models.sampling import _cat_cond, guide, make_scheduler, sample
+from .models.vae import decode_latents, load_vae, vae_class
 from .quant import set_quant_state
 
 
@@ -56,7 +57,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         if self.vae is not None:
-            vae_class(self.vae)  # a folder of a supported autoencoder, before any sampling
+            vae_class(self.vae, key="eval.vae")  # a folder of a supported autoencoder, before any sampling
         if self.vae_scaling_factor is not None and not self.vae_scaling_factor > 0:
             raise ValueError(f"eval.vae_scaling_factor must be > 0, got {self.vae_scaling_factor}")
         if self.feature not in FEATURES and ":" not in self.feature:
@@ -91,81 +92,6 @@ def feature_factory(spec: str):
     if not callable(factory):
         raise ValueError(f"eval.feature: {spec!r} is not callable")
     return factory
-
-
-# ---------------------------------------------------------------------------------------------
-# Decoding latents to pixels (eval.vae)
-# ---------------------------------------------------------------------------------------------
-
-#: diffusers autoencoders eval.vae accepts: "frame" ones decode [N, C, H, W] (a video frame by
-#: frame, as OpenSora v1.0 and Latte do), "video" ones decode [B, C, F, H, W] whole.
-VAE_KINDS = {"AutoencoderKL": "frame", "VQModel": "frame", "AutoencoderKLWan": "video",
-             "AutoencoderKLCogVideoX": "video"}
-
-
-def vae_class(folder: str) -> str:
-    """The diffusers class named in ``folder/config.json``; a clear error naming ``eval.vae`` otherwise."""
-    config = Path(folder) / "config.json"
-    if not Path(folder).is_dir():
-        raise ValueError(f"eval.vae: {folder} is not a folder (a diffusers autoencoder saved with save_pretrained)")
-    try:
-        name = json.loads(config.read_text()).get("_class_name")
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"eval.vae: cannot read {config} ({err})") from None
-    if name not in VAE_KINDS:
-        raise ValueError(f"eval.vae: {config} names _class_name={name!r}; supported: {sorted(VAE_KINDS)}")
-    return name
-
-
-def load_vae(cfg: EvalConfig, teacher, device) -> Any:
-    """The autoencoder of ``eval.vae``, checked against the teacher's latents (channels, video or
-    image) before any sampling."""
-    import diffusers
-
-    name = vae_class(cfg.vae)
-    try:
-        vae = getattr(diffusers, name).from_pretrained(cfg.vae).eval().requires_grad_(False)
-    except (OSError, ValueError, RuntimeError) as err:
-        raise ValueError(f"eval.vae: cannot load {name} from {cfg.vae} ({err})") from None
-    channels = vae.config.get("z_dim") or vae.config.get("latent_channels")
-    if channels != teacher.in_channels:
-        raise ValueError(f"eval.vae: {cfg.vae} ({name}) has {channels} latent channels, the teacher's latents "
-                         f"{tuple(teacher.latent_shape)} have {teacher.in_channels}")
-    if VAE_KINDS[name] == "video" and not teacher.is_video:
-        raise ValueError(f"eval.vae: {cfg.vae} is a video autoencoder ({name}) but the teacher makes images")
-    return vae.to(device=device, dtype=torch.float32)
-
-
-def unscale_latents(vae, z: Tensor, scaling_factor: float | None = None) -> Tensor:
-    """Undo the latent normalisation the teacher was trained in, as the diffusers pipelines do:
-    Wan ``z·std + mean`` per channel; else ``z / scaling_factor + shift_factor``."""
-    config = vae.config
-    if type(vae).__name__ == "AutoencoderKLWan" and scaling_factor is None:
-        shape = (1, -1) + (1,) * (z.dim() - 2)
-        mean = torch.tensor(config.latents_mean, dtype=z.dtype, device=z.device).view(shape)
-        std = torch.tensor(config.latents_std, dtype=z.dtype, device=z.device).view(shape)
-        return z * std + mean
-    factor = scaling_factor if scaling_factor is not None else config.get("scaling_factor", 1.0)
-    return z / factor + (config.get("shift_factor") or 0.0)
-
-
-@torch.no_grad()
-def decode_latents(vae, latents: Tensor, batch_size: int, scaling_factor: float | None = None) -> Tensor:
-    """Pixels in [-1, 1] of ``latents`` ([N, C, H, W] or [N, C, F, H, W]), decoded in chunks of
-    ``batch_size`` images or frames (video autoencoders: one video at a time)."""
-    device = next(vae.parameters()).device
-    video = latents.dim() == 5
-    per_frame = VAE_KINDS[type(vae).__name__] == "frame"
-    if video and per_frame:
-        items = rearrange(latents, "n c f h w -> (n f) c h w")
-    else:
-        items, batch_size = latents, (1 if video else batch_size)
-    outs = [vae.decode(unscale_latents(vae, chunk.to(device).float(), scaling_factor)).sample.clamp(-1, 1).cpu()
-            for chunk in items.split(batch_size)]
-    pixels = torch.cat(outs)
-    if video and per_frame:
-        pixels = rearrange(pixels, "(n f) c h w -> n c f h w", n=latents.shape[0])
-    return pixels
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,7 +338,7 @@ def evaluate(config: str, ckpt_path: str = "last", eval_cfg: EvalConfig | None =
     cfg = eval_cfg or EvalConfig()
     module, datamodule, ckpt = load_run(config, ckpt_path, overrides)
     module.to(cfg.resolved_device())
-    vae = load_vae(cfg, module.teacher, cfg.resolved_device()) if cfg.vae else None  # before any sampling
+    vae = load_vae(cfg.vae, module.teacher, cfg.resolved_device(), key="eval.vae") if cfg.vae else None  # before sampling
     cache_dir = getattr(datamodule, "cache_dir", None)
     if cache_dir is not None and not (Path(cache_dir) / MANIFEST).is_file():
         # evaluation reads the sampler recipe and the conditions from the run's cache, and never

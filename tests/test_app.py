@@ -665,3 +665,26 @@ def test_deepspeed_zero3_is_refused_by_name_before_anything_is_built(workdir):
         with pytest.raises(ValueError, match="trainer.strategy: DeepSpeed ZeRO stage 3 partitions the parameters"):
             fit("--trainer.strategy", strategy, run="zero3")
     assert not (workdir / "checkpoints" / "zero3").exists()
+
+
+def test_sample_logger_decodes_with_a_vae(workdir):
+    """``SampleLogger(vae=...)`` logs pixels: with a 2x autoencoder the 8x8 latent frames become 16x16
+    (4 frames a row, 2-pixel borders); a missing folder is refused by key before anything is built."""
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from test_eval_vae import tiny_kl
+
+    tiny_kl().save_pretrained(workdir / "vae_tb")
+    callback = {"class_path": "mpq_lightning.callbacks.SampleLogger",
+                "init_args": {"every_n_steps": 0, "num_samples": 2, "vae": str(workdir / "vae_tb")}}
+    fit("--trainer.max_steps", "1", f"--trainer.callbacks+={json.dumps(callback)}", run="samples_vae")
+    acc = EventAccumulator(str(workdir / "checkpoints" / "samples_vae"), size_guidance={"images": 0})
+    acc.Reload()
+    frames = acc.Images("samples/frames")[-1]
+    assert (frames.width, frames.height) == (4 * (16 + 4), 2 * 2 * (16 + 4))  # rows: 2 teacher + 2 student
+    callback["init_args"]["vae"] = str(workdir / "no_vae")
+    with pytest.raises(FileNotFoundError, match=r"trainer.callbacks\[\d\].init_args.vae: .*no_vae does not exist"):
+        fit("--trainer.max_steps", "1", f"--trainer.callbacks+={json.dumps(callback)}", run="samples_no_vae")
+    assert not (workdir / "checkpoints" / "samples_no_vae").exists()

@@ -5,8 +5,14 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, AutoencoderKLWan
 
-from mpq_lightning.evaluation import EvalConfig, decode_latents, load_vae, unscale_latents
+from mpq_lightning.evaluation import EvalConfig
 from mpq_lightning.models import build
+from mpq_lightning.models.vae import decode_latents, unscale_latents
+from mpq_lightning.models.vae import load_vae as _load_vae
+
+
+def load_vae(cfg: EvalConfig, teacher, device):
+    return _load_vae(cfg.vae, teacher, device, key="eval.vae")
 
 
 def tiny_kl(scaling_factor: float = 0.5, shift_factor: float | None = 0.1, latent_channels: int = 4) -> AutoencoderKL:

@@ -11,7 +11,9 @@ quantized student from the *same* noise (fixed ``seed``) with the same sampler, 
 * ``{prefix}/mse`` — the mean squared difference between the two final latents.
 
 Latents are shown as they are (1 or 3 channels directly, else the first 3 channels, 2 channels as the
-first one in grey) with [-1, 1] mapped to [0, 1] and clamped. No VAE decoding.
+first one in grey) with [-1, 1] mapped to [0, 1] and clamped, unless ``vae`` names a local diffusers
+autoencoder folder (``mpq_lightning.models.vae``): then both are decoded to pixels first (the MSE stays
+the latents').
 
 Sampler: the teacher's ``default_scheduler`` unless ``scheduler`` (a name for ``make_scheduler`` plus
 ``scheduler_config``) is given. Steps: ``num_inference_steps``, else ``pl_module.quant_cfg.num_steps``
@@ -196,6 +198,9 @@ class SampleLogger(Callback):
         eta: DDIM's η.
         at_train_start: also sample once when training starts (after calibration).
         at_train_end: also sample when training ends.
+        vae: a local diffusers autoencoder folder (e.g. stabilityai/sd-vae-ft-ema for OpenSora v1.0): samples
+            are logged decoded to pixels; loaded on first use on the teacher's device.
+        vae_scaling_factor: overrides the autoencoder config's scaling factor.
         fps: frame rate of logged videos.
         log_frame_grid: for video models, also log all frames as a still grid.
         prefix: tag prefix.
@@ -217,8 +222,16 @@ class SampleLogger(Callback):
         fps: int = 4,
         log_frame_grid: bool = True,
         prefix: str = "samples",
+        vae: str | None = None,
+        vae_scaling_factor: float | None = None,
     ) -> None:
         super().__init__()
+        if vae is not None:
+            from mpq_lightning.models.vae import vae_class
+
+            vae_class(vae, key="SampleLogger.vae")
+        if vae_scaling_factor is not None and not vae_scaling_factor > 0:
+            raise ValueError(f"SampleLogger.vae_scaling_factor must be > 0, got {vae_scaling_factor}")
         if every_n_steps < 0:
             raise ValueError(f"every_n_steps must be >= 0, got {every_n_steps}")
         if num_samples < 1:
@@ -239,6 +252,7 @@ class SampleLogger(Callback):
         self.fps = fps
         self.log_frame_grid = log_frame_grid
         self.prefix = prefix
+        self.vae, self.vae_scaling_factor, self._vae = vae, vae_scaling_factor, None
         self._last_step = -1
         self._warned: set[str] = set()
 
@@ -284,7 +298,20 @@ class SampleLogger(Callback):
         if result is None:
             return
         teacher, student = result
-        self._log(writers, teacher, student, step, video=pl_module.teacher.is_video)
+        mse = float((teacher - student).pow(2).mean())  # of the latents
+        if self.vae is not None:
+            teacher, student = self.decode(pl_module, teacher, student)
+        self._log(writers, teacher, student, step, video=pl_module.teacher.is_video, mse=mse)
+
+    def decode(self, pl_module, teacher: Tensor, student: Tensor) -> tuple[Tensor, Tensor]:
+        """Both sample sets decoded to pixels with ``vae`` (loaded once, on the teacher's device)."""
+        from mpq_lightning.models.vae import decode_latents, load_vae
+
+        if self._vae is None:
+            device = next(iter(pl_module.teacher.parameters())).device
+            self._vae = load_vae(self.vae, pl_module.teacher, device, key="SampleLogger.vae")
+        both = decode_latents(self._vae, torch.cat([teacher, student]), len(teacher), self.vae_scaling_factor)
+        return both[: len(teacher)], both[len(teacher) :]
 
     # -- sampling ------------------------------------------------------------------------------
     def _scheduler_and_steps(self, teacher, table_steps: int | None):
@@ -385,8 +412,8 @@ class SampleLogger(Callback):
         return outs[0], outs[1]
 
     # -- logging -------------------------------------------------------------------------------
-    def _log(self, writers, teacher: Tensor, student: Tensor, step: int, video: bool) -> None:
-        mse = float((teacher - student).pow(2).mean())
+    def _log(self, writers, teacher: Tensor, student: Tensor, step: int, video: bool, mse: float | None = None) -> None:
+        mse = float((teacher - student).pow(2).mean()) if mse is None else mse
         t_img, s_img = latents_to_images(teacher), latents_to_images(student)
         for writer in writers:
             if hasattr(writer, "add_scalar"):
