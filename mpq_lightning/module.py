@@ -96,8 +96,13 @@ class CalibConfig:
     """Quantizer initialisation from the first batches of the training stream (once, in setup)."""
 
     num_batches: int = 4
-    smooth_momentum: float | None = None
+    smooth_momentum: float | None = None  # moved to quant.smooth_momentum; kept so saved configs parse
     train_act_quant: bool = True  # EfficientDM trains with activation quantization; Q-VDiT does not
+
+    def __post_init__(self) -> None:
+        if self.smooth_momentum is not None:
+            raise ValueError("calib.smooth_momentum moved to model.quant.smooth_momentum (it changes the quantizer "
+                             "state, so a checkpoint records it)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,8 +395,7 @@ class QATModule(L.LightningModule):
             for b in batches:
                 self.student(b["x_t"], b["t"], b.get("cond"), b["step_index"])
 
-        calibrate(self.student.backbone, run, act_quant=self.calib_cfg.train_act_quant,
-                  smooth_momentum=self.calib_cfg.smooth_momentum)
+        calibrate(self.student.backbone, run, act_quant=self.calib_cfg.train_act_quant)
         self._calibrated = True
 
     # -- training ------------------------------------------------------------------------------

@@ -162,3 +162,50 @@ def test_a_lora_init_that_cannot_train_is_refused():
     """A = B = 0 ("zero") would be an adapter with zero gradients forever: not an option."""
     with pytest.raises(ValueError, match="lora_init"):
         QuantConfig(lora_rank=2, lora_init="zero")
+
+
+def test_smooth_scale_formula_by_hand():
+    """``s_j = a_j^α / (max_i |W_ij|)^(1-α)`` at Q-VDiT's α = 0.11 (qvdit.md §3.4), where α and 1 − α
+    differ: a = [4, 1], max |W| per input channel = [2, 0.5] → s = [2^-0.67, 2^0.89]."""
+    from mpq_lightning.quant.smooth import smooth_scale
+
+    w = torch.tensor([[2.0, -0.5], [1.0, 0.25]])
+    s = smooth_scale(torch.tensor([4.0, 1.0]), w, 0.11)
+    torch.testing.assert_close(s, torch.tensor([2 ** -0.67, 2 ** 0.89]))
+    torch.testing.assert_close(smooth_scale(torch.tensor([4.0, 1.0]), w, 0.5), torch.tensor([2 ** 0.5, 2 ** 0.5]))
+
+
+def test_activation_statistic_running_max_and_qvdit_ema():
+    """MPQ-DM: the running max over every sample and token. Q-VDiT's ``momentum_act_max``: an EMA over
+    batches of the batch mean of each sample's max over its tokens."""
+    from mpq_lightning.quant.smooth import ActAbsMaxObserver
+
+    b1 = torch.tensor([[[1.0], [-0.5]], [[3.0], [2.0]]])  # [B=2, N=2, C=1]: sample maxima 1, 3 → mean 2
+    b2 = torch.tensor([[[5.0], [0.0]], [[-7.0], [1.0]]])  # maxima 5, 7 → mean 6
+    running, ema = ActAbsMaxObserver(-1), ActAbsMaxObserver(-1, momentum=0.9)
+    for b in (b1, b2):
+        running.observe(b)
+        ema.observe(b)
+    torch.testing.assert_close(running.stat, torch.tensor([7.0]))
+    torch.testing.assert_close(ema.stat, torch.tensor([0.9 * 2 + 0.1 * 6]))
+
+
+def test_quant_config_smooth_momentum_reaches_calibration():
+    from mpq_lightning.module import CalibConfig
+    from mpq_lightning.quant.smooth import smooth_scale
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    data = [torch.randn(2, 5, 4), 3 * torch.randn(2, 5, 4)]
+    for momentum in (None, 0.9):
+        q = quantize_model(copy.deepcopy(model), QuantConfig(w_bits=4, a_bits=None, smooth_alpha=0.5,
+                                                             smooth_momentum=momentum))
+        calibrate(q, lambda m: [m(x) for x in data])
+        per_batch = [x.abs().amax(1).mean(0) for x in data]
+        stat = (torch.maximum(*[x.abs().reshape(-1, 4).amax(0) for x in data]) if momentum is None
+                else 0.9 * per_batch[0] + 0.1 * per_batch[1])
+        torch.testing.assert_close(q[0].smooth_scale, smooth_scale(stat, model[0].weight, 0.5))
+    with pytest.raises(ValueError, match="QuantConfig.smooth_momentum must be in"):
+        QuantConfig(smooth_momentum=1.0)
+    with pytest.raises(ValueError, match="calib.smooth_momentum moved to model.quant.smooth_momentum"):
+        CalibConfig(smooth_momentum=0.9)

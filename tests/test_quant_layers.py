@@ -106,13 +106,20 @@ def test_mode_switch_weight_act():
 
 
 def test_smoothing_is_equivalent_in_fp():
+    """``(X / s) Q(W s)^T``: with quantization off exactly the FP layer; with weights quantized,
+    exactly the smoothed formula (the quantizer sees ``W·s``, the input is divided by ``s``)."""
     lin = nn.Linear(8, 4)
     q = QuantLinear.from_module(lin, _spec(lora_rank=0, smooth_alpha=0.5, w_bits=8))
-    q.smooth_scale.copy_(torch.rand(8) + 0.5)
+    s = torch.rand(8) + 0.5
+    q.smooth_scale.copy_(s)
     x = torch.randn(3, 8)
-    q.weight_quantizer.initialize(q.quantized_weight().detach())  # quant off: fitted to W * s
-    q.weight_quant = True  # 8-bit weights in the smoothed space: close to FP
-    torch.testing.assert_close(q(x), lin(x), rtol=0, atol=0.05)
+    torch.testing.assert_close(q.quantized_weight(), lin.weight * s)  # quant off: the smoothed weight
+    torch.testing.assert_close(q(x), lin(x))  # ... and the layer is the FP one
+    q.weight_quantizer.initialize(q.quantized_weight().detach())  # fitted to W * s
+    q.weight_quant = True
+    want = torch.nn.functional.linear(x / s, q.weight_quantizer(lin.weight * s), lin.bias)
+    torch.testing.assert_close(q(x), want)
+    torch.testing.assert_close(q(x), lin(x), rtol=0, atol=0.05)  # 8 bits: close to FP
 
 
 def test_bf16_autocast_quant_math_fp32():

@@ -129,6 +129,8 @@ class QuantConfig:
                     _check_bits(entry[k], f"bit_map[{pattern!r}][{k!r}]", allow_none=True)
         if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
             raise ValueError(f"QuantConfig.smooth_alpha must be in [0, 1] or None, got {self.smooth_alpha!r}")
+        if self.smooth_momentum is not None and not 0.0 <= self.smooth_momentum < 1.0:
+            raise ValueError(f"QuantConfig.smooth_momentum must be in [0, 1) or None, got {self.smooth_momentum!r}")
         if self.w_symmetric and self.w_bits == 1:
             qrange(1, True)  # raises the explanatory error
         self._check_methods()
@@ -380,7 +382,8 @@ def calibrate(
     stats = {n: InputStats.for_layer(m, m.spec.calib_max_rows, m.spec.calib_stats_device)
              for n, m in layers.items() if needs_input_stats(m)}
     if smoothed or stats:
-        observers = {n: ActAbsMaxObserver(m.channel_dim, smooth_momentum) for n, m in smoothed.items()}
+        observers = {n: ActAbsMaxObserver(m.channel_dim, m.spec.smooth_momentum if smooth_momentum is None else smooth_momentum)
+                     for n, m in smoothed.items()}
 
         def _observe(layer, x, o=None, st=None):
             if o is not None:

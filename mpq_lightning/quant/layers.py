@@ -60,6 +60,7 @@ class LayerSpec:
     lora_placement: str = "merged"
     lora_quantized_base: bool = False
     smooth_alpha: float | None = None
+    smooth_momentum: float | None = None  # None: running max; else Q-VDiT's EMA
     extras: dict = field(default_factory=dict)
     # -- the papers' methods (mixed.py, lora_init.py, tqe.py); defaults keep the plain behaviour --
     w_quantizer: str = "uniform"

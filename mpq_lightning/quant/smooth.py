@@ -11,8 +11,9 @@ from torch import Tensor, nn
 
 
 class ActAbsMaxObserver(nn.Module):
-    """Per-input-channel max |x| over calibration batches; ``momentum`` gives Q-VDiT's EMA of the
-    per-batch max instead of the running max."""
+    """Per-input-channel max |x| over calibration batches (MPQ-DM: the running max over every
+    sample and token); with ``momentum``, Q-VDiT's ``momentum_act_max`` (qvdit.md §3.4): an EMA over
+    batches of the batch mean of each sample's max over its tokens."""
 
     def __init__(self, channel_dim: int, momentum: float | None = None) -> None:
         super().__init__()
@@ -21,8 +22,11 @@ class ActAbsMaxObserver(nn.Module):
 
     @torch.no_grad()
     def observe(self, x: Tensor) -> None:
-        xd = x.detach().float().movedim(self.channel_dim, -1)
-        cur = xd.abs().reshape(-1, xd.shape[-1]).amax(0)
+        xd = x.detach().float().movedim(self.channel_dim, -1).abs()
+        if self.momentum is None:
+            cur = xd.reshape(-1, xd.shape[-1]).amax(0)
+        else:  # per sample (axis 0) max over its tokens, then the batch mean
+            cur = xd.reshape(xd.shape[0], -1, xd.shape[-1]).amax(1).mean(0)
         if self.stat is None:
             self.stat = cur
         elif self.momentum is None:
