@@ -289,7 +289,7 @@ class QATModule(L.LightningModule):
                 self.calibrate_from(self.trainer.datamodule)
                 if self.trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
                     self.sync_student_from_rank0()
-            self.refresh_scale_aware_lrs()
+                self.refresh_scale_aware_lrs()
         self._step_fill = self.untrained_step_fill(self.trainer.datamodule)
         # the quant switches are not state-dict entries: set them on every start, resumed or not
         set_quant_state(self.student.backbone, weight=True, act=self.calib_cfg.train_act_quant)
@@ -512,9 +512,7 @@ class QATModule(L.LightningModule):
         names, stats = [], []
         for name, layer in self.student.backbone.named_modules():
             if isinstance(layer, QuantLayer) and layer.lora is not None:
-                scales = ([p for n, p in layer.weight_quantizer.named_parameters() if "scale" in n and "residual" not in n]
-                          if layer.weight_quantizer is not None else [])
-                flat = [p.detach().double().abs().flatten().cpu() for p in scales]
+                flat = [p.detach().double().abs().flatten().cpu() for p in self._serving_steps(layer.weight_quantizer)]
                 names.append(f"lora:{name}")
                 stats.append(torch.stack([torch.cat(flat).sum() if flat else torch.zeros((), dtype=torch.float64),
                                           torch.tensor(float(sum(t.numel() for t in flat)), dtype=torch.float64)]))
@@ -526,6 +524,19 @@ class QATModule(L.LightningModule):
             torch.distributed.all_reduce(stats)
         means = torch.where(stats[:, 1] > 0, stats[:, 0] / stats[:, 1].clamp_min(1), torch.full_like(stats[:, 0], 1e-3))
         return {n: float(m) / self.optim_cfg.lora_lr_div for n, m in zip(names, means.cpu())}
+
+    @staticmethod
+    def _serving_steps(quantizer) -> list[Tensor]:
+        """The weight steps Δ_w of the quantizer serving each output channel: OMQ holds three
+        quantizers over all channels and FZ-RMQ's proposal layout two, so their ``scale`` property
+        picks each channel's own; a uniform quantizer's ``scale`` is its parameter. On parameters
+        FSDP has sharded (outside its summon) the property cannot gather them: every step then."""
+        if quantizer is None:
+            return []
+        try:
+            return [quantizer.scale]
+        except (RuntimeError, IndexError):
+            return [p for n, p in quantizer.named_parameters() if "scale" in n and "residual" not in n]
 
     def build_optimizer(self) -> torch.optim.AdamW:
         """AdamW over :meth:`param_groups`, fused or foreach as ``optim.fused`` says."""
