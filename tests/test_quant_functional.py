@@ -151,3 +151,40 @@ def test_symmetric_min_max_range_covers_both_extremes(bits):
     amax = x.abs().amax(1)
     assert torch.all(zero == 0)
     torch.testing.assert_close(q.abs().amax(1), amax)  # neither +1.0 nor -1.0 is clipped
+
+
+@pytest.mark.parametrize("bits,symmetric", [(6, False), (8, False), (8, True)])
+def test_grid_sorted_search_equals_brute_force(bits, symmetric):
+    """At 6-8 bits ``init_grid_search`` uses the sorted prefix-sum search: its pick has the lowest
+    quantize-dequantize SSE of all 51 candidates (up to float rounding of near ties)."""
+    w = _heavy_tailed(24, 300, bits)
+    qmin, qmax = qrange(bits, symmetric)
+    s, z = init_grid_search(w, bits, symmetric)
+    assert 2 * 50 * (2**bits - 1) + 2 > 4 * w.shape[1]  # the sorted path, not the histogram one
+    ratios = torch.cat([torch.arange(50, dtype=torch.float32) * (1.0 / 50), torch.ones(1)])
+    errs = []
+    for rr in ratios:
+        s_, z_ = qparams_from_range(rr * w.amin(1, keepdim=True), rr * w.amax(1, keepdim=True), bits, symmetric)
+        errs.append((_quant_dequant(w, s_, z_, qmin, qmax) - w).double().pow(2).sum(1))
+    best = torch.stack(errs, 1).min(1).values
+    got = (_quant_dequant(w, s, z, qmin, qmax) - w).double().pow(2).sum(1)
+    assert torch.all(got <= best * (1 + 1e-6) + 1e-12)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_lp_search_equals_brute_force(bits):
+    """EfficientDM's Lp init: of the 80 ranges [min, max]·(1 − 0.01 i), the one with the lowest
+    mean |x − Q(x)|^2.4 per row (heavy tails at low bits pick ratios far below 0.8)."""
+    w = _heavy_tailed(32, 257, bits)
+    qmin, qmax = qrange(bits, False)
+    s, z = init_lp_search(w, bits, False)
+    errs, picks = [], []
+    for i in range(80):
+        r = 1.0 - 0.01 * i
+        s_, z_ = qparams_from_range(r * w.amin(1, keepdim=True), r * w.amax(1, keepdim=True), bits, False)
+        errs.append((_quant_dequant(w, s_, z_, qmin, qmax) - w).abs().pow(2.4).mean(1))
+    errs = torch.stack(errs, 1)
+    got = (_quant_dequant(w, s, z, qmin, qmax) - w).abs().pow(2.4).mean(1)
+    assert torch.all(got <= errs.min(1).values * (1 + 1e-5) + 1e-12)
+    if bits == 2:
+        assert (errs.argmin(1) > 20).any()  # the data needs the deep candidates

@@ -163,6 +163,8 @@ def test_lsq_grad_scale_reaches_the_activation_step_table():
             q(x).sum().backward()
         grads.append(q.scale.grad[1])
     torch.testing.assert_close(grads[1], grads[0] * lsq_grad_scale(10, q.qmax))
+    assert q.qmax == 15 and lsq_grad_scale(10, 15) == pytest.approx(1 / 150 ** 0.5)  # 4 bits: 1/sqrt(10·15) ≈ 0.0816
+    torch.testing.assert_close(grads[1], grads[0] / 150 ** 0.5)
     model = quantize_model(torch.nn.Sequential(torch.nn.Linear(10, 4)), QuantConfig(a_bits=6, lsq_grad_scale=True))
     assert model[0].act_quantizer.use_lsq_grad_scale
 
@@ -183,3 +185,29 @@ def test_step_index_context_follows_module_tree_changes():
         assert model[1][0].step_index == 2 and model[1].late.step_index == 2
     model[1][0] = nn.Identity()  # replaced: no longer handed the index
     assert len(step_quantizers(model)) == 2
+
+
+@pytest.mark.parametrize("w_quantizer", ["uniform", "omq", "fzrmq"])
+def test_quant_config_switches_reach_the_built_quantizers(w_quantizer):
+    """Each QuantConfig switch arrives in the quantizers ``quantize_model`` builds, weight and
+    activation side, whatever the weight quantizer (OMQ / FZ-RMQ build their uniform parts)."""
+    from mpq_lightning.quant import QuantConfig, quantize_model
+
+    cfg = QuantConfig(w_bits=4, a_bits=6, num_steps=3, w_quantizer=w_quantizer, w_symmetric=True, w_init="minmax",
+                      learn_w_scale=False, learn_w_zero_point=True, a_symmetric=True, a_init="minmax",
+                      learn_a_scale=False, learn_a_zero_point=False, lsq_grad_scale=True)
+    layer = quantize_model(nn.Sequential(nn.Linear(10, 20)), cfg)[0]
+    wq, aq = layer.weight_quantizer, layer.act_quantizer
+    parts = list(getattr(wq, "quantizers", None) or [m for m in (getattr(wq, "base", None), getattr(wq, "mid", None))
+                                                     if m is not None] or [wq])
+    assert parts and type(wq).__name__ == {"uniform": "UniformQuantizer", "omq": "OMQQuantizer",
+                                           "fzrmq": "FZRMQQuantizer"}[w_quantizer]
+    for q in parts:
+        assert q.symmetric and q.init_method == "minmax" and q.use_lsq_grad_scale, type(wq).__name__
+        assert not q.scale.requires_grad and q.zero_point.requires_grad
+    assert isinstance(aq, TimestepActQuantizer) and aq.symmetric and aq.init_method == "minmax" and aq.num_steps == 3
+    assert aq.use_lsq_grad_scale and not aq.scale.requires_grad and not aq.zero_point.requires_grad
+    assert (aq.qmin, aq.qmax) == (-32, 31)  # symmetric 6 bits: signed range
+    defaults = quantize_model(nn.Sequential(nn.Linear(10, 20)), QuantConfig(w_bits=4, a_bits=6))[0]
+    assert not defaults.weight_quantizer.symmetric and defaults.weight_quantizer.scale.requires_grad
+    assert not defaults.act_quantizer.symmetric and defaults.act_quantizer.zero_point.requires_grad
