@@ -795,3 +795,38 @@ def test_optimizer_groups_and_schedules():
         finally:
             module._trainer = None
         assert [sched.lr_lambdas[0](i) for i in range(5)] == pytest.approx(factors), schedule
+
+
+def test_compute_losses_applies_the_loss_config():
+    """Each LossConfig value reaches its term: the ε-MSE weight and reduction, TMD's weight, τ and
+    legacy reshape (compared with tmd_loss called directly), TRD's and MTRD's constructor values."""
+    from mpq_lightning.losses import output_mse, tmd_loss
+    from mpq_lightning.models import random_cond
+    from mpq_lightning.module import CalibConfig, LossConfig, QATModule
+    from mpq_lightning.quant import QuantConfig
+
+    torch.manual_seed(0)
+    loss = LossConfig(mse_weight=2.0, mse_reduction="sum", tmd=True, tmd_weight=50.0, tmd_tau=0.5,
+                      tmd_legacy_reshape=True, trd=True, trd_weight=7.0, trd_tau=0.3, trd_anchors=16, trd_chunk_size=8,
+                      mtrd=True, mtrd_weight=0.2, mtrd_tau_c=0.05, mtrd_tau_kd=2.0, mtrd_anchors=32,
+                      mtrd_memory_samples=48, mtrd_sampling="uniform")
+    module = QATModule("tiny-stdit", {"config": {"depth": 1}}, QuantConfig(w_bits=4, a_bits=8, num_steps=4, lora_rank=2),
+                       True, loss, calib=CalibConfig(num_batches=1))
+    assert (module.trd.weight, module.trd.tau, module.trd.anchors, module.trd.chunk_size) == (7.0, 0.3, 16, 8)
+    m = module.mtrd
+    assert (m.weight, m.tau_c, m.tau_kd, m.anchors, m.memory_samples, m.sampling) == (0.2, 0.05, 2.0, 32, 48, "uniform")
+    t = module.teacher
+    batch = {"x_t": torch.randn(2, *t.latent_shape), "t": torch.tensor([900, 100]), "step_index": torch.tensor([0, 3]),
+             "cond": random_cond(t, 2, 0, length=6, num_classes=3)}
+    with torch.no_grad():
+        batch["teacher_output"] = t(batch["x_t"], batch["t"], batch["cond"], batch["step_index"])
+    module.calibrate_from(_Batches([batch]))
+    from mpq_lightning.callbacks import MemoryQueue
+
+    MemoryQueue(num_steps=4, pixels_per_step=8).attach(module)
+    losses = module.compute_losses(batch)
+    out_s, out_t = module._last["out_s"], batch["teacher_output"]
+    torch.testing.assert_close(losses["mse"].detach(), 2.0 * output_mse(out_s, out_t, reduction="sum"))
+    torch.testing.assert_close(losses["tmd"].detach(), tmd_loss(out_s, out_t, t.num_frames, "b c f h w", tau=0.5,
+                                                                legacy_reshape=True, weight=50.0))
+    assert set(losses) == {"mse", "trd", "mtrd", "tmd"}

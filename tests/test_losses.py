@@ -337,3 +337,34 @@ def test_tmd_legacy_reshape_hand_checked():
 def test_tmd_legacy_equals_paper_when_single_channel():
     s, t = _video(1, c=1), _video(2, c=1)
     torch.testing.assert_close(tmd_loss(s, t, 5, legacy_reshape=True), tmd_loss(s, t, 5))
+
+
+def test_relation_kl_temperature_divides_both_similarity_maps():
+    """τ ≠ 1 (MPQ-DM's τ; the releases use 1): softmax(S / τ) on both sides, sum-reduced KL."""
+    s, t = _feat(2, 5, 3, 3, seed=3), _feat(2, 5, 3, 3, seed=4)
+    b, c, h, w = s.shape
+
+    def maps(f):
+        fn = F.normalize(f, p=2, dim=1).reshape(b, c, -1)
+        return torch.bmm(fn.transpose(1, 2), fn).reshape(-1, h * w)
+
+    for tau in (0.5, 2.0):
+        want = F.kl_div(F.log_softmax(maps(s) / tau, dim=1), F.softmax(maps(t) / tau, dim=1), reduction="sum")
+        torch.testing.assert_close(relation_kl(s, t, tau=tau), want, rtol=1e-12, atol=1e-12)
+
+
+def test_tmd_temperature_by_hand():
+    """TMD at τ = 0.5: per-row KL(softmax(T_fp / τ) ‖ softmax(T_q / τ)) of the frame-cosine maps,
+    'mean' = Σ / (b·t²), computed here from the frames directly."""
+    s, t = _video(1), _video(2)
+    b, f = s.shape[0], s.shape[2]
+
+    def cos_map(x):
+        v = F.normalize(x.transpose(1, 2).reshape(b, f, -1), dim=-1)  # frame i: all channels and pixels
+        return v @ v.transpose(1, 2)
+
+    tau = 0.5
+    p_t, log_p_s = F.softmax(cos_map(t) / tau, -1), F.log_softmax(cos_map(s) / tau, -1)
+    want = (p_t * (p_t.log() - log_p_s)).sum() / (b * f * f)
+    torch.testing.assert_close(tmd_loss(s, t, num_frames=f, tau=tau), want)
+    assert not torch.allclose(tmd_loss(s, t, num_frames=f, tau=1.0), want)

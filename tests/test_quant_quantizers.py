@@ -211,3 +211,26 @@ def test_quant_config_switches_reach_the_built_quantizers(w_quantizer):
     defaults = quantize_model(nn.Sequential(nn.Linear(10, 20)), QuantConfig(w_bits=4, a_bits=6))[0]
     assert not defaults.weight_quantizer.symmetric and defaults.weight_quantizer.scale.requires_grad
     assert not defaults.act_quantizer.symmetric and defaults.act_quantizer.zero_point.requires_grad
+
+
+def test_timestep_table_unseen_steps_take_the_pooled_fit():
+    """Steps never observed in calibration take (step, zero) fitted on all observations together
+    (EfficientDM's shared init); observed steps their own fit."""
+    from mpq_lightning.quant.functional import init_qparams
+
+    q = TimestepActQuantizer(4, 4, init="minmax")
+    q.observing = True
+    xs = {0: torch.linspace(-1, 1, 20).view(2, 10), 2: torch.linspace(-2, 6, 20).view(2, 10)}
+    for step, x in xs.items():
+        q.step_index = step
+        q(x)
+    q.finish_calibration()
+    pooled = init_qparams(torch.cat([x.flatten() for x in xs.values()]).view(1, -1), 4, False, "minmax")
+    own = {s: init_qparams(x.reshape(1, -1), 4, False, "minmax") for s, x in xs.items()}
+    scale, zero = q.scale.detach(), q.zero_point.detach()
+    for step in (1, 3):
+        assert float(scale[step]) == pytest.approx(float(pooled[0])) and float(zero[step]) == pytest.approx(float(pooled[1]))
+    for step in (0, 2):
+        assert float(scale[step]) == pytest.approx(float(own[step][0]))
+        assert float(zero[step]) == pytest.approx(float(own[step][1]))
+    assert float(scale[0]) != pytest.approx(float(pooled[0]))  # the data tell the fits apart
