@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
@@ -180,17 +179,34 @@ def test_calibrate_runs_oolri_automatically_or_explicitly(lora_param):
     for a, b in zip(auto.state_dict().values(), explicit.state_dict().values()):
         assert torch.equal(a, b)
     assert auto[0].lora.B.abs().sum() > 0 and auto[3].lora.B.abs().sum() > 0
-    # the quantizer was kept (not re-fitted): its init saw W·s, and Q(W) + BA ≈ W
-    assert not cfg.oolri_refit_quantizer
 
 
-def test_oolri_refit_option_and_output_init_outside_calibrate_errors():
+@pytest.mark.parametrize("w_quantizer", ["uniform", "fzrmq"])
+def test_oolri_refit_fits_the_quantizer_on_the_new_latent_weight(w_quantizer):
+    """``oolri_refit_quantizer``: after OOLRI the weight quantizer is fitted again on ``(Q(W) + BA)·s``
+    (the channel classes kept), so it equals a copy re-fitted by hand; without it the quantizer
+    keeps its fit on ``W·s``."""
     fp, x = model_and_data()
-    cfg = QuantConfig(w_bits=2, a_bits=None, lora_rank=3, lora_init="svd_weight_error", lora_quantized_base=True,
-                      oolri_refit_quantizer=True, w_quantizer="fzrmq")
-    model = quantize_model(copy.deepcopy(fp), cfg)
-    calibrate(model, lambda m: m(x))
-    assert torch.isfinite(model(x)).all()
+    states = {}
+    for refit in (False, True):
+        cfg = QuantConfig(w_bits=2, a_bits=None, lora_rank=3, lora_init="svd_weight_error", lora_quantized_base=True,
+                          oolri_refit_quantizer=refit, w_quantizer=w_quantizer)
+        model = quantize_model(copy.deepcopy(fp), cfg)
+        calibrate(model, lambda m: m(x))
+        assert torch.isfinite(model(x)).all()
+        layer = model[0]
+        states[refit] = {k: v.clone() for k, v in layer.weight_quantizer.state_dict().items()}
+        if refit:
+            by_hand = copy.deepcopy(layer.weight_quantizer)
+            lat = layer.latent_weight().detach().float()
+            by_hand.refit(lat) if hasattr(by_hand, "refit") else by_hand.initialize(lat)
+            for k, v in by_hand.state_dict().items():
+                torch.testing.assert_close(states[True][k], v, rtol=0, atol=0, msg=k)
+    assert any(not torch.equal(states[False][k], states[True][k]) for k in states[True])
+
+
+def test_oolri_output_init_outside_calibrate_errors():
+    fp, x = model_and_data()
     cfg = QuantConfig(w_bits=2, a_bits=None, lora_rank=3, lora_init="svd_output_error", lora_quantized_base=True)
     model = quantize_model(copy.deepcopy(fp), cfg)
     calibrate(model, lambda m: m(x), lora_init=lambda m: None)
@@ -203,4 +219,3 @@ def test_svd_init_needs_quantized_base_or_fp_branch():
         QuantConfig(lora_rank=4, lora_init="svd_weight_error")
     QuantConfig(lora_rank=4, lora_init="svd_weight_error", lora_placement="fp_branch")
     QuantConfig(lora_rank=4, lora_init="svd_output_error", lora_quantized_base=True)
-    assert math.isfinite(QuantConfig().oolri_damp)
