@@ -374,3 +374,36 @@ def test_empty_class_params_get_zero_grad_not_none(method, layout):
     for name, p in layer.named_parameters():
         if p.requires_grad:
             assert p.grad is not None, name
+
+
+@pytest.mark.parametrize("method", ["lp", "grid"])
+def test_fzrmq_joint_base_fit_is_the_best_base_for_its_reconstruction(method):
+    """``fzrmq_base_fit: joint``: for a class with n binary residuals, the base (n−1 bits) is the
+    clipping candidate whose *final* reconstruction Q_base + Σ b sign(R) has the lowest error in the
+    init's metric (brute force here); ``greedy`` fits the base alone, so its reconstruction is never
+    better. The quantizer's greedy base is the plain init of the rows."""
+    from mpq_lightning.quant.functional import _quant_dequant, init_qparams, qparams_from_range, qrange
+    from mpq_lightning.quant.mixed import fit_residual_base, residual_reconstruction
+
+    w = heavy_weight(16, 64)
+    bits = 2
+    qmin, qmax = qrange(bits, False)
+    ratios = (1.0 - 0.01 * torch.arange(80.0)) if method == "lp" else torch.cat([torch.arange(1, 50.0) / 50, torch.ones(1)])
+    metric = (lambda d: d.abs().pow(2.4).mean(-1)) if method == "lp" else (lambda d: d.pow(2).sum(-1))
+
+    def err(scale, zero, n):
+        return metric(residual_reconstruction(w, _quant_dequant(w, scale, zero, qmin, qmax), n)[0] - w)
+
+    greedy = init_qparams(w, bits, False, method)
+    for n in range(3):
+        joint = fit_residual_base(w, bits, False, method, n)
+        brute = torch.stack([err(*qparams_from_range(r * w.amin(1, keepdim=True), r * w.amax(1, keepdim=True), bits,
+                                                     False), n) for r in ratios], 1).min(1).values
+        got = err(*joint, n)
+        assert torch.all(got <= brute * (1 + 1e-5) + 1e-12), n
+        assert torch.all(got <= err(*greedy, n) * (1 + 1e-5) + 1e-12), n
+        if n == 2:
+            assert torch.any(got < err(*greedy, n) * (1 - 1e-3))  # residual-aware fits differ here
+    q = FZRMQQuantizer(bits + 1, (16, 64), base_fit="greedy", init=method)
+    q.fit(w)
+    torch.testing.assert_close(q.base.scale.detach(), greedy[0])
