@@ -98,11 +98,21 @@ def test_calibrate_timestep_tables_and_state():
 
 
 def test_static_act_quantizer_calibration():
+    """``a_quantizer: static`` with min-max init: one (step, zero) over the calibration input,
+    step = (max − min) / 255 at 8 bits, and the layer quantizes its input with it (exact forward)."""
+    from mpq_lightning.quant.functional import fake_quantize
+
     model = nn.Sequential(nn.Linear(8, 4))
-    q = quantize_model(copy.deepcopy(model), QuantConfig(w_bits=8, a_bits=8, a_quantizer="static"))
+    q = quantize_model(copy.deepcopy(model), QuantConfig(w_bits=8, a_bits=8, a_quantizer="static", a_init="minmax"))
     x = torch.randn(16, 8)
     calibrate(q, lambda m: m(x))
-    assert bool(q[0].act_quantizer.initialized)
+    aq = q[0].act_quantizer
+    assert bool(aq.initialized)
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    assert float(aq.scale) == pytest.approx((hi - lo) / 255, rel=1e-6)
+    xq = fake_quantize(x, aq.scale.detach().view(1, 1), aq.zero_point.detach().view(1, 1), 0, 255)
+    want = torch.nn.functional.linear(xq, q[0].weight_quantizer(q[0].weight), q[0].bias)
+    torch.testing.assert_close(q(x), want)
     torch.testing.assert_close(q(x), model(x), rtol=0, atol=0.05)
 
 

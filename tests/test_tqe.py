@@ -208,3 +208,22 @@ def test_folded_tqe_equals_the_branch(conv):
     reference.pow(2).sum().backward()
     for a, b in zip(folded, (tqe.alpha.grad, tqe.beta.grad)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_tqe_branch_acts_on_the_quantized_input():
+    """Q-VDiT Eq. 7-8: the correction is ``Q(X) αᵀ βᵀ`` on the *quantized* activation (spatial layer,
+    no frame factor): the layer output is ``Q(X) Q(W)ᵀ + b + Q(X) αᵀ βᵀ``, and differs from the
+    same branch applied to the FP input."""
+    layer = tqe_linear("b (f s) c", "none", "spatial", a_bits=4)
+    tqe = layer.corrections["tqe"]
+    with torch.no_grad():
+        tqe.alpha.copy_(torch.linspace(-1, 1, tqe.alpha.numel()).view_as(tqe.alpha))
+        tqe.beta.copy_(torch.linspace(-0.5, 0.5, COUT).view(COUT, 1))
+        x = torch.randn(B, F * S, C) * 3
+        xq = layer.act_quantizer(x)
+        assert not torch.allclose(xq, x)  # 4-bit activations: Q(X) ≠ X
+        alpha, beta = tqe.alpha.view(1, C), tqe.beta.view(COUT, 1)
+        want = xq @ layer.quantized_weight().T + layer.bias + (xq @ alpha.T) @ beta.T
+        torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+        on_fp = xq @ layer.quantized_weight().T + layer.bias + (x @ alpha.T) @ beta.T
+        assert not torch.allclose(layer(x), on_fp, rtol=1e-3, atol=1e-3)
