@@ -31,7 +31,7 @@ def test_splits_fixed_and_disjoint():
     assert not set(train) & set(held)
     assert sorted(np.concatenate([train, held]).tolist()) == split_indices("all").tolist()
     assert len(held) == round(0.2 * 1797)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="split must be 'train', 'heldout' or 'all'; got 'validation-ish'"):
         split_indices("validation-ish")
 
 
@@ -93,7 +93,7 @@ def test_moving_digits_deterministic_shapes_range():
 def test_moving_digits_other_geometry():
     ds = MovingDigitsDataset("train", num_videos=4, frames=6, canvas=24, seed=0)
     assert ds[0]["x"].shape == (1, 6, 24, 24)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="canvas 9 must be at least digit size"):
         MovingDigitsDataset("train", canvas=9)
 
 
@@ -111,7 +111,7 @@ def test_bounce_positions_reflect():
     assert pos.tolist() == [[7, 0], [7, 1], [5, 2], [3, 3], [1, 4]]
     pos = bounce_positions((1, 8), (-2, 2), frames=4, limit=8)
     assert pos.tolist() == [[1, 8], [1, 6], [3, 4], [5, 2]]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"velocity \(9, 0\) incompatible with limit 8"):
         bounce_positions((0, 0), (9, 0), frames=3, limit=8)
 
 
@@ -195,7 +195,7 @@ def test_load_stdit_teacher():
 
 
 def test_unknown_teacher():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown teacher .vae.; use one of"):
         load_digits_teacher("vae")
 
 

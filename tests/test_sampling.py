@@ -83,11 +83,17 @@ def test_guide_all_channels():
 
 @torch.no_grad()
 def test_default_scheduler_and_null_class(dit):
-    records = []
+    """No scheduler: the denoiser's default (50 steps for DiT); CFG's unconditional half carries DiT's
+    null class (``num_embeds_ada_norm`` = the class count, 1000 for DiT-XL/2) after the labels."""
+    records, labels = [], []
+    handle = dit.register_forward_pre_hook(lambda m, args: labels.append(args[2]["class_labels"].clone()))
     out = sample(dit, None, _noise(dit), {"class_labels": torch.tensor([3, 4])}, guidance_scale=4.0,
                  recorder=lambda **r: records.append(r["step_index"]))  # fmt: skip
+    handle.remove()
     assert len(records) == dit.default_scheduler["num_inference_steps"] == 50
     assert out.shape == (2, *dit.latent_shape)
+    null = int(dit.backbone.config.num_embeds_ada_norm)
+    assert len(labels) == 50 and all(lab.tolist() == [3, 4, null, null] for lab in labels)
 
 
 @torch.no_grad()
