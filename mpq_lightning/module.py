@@ -15,7 +15,7 @@ import contextlib
 import copy
 import hashlib
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 import lightning as L
@@ -600,12 +600,15 @@ class QATModule(L.LightningModule):
         if saved is None:
             raise ValueError(f"{source} has no 'mpq_identity': it was not written by QATModule")
         mine = self._identity()
+        # a key the checkpoint lacks was added to QuantConfig after it was written: it had the default then
+        defaults = {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(QuantConfig)}
+        saved_quant = {**defaults, **saved.get("quant", {})}
         diff = [k for k in ("model", "teacher_hash") if saved.get(k) != mine[k]]
         diff += [f"quant.{k}" for k in mine["quant"]
-                 if k not in self.EXECUTION_ONLY_QUANT_KEYS and saved["quant"].get(k) != mine["quant"][k]]
+                 if k not in self.EXECUTION_ONLY_QUANT_KEYS and saved_quant.get(k) != mine["quant"][k]]
         if diff:
             details = "; ".join(
-                f"{k}: checkpoint {saved.get(k) if not k.startswith('quant.') else saved['quant'].get(k[6:])!r} "
+                f"{k}: checkpoint {saved.get(k) if not k.startswith('quant.') else saved_quant.get(k[6:])!r} "
                 f"vs config {mine.get(k) if not k.startswith('quant.') else mine['quant'][k[6:]]!r}"
                 for k in diff
             )

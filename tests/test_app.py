@@ -830,3 +830,19 @@ def test_compute_losses_applies_the_loss_config():
     torch.testing.assert_close(losses["tmd"].detach(), tmd_loss(out_s, out_t, t.num_frames, "b c f h w", tau=0.5,
                                                                 legacy_reshape=True, weight=50.0))
     assert set(losses) == {"mse", "trd", "mtrd", "tmd"}
+
+
+def test_checkpoint_without_a_newer_quant_key_is_read_with_its_default():
+    """A QuantConfig key added after a checkpoint was written counts as its default in the identity
+    check: accepted when this run keeps the default, refused by name when it does not."""
+    from mpq_lightning.module import QATModule
+    from mpq_lightning.quant import QuantConfig
+
+    module = QATModule("tiny-stdit", {"config": {"depth": 1}}, QuantConfig(w_bits=4, a_bits=8, num_steps=2))
+    identity = module._identity()
+    old = {**identity, "quant": {k: v for k, v in identity["quant"].items() if k != "a_token_share_batch"}}
+    module.check_checkpoint({"mpq_identity": old})
+    other = QATModule("tiny-stdit", {"config": {"depth": 1}},
+                      QuantConfig(w_bits=4, a_bits=8, num_steps=2, a_token_share_batch=True))
+    with pytest.raises(ValueError, match="quant.a_token_share_batch: checkpoint False vs config True"):
+        other.check_checkpoint({"mpq_identity": old})

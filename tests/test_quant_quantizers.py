@@ -234,3 +234,24 @@ def test_timestep_table_unseen_steps_take_the_pooled_fit():
         assert float(scale[step]) == pytest.approx(float(own[step][0]))
         assert float(zero[step]) == pytest.approx(float(own[step][1]))
     assert float(scale[0]) != pytest.approx(float(pooled[0]))  # the data tell the fits apart
+
+
+def test_dynamic_token_quantizer_per_sample_or_pooled_over_the_batch():
+    """Per token (channels last) min-max, zero included: each sample's tokens on their own, or with
+    ``quant.a_token_share_batch`` each token position pooled over the batch (the Q-VDiT release)."""
+    from mpq_lightning.quant import QuantConfig, quantize_model
+
+    x = torch.tensor([[[1.0, -2.0, 3.0], [0.5, 0.25, 0.0]],
+                      [[4.0, 1.0, 2.0], [-6.0, 2.0, 1.0]]])  # [B=2, N=2, C=3]
+    own = DynamicTokenQuantizer(4)
+    scale, _ = own.qparams(x)
+    torch.testing.assert_close(scale.view(2, 2), torch.tensor([[5.0, 0.5], [4.0, 8.0]]) / 15)
+    pooled_layer = quantize_model(nn.Sequential(nn.Linear(3, 2)), QuantConfig(w_bits=8, a_bits=4,
+                                                                              a_quantizer="dynamic_token",
+                                                                              a_token_share_batch=True))[0]
+    pooled = pooled_layer.act_quantizer
+    assert isinstance(pooled, DynamicTokenQuantizer) and pooled.share_batch
+    scale, _ = pooled.qparams(x)
+    torch.testing.assert_close(scale.view(-1), torch.tensor([6.0, 8.0]) / 15)  # token 0: [-2, 4]; token 1: [-6, 2]
+    assert not quantize_model(nn.Sequential(nn.Linear(3, 2)), QuantConfig(a_bits=4, a_quantizer="dynamic_token"))[0] \
+        .act_quantizer.share_batch

@@ -63,6 +63,9 @@ class QuantConfig:
     w_init: str = "lp"
     a_init: str = "lp"
     a_quantizer: str | None = "timestep"
+    # dynamic_token: False = each sample's tokens on their own; True = each token position pooled over
+    # the batch, as the Q-VDiT release computes it (results then depend on the batch composition)
+    a_token_share_batch: bool = False
     num_steps: int = 1
     learn_w_scale: bool = True
     learn_w_zero_point: bool = False

@@ -48,6 +48,7 @@ class LayerSpec:
     w_init: str = "lp"
     a_init: str = "lp"
     a_quantizer: str | None = "timestep"
+    a_token_share_batch: bool = False
     num_steps: int = 1
     learn_w_scale: bool = True
     learn_w_zero_point: bool = False
@@ -187,7 +188,7 @@ def build_act_quantizer(spec: LayerSpec, channel_dim: int) -> nn.Module | None:
             lsq_grad_scale=spec.lsq_grad_scale,
         )
     if spec.a_quantizer == "dynamic_token":
-        return DynamicTokenQuantizer(spec.a_bits, channel_dim=channel_dim)
+        return DynamicTokenQuantizer(spec.a_bits, share_batch=spec.a_token_share_batch, channel_dim=channel_dim)
     if spec.a_quantizer == "static":
         return UniformQuantizer(
             spec.a_bits, spec.a_symmetric, "tensor", init=spec.a_init,
