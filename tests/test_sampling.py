@@ -109,6 +109,15 @@ def test_wan_flow_matching(scheduler, random_cond):
         )
     out = sample(wan, scheduler, _noise(wan, 1), cond, uncond, guidance_scale=5.0, num_inference_steps=3)
     assert out.shape == (1, *wan.latent_shape) and torch.isfinite(out).all()
+    if scheduler == "flow-match-euler":  # the WanPipeline loop restated: v = u + 5 (c - u), Euler in σ
+        sched = make_scheduler("flow-match-euler")
+        sched.set_timesteps(3)
+        x = _noise(wan, 1)
+        for i, t in enumerate(sched.timesteps):
+            c = wan(x, t.view(1), cond, torch.tensor([i]))
+            u = wan(x, t.view(1), uncond, torch.tensor([i]))
+            x = x + (sched.sigmas[i + 1] - sched.sigmas[i]) * (u + 5.0 * (c - u))
+        torch.testing.assert_close(out, x, rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------
