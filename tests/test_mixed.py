@@ -407,3 +407,22 @@ def test_fzrmq_joint_base_fit_is_the_best_base_for_its_reconstruction(method):
     q = FZRMQQuantizer(bits + 1, (16, 64), base_fit="greedy", init=method)
     q.fit(w)
     torch.testing.assert_close(q.base.scale.detach(), greedy[0])
+
+
+def test_fzrmq_proposal_layout_by_hand():
+    """mpqdm.md §4.1 layout: unsalient channels Q_{N-1}(W), normal Q_N(W), salient
+    Q_N(W) + b₁ sign(W − Q_N(W)), recomputed here from the quantizer's own parts."""
+    torch.manual_seed(0)
+    layer = QuantLinear.from_module(nn.Linear(24, 30), LayerSpec(w_bits=3, w_quantizer="fzrmq", fzrmq_layout="proposal",
+                                                                 lora_rank=0))
+    wq = layer.weight_quantizer
+    wq.initialize(layer.weight.detach())
+    wq.set_classes(classes_for_split(torch.arange(30), 6))
+    set_quant_state(layer, True, False)
+    w = layer.latent_weight().detach()
+    q_low, q_mid = wq.base(w), wq.mid(w)
+    sign = torch.where(w - q_mid >= 0, 1.0, -1.0)
+    gid = wq.group_id.view(-1, 1)
+    expect = torch.where(gid == 0, q_low, torch.where(gid == 1, q_mid, q_mid + wq.residual_scale_1 * sign))
+    torch.testing.assert_close(layer.quantized_weight().detach(), expect.detach())
+    assert wq.base.bits == 2 and wq.mid.bits == 3 and set(gid.view(-1).tolist()) == {0, 1, 2}
