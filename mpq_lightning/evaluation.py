@@ -119,6 +119,8 @@ def load_run(config: str, ckpt_path: str = "last", overrides: list[str] | None =
     resolved = yaml.safe_load(config_path.read_text())
     for key in ("ckpt_path", "weights_only"):  # `fit` options saved with the run, not model/data config
         resolved.pop(key, None)
+    if isinstance(resolved.get("trainer"), dict):  # training callbacks (and their local files) play no part
+        resolved["trainer"].pop("callbacks", None)
     import sys
 
     argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when it sees both args and sys.argv
@@ -185,8 +187,9 @@ def generate(module, datamodule, cfg: EvalConfig) -> dict[str, Any]:
     if step_map == "proportionally":
         raise ValueError(
             f"num_inference_steps={steps} but the student's activation step tables have quant.num_steps="
-            f"{table_steps} entries and the run's trajectory cache (its training timesteps) is not available; "
-            "evaluate with the training sampler or resample the tables"
+            f"{table_steps} entries, and the training timesteps that would map one onto the other are unknown (no "
+            "trajectory cache behind the run, or its sampler does not have quant.num_steps steps); evaluate with "
+            "the training sampler or resample the tables"
         )
     n = cfg.num_samples
     cond, uncond, labels = _conditions(module, datamodule, n)

@@ -101,8 +101,8 @@ class CalibConfig:
 
     def __post_init__(self) -> None:
         if self.smooth_momentum is not None:
-            raise ValueError("calib.smooth_momentum moved to model.quant.smooth_momentum (it changes the quantizer "
-                             "state, so a checkpoint records it)")
+            raise ValueError("calib.smooth_momentum moved to model.quant.smooth_momentum (a quantization setting, "
+                             "beside quant.smooth_alpha)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,6 +284,7 @@ class QATModule(L.LightningModule):
         hook, FSDP and DeepSpeed, have ``trainer.ckpt_path`` set instead). Under DDP every rank
         calibrates on its own shard, then rank 0's state is broadcast so all ranks start identical."""
         self.check_compile_settings(self.trainer)
+        self.check_strategy(self.trainer)
         if not self._calibrated and self.trainer.ckpt_path is None:
             with full_parameters(self.trainer, writeback=True):  # FSDP: calibrate the gathered parameters
                 self.calibrate_from(self.trainer.datamodule)
@@ -315,6 +316,20 @@ class QATModule(L.LightningModule):
         if fill is None or torch.equal(fill, torch.arange(q.num_steps)):
             return None
         return fill
+
+    @torch.no_grad()
+    def fill_untrained_entries(self) -> None:
+        """Write each untrained activation-table entry as a copy of its nearest trained one
+        (:meth:`untrained_step_fill`), in place; trained entries map to themselves, so this is
+        idempotent and leaves training unchanged."""
+        fill = self._step_fill
+        if fill is None:
+            return
+        for m in self.modules():
+            if isinstance(m, TimestepActQuantizer):
+                for p in (m.scale, m.zero_point):
+                    if p.shape == fill.shape:
+                        p.copy_(p[fill.to(p.device)].clone())
 
     def refresh_scale_aware_lrs(self) -> None:
         """``optim.lora_lr: null`` sets each layer's LoRA lr from its calibrated weight steps (mean Δ_w /
@@ -353,6 +368,24 @@ class QATModule(L.LightningModule):
         call; the state-dict keys stay those of the eager modules)."""
         self.student.backbone.compile()
         self.teacher.backbone.compile()
+
+    def check_strategy(self, trainer: L.Trainer) -> None:
+        """Refuse sharding this module cannot train under, naming the key. Calibration and the sampling
+        callbacks call the student outside the strategy's forward: DeepSpeed ZeRO-3 gathers parameters
+        only inside a module's forward and drops writes made outside it; FSDP units nested inside this
+        module (an ``auto_wrap_policy``) cannot run a forward inside ``summon_full_params``. FSDP
+        wrapping the whole module (Lightning's default) and ZeRO-2 work."""
+        strategy = trainer.strategy
+        if getattr(strategy, "zero_stage_3", False):
+            raise ValueError("trainer.strategy: DeepSpeed ZeRO stage 3 partitions the parameters between forwards and "
+                             "would drop the quantizer calibration; use deepspeed_stage_2 (optionally _offload) or fsdp")
+        if torch.distributed.is_available():
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+            nested = [n for n, m in self.named_modules() if n and isinstance(m, FSDP)]
+            if nested:
+                raise ValueError(f"trainer.strategy: FSDP units inside the module ({nested[0]}, ...: an auto_wrap_policy) "
+                                 "are not supported; let FSDP wrap the whole module (no auto_wrap_policy)")
 
     def check_compile_settings(self, trainer: L.Trainer) -> None:
         """Refuse a compile switch this run cannot honour, naming the key: called by the CLI before
@@ -575,8 +608,15 @@ class QATModule(L.LightningModule):
         checkpoint["mpq_identity"] = self._identity()
         if self._step_fill is not None:
             fill = self._step_fill
+            # in the live parameters (training never indexes these entries), which DeepSpeed's engine
+            # saves itself; under FSDP on the gathered parameters, with write-back (every rank is here)
+            with full_parameters(self.trainer, writeback=True):
+                self.fill_untrained_entries()
+            # and in the state dict, collected before this hook (a copy under FSDP); FSDP's wrapper
+            # names are not in its keys
             for name, m in self.named_modules():
                 if isinstance(m, TimestepActQuantizer):
+                    name = name.replace("_fsdp_wrapped_module.", "")
                     for key in (f"{name}.scale", f"{name}.zero_point"):
                         value = sd.get(key)
                         if type(value) is torch.Tensor and value.shape == fill.shape:  # not a shard (FSDP)
@@ -592,7 +632,10 @@ class QATModule(L.LightningModule):
 
     #: QuantConfig fields that change how the quantizers are computed, not what they hold: a checkpoint
     #: resumes or evaluates with other values of these
-    EXECUTION_ONLY_QUANT_KEYS = ("compile_quantizers", "calib_stats_device")
+    EXECUTION_ONLY_QUANT_KEYS = ("compile_quantizers", "calib_stats_device",
+                                 # shapes only the SmoothQuant statistic of the first calibration, whose
+                                 # result (smooth_scale) the checkpoint holds; earlier checkpoints record None
+                                 "smooth_momentum")
 
     def check_checkpoint(self, checkpoint: dict, source: str = "checkpoint") -> None:
         """Refuse a checkpoint of another model, teacher or quantization setting, naming each key."""

@@ -609,14 +609,21 @@ def test_untrained_step_entries_are_saved_as_their_nearest_trained_entry(workdir
         assert entry in kept and abs(timesteps[entry] - timesteps[i]) == (timesteps[kept] - timesteps[i]).abs().min()
     ckpt = torch.load(workdir / "checkpoints" / "stride2" / "last.ckpt", weights_only=False)
     assert ckpt["mpq_step_fill"] == fill.tolist()
-    changed = 0
-    for name, m in module.named_modules():
-        if isinstance(m, TimestepActQuantizer):
-            for attr in ("scale", "zero_point"):
-                live, saved = getattr(m, attr).detach(), ckpt["state_dict"][f"{name}.{attr}"]
-                assert torch.equal(saved, live[fill]) and torch.equal(saved[kept], live[kept])
-                changed += int(not torch.equal(saved, live))
-    assert changed  # the untrained entries held other (pooled) values
+    tables = [(name, m) for name, m in module.named_modules() if isinstance(m, TimestepActQuantizer)]
+    for name, m in tables:
+        for attr in ("scale", "zero_point"):
+            live, saved = getattr(m, attr).detach(), ckpt["state_dict"][f"{name}.{attr}"]
+            assert torch.equal(saved, saved[fill]) and torch.equal(saved, live)  # the live tables are filled too
+    # a value written into an untrained entry is replaced at the next save, in the live parameters
+    # (what DeepSpeed's engine saves) and in the state dict; trained entries are left alone
+    name, m = tables[0]
+    with torch.no_grad():
+        m.scale[1] = 123.0
+        m.scale[2] = 7.0
+    checkpoint = {"state_dict": {k: v.clone() for k, v in module.state_dict().items()}}
+    module.on_save_checkpoint(checkpoint)
+    assert float(m.scale[1]) == float(m.scale[fill[1]]) != 123.0 and float(m.scale[2]) == 7.0
+    assert float(checkpoint["state_dict"][f"{name}.scale"][1]) == float(m.scale[fill[1]])
     metrics = evaluate(str(workdir / "checkpoints" / "stride2" / "config.yaml"), "last", EvalConfig(num_samples=2))
     assert "5 of the 10 entries are trained" in metrics["student_step_map"]
 
@@ -838,11 +845,69 @@ def test_checkpoint_without_a_newer_quant_key_is_read_with_its_default():
     from mpq_lightning.module import QATModule
     from mpq_lightning.quant import QuantConfig
 
-    module = QATModule("tiny-stdit", {"config": {"depth": 1}}, QuantConfig(w_bits=4, a_bits=8, num_steps=2))
+    module = QATModule("tiny-stdit", {"config": {"depth": 1}}, QuantConfig(w_bits=4, a_bits=8, a_quantizer="dynamic_token"))
     identity = module._identity()
     old = {**identity, "quant": {k: v for k, v in identity["quant"].items() if k != "a_token_share_batch"}}
     module.check_checkpoint({"mpq_identity": old})
     other = QATModule("tiny-stdit", {"config": {"depth": 1}},
-                      QuantConfig(w_bits=4, a_bits=8, num_steps=2, a_token_share_batch=True))
+                      QuantConfig(w_bits=4, a_bits=8, a_quantizer="dynamic_token", a_token_share_batch=True))
     with pytest.raises(ValueError, match="quant.a_token_share_batch: checkpoint False vs config True"):
         other.check_checkpoint({"mpq_identity": old})
+
+
+def test_sharding_the_module_cannot_train_under_is_refused_at_fit_start():
+    """DeepSpeed ZeRO-3 however configured (Lightning resolves the stage; here a stand-in strategy
+    reporting it) and FSDP units nested in the module (an auto_wrap_policy) are refused by name."""
+    from types import SimpleNamespace
+
+    from torch import nn
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from mpq_lightning.module import QATModule
+
+    module = QATModule("tiny-stdit", {"config": {"depth": 1}})
+    module.check_strategy(SimpleNamespace(strategy=SimpleNamespace()))  # DDP / single device: fine
+    with pytest.raises(ValueError, match="trainer.strategy: DeepSpeed ZeRO stage 3"):
+        module.check_strategy(SimpleNamespace(strategy=SimpleNamespace(zero_stage_3=True)))
+    fake = FSDP.__new__(FSDP)
+    nn.Module.__init__(fake)
+    module.student.add_module("wrapped_block", fake)
+    with pytest.raises(ValueError, match=r"FSDP units inside the module \(student.wrapped_block, ...: an auto_wrap_policy\)"):
+        module.check_strategy(SimpleNamespace(strategy=SimpleNamespace()))
+
+
+def test_vae_mismatch_is_found_at_setup_and_evaluation_ignores_training_callbacks(workdir):
+    """SampleLogger(vae=...) checks the autoencoder against the teacher in ``setup`` (every rank,
+    before training), without loading weights; evaluate.py builds a run without its training
+    callbacks, so a sampler's autoencoder folder need not exist where the run is evaluated."""
+    import json
+    import shutil
+
+    from mpq_lightning.callbacks import SampleLogger
+    from mpq_lightning.evaluation import EvalConfig, evaluate
+    from mpq_lightning.models import build
+    from test_eval_vae import tiny_kl
+
+    tiny_kl(latent_channels=8).save_pretrained(workdir / "vae8_setup")
+    logger = SampleLogger(vae=str(workdir / "vae8_setup"))
+    with pytest.raises(ValueError, match="SampleLogger.vae: .*has 8 latent channels"):
+        logger.setup(None, type("M", (), {"teacher": build("tiny-stdit")})(), "fit")
+    tiny_kl().save_pretrained(workdir / "vae_gone")
+    callback = {"class_path": "mpq_lightning.callbacks.SampleLogger",
+                "init_args": {"every_n_steps": 0, "at_train_end": False, "vae": str(workdir / "vae_gone")}}
+    fit("--trainer.max_steps", "1", f"--trainer.callbacks+={json.dumps(callback)}", run="vae_gone")
+    shutil.rmtree(workdir / "vae_gone")
+    metrics = evaluate(str(workdir / "checkpoints" / "vae_gone" / "config.yaml"), "last", EvalConfig(num_samples=2))
+    assert metrics["num_samples"] == 2
+
+
+def test_quant_config_refuses_token_pooling_without_the_dynamic_quantizer_and_ignores_smooth_momentum_on_resume():
+    from mpq_lightning.module import QATModule
+    from mpq_lightning.quant import QuantConfig
+
+    with pytest.raises(ValueError, match="a_token_share_batch applies to a_quantizer 'dynamic_token', not 'timestep'"):
+        QuantConfig(a_bits=6, a_token_share_batch=True)
+    module = QATModule("tiny-stdit", {"config": {"depth": 1}},
+                       QuantConfig(w_bits=4, a_bits=8, num_steps=2, smooth_alpha=0.5, smooth_momentum=0.95))
+    identity = module._identity()
+    module.check_checkpoint({"mpq_identity": {**identity, "quant": {**identity["quant"], "smooth_momentum": None}}})

@@ -255,3 +255,19 @@ def test_dynamic_token_quantizer_per_sample_or_pooled_over_the_batch():
     torch.testing.assert_close(scale.view(-1), torch.tensor([6.0, 8.0]) / 15)  # token 0: [-2, 4]; token 1: [-6, 2]
     assert not quantize_model(nn.Sequential(nn.Linear(3, 2)), QuantConfig(a_bits=4, a_quantizer="dynamic_token"))[0] \
         .act_quantizer.share_batch
+
+
+def test_step_index_context_after_a_quantizer_is_deleted():
+    """``del`` does not bump the module-tree version: a removed 4-step quantizer may stay cached, but a
+    step index valid for the quantizers still in the model is accepted (the tree is walked afresh)."""
+    from mpq_lightning.quant.quantizers import step_quantizers
+
+    model = nn.Sequential(nn.Linear(2, 2), TimestepActQuantizer(8, 10), TimestepActQuantizer(8, 4))
+    assert len(step_quantizers(model)) == 2
+    del model[2]
+    with step_index_context(model, 7):
+        assert model[1].step_index == 7
+    assert step_quantizers(model) == [model[1]]
+    with pytest.raises(IndexError, match="out of range for a table of 10 steps"):
+        with step_index_context(model, 10):
+            pass

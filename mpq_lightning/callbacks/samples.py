@@ -257,6 +257,12 @@ class SampleLogger(Callback):
         self._warned: set[str] = set()
 
     # -- hooks ---------------------------------------------------------------------------------
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.vae is not None:  # on every rank, before training: not at the first sample, on rank 0 alone
+            from mpq_lightning.models.vae import check_vae
+
+            check_vae(self.vae, pl_module.teacher, key="SampleLogger.vae")
+
     def on_train_start(self, trainer, pl_module) -> None:
         if self.at_train_start:
             self._maybe_log(trainer, pl_module)

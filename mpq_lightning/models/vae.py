@@ -34,22 +34,32 @@ def vae_class(folder: str, key: str = "vae") -> str:
     return name
 
 
-def load_vae(folder: str, teacher, device, key: str = "vae") -> Any:
-    """The autoencoder in ``folder``, in fp32 on ``device`` without gradients, checked against the
-    teacher's latents (channels; a video autoencoder needs a video teacher)."""
-    import diffusers
-
+def check_vae(folder: str, teacher, key: str = "vae") -> str:
+    """Check ``folder``'s config against the teacher's latents without loading weights (channels; a
+    video autoencoder needs a video teacher); returns the class name."""
     name = vae_class(folder, key)
-    try:
-        vae = getattr(diffusers, name).from_pretrained(folder).eval().requires_grad_(False)
-    except (OSError, ValueError, RuntimeError) as err:
-        raise ValueError(f"{key}: cannot load {name} from {folder} ({err})") from None
-    channels = vae.config.get("z_dim") or vae.config.get("latent_channels")
+    config = json.loads((Path(folder) / "config.json").read_text())
+    channels = config.get("z_dim") or config.get("latent_channels")
+    if channels is None:  # a config written without it keeps the class default
+        channels = {"AutoencoderKL": 4, "VQModel": 3}.get(name)
     if channels != teacher.in_channels:
         raise ValueError(f"{key}: {folder} ({name}) has {channels} latent channels, the teacher's latents "
                          f"{tuple(teacher.latent_shape)} have {teacher.in_channels}")
     if VAE_KINDS[name] == "video" and not teacher.is_video:
         raise ValueError(f"{key}: {folder} is a video autoencoder ({name}) but the teacher makes images")
+    return name
+
+
+def load_vae(folder: str, teacher, device, key: str = "vae") -> Any:
+    """The autoencoder in ``folder``, in fp32 on ``device`` without gradients, checked against the
+    teacher's latents first (:func:`check_vae`)."""
+    import diffusers
+
+    name = check_vae(folder, teacher, key)
+    try:
+        vae = getattr(diffusers, name).from_pretrained(folder).eval().requires_grad_(False)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{key}: cannot load {name} from {folder} ({err})") from None
     return vae.to(device=device, dtype=torch.float32)
 
 

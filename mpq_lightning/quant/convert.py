@@ -132,6 +132,8 @@ class QuantConfig:
                     _check_bits(entry[k], f"bit_map[{pattern!r}][{k!r}]", allow_none=True)
         if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
             raise ValueError(f"QuantConfig.smooth_alpha must be in [0, 1] or None, got {self.smooth_alpha!r}")
+        if self.a_token_share_batch and self.a_quantizer != "dynamic_token":
+            raise ValueError(f"QuantConfig.a_token_share_batch applies to a_quantizer 'dynamic_token', not {self.a_quantizer!r}")
         if self.smooth_momentum is not None and not 0.0 <= self.smooth_momentum < 1.0:
             raise ValueError(f"QuantConfig.smooth_momentum must be in [0, 1) or None, got {self.smooth_momentum!r}")
         if self.w_symmetric and self.w_bits == 1:

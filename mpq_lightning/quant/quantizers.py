@@ -260,11 +260,15 @@ nn.modules.module.register_module_module_registration_hook(_bump_structure_versi
 _step_quantizers_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def step_quantizers(model: nn.Module) -> list[TimestepActQuantizer]:
+def step_quantizers(model: nn.Module, fresh: bool = False) -> list[TimestepActQuantizer]:
     """The TimestepActQuantizers of ``model``, walked once per module-tree version (the walk costs
-    about 0.5 ms per forward on a 300-module model, a step of a small model is a few ms)."""
+    about 0.5 ms per forward on a 300-module model, a step of a small model is a few ms). Adding or
+    replacing a submodule anywhere bumps the version; deleting one (``del``) does not, so a removed
+    quantizer can stay listed until the next change (it then only receives an unused step index;
+    :func:`step_index_context` walks afresh before reporting an out-of-range index). ``fresh``
+    walks the tree now."""
     cached = _step_quantizers_cache.get(model)
-    if cached is None or cached[0] != _structure_version:
+    if fresh or cached is None or cached[0] != _structure_version:
         cached = (_structure_version, [m for m in model.modules() if isinstance(m, TimestepActQuantizer)])
         _step_quantizers_cache[model] = cached
     return cached[1]
@@ -274,12 +278,17 @@ def step_quantizers(model: nn.Module) -> list[TimestepActQuantizer]:
 def step_index_context(model: nn.Module, step_index: int | Tensor | None) -> Iterator[None]:
     """Hand the sampler step index (int or LongTensor [B]) to every TimestepActQuantizer in model."""
     quantizers = step_quantizers(model)
-    previous = [(q.step_index, q._shared) for q in quantizers]
     shared = None
     if quantizers and step_index is not None:
         # one range check (one device sync) per forward instead of one per quantizer
-        _check_step_range(torch.as_tensor(step_index), min(q.num_steps for q in quantizers))
+        try:
+            _check_step_range(torch.as_tensor(step_index), min(q.num_steps for q in quantizers))
+        except IndexError:  # a deleted quantizer may still be listed: judge by the current tree
+            quantizers = step_quantizers(model, fresh=True)
+            if quantizers:
+                _check_step_range(torch.as_tensor(step_index), min(q.num_steps for q in quantizers))
         shared = (step_index, {})
+    previous = [(q.step_index, q._shared) for q in quantizers]
     setattr_ = object.__setattr__  # plain attributes (no parameter, buffer or module): skip nn.Module's
     for q in quantizers:
         setattr_(q, "step_index", step_index)
