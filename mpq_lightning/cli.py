@@ -24,7 +24,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from .module import QATModule
+from .module import ZERO3_REFUSAL, QATModule
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 DEFAULT_ROOT = "checkpoints"
@@ -146,8 +146,7 @@ def _refuse_zero3(strategy) -> None:
         return
     class_path, init = str(get(strategy, "class_path") or ""), get(strategy, "init_args") or {}
     if class_path.endswith("DeepSpeedStrategy") and get(init, "stage") == 3:
-        raise ValueError("trainer.strategy: DeepSpeed ZeRO stage 3 partitions the parameters between forwards and "
-                         "would drop the quantizer calibration; use deepspeed_stage_2 (optionally _offload) or fsdp")
+        raise ValueError(ZERO3_REFUSAL)
 
 
 #: what a run writes into its folder (``checkpoints/<run_name>/``)

@@ -110,6 +110,11 @@ class CalibConfig:
 # ---------------------------------------------------------------------------------------------
 
 
+#: why DeepSpeed ZeRO-3 is refused (by the CLI by name, and at fit start however configured)
+ZERO3_REFUSAL = ("trainer.strategy: DeepSpeed ZeRO stage 3 partitions the parameters between forwards and would drop "
+                 "the quantizer calibration; use deepspeed_stage_2 (optionally _offload) or fsdp")
+
+
 def full_parameters(trainer, writeback: bool = False):
     """A context in which every parameter is whole, for module calls outside the strategy's forward
     (calibration, the sampling callbacks): FSDP keeps parameters sharded between forwards. Under FSDP
@@ -308,28 +313,29 @@ class QATModule(L.LightningModule):
         q = self.quant_cfg
         if q.a_quantizer != "timestep" or q.num_steps <= 1:
             return None
-        try:
-            timesteps = datamodule.manifest["scheduler"]["timesteps"]
-        except Exception:  # no trajectory cache behind the data module
-            return None
-        fill = trained_step_entries(datamodule, timesteps, q.num_steps)
+        fill = trained_step_entries(datamodule, None, q.num_steps)  # None without a trajectory cache
         if fill is None or torch.equal(fill, torch.arange(q.num_steps)):
             return None
         return fill
 
     @torch.no_grad()
-    def fill_untrained_entries(self) -> None:
+    def fill_untrained_entries(self, state_dict: dict | None = None) -> None:
         """Write each untrained activation-table entry as a copy of its nearest trained one
-        (:meth:`untrained_step_fill`), in place; trained entries map to themselves, so this is
-        idempotent and leaves training unchanged."""
+        (:meth:`untrained_step_fill`), in place, and in ``state_dict``'s copies of the tables when
+        given; trained entries map to themselves, so this is idempotent and leaves training unchanged."""
         fill = self._step_fill
         if fill is None:
             return
-        for m in self.modules():
-            if isinstance(m, TimestepActQuantizer):
-                for p in (m.scale, m.zero_point):
-                    if p.shape == fill.shape:
-                        p.copy_(p[fill.to(p.device)].clone())
+        for name, m in self.named_modules():
+            if not isinstance(m, TimestepActQuantizer):
+                continue
+            for attr in ("scale", "zero_point"):
+                live, key = getattr(m, attr), f"{name}.{attr}"
+                if live.shape == fill.shape:
+                    live.copy_(live[fill.to(live.device)].clone())
+                saved = state_dict.get(key) if state_dict is not None else None
+                if type(saved) is torch.Tensor and saved.shape == fill.shape:  # not a shard (FSDP)
+                    state_dict[key] = saved[fill.to(saved.device)].clone()
 
     def refresh_scale_aware_lrs(self) -> None:
         """``optim.lora_lr: null`` sets each layer's LoRA lr from its calibrated weight steps (mean Δ_w /
@@ -377,8 +383,7 @@ class QATModule(L.LightningModule):
         wrapping the whole module (Lightning's default) and ZeRO-2 work."""
         strategy = trainer.strategy
         if getattr(strategy, "zero_stage_3", False):
-            raise ValueError("trainer.strategy: DeepSpeed ZeRO stage 3 partitions the parameters between forwards and "
-                             "would drop the quantizer calibration; use deepspeed_stage_2 (optionally _offload) or fsdp")
+            raise ValueError(ZERO3_REFUSAL)
         if torch.distributed.is_available():
             from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
@@ -607,21 +612,11 @@ class QATModule(L.LightningModule):
             del sd[k]
         checkpoint["mpq_identity"] = self._identity()
         if self._step_fill is not None:
-            fill = self._step_fill
-            # in the live parameters (training never indexes these entries), which DeepSpeed's engine
-            # saves itself; under FSDP on the gathered parameters, with write-back (every rank is here)
+            # the live parameters (what DeepSpeed's engine saves; under FSDP the gathered ones, written
+            # back; every rank is here) and the state dict collected before this hook (a copy under FSDP)
             with full_parameters(self.trainer, writeback=True):
-                self.fill_untrained_entries()
-            # and in the state dict, collected before this hook (a copy under FSDP); FSDP's wrapper
-            # names are not in its keys
-            for name, m in self.named_modules():
-                if isinstance(m, TimestepActQuantizer):
-                    name = name.replace("_fsdp_wrapped_module.", "")
-                    for key in (f"{name}.scale", f"{name}.zero_point"):
-                        value = sd.get(key)
-                        if type(value) is torch.Tensor and value.shape == fill.shape:  # not a shard (FSDP)
-                            sd[key] = value[fill.to(value.device)].clone()
-            checkpoint["mpq_step_fill"] = fill.tolist()
+                self.fill_untrained_entries(sd)
+            checkpoint["mpq_step_fill"] = self._step_fill.tolist()
         if self.trd is not None and self.trd.pending:  # a TRD window open at the save: resume completes it
             checkpoint["mpq_trd_pending"] = {"student": [f.detach().cpu() for f in self.trd._student_buf],
                                              "teacher": [f.detach().cpu() for f in self.trd._teacher_buf]}

@@ -53,10 +53,10 @@ class FinalReport(Callback):
         spec = self._spec(trainer, pl_module)
         q = pl_module.quant_cfg
         table_steps = q.num_steps if q.a_quantizer == "timestep" else None
-        models = {}  # both sample step i with the activation-table entry trained nearest its timestep
-        for name, model in (("naive PTQ", ptq), ("trained (ours)", pl_module.student)):
-            sampler = make_scheduler(spec.scheduler, **(spec.scheduler_config or {}))
-            models[name] = map_to_trained_entries(model, dm, sampler, spec.num_inference_steps, table_steps)[0]
+        sampler = make_scheduler(spec.scheduler, **(spec.scheduler_config or {}))
+        # both sample step i with the activation-table entry trained nearest its timestep
+        models = {name: map_to_trained_entries(model, dm, sampler, spec.num_inference_steps, table_steps)[0]
+                  for name, model in (("naive PTQ", ptq), ("trained (ours)", pl_module.student))}
         self.rows = compare(models, pl_module.teacher, spec, self.num_samples, self.seed)
         print_rows(self.rows, f"{pl_module.model_name}: W{q.w_bits}A{q.a_bits}, {self.num_samples} samples")
         if log_dir:

@@ -107,11 +107,12 @@ def _has_moviepy_editor() -> bool:
 
 
 def trained_step_entries(datamodule, sample_timesteps, num_table_steps: int) -> Tensor | None:
-    """For each sampling step (``sample_timesteps``: the sampler's timesteps), the trained table entry
-    of the nearest diffusion timestep: entries are the training sampler's steps (the trajectory
-    cache's scheduler timesteps) that the data module actually serves (the cache's kept steps, the
-    data module's ``steps`` / ``step_stride``). None when the training sampler is unknown or its step
-    count is not the table's (then indices are mapped proportionally)."""
+    """For each sampling step (``sample_timesteps``: the sampler's timesteps; None: the training
+    sampler's own), the trained table entry of the nearest diffusion timestep: entries are the
+    training sampler's steps (the trajectory cache's scheduler timesteps) that the data module
+    actually serves (the cache's kept steps, the data module's ``steps`` / ``step_stride``). None when
+    the training sampler is unknown or its step count is not the table's (then indices are mapped
+    proportionally)."""
     try:
         manifest = datamodule.manifest
         kept = list(manifest["structure"]["kept_steps"])
@@ -124,7 +125,7 @@ def trained_step_entries(datamodule, sample_timesteps, num_table_steps: int) -> 
     if len(train_t) != num_table_steps or not allowed:
         return None
     allowed_t = torch.as_tensor(allowed, dtype=torch.long)
-    sample_t = torch.as_tensor(sample_timesteps).double().cpu()
+    sample_t = train_t if sample_timesteps is None else torch.as_tensor(sample_timesteps).double().cpu()
     nearest = (train_t[allowed_t].view(-1, 1) - sample_t.view(1, -1)).abs().argmin(0)
     return allowed_t[nearest]
 
