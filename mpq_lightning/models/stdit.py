@@ -8,6 +8,8 @@ Spec: ``research/opensora_stdit.md`` (module tree §2, forward §3, pitfalls §8
 * attention is ``F.scaled_dot_product_attention`` (no flash-attn, xformers or apex);
 * text cross-attention keeps the padded ``[B, L, C]`` layout with a key mask instead of packing the kept
   tokens into ``[1, ΣL, C]`` with an xformers block-diagonal bias; the result is the same (spec §4).
+  ``kv_linear`` runs inside :func:`~mpq_lightning.quant.observed_rows`, so its calibration statistics
+  see only the kept tokens, as the packed official layer does.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from einops import rearrange
+
+from ..quant.quantizers import observed_rows
 
 __all__ = [
     "STDiT",
@@ -215,7 +219,12 @@ class MultiHeadCrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, cond: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
         """x ``[B, N, C]``, cond ``[B, L, C]``, key_mask ``[B, L]`` bool (True = attend) or None (all)."""
         q = rearrange(self.q_linear(x), "b n (h d) -> b h n d", h=self.num_heads)
-        k, v = rearrange(self.kv_linear(cond), "b l (two h d) -> two b h l d", two=2, h=self.num_heads)
+        if key_mask is None or torch.compiler.is_compiling():
+            kv = self.kv_linear(cond)
+        else:  # the official model packs the kept tokens: padded ones stay out of calibration statistics
+            with observed_rows(key_mask):
+                kv = self.kv_linear(cond)
+        k, v = rearrange(kv, "b l (two h d) -> two b h l d", two=2, h=self.num_heads)
         attn_mask = None if key_mask is None else key_mask[:, None, None, :]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))

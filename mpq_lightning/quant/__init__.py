@@ -24,6 +24,7 @@ from .quantizers import (
     DynamicTokenQuantizer,
     TimestepActQuantizer,
     UniformQuantizer,
+    observed_rows,
     resample_step_table,
     step_index_context,
 )
@@ -58,7 +59,7 @@ from .export import (
 __all__ = [
     "DynamicTokenQuantizer", "LayerReport", "LayerSpec", "LoRA", "QuantConfig", "QuantConv1d", "QuantConv2d",
     "QuantConv3d", "QuantLayer", "QuantLinear", "TimestepActQuantizer", "UniformQuantizer", "calibrate",
-    "fake_quantize", "init_grid_search", "init_lp_search", "init_minmax", "plan_quantization",
+    "fake_quantize", "init_grid_search", "init_lp_search", "init_minmax", "observed_rows", "plan_quantization",
     "print_quantization_report", "qparams_from_range", "qrange", "quant_layers", "quantize_model",
     "resample_step_table", "round_ste", "set_quant_state", "sign_ste", "smooth_scale", "step_index_context",
     # the papers' methods: OMQ / FZ-RMQ (mixed.py), OOLRI (lora_init.py), TQE (tqe.py)

@@ -34,7 +34,7 @@ from .layers import (
     QuantLayer,
 )
 from .functional import INITIALISERS
-from .quantizers import GRANULARITIES, TimestepActQuantizer, UniformQuantizer
+from .quantizers import GRANULARITIES, TimestepActQuantizer, UniformQuantizer, observed_row_mask
 from .lora_init import SVD_INITS, InputStats, needs_input_stats, oolri_init, wants_oolri
 from .mixed import FZRMQ_BASE_FITS, FZRMQ_LAYOUTS, OMQ_SEARCHES, init_mixed_quantizer, is_mixed
 from .smooth import ActAbsMaxObserver, smooth_scale
@@ -350,7 +350,10 @@ class _StaticActObserver:
         self.reservoir = reservoir
 
     def __call__(self, x: torch.Tensor) -> None:
-        v = x.detach().float().reshape(-1)
+        rows = observed_row_mask(x)  # padded rows stay out (observed_rows)
+        v = (x.detach()[rows] if rows is not None else x.detach()).float().reshape(-1)
+        if v.numel() == 0:
+            return
         keep = torch.randperm(v.numel(), device=v.device)[: self.reservoir]
         self.values.append(torch.cat([v[keep], v.min().view(1), v.max().view(1)]).cpu())
 

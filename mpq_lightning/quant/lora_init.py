@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .layers import QuantLayer
+from .quantizers import observed_row_mask
 from .mixed import is_mixed, needs_output_search
 
 SVD_INITS = ("svd_weight_error", "svd_output_error")
@@ -68,6 +69,9 @@ class InputStats:
     @torch.no_grad()
     def observe(self, layer: QuantLayer, x: Tensor) -> None:
         """Add the input ``x`` of ``layer`` (unfolded in batch chunks of ≤ ``chunk_elems`` values)."""
+        rows = observed_row_mask(x)
+        if rows is not None:  # padded rows stay out (observed_rows): keep [n, C] token rows
+            x = x[rows]
         per_sample = max(1, x[0].numel() * (math.prod(layer.weight.shape[2:]) if layer.weight.dim() > 2 else 1))
         bs = max(1, self.chunk_elems // per_sample)
         for xc in x.detach().split(bs):

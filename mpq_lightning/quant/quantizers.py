@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import weakref
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Iterator
 
 import torch
@@ -180,8 +181,12 @@ class TimestepActQuantizer(nn.Module):
     def _observe(self, x: Tensor) -> None:
         idx = self._index(x.shape[0], x.device)
         flat = x.detach().float().reshape(x.shape[0], -1)
+        rows = observed_row_mask(x)  # padded rows stay out (observed_rows)
         for step in idx.unique().tolist():  # loop over distinct steps in the batch, not channels
-            vals = flat[idx == step].reshape(-1)
+            sel = idx == step
+            vals = (x.detach().float()[sel][rows[sel]] if rows is not None else flat[sel]).reshape(-1)
+            if vals.numel() == 0:
+                continue
             keep = torch.randperm(vals.numel(), device=vals.device)[: self._reservoir]
             # always keep the extremes so the min-max candidate is exact
             vals = torch.cat([vals[keep], vals.min().view(1), vals.max().view(1)])
@@ -299,6 +304,44 @@ def step_index_context(model: nn.Module, step_index: int | Tensor | None) -> Ite
         for q, (p, sh) in zip(quantizers, previous):
             setattr_(q, "step_index", p)
             setattr_(q, "_shared", sh)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows the calibration observers may see (padded text tokens)
+# ---------------------------------------------------------------------------------------------
+
+_observed_rows: ContextVar[Tensor | None] = ContextVar("mpq_observed_rows", default=None)
+
+
+@contextmanager
+def observed_rows(mask: Tensor | None) -> Iterator[None]:
+    """Calibration observers of the layers called inside see only the rows of their ``[B, L, C]``
+    input where ``mask`` (bool ``[B, L]``, True = kept) is True; the forward itself is unchanged.
+
+    For padded rows that the model masks out downstream and that the official model never computes:
+    OpenSora's STDiT packs the kept text tokens before ``kv_linear`` (opensora_stdit.md §3.4), ours keeps
+    ``[B, L, C]`` with a key mask. Padded rows then stay out of activation ranges (TALSQ tables,
+    static steps), SmoothQuant maxima and the input statistics of the OMQ / FZ-RMQ split search and
+    OOLRI. Wrap only the layers that take the masked rows (an input of another shape is an error)."""
+    token = _observed_rows.set(mask)
+    try:
+        yield
+    finally:
+        _observed_rows.reset(token)
+
+
+def observed_row_mask(x: Tensor) -> Tensor | None:
+    """The bool ``[B, L]`` mask of the enclosing :func:`observed_rows` for an input ``x`` ``[B, L, C]``,
+    or None outside one."""
+    mask = _observed_rows.get()
+    if mask is None:
+        return None
+    if x.dim() != 3 or tuple(x.shape[:2]) != tuple(mask.shape):
+        raise ValueError(
+            f"observed_rows: a mask of shape {tuple(mask.shape)} does not fit an input of shape {tuple(x.shape)} "
+            "(expected [B, L, C] with [B, L] = the mask's shape)"
+        )
+    return mask.to(device=x.device, dtype=torch.bool)
 
 
 # ---------------------------------------------------------------------------------------------

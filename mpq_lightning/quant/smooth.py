@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .quantizers import observed_row_mask
+
 
 class ActAbsMaxObserver(nn.Module):
     """Per-input-channel max |x| over calibration batches (MPQ-DM: the running max over every
@@ -23,6 +25,9 @@ class ActAbsMaxObserver(nn.Module):
     @torch.no_grad()
     def observe(self, x: Tensor) -> None:
         xd = x.detach().float().movedim(self.channel_dim, -1).abs()
+        rows = observed_row_mask(x)
+        if rows is not None:  # padded rows stay out (observed_rows); 0 never raises a max of |x|
+            xd = xd.masked_fill(~rows.unsqueeze(-1), 0.0)
         if self.momentum is None:
             cur = xd.reshape(-1, xd.shape[-1]).amax(0)
         else:  # per sample (axis 0) max over its tokens, then the batch mean
