@@ -253,7 +253,8 @@ class QATModule(L.LightningModule):
 
     @staticmethod
     def _layer_info_fn(denoiser):
-        """What TQE needs to know of a layer: its kind and the token layout of its input."""
+        """What TQE and the batch-pooled dynamic quantizer need to know of a layer: its kind, the token
+        layout of its input and the sizes of the frame and per-frame token axes."""
 
         def info(name: str) -> dict:
             kind = denoiser.layer_kind(name)
@@ -262,6 +263,8 @@ class QATModule(L.LightningModule):
                 out["token_layout"] = denoiser.token_layouts[kind]
             if denoiser.num_frames:
                 out["num_frames"] = denoiser.num_frames
+            if denoiser.tokens_per_frame:
+                out["tokens_per_frame"] = denoiser.tokens_per_frame
             return out
 
         return info

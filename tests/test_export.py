@@ -486,3 +486,19 @@ def test_wrong_skeleton_named(small_export):
     out, _, _ = small_export
     with pytest.raises(ExportFormatError, match=r"layer '1' has geometry"):
         load_quantized(out, model=nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 5)))
+
+
+def test_dynamic_token_layout_survives_export():
+    """The batch pool of a_token_share_batch (token layout and axis sizes) is part of the quant map."""
+    from mpq_lightning.quant import DynamicTokenQuantizer
+    from mpq_lightning.quant.export import _act_entry, build_act_quantizer
+
+    q = DynamicTokenQuantizer(6, share_batch=True, token_layout="(b s) f c", num_frames=3, tokens_per_frame=4)
+    entry = json.loads(json.dumps(_act_entry(q)))
+    r = build_act_quantizer(entry)
+    x = torch.randn(8, 3, 5)
+    assert r.token_layout == "(b s) f c" and torch.equal(r(x), q(x))
+    assert not torch.equal(DynamicTokenQuantizer(6, share_batch=True)(x), q(x))  # the layout matters here
+    # a quant map written before these fields pools the leading axis, as such exports did
+    legacy = {k: v for k, v in entry.items() if k not in ("token_layout", "num_frames", "tokens_per_frame")}
+    assert build_act_quantizer(legacy).token_layout is None

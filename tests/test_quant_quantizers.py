@@ -252,9 +252,73 @@ def test_dynamic_token_quantizer_per_sample_or_pooled_over_the_batch():
     pooled = pooled_layer.act_quantizer
     assert isinstance(pooled, DynamicTokenQuantizer) and pooled.share_batch
     scale, _ = pooled.qparams(x)
-    torch.testing.assert_close(scale.view(-1), torch.tensor([6.0, 8.0]) / 15)  # token 0: [-2, 4]; token 1: [-6, 2]
+    torch.testing.assert_close(scale.view(2, 2), torch.tensor([[6.0, 8.0]] * 2) / 15)  # token 0: [-2, 4]; token 1: [-6, 2]
     assert not quantize_model(nn.Sequential(nn.Linear(3, 2)), QuantConfig(a_bits=4, a_quantizer="dynamic_token"))[0] \
         .act_quantizer.share_batch
+
+
+def _pooled_range_by_loops(x: torch.Tensor, token_of_row) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (lo, hi) where every row's range is pooled over all rows with the same token id."""
+    rows = x.reshape(-1, x.shape[-1])
+    ids = [token_of_row(r) for r in range(rows.shape[0])]
+    lo, hi = torch.empty(rows.shape[0]), torch.empty(rows.shape[0])
+    for r, t in enumerate(ids):
+        same = rows[[i for i, u in enumerate(ids) if u == t]]
+        lo[r], hi[r] = same.min().clamp_max(0), same.max().clamp_min(0)
+    return lo, hi
+
+
+@pytest.mark.parametrize("layout, shape, token_of_row", [
+    # spatial: rows ((i f) + j) · s + k are sample i, frame j, spatial k: pool over i per (j, k)
+    ("(b f) s c", (2 * 3, 4, 5), lambda r: (r // 4 % 3, r % 4)),
+    # temporal: rows ((i s) + k) · f + j: pool over i per (k, j)
+    ("(b s) f c", (2 * 4, 3, 5), lambda r: (r // 3 % 4, r % 3)),
+    ("b (f s) c", (2, 12, 5), lambda r: r % 12),
+    ("b l c", (2, 7, 5), lambda r: r),  # text tokens: the release packs the prompts, nothing is pooled
+])
+def test_dynamic_token_share_batch_pools_the_true_batch(layout, shape, token_of_row):
+    """With the layer's token layout, a_token_share_batch pools each (frame, spatial) token over the
+    samples only (qvdit.md §3.3: [B, T·S, C], min / max over B × C), never over frames or spatial tokens."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    q = DynamicTokenQuantizer(4, share_batch=True, token_layout=layout, num_frames=3, tokens_per_frame=4)
+    scale, zero = q.qparams(x)
+    lo, hi = _pooled_range_by_loops(x, token_of_row)
+    torch.testing.assert_close(scale.reshape(-1), ((hi - lo) / 15).clamp_min(1e-6))
+    assert scale.shape == x.shape[:-1] + (1,) and zero.shape == scale.shape
+
+
+def test_dynamic_token_share_batch_layout_errors():
+    with pytest.raises(ValueError, match=r"needs the size of axis 's'"):
+        DynamicTokenQuantizer(4, share_batch=True, token_layout="(b s) f c", num_frames=3)
+    with pytest.raises(ValueError, match=r"must lead with the batch axis"):
+        DynamicTokenQuantizer(4, share_batch=True, token_layout="(f b) s c", num_frames=3)
+    q = DynamicTokenQuantizer(4, share_batch=True, token_layout="(b f) s c", num_frames=3)
+    with pytest.raises(ValueError, match=r"shape \(4, 2, 5\) does not fit token layout '\(b f\) s c'"):
+        q(torch.randn(4, 2, 5))
+    DynamicTokenQuantizer(4, token_layout="(b s) f c")  # no pooling: the layout is not needed
+
+
+def test_share_batch_gets_the_stdit_layouts():
+    """QATModule's layer_info reaches the dynamic quantizers: every STDiT block linear pools its true batch
+    (the forward checks each layer's real input against its layout and raises on a mismatch)."""
+    from mpq_lightning.models import build
+    from mpq_lightning.module import QATModule
+    from mpq_lightning.quant import QuantConfig, quantize_model, set_quant_state
+
+    teacher = build("tiny-stdit")
+    model = quantize_model(build("tiny-stdit").backbone, QuantConfig(a_bits=6, a_quantizer="dynamic_token",
+                                                                     a_token_share_batch=True),
+                           layer_info=QATModule._layer_info_fn(teacher))
+    f, s = teacher.num_frames, teacher.tokens_per_frame
+    layouts = {n.rsplit(".", 1)[0]: (m.token_layout, m.num_frames, m.tokens_per_frame)
+               for n, m in model.named_modules() if isinstance(m, DynamicTokenQuantizer)}
+    assert layouts["blocks.0.attn.q"] == ("(b f) s c", f, s)
+    assert layouts["blocks.0.attn_temp.v"] == ("(b s) f c", f, s)
+    assert layouts["blocks.1.cross_attn.kv_linear"][0] == "b l c"
+    x = torch.randn(2, *teacher.latent_shape)
+    y = torch.randn(2, 1, teacher.cond_spec["y"].shape[1], teacher.cond_spec["y"].shape[2])
+    set_quant_state(model, False, True)
+    assert torch.isfinite(model(x, torch.tensor([10, 900]), y)).all()
 
 
 def test_step_index_context_after_a_quantizer_is_deleted():

@@ -352,7 +352,8 @@ def _act_entry(aq: nn.Module | None) -> dict | None:
                 "init": aq.init_method}
     if isinstance(aq, DynamicTokenQuantizer):
         return {"kind": "dynamic_token", "bits": aq.bits, "share_batch": aq.share_batch, "eps": aq.eps,
-                "channel_dim": aq.channel_dim}
+                "channel_dim": aq.channel_dim, "token_layout": aq.token_layout, "num_frames": aq.num_frames,
+                "tokens_per_frame": aq.tokens_per_frame}
     if isinstance(aq, UniformQuantizer):
         return {"kind": "static", "bits": aq.bits, "symmetric": aq.symmetric, "granularity": aq.granularity,
                 "group_size": aq.group_size, "rows": int(aq.scale.shape[0])}
@@ -366,7 +367,8 @@ def build_act_quantizer(entry: dict | None) -> nn.Module | None:
     if entry["kind"] == "timestep":
         return TimestepActQuantizer(entry["bits"], entry["num_steps"], entry["symmetric"], entry.get("init", "lp"))
     if entry["kind"] == "dynamic_token":
-        return DynamicTokenQuantizer(entry["bits"], entry["share_batch"], entry["eps"], entry["channel_dim"])
+        return DynamicTokenQuantizer(entry["bits"], entry["share_batch"], entry["eps"], entry["channel_dim"],
+                                     entry.get("token_layout"), entry.get("num_frames"), entry.get("tokens_per_frame"))
     q = UniformQuantizer(entry["bits"], entry["symmetric"], entry["granularity"], entry["group_size"])
     q.scale = nn.Parameter(torch.ones(entry["rows"], 1))
     q.zero_point = nn.Parameter(torch.zeros(entry["rows"], 1))

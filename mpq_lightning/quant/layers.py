@@ -188,7 +188,10 @@ def build_act_quantizer(spec: LayerSpec, channel_dim: int) -> nn.Module | None:
             lsq_grad_scale=spec.lsq_grad_scale,
         )
     if spec.a_quantizer == "dynamic_token":
-        return DynamicTokenQuantizer(spec.a_bits, share_batch=spec.a_token_share_batch, channel_dim=channel_dim)
+        info = (spec.extras.get("layer_info") or {}) if spec.a_token_share_batch else {}
+        return DynamicTokenQuantizer(spec.a_bits, share_batch=spec.a_token_share_batch, channel_dim=channel_dim,
+                                     token_layout=info.get("token_layout"), num_frames=info.get("num_frames"),
+                                     tokens_per_frame=info.get("tokens_per_frame"))
     if spec.a_quantizer == "static":
         return UniformQuantizer(
             spec.a_bits, spec.a_symmetric, "tensor", init=spec.a_init,

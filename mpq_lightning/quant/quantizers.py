@@ -352,26 +352,76 @@ def observed_row_mask(x: Tensor) -> Tensor | None:
 class DynamicTokenQuantizer(nn.Module):
     """Asymmetric min-max per token (last dim = channels), recomputed every forward, no state.
 
-    ``share_batch=True`` pools the statistics of each token position over the batch as the
-    Q-VDiT release does (input viewed as ``[B, N, C]``). Unlike the release, a tiny step is clamped
-    per token; it never overwrites the other tokens' steps.
+    ``share_batch=True`` pools the statistics of each token over the batch as the Q-VDiT release
+    does (qvdit.md §3.3: the input viewed as ``[B, tokens, C]``, min / max over ``B × C`` per token).
+    With the layer's ``token_layout`` (from the Denoiser, e.g. ``"(b f) s c"``) the pool is the true
+    batch ``b``, so a spatial layer pools each (frame, spatial) token over the samples, not over samples
+    and frames; ``num_frames`` / ``tokens_per_frame`` give the sizes of ``f`` / ``s`` when they share the
+    leading axis with ``b``. Text-token layouts (axis ``l``) pool nothing: the release packs the prompts
+    into ``[1, ΣL, C]`` before ``kv_linear``. Without a layout, the leading axis of a 3-D or wider input is
+    the batch. Unlike the release, a tiny step is clamped per token; it never overwrites the other
+    tokens' steps.
     """
 
-    def __init__(self, bits: int, share_batch: bool = False, eps: float = 1e-6, channel_dim: int = -1) -> None:
+    def __init__(self, bits: int, share_batch: bool = False, eps: float = 1e-6, channel_dim: int = -1,
+                 token_layout: str | None = None, num_frames: int | None = None,
+                 tokens_per_frame: int | None = None) -> None:
         super().__init__()
         self.bits, self.share_batch, self.eps, self.channel_dim = int(bits), share_batch, eps, channel_dim
+        self.token_layout, self.num_frames, self.tokens_per_frame = token_layout, num_frames, tokens_per_frame
+        self._pool = self._batch_pool(token_layout, {"f": num_frames, "s": tokens_per_frame}) if share_batch else None
         self.qmin, self.qmax = qrange(self.bits, False)
         self.register_buffer("initialized", torch.tensor(True))  # stateless: always ready
 
+    @staticmethod
+    def _batch_pool(layout: str | None, sizes: dict[str, int | None]) -> tuple[int, int] | str | None:
+        """How the batch is found in an input: None (leading axis), "none" (text layout: no pooling) or
+        (number of axes, product of the sizes sharing the leading axis with ``b``)."""
+        if layout is None:
+            return None
+        from .tqe import parse_token_layout
+
+        dims = parse_token_layout(layout)
+        if any("l" in group for group in dims):
+            return "none"
+        if dims[0][0] != "b":
+            raise ValueError(f"a_token_share_batch: token layout {layout!r} must lead with the batch axis 'b'")
+        inner = 1
+        for letter in dims[0][1:]:
+            if not sizes.get(letter):
+                raise ValueError(f"a_token_share_batch: token layout {layout!r} needs the size of axis {letter!r} "
+                                 "(num_frames for 'f', tokens_per_frame for 's') to find the batch")
+            inner *= sizes[letter]
+        return len(dims), inner
+
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, share_batch={self.share_batch}, channel_dim={self.channel_dim}"
+        layout = f", token_layout={self.token_layout!r}" if self.token_layout else ""
+        return f"bits={self.bits}, share_batch={self.share_batch}, channel_dim={self.channel_dim}{layout}"
+
+    def _batch(self, x: Tensor) -> int | None:
+        """Batch size to pool over for ``x`` (channels last), or None for per-token statistics."""
+        if not self.share_batch or self._pool == "none":
+            return None
+        if self._pool is None:
+            return x.shape[0] if x.dim() >= 3 else None
+        ndim, inner = self._pool
+        if x.dim() != ndim or x.shape[0] % inner:
+            raise ValueError(f"DynamicTokenQuantizer: input of shape {tuple(x.shape)} does not fit token layout "
+                             f"{self.token_layout!r} (leading axis a multiple of {inner})")
+        return x.shape[0] // inner
 
     def qparams(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Per-token (step, zero) for ``x`` with channels last."""
         xd = x.detach().float()
-        dims = (0, -1) if self.share_batch and x.dim() >= 3 else (-1,)
-        lo = xd.amin(dim=dims, keepdim=True).clamp_max(0)
-        hi = xd.amax(dim=dims, keepdim=True).clamp_min(0)
+        b = self._batch(xd)
+        if b is None:
+            lo = xd.amin(dim=-1, keepdim=True).clamp_max(0)
+            hi = xd.amax(dim=-1, keepdim=True).clamp_min(0)
+        else:  # every sample is batch-major in x: [b, tokens, C] keeps token identity across samples
+            xv = xd.reshape(b, -1, xd.shape[-1])
+            shape = xd.shape[:-1] + (1,)
+            lo = xv.amin(dim=(0, -1), keepdim=True).clamp_max(0).expand(b, -1, 1).reshape(shape)
+            hi = xv.amax(dim=(0, -1), keepdim=True).clamp_min(0).expand(b, -1, 1).reshape(shape)
         scale = ((hi - lo) / (self.qmax - self.qmin)).clamp_min(self.eps)
         zero = (self.qmin - torch.round(lo / scale)).clamp(self.qmin, self.qmax)
         return scale, zero

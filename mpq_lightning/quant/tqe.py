@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 TQE_FRAME_SCALES = ("temporal", "all", "none")
-LAYER_INFO_KEYS = ("kind", "token_layout", "num_frames")
+LAYER_INFO_KEYS = ("kind", "token_layout", "num_frames", "tokens_per_frame")
 
 
 # ---------------------------------------------------------------------------------------------
