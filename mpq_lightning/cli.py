@@ -7,11 +7,14 @@
   resumes the run of the same ``run_name``.
 * A data module that can build its teacher-trajectory cache (``prepare_cache(teacher)``) gets the
   frozen teacher before fitting, so a missing cache is generated on first use.
-* A run folder that already holds checkpoints is never written into by accident: ``fit`` without
-  ``--ckpt_path`` refuses it unless ``--overwrite_run true`` (which starts the run afresh). A
-  checkpoint to resume is checked against the model and bit setting before anything is written
-  (not even ``config.yaml``), and the config decides the model: a checkpoint's saved hyper-parameters
-  never replace it.
+* A run folder that already holds a run's files is never written into by accident: ``fit`` refuses it
+  unless it resumes that run (``--ckpt_path last`` or a checkpoint inside the folder) or
+  ``--overwrite_run true`` starts it afresh (the old files are deleted only after every check and the
+  trajectory cache succeeded). ``--ckpt_path last`` with no ``last.ckpt`` yet starts a fresh run (one
+  command for a job that may be preempted and requeued), under the same refusal. A checkpoint to
+  resume is checked against the model, bit setting and optimiser groups before anything is written
+  (not even ``config.yaml``), and the config decides the model: a checkpoint's saved
+  hyper-parameters never replace it. ``config.yaml`` is saved in the run folder whatever the logger.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from typing import Literal, Optional
 
 import torch
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from .module import ZERO3_REFUSAL, QATModule
 
@@ -35,6 +38,7 @@ class MPQCLI(LightningCLI):
     """Our CLI: QATModule + any LightningDataModule, run folders named by ``run_name``."""
 
     def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("save_config_callback", RunConfigCallback)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf"} if _has_omegaconf() else {})
         super().__init__(QATModule, LightningDataModule, *args, subclass_mode_data=True, **kwargs)
@@ -99,6 +103,7 @@ class MPQCLI(LightningCLI):
         if self.subcommand == "fit":
             self._run_dir = run
             _check_run_folder(run, cfg.ckpt_path, cfg.overwrite_run)
+            _check_overwrite(run, cfg.ckpt_path, cfg.overwrite_run)
 
     def _parse_ckpt_path(self) -> None:
         """LightningCLI replaces the model config by a checkpoint file's saved hyper-parameters (dropping
@@ -110,16 +115,20 @@ class MPQCLI(LightningCLI):
         self.model.check_compile_settings(self.trainer)
         cfg = self.config[self.subcommand]
         ckpt = _resolve_ckpt_path(self.trainer, cfg.ckpt_path)
-        if ckpt is not None:
-            self.model.check_checkpoint(torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True),
-                                        source=str(ckpt))
-        elif cfg.overwrite_run:
-            _clear_run_folder(self._run_dir)
+        if ckpt is not None and ckpt.is_file():  # (a DeepSpeed checkpoint folder is checked during the restore)
+            checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+            self.model.check_checkpoint(checkpoint, source=str(ckpt))
+            self.model.check_optimizer_state(checkpoint, source=str(ckpt))
+        elif ckpt is None and cfg.ckpt_path is not None:  # `last` with nothing saved yet: a fresh run, same refusal
+            _check_run_folder(self._run_dir, None, cfg.overwrite_run)
+        self.model.check_data(self.datamodule)
         prepare = getattr(self.datamodule, "prepare_cache", None)
         if callable(prepare):
             # the teacher samples any missing trajectories on this rank's device (Lightning moves the
             # whole module there later anyway), not on the CPU where it was built
             prepare(self.model.teacher.to(self.trainer.strategy.root_device))
+        if cfg.overwrite_run and (ckpt is None or not _inside(ckpt, self._run_dir)):
+            _clear_run_folder(self._run_dir)  # only now: every check above and the cache succeeded
 
 
 def deepspeed_strategy(name: str):
@@ -149,35 +158,78 @@ def _refuse_zero3(strategy) -> None:
         raise ValueError(ZERO3_REFUSAL)
 
 
-#: what a run writes into its folder (``checkpoints/<run_name>/``)
-RUN_FILES = ("*.ckpt", "config.yaml", "hparams.yaml", "events.out.tfevents.*")
+#: what a run writes into its folder (``checkpoints/<run_name>/``); ``*.ckpt`` may be DeepSpeed folders
+RUN_FILES = ("*.ckpt", "config.yaml", "hparams.yaml", "events.out.tfevents.*", "report.json", "eval")
+
+#: ``--ckpt_path`` values that Lightning resolves to a checkpoint of this run's own folder
+_RESUME_NAMES = ("last", "hpc", "best", "registry")
+
+
+def _resumes_folder(ckpt_path) -> bool:
+    return isinstance(ckpt_path, str) and ckpt_path in _RESUME_NAMES
+
+
+def _inside(path, folder: Path) -> bool:
+    return Path(path).resolve().is_relative_to(folder.resolve())
+
+
+def _run_files(run: Path) -> list[str]:
+    return sorted({p.name for pattern in RUN_FILES for p in run.glob(pattern)}) if run.is_dir() else []
 
 
 def _check_run_folder(run: Path, ckpt_path, overwrite: bool) -> None:
-    """Refuse to train a fresh run into a folder that holds another run's checkpoints."""
-    if ckpt_path is not None or overwrite or not run.is_dir():
-        return
-    found = sorted(p.name for p in run.glob("*.ckpt"))
+    """Refuse to train into a folder that holds another run's files, unless this resumes that run."""
+    if overwrite or _resumes_folder(ckpt_path) or (ckpt_path is not None and _inside(ckpt_path, run)):
+        return  # `last` that finds nothing is judged again once resolved (MPQCLI.before_fit)
+    found = _run_files(run)
     if found:
+        source = "" if ckpt_path is None else f" (--ckpt_path {ckpt_path} is another run's checkpoint)"
         raise FileExistsError(
-            f"run folder {run} already holds checkpoints ({', '.join(found[:3])}{' ...' if len(found) > 3 else ''}) "
-            "of an earlier run: resume it with --ckpt_path last, start it afresh with --overwrite_run true, "
-            "or choose another --run_name"
+            f"run folder {run} already holds an earlier run ({', '.join(found[:3])}{' ...' if len(found) > 3 else ''})"
+            f"{source}: resume it with --ckpt_path last, start it afresh with --overwrite_run true, or choose "
+            "another --run_name"
         )
+
+
+def _check_overwrite(run: Path, ckpt_path, overwrite: bool) -> None:
+    if overwrite and ckpt_path is not None and not _resumes_folder(ckpt_path) and _inside(ckpt_path, run):
+        raise ValueError(f"--overwrite_run true would delete {ckpt_path}, the checkpoint --ckpt_path starts from: "
+                         "copy it out of the run folder first, or resume without --overwrite_run")
 
 
 def _clear_run_folder(run: Path) -> None:
     """``--overwrite_run true``: delete what an earlier run wrote (its files only, not the folder). Every
     rank of a torchrun job does this at once, so a file another rank removed first is no error."""
+    import shutil
+
     for pattern in RUN_FILES:
         for path in run.glob(pattern):
-            if path.is_file():
+            if path.is_dir():  # eval/ and DeepSpeed checkpoint folders
+                shutil.rmtree(path, ignore_errors=True)
+            else:
                 path.unlink(missing_ok=True)
 
 
+class RunConfigCallback(SaveConfigCallback):
+    """Saves the resolved config as ``checkpoints/<run_name>/config.yaml`` whatever the logger:
+    Lightning's callback writes into the logger's folder, which without a logger is the shared root."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.already_saved:
+            return
+        if trainer.is_global_zero:
+            run = Path(self.config.trainer.default_root_dir or DEFAULT_ROOT) / self.config.run_name
+            run.mkdir(parents=True, exist_ok=True)
+            self.parser.save(self.config, str(run / self.config_filename), skip_none=False, overwrite=True,
+                             multifile=self.multifile)
+            self.save_config(trainer, pl_module, stage)
+            self.already_saved = True
+        self.already_saved = trainer.strategy.broadcast(self.already_saved)
+
+
 def _resolve_ckpt_path(trainer, ckpt_path) -> Path | None:
-    """The file ``trainer.fit(ckpt_path=...)`` will restore (``last`` / ``best`` resolved the way
-    Lightning resolves them), or None."""
+    """The file or DeepSpeed folder ``trainer.fit(ckpt_path=...)`` will restore (``last`` / ``best``
+    resolved the way Lightning resolves them), or None (no ``ckpt_path``, or ``last`` with nothing saved)."""
     if ckpt_path is None:
         return None
     from lightning.pytorch.trainer.states import TrainerFn
@@ -187,9 +239,7 @@ def _resolve_ckpt_path(trainer, ckpt_path) -> Path | None:
     if resolved is None:
         return None
     path = Path(resolved)
-    if path.is_dir():  # a DeepSpeed checkpoint folder: checked by on_load_checkpoint during the restore
-        return None
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"ckpt_path: {ckpt_path} ({path}) does not exist")
     return path
 

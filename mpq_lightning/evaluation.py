@@ -18,7 +18,6 @@ still reported. Runs on ``eval.device``.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -119,8 +118,12 @@ def load_run(config: str, ckpt_path: str = "last", overrides: list[str] | None =
     resolved = yaml.safe_load(config_path.read_text())
     for key in ("ckpt_path", "weights_only"):  # `fit` options saved with the run, not model/data config
         resolved.pop(key, None)
-    if isinstance(resolved.get("trainer"), dict):  # training callbacks (and their local files) play no part
-        resolved["trainer"].pop("callbacks", None)
+    if isinstance(resolved.get("trainer"), dict):
+        # evaluation uses the model and data only: the training machine's accelerator, devices, strategy,
+        # logger and callbacks (and their local files) play no part, so a GPU run evaluates anywhere
+        root = resolved["trainer"].get("default_root_dir")
+        resolved["trainer"] = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_progress_bar": False,
+                               "enable_model_summary": False, **({"default_root_dir": root} if root else {})}
     import sys
 
     argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when it sees both args and sys.argv
@@ -130,6 +133,7 @@ def load_run(config: str, ckpt_path: str = "last", overrides: list[str] | None =
         sys.argv = argv
     module, datamodule = cli.model, cli.datamodule
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)  # our own Lightning checkpoint
+    module.check_checkpoint(checkpoint, source=str(ckpt))  # names the file; on_load_checkpoint checks again
     module.on_load_checkpoint(checkpoint)
     module.load_state_dict(checkpoint["state_dict"], strict=True)
     return module.eval(), datamodule, ckpt
@@ -201,13 +205,13 @@ def generate(module, datamodule, cfg: EvalConfig) -> dict[str, Any]:
     use_cfg = scale != 1.0
     if use_cfg and uncond is None and cond is not None:
         uncond = teacher.null_cond(cond)
-    model_cond = _cat_cond(cond or {}, uncond or {}) if use_cfg else dict(cond or {})
     channels = teacher.cfg_channels or (teacher.in_channels if teacher.learned_sigma else teacher.out_channels)
+    batch_cond: dict = {}  # the conditions of the batch being sampled, as the model takes them
 
     def guided(model, x: Tensor, t: Tensor, i: int) -> Tensor:
         x_in = torch.cat([x, x]) if use_cfg else x
         rows = x_in.shape[0]
-        out = model(x_in, t.expand(rows), model_cond, torch.full((rows,), i, dtype=torch.long, device=x.device))
+        out = model(x_in, t.expand(rows), batch_cond, torch.full((rows,), i, dtype=torch.long, device=x.device))
         if use_cfg:
             oc, ou = out.chunk(2)
             out = guide(oc, ou, scale, channels)
@@ -215,7 +219,7 @@ def generate(module, datamodule, cfg: EvalConfig) -> dict[str, Any]:
 
     def record(step_index, t, x_t, cond, model_output, x_prev):  # teacher forcing: same x_t for both
         err = (guided(student, x_t, t, step_index) - model_output).float().pow(2).mean()
-        step_err[step_index] += float(err)
+        step_err[step_index] += float(err) * x_t.shape[0]  # a sum over samples: batches may differ in size
 
     results = {}
     for who, model in (("teacher", teacher), ("student", student)):
@@ -224,12 +228,15 @@ def generate(module, datamodule, cfg: EvalConfig) -> dict[str, Any]:
             sl = slice(start, start + cfg.batch_size)
             c = {k: v[sl] for k, v in cond.items()} if cond else None
             u = {k: v[sl] for k, v in uncond.items()} if uncond else None
-            g = torch.Generator().manual_seed(cfg.seed + 10_000 + start)
+            batch_cond.clear()
+            batch_cond.update(_cat_cond(c or {}, u or {}) if use_cfg else dict(c or {}))
+            # one generator per sample (diffusers' randn_tensor takes a list): a stochastic sampler's noise,
+            # like the initial noise, depends on the sample's seed only, not on eval.batch_size
+            g = [torch.Generator().manual_seed(cfg.seed + 10_000 + i) for i in range(n)[sl]]
             outs.append(sample(model, make_scheduler(name, **sched_cfg), noise[sl], c, u, scale, steps,
                                generator=g, recorder=record if who == "teacher" else None))
         results[who] = torch.cat(outs).cpu()
-    # the recorder ran once per batch: average over batches
-    step_err /= math.ceil(n / cfg.batch_size)
+    step_err /= n  # the mean over samples
     return {"teacher": results["teacher"], "student": results["student"], "labels": labels,
             "step_error": step_err.tolist(), "scheduler": name, "steps": steps, "guidance_scale": scale,
             "student_step_map": step_map or "identity"}
@@ -317,6 +324,25 @@ def write_media(gen: dict[str, Any], folder: Path) -> list[str]:
     return written
 
 
+#: what evaluate() writes into its output folder: only a folder holding nothing else is replaced
+EVAL_FILES = ("metrics.json", "grid.png", "videos.gif")
+
+
+def _check_output_folder(target: Path) -> None:
+    """Refuse an output folder that exists and holds anything but an earlier evaluation's files."""
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise FileExistsError(f"evaluation output {target} exists and is not a folder: choose another --out")
+    foreign = sorted(p.name for p in target.iterdir() if p.name not in EVAL_FILES)
+    if foreign:
+        raise FileExistsError(
+            f"evaluation output {target} holds files that are not an earlier evaluation's "
+            f"({', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}): it would be replaced; choose another "
+            "--out (a new or an earlier evaluation's folder)"
+        )
+
+
 def print_table(metrics: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -339,6 +365,8 @@ def evaluate(config: str, ckpt_path: str = "last", eval_cfg: EvalConfig | None =
              overrides: list[str] | None = None) -> dict[str, Any]:
     """Load the run, sample, compute metrics, write ``<run>/eval`` (or ``out``) atomically."""
     cfg = eval_cfg or EvalConfig()
+    target = Path(out) if out else Path(config).parent / "eval"
+    _check_output_folder(target)  # before any model is built
     module, datamodule, ckpt = load_run(config, ckpt_path, overrides)
     module.to(cfg.resolved_device())
     vae = load_vae(cfg.vae, module.teacher, cfg.resolved_device(), key="eval.vae") if cfg.vae else None  # before sampling
@@ -369,12 +397,15 @@ def evaluate(config: str, ckpt_path: str = "last", eval_cfg: EvalConfig | None =
         gen["sample_space"] = f"pixels ({type(vae).__name__} {cfg.vae})"
     metrics = compute_metrics(gen, module.teacher, cfg.feature)
     metrics["checkpoint"] = str(ckpt)
-    target = Path(out) if out else Path(config).parent / "eval"
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".eval-", dir=target.parent))
     try:
         metrics["files"] = write_media(gen, tmp) + ["metrics.json"]
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's folder is private (0700); the result is an ordinary folder
+        _check_output_folder(target)  # nothing else appeared there while sampling
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)

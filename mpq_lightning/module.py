@@ -14,8 +14,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import json
 import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -113,6 +115,25 @@ class CalibConfig:
 #: why DeepSpeed ZeRO-3 is refused (by the CLI by name, and at fit start however configured)
 ZERO3_REFUSAL = ("trainer.strategy: DeepSpeed ZeRO stage 3 partitions the parameters between forwards and would drop "
                  "the quantizer calibration; use deepspeed_stage_2 (optionally _offload) or fsdp")
+
+
+def _data_steps(datamodule, teacher) -> tuple[int | None, str]:
+    """(sampler steps of the trajectories a data module serves, the config key that sets them), read
+    without generating anything; (None, "") when unknown."""
+    stream = getattr(datamodule, "stream_args", None)  # on-the-fly trajectories (its recipe holds conditions only)
+    if isinstance(stream, dict):
+        return (stream.get("num_inference_steps") or teacher.default_scheduler["num_inference_steps"],
+                "data.init_args.num_inference_steps")
+    recipe = getattr(datamodule, "recipe", None)
+    if recipe is not None and hasattr(recipe, "num_inference_steps"):
+        steps = recipe.num_inference_steps or (teacher.default_scheduler["num_inference_steps"]
+                                               if getattr(recipe, "scheduler", None) is None else None)
+        return steps, "data.init_args.recipe.num_inference_steps"
+    cache_dir = getattr(datamodule, "cache_dir", None)
+    if cache_dir is not None and (Path(cache_dir) / "manifest.json").is_file():
+        manifest = json.loads((Path(cache_dir) / "manifest.json").read_text())
+        return manifest.get("recipe", {}).get("num_inference_steps"), f"the cache {cache_dir}"
+    return None, ""
 
 
 def full_parameters(trainer, writeback: bool = False):
@@ -240,6 +261,8 @@ class QATModule(L.LightningModule):
             raise ValueError(f"loss.tmd needs a video backbone; {model!r} is an image model")
         self._calibrated = False
         self._step_fill: Tensor | None = None  # see untrained_step_fill
+        self._loss_finite: Tensor | None = None  # since the last optimiser step, see check_finite
+        self._loss_terms: dict[str, Tensor] | None = None
 
     @staticmethod
     def _enable_checkpointing(backbone: nn.Module) -> None:
@@ -293,6 +316,7 @@ class QATModule(L.LightningModule):
         calibrates on its own shard, then rank 0's state is broadcast so all ranks start identical."""
         self.check_compile_settings(self.trainer)
         self.check_strategy(self.trainer)
+        self.check_data(self.trainer.datamodule)
         if not self._calibrated and self.trainer.ckpt_path is None:
             with full_parameters(self.trainer, writeback=True):  # FSDP: calibrate the gathered parameters
                 self.calibrate_from(self.trainer.datamodule)
@@ -395,6 +419,32 @@ class QATModule(L.LightningModule):
                 raise ValueError(f"trainer.strategy: FSDP units inside the module ({nested[0]}, ...: an auto_wrap_policy) "
                                  "are not supported; let FSDP wrap the whole module (no auto_wrap_policy)")
 
+    def check_data(self, datamodule) -> None:
+        """Refuse, before any trajectory is generated, data this model cannot train on: a sampler step
+        count that is not the activation tables' / memory queue's (``model.quant.num_steps``; a step
+        index beyond it fails in the first forward, entries beyond the sampler's never train), and
+        ``loss.trd_window > 1`` on the shuffled trajectory cache (its window assumes consecutive steps of
+        the same trajectories, which only the on-the-fly stream serves)."""
+        from .data import TrajectoryDataModule
+
+        if datamodule is None:
+            return
+        loss, q = self.loss_cfg, self.quant_cfg
+        if loss.trd and loss.trd_window > 1 and isinstance(datamodule, TrajectoryDataModule):
+            raise ValueError(
+                f"loss.trd_window={loss.trd_window} averages TRD over consecutive batches as consecutive sampler steps "
+                "of the same trajectories, but TrajectoryDataModule serves shuffled samples: use loss.trd_window 1 or "
+                "data.class_path mpq_lightning.data.OnTheFlyDataModule"
+            )
+        if q.a_quantizer != "timestep" and not loss.mtrd:
+            return
+        steps, key = _data_steps(datamodule, self.teacher)
+        if steps is not None and steps != q.num_steps:
+            raise ValueError(
+                f"model.quant.num_steps={q.num_steps} but the training sampler has {steps} steps ({key}): the "
+                "activation step tables and the MTRD memory queue have one entry per sampler step; set both alike"
+            )
+
     def check_compile_settings(self, trainer: L.Trainer) -> None:
         """Refuse a compile switch this run cannot honour, naming the key: called by the CLI before
         anything is written or built, and again in ``on_fit_start`` for runs without the CLI."""
@@ -485,22 +535,54 @@ class QATModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         losses = self.compute_losses(batch)
         loss = sum(losses.values())
-        finite = bool(torch.isfinite(loss.detach()))
-        if self.trainer.world_size > 1:  # every rank stops together, none is left waiting in a collective
-            finite_everywhere = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
-        else:
-            finite_everywhere = finite
-        if not finite_everywhere:
-            where = "" if not finite else f" on another rank than rank {self.global_rank}"
-            raise FloatingPointError(
-                f"non-finite loss{where} at global step {self.global_step} (this rank's terms: "
-                f"{ {k: float(v.detach()) for k, v in losses.items()} }); the last good checkpoint is kept"
-            )
+        # judged with the gradients in on_before_optimizer_step: one host sync per step, before any update
+        finite = torch.isfinite(loss.detach())
+        self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
+        self._loss_terms = {k: v.detach() for k, v in losses.items()}
         bs = batch["x_t"].shape[0]
         for k, v in losses.items():
             self.log(f"train/{k}", v, batch_size=bs)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.check_finite(optimizer)
+
+    def check_finite(self, optimizer) -> None:
+        """Stop before the optimiser step when the loss of any micro-batch since the last step, or a
+        gradient, is NaN / Inf on any rank, naming the step and the offending terms or parameter: the
+        parameters and the last good checkpoint stay untouched. Under ``16-mixed`` the grad scaler
+        skips steps with non-finite gradients by design, so only the loss is judged there. One host
+        sync per step (plus one collective under multi-process training)."""
+        flags = [] if self._loss_finite is None else [self._loss_finite]
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if grads and getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            flags.append(torch.isfinite(torch.nn.utils.get_total_norm(grads, float("inf"))))  # max |g|: NaN / Inf iff some entry is
+        if not flags:
+            return
+        finite = bool(torch.stack([f.reshape(()).to(flags[0].device) for f in flags]).all())
+        everywhere = finite
+        if self.trainer.world_size > 1:  # every rank stops together, none is left waiting in a collective
+            everywhere = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        loss_finite, self._loss_finite = self._loss_finite, None
+        if everywhere:
+            return
+        step = f"global step {self.global_step}"
+        if not finite and loss_finite is not None and not bool(loss_finite):
+            raise FloatingPointError(
+                f"non-finite loss at {step} (rank {self.global_rank}'s last terms: "
+                f"{ {k: float(v) for k, v in (self._loss_terms or {}).items()} }); the last good checkpoint is kept"
+            )
+        if not finite:
+            names = {id(p): n for n, p in self.named_parameters()}
+            bad = [names.get(id(p), "?") for g in optimizer.param_groups for p in g["params"]
+                   if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+            raise FloatingPointError(
+                f"non-finite gradient at {step} with a finite loss (rank {self.global_rank}: {', '.join(bad[:3])}"
+                f"{' ...' if len(bad) > 3 else ''}); the optimiser step was not taken and the last good checkpoint is kept"
+            )
+        raise FloatingPointError(f"non-finite loss or gradient at {step} on another rank than rank {self.global_rank}; "
+                                 "the last good checkpoint is kept")
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         losses = self.compute_losses(batch)
@@ -613,6 +695,10 @@ class QATModule(L.LightningModule):
         sd = checkpoint["state_dict"]
         for k in [k for k in sd if k.startswith("teacher.") or k in self._fp_keys]:
             del sd[k]
+        bad = [k for k, v in sd.items() if type(v) is torch.Tensor and v.is_floating_point() and not bool(v.isfinite().all())]
+        if bad:  # never replace a good checkpoint with a broken one (check_finite stops training before this)
+            raise FloatingPointError(f"not saving a checkpoint at global step {self.global_step}: non-finite values "
+                                     f"in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}; the last good checkpoint is kept")
         checkpoint["mpq_identity"] = self._identity()
         if self._step_fill is not None:
             # the live parameters (what DeepSpeed's engine saves; under FSDP the gathered ones, written
@@ -654,6 +740,24 @@ class QATModule(L.LightningModule):
                 for k in diff
             )
             raise ValueError(f"{source} does not match this run's model / quantization setting ({details})")
+
+    def check_optimizer_state(self, checkpoint: dict, source: str = "checkpoint") -> None:
+        """Refuse a checkpoint whose optimiser parameter groups are not the ones this config builds
+        (``model.optim``: e.g. ``lora_lr: null`` makes one LoRA group per layer), before anything is
+        written; torch would only say "different number of parameter groups" during the restore."""
+        states = checkpoint.get("optimizer_states") or []
+        if not states or "param_groups" not in states[0]:
+            return
+        saved = [(g.get("name"), len(g["params"])) for g in states[0]["param_groups"]]
+        mine = [(g.get("name"), len(g["params"])) for g in self.param_groups()]
+        if saved != mine:
+            i = next((i for i, (a, b) in enumerate(zip(saved, mine)) if a != b), min(len(saved), len(mine)))
+            first = lambda groups: groups[i] if i < len(groups) else "none"  # noqa: E731
+            raise ValueError(
+                f"{source}: its optimiser has {len(saved)} parameter groups, this config builds {len(mine)} (first "
+                f"difference at group {i}: saved (name, tensors) {first(saved)}, now {first(mine)}): resume with "
+                "the model.optim settings the run was trained with"
+            )
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.check_checkpoint(checkpoint)

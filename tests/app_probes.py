@@ -53,6 +53,25 @@ class NanAt(Callback):
             object.__setattr__(pl_module.loss_cfg, "mse_weight", float("nan"))
 
 
+class NanGradAt(Callback):
+    """A finite loss whose backward gives a non-finite gradient at global step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        if trainer.global_step == self.step:
+            p = next(p for p in pl_module.parameters() if p.requires_grad and p.grad is not None)
+            p.grad.view(-1)[0] = float("nan")
+
+
+class FailAtTrainEnd(Callback):
+    """Stands for end-of-training sampling that fails (e.g. out of memory in a VAE decode)."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        raise RuntimeError("out of memory (simulated, end-of-training sampling)")
+
+
 class _PooledFeatures(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.flatten(1)

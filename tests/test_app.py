@@ -200,9 +200,57 @@ def test_execution_only_switches_do_not_block_a_resume(full_run):
 def test_a_run_folder_with_checkpoints_is_not_reused_by_accident(full_run, workdir):
     run = workdir / "checkpoints" / "full"
     before = _digests(run)
-    with pytest.raises(FileExistsError, match=r"checkpoints/full already holds checkpoints .*--ckpt_path last.*--overwrite_run true"):
+    with pytest.raises(FileExistsError, match=r"checkpoints/full already holds an earlier run .*--ckpt_path last.*--overwrite_run true"):
         fit("--trainer.max_steps", "2", run="full")
     assert _digests(run) == before
+
+
+def test_run_folders_are_never_mixed_or_lost(full_run, workdir):
+    """Another run's checkpoint is not resumed into a folder holding a run; `--ckpt_path last` with no
+    last.ckpt starts afresh only in a folder without a run; a folder a crashed run left without any
+    checkpoint is refused too; --overwrite_run deletes the old run only after every check and the cache
+    succeeded, and never the checkpoint it starts from."""
+    full = workdir / "checkpoints" / "full"
+    other = workdir / "checkpoints" / "other"
+    other.mkdir(parents=True)
+    (other / "step000002.ckpt").write_bytes((full / "step000002.ckpt").read_bytes())  # no last.ckpt
+    before = _digests(other)
+    with pytest.raises(FileExistsError, match=r"checkpoints/other already holds an earlier run .*step000002.ckpt"):
+        fit("--trainer.max_steps", "2", "--ckpt_path", "last", run="other")
+    with pytest.raises(FileExistsError, match=r"--ckpt_path .*full/step000002.ckpt is another run's checkpoint"):
+        fit("--trainer.max_steps", "3", "--ckpt_path", str(full / "step000002.ckpt"), run="other")
+    with pytest.raises(ValueError, match=r"--overwrite_run true would delete .*other/step000002.ckpt"):
+        fit("--trainer.max_steps", "3", "--ckpt_path", str(other / "step000002.ckpt"), "--overwrite_run", "true",
+            run="other")
+    # a failing check after --overwrite_run (here: the cache of another recipe) leaves the old run in place
+    with pytest.raises(Exception, match=r"recipe.num_trajectories"):
+        fit("--trainer.max_steps", "2", "--overwrite_run", "true", "--data.init_args.recipe.num_trajectories", "3",
+            run="other")
+    assert _digests(other) == before
+    crashed = workdir / "checkpoints" / "crashed"
+    crashed.mkdir()
+    (crashed / "config.yaml").write_text("run_name: crashed\n")
+    with pytest.raises(FileExistsError, match=r"checkpoints/crashed already holds an earlier run \(config.yaml\)"):
+        fit("--trainer.max_steps", "1", run="crashed")
+    fresh = fit("--trainer.max_steps", "1", "--ckpt_path", "last", run="fresh")  # a requeued job's first launch
+    assert fresh.trainer.global_step == 1 and (workdir / "checkpoints" / "fresh" / "last.ckpt").is_file()
+
+
+def test_resume_with_other_optimizer_groups_is_refused_before_anything_is_written(full_run, workdir):
+    run = workdir / "checkpoints" / "full"
+    before = _digests(run)
+    with pytest.raises(ValueError, match=r"last.ckpt: its optimiser has \d+ parameter groups, this config builds \d+ "
+                                         r"\(first difference at group \d+.*model.optim"):
+        fit("--trainer.max_steps", "6", "--ckpt_path", "last", "--model.optim.lora_lr", "null", run="full")
+    assert _digests(run) == before
+
+
+def test_sampler_step_count_must_match_the_tables_before_any_cache_is_built(workdir):
+    with pytest.raises(ValueError, match=r"model.quant.num_steps=10 but the training sampler has 7 steps "
+                                         r"\(data.init_args.recipe.num_inference_steps\)"):
+        fit("--data.init_args.recipe.num_inference_steps", "7", "--data.init_args.recipe.name", "tiny_stdit_ddim7",
+            "--data.init_args.cache", "data/tiny_stdit_ddim7", run="bad")
+    assert not (workdir / "data" / "tiny_stdit_ddim7").exists()
 
 
 def test_overwrite_run_starts_afresh_and_the_final_step_is_saved(workdir):
@@ -237,13 +285,44 @@ def test_nan_loss_stops_naming_the_step_and_keeps_last_checkpoint(workdir):
     """The loss turns NaN at step 3, between the checkpoints of steps 2 and 4: the run stops naming
     step 3 and last.ckpt is still the good one of step 2."""
     run = workdir / "checkpoints" / "diverges"
-    with pytest.raises(FloatingPointError, match=r"non-finite loss at global step 3 \(this rank's terms: \{'mse': nan"):
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at global step 3 \(rank 0's last terms: \{'mse': nan"):
         fit("--trainer.max_steps", "6", "--checkpoint_every_n_steps", "2", "--trainer.callbacks+=app_probes.NanAt",
             "--trainer.callbacks.init_args.step", "3", run="diverges")
     last = torch.load(run / "last.ckpt", weights_only=False)
     assert last["global_step"] == 2
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
     assert sorted(p.name for p in run.glob("*.ckpt")) == ["last.ckpt", "step000002.ckpt"]
+
+
+def test_nan_gradient_with_a_finite_loss_stops_before_the_update(workdir):
+    """A finite loss whose gradient is NaN at step 3 (e.g. an LSQ step at 0): the optimiser step is not
+    taken, the message names the step and the parameter, and last.ckpt is still the good one of step 2."""
+    run = workdir / "checkpoints" / "nan_grad"
+    with pytest.raises(FloatingPointError, match=r"non-finite gradient at global step 3 with a finite loss \(rank 0: student\."):
+        fit("--trainer.max_steps", "6", "--checkpoint_every_n_steps", "2", "--trainer.callbacks+=app_probes.NanGradAt",
+            "--trainer.callbacks.init_args.step", "3", run="nan_grad")
+    last = torch.load(run / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
+
+
+def test_a_non_finite_state_is_never_saved(full_run):
+    module = full_run.model
+    key = next(k for k, v in module.state_dict().items() if "lora" in k)
+    sd = {k: v.clone() for k, v in module.state_dict().items()}
+    sd[key].view(-1)[0] = float("nan")
+    with pytest.raises(FloatingPointError, match=rf"not saving a checkpoint at global step \d+: non-finite values in {key}"):
+        module.on_save_checkpoint({"state_dict": sd})
+
+
+def test_final_checkpoint_survives_a_failing_end_of_training_callback(workdir):
+    """Lightning runs checkpoint callbacks last: a failure in end-of-training sampling must not lose the
+    steps since the last periodic checkpoint."""
+    run = workdir / "checkpoints" / "fails_at_end"
+    with pytest.raises(RuntimeError, match="simulated"):
+        fit("--trainer.max_steps", "3", "--checkpoint_every_n_steps", "2", "--trainer.callbacks+=app_probes.FailAtTrainEnd",
+            run="fails_at_end")
+    assert torch.load(run / "last.ckpt", weights_only=False)["global_step"] == 3
 
 
 def test_deepspeed_strategies_leave_frozen_weights_out_of_checkpoints():
@@ -301,6 +380,70 @@ def test_evaluate_never_generates_a_missing_cache(full_run, workdir):
         moved.rename(cache)
 
 
+def _evaluate_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("evaluate_script", REPO / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_evaluate_script_output_folder_overrides_and_trainer(full_run, workdir):
+    """evaluate.py never replaces a folder holding anything but an earlier evaluation; arguments after
+    `--` override the run's config (a moved cache); the training machine's trainer section (GPUs,
+    strategy) plays no part."""
+    import yaml
+
+    evaluate_main = _evaluate_script()
+    config = workdir / "checkpoints" / "full" / "config.yaml"
+    mine = workdir / "mydir"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match=r"mydir holds files that are not an earlier evaluation's \(notes.txt\)"):
+        evaluate_main(["--config", str(config), "--out", str(mine), "--eval.num_samples", "2"])
+    assert (mine / "notes.txt").read_text() == "precious"
+
+    gpu = yaml.safe_load(config.read_text())
+    gpu["trainer"].update(accelerator="gpu", devices=8, strategy="ddp")
+    gpu_config = workdir / "checkpoints" / "full" / "gpu_config.yaml"
+    gpu_config.write_text(yaml.safe_dump(gpu))
+    cache = workdir / "data" / "tiny_stdit_ddim10"
+    moved = workdir / "elsewhere" / "tiny_stdit_ddim10"
+    moved.parent.mkdir()
+    cache.rename(moved)
+    try:
+        with pytest.raises(FileNotFoundError, match="trajectory cache data/tiny_stdit_ddim10 does not exist"):
+            evaluate_main(["--config", str(gpu_config), "--out", str(workdir / "ev"), "--eval.num_samples", "2"])
+        metrics = evaluate_main(["--config", str(gpu_config), "--out", str(workdir / "ev"), "--eval.num_samples", "2",
+                                 "--eval.device", "cpu", "--", "--data.init_args.cache", str(moved)])
+    finally:
+        moved.rename(cache)
+        gpu_config.unlink()
+    assert metrics["num_samples"] == 2 and (workdir / "ev" / "metrics.json").is_file()
+    assert oct((workdir / "ev").stat().st_mode & 0o777) != oct(0o700)  # an ordinary folder, not mkdtemp's
+    again = evaluate_main(["--config", str(config), "--out", str(workdir / "ev"), "--eval.num_samples", "2"])
+    assert again["num_samples"] == 2  # an earlier evaluation's folder is replaced
+
+
+def test_evaluation_does_not_depend_on_the_batch_size(full_run, workdir, monkeypatch):
+    """A stochastic sampler's noise comes from one generator per sample, and the per-step error is a mean
+    over samples: the same samples and errors whatever eval.batch_size (3 samples: batches 2 + 1)."""
+    import mpq_lightning.evaluation as E
+
+    module, datamodule, _ = E.load_run(str(workdir / "checkpoints" / "full" / "config.yaml"))
+    setup = E._sampler_setup
+    monkeypatch.setattr(E, "_sampler_setup", lambda *a: ("ddpm", {}, setup(*a)[2], 1.0))
+    one = E.generate(module, datamodule, E.EvalConfig(num_samples=3, batch_size=1, device="cpu"))
+    two = E.generate(module, datamodule, E.EvalConfig(num_samples=3, batch_size=2, device="cpu"))
+    # the FP teacher: the same up to float noise (the student's 6-bit activations can round a value that sits
+    # on a step boundary differently in another batch shape, which 10 guided steps amplify)
+    torch.testing.assert_close(one["teacher"], two["teacher"], rtol=0, atol=1e-4)
+    err1, err2 = torch.tensor(one["step_error"]), torch.tensor(two["step_error"])
+    torch.testing.assert_close(err1, err2, rtol=1e-3, atol=0)
+    assert one["scheduler"] == "ddpm"
+
+
 def test_unknown_model_name(workdir):
     with pytest.raises(ValueError, match="unknown model 'no-such-model'; available: .*tiny-stdit"):
         fit("--model.model", "no-such-model", run="bad")
@@ -332,7 +475,10 @@ def test_overrides_without_a_config_apply_to_the_embedded_default(capsys):
 def test_logger_false_means_no_logger(workdir):
     cli = fit("--trainer.max_steps", "1", "--trainer.logger", "false", run="no_logger")
     assert cli.trainer.logger is None
-    assert not list((workdir / "checkpoints" / "no_logger").glob("events.out.tfevents.*"))
+    run = workdir / "checkpoints" / "no_logger"
+    assert not list(run.glob("events.out.tfevents.*"))
+    assert "run_name: no_logger" in (run / "config.yaml").read_text()  # beside the run, not in checkpoints/
+    assert not (workdir / "checkpoints" / "config.yaml").exists()
 
 
 def test_missing_files_refused_before_building(workdir):

@@ -36,6 +36,8 @@ class FinalReport(Callback):
         from ..module import full_parameters
 
         log_dir = trainer.log_dir  # a broadcast under DDP: every rank takes part before rank 0 goes on alone
+        # the run folder whatever the logger (without one, log_dir is the shared root of every run)
+        log_dir = getattr(getattr(trainer, "checkpoint_callback", None), "dirpath", None) or log_dir
         with full_parameters(trainer):  # FSDP: every rank gathers the parameters, rank zero samples
             if trainer.is_global_zero:
                 self._report(trainer, pl_module, log_dir)

@@ -4,7 +4,10 @@ Lightning saves ``last`` when a periodic checkpoint is written, and at the end o
 no ``last`` was written at all. With ``max_steps`` not a multiple of ``every_n_train_steps`` the
 steps after the last periodic checkpoint would be lost, and ``evaluate.py`` / ``--ckpt_path last``
 would use an older student. This callback saves the final step when training ends normally (a run
-stopped by an exception keeps its last good checkpoint untouched).
+stopped by an exception keeps its last good checkpoint untouched), and with ``max_steps`` already at
+the batch that reaches it: Lightning runs checkpoint callbacks after the others, so a failing
+end-of-training callback (sampling out of memory) would otherwise lose the steps since the last
+periodic checkpoint.
 """
 from __future__ import annotations
 
@@ -12,6 +15,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 
 class RunCheckpoint(ModelCheckpoint):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        final = trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step
+        if final and self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
     def on_train_end(self, trainer, pl_module) -> None:
         super().on_train_end(trainer, pl_module)
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):

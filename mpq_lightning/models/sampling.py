@@ -128,7 +128,8 @@ class SchedulerStep:
     (the CogVideoX-5b / 1.5 folders' sampler), whose step also takes the previous x0 prediction and
     timestep, as diffusers' CogVideoXPipeline does."""
 
-    def __init__(self, scheduler: SchedulerMixin, generator: torch.Generator | None = None, eta: float = 0.0) -> None:
+    def __init__(self, scheduler: SchedulerMixin, generator: torch.Generator | list[torch.Generator] | None = None,
+                 eta: float = 0.0) -> None:
         params = inspect.signature(scheduler.step).parameters
         self.scheduler = scheduler
         self.kwargs = {k: v for k, v in (("generator", generator), ("eta", eta)) if k in params}
@@ -159,7 +160,7 @@ def sample(
     num_inference_steps: int | None = None,
     cfg_channels: int | None = None,
     recorder: Recorder | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     eta: float = 0.0,
 ) -> torch.Tensor:
     """Denoise `noise` [B, *latent_shape] and return the final latent.
@@ -170,7 +171,8 @@ def sample(
     uncond: the unconditional branch; None with guidance_scale != 1 uses `denoiser.null_cond(cond)`.
     cfg_channels: leading channels guided; None = the denoiser's convention (3 for OpenSora v1.0,
     otherwise every predicted channel, never the learned-variance ones).
-    eta: DDIM's η (ignored by schedulers without it); generator: the scheduler's noise RNG.
+    eta: DDIM's η (ignored by schedulers without it); generator: the scheduler's noise RNG, or one per
+    sample (diffusers' ``randn_tensor`` draws sample i from generator i).
     """
     spec = denoiser.default_scheduler
     if scheduler is None:
