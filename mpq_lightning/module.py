@@ -739,7 +739,11 @@ class QATModule(L.LightningModule):
                 f"vs config {mine.get(k) if not k.startswith('quant.') else mine['quant'][k[6:]]!r}"
                 for k in diff
             )
-            raise ValueError(f"{source} does not match this run's model / quantization setting ({details})")
+            hint = ""
+            if {"quant.keep_fp", "quant.bit_map"} & set(diff):
+                hint = (" (model.use_model_defaults adds the backbone's keep-FP list and bit map to these: "
+                        f"it is {self.hparams.get('use_model_defaults')} now)")
+            raise ValueError(f"{source} does not match this run's model / quantization setting ({details}){hint}")
 
     def check_optimizer_state(self, checkpoint: dict, source: str = "checkpoint") -> None:
         """Refuse a checkpoint whose optimiser parameter groups are not the ones this config builds

@@ -173,6 +173,10 @@ def test_resume_with_other_bits_is_refused(full_run, workdir):
     with pytest.raises(ValueError, match=r"last.ckpt does not match .*quant.w_bits: checkpoint 3 vs config 4"):
         fit("--trainer.max_steps", "6", "--ckpt_path", "last", "--model.quant.w_bits", "4", run="full")
     assert _digests(run) == before  # refused before anything was written: config.yaml included
+    with pytest.raises(ValueError, match=r"quant.keep_fp: .*model.use_model_defaults adds the backbone's keep-FP list "
+                                         r"and bit map to these: it is False now"):
+        fit("--trainer.max_steps", "6", "--ckpt_path", "last", "--model.use_model_defaults", "false", run="full")
+    assert _digests(run) == before
 
 
 def test_checkpoint_file_of_another_model_is_refused(full_run, workdir):
