@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch.multiprocessing as mp
 from test_trajectories import make_teacher, write_prompts
 
 from mpq_lightning.data import (
+    CacheError,
     TeacherForcedTrajectories,
     TrajectoryDataModule,
     TrajectoryRecipe,
@@ -206,6 +208,76 @@ def test_lightning_checkpoint_resumes_the_stream(small, tmp_path):
     full = fit()
     assert fit(max_steps=5, callbacks=[every_5_steps()]) == full[:5]
     assert fit(ckpt_path=str(tmp_path / "epoch=0-step=5.ckpt"), callbacks=[every_5_steps()]) == full[5:]
+
+
+@pytest.mark.filterwarnings("ignore:Your `IterableDataset` has `__len__` defined")
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
+def test_an_epoch_shortened_by_limit_train_batches_resumes_with_the_next_epoch(small, tmp_path):
+    """A checkpoint at the end of an epoch that limit_train_batches cut short (at the epoch end or at
+    its last batch) resumes with the next epoch, not the rest of the cut one."""
+
+    def fit(ckpt_path=None, max_epochs=2):
+        model = _Recorder()
+        trainer = L.Trainer(
+            max_epochs=max_epochs, limit_train_batches=3, logger=False, enable_progress_bar=False,
+            enable_model_summary=False, default_root_dir=tmp_path,
+            callbacks=[
+                L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="end-{epoch}"),
+                L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_train_steps=3,
+                                                    filename="{epoch}-{step}"),
+            ],
+        )  # fmt: skip
+        trainer.fit(model, datamodule=TrajectoryDataModule(str(small), batch_size=8), ckpt_path=ckpt_path)
+        return model.seen
+
+    full = fit(max_epochs=3)
+    assert len(full) == 9
+    assert fit(ckpt_path=str(tmp_path / "end-epoch=0.ckpt"), max_epochs=3) == full[3:]  # saved at the epoch end
+    assert fit(ckpt_path=str(tmp_path / "epoch=1-step=6.ckpt"), max_epochs=3) == full[6:]  # at its last batch
+
+
+def test_resuming_mid_epoch_with_another_layout_is_refused(small):
+    """A mid-epoch position is only defined for the saved layout: another world size, batch size or
+    number of workers is refused naming the change; at an epoch's end any layout continues."""
+
+    def dm(**overrides):
+        return TrajectoryDataModule(str(small), **{**dict(batch_size=8, seed=3, rank=0, world_size=2), **overrides})
+
+    reference = dm().train_dataloader()
+    epoch0 = uids(reference)
+    saved = dm()
+    it = iter(saved.train_dataloader())
+    [next(it) for _ in range(3)]
+    state = saved.state_dict()
+    assert (state["epoch"], state["batches"], state["layout"]["world_size"]) == (0, 3, 2)
+    for change, message in [
+        (dict(world_size=1), "world_size: saved 2, now 1"),
+        (dict(batch_size=16), "batch_size: saved 8, now 16"),
+        (dict(num_workers=2, batch_size=4), "num_workers: saved 0, now 2; batch_size: saved 8, now 4"),
+    ]:
+        with pytest.raises(ValueError, match=rf"middle of epoch 0 \(3 batches .*{re.escape(message)}\. .*resume with"):
+            dm(**change).load_state_dict(state)
+    same = dm(teacher_output=False)  # does not change the order
+    same.load_state_dict(state)
+    assert uids(same.train_dataloader()) == epoch0[3:]
+
+    # at an epoch's end (also as older checkpoints saved it: batches == the epoch's length) any layout continues
+    list(it)
+    end = saved.state_dict()
+    assert (end["epoch"], end["batches"]) == (1, 0)
+    for position in (end, {**state, "batches": len(epoch0)}):
+        resumed = dm(world_size=1)
+        resumed.load_state_dict(position)
+        single = dm(world_size=1).train_dataloader()
+        uids(single)
+        assert uids(resumed.train_dataloader()) == uids(single)  # epoch 1 of the new layout
+
+
+def test_a_cache_without_teacher_outputs_names_the_data_key(tmp_path):
+    path = synthesize_cache(tmp_path / "c", (1, 2, 2), 4, [0, 1], teacher_output=False)
+    with pytest.raises(CacheError, match=r"store_teacher_output was false\); set the data module's teacher_output"):
+        TrajectoryDataModule(str(path)).train_dataloader()
+    assert "teacher_output" not in next(iter(TrajectoryDataModule(str(path), teacher_output=False).train_dataloader()))
 
 
 # -------------------------------------------------------------------------------------------------

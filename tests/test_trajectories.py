@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
+import socket
+import time
 from pathlib import Path
 
 import pytest
 import safetensors.torch
 import torch
+import torch.distributed as dist
 
 from mpq_lightning.data import CacheError, TrajectoryCache, TrajectoryDataModule, TrajectoryRecipe, ensure_cache
-from mpq_lightning.data.trajectories import main, shard_name
+from mpq_lightning.data import trajectories
+from mpq_lightning.data.trajectories import ShardWriter, main, shard_name
 from mpq_lightning.models import build, guide, make_scheduler, sample
 
 
@@ -238,3 +244,232 @@ def test_two_processes_generating_one_cache_take_turns(tmp_path):
         p.join(timeout=240)
     assert sorted(results.get(timeout=5) for _ in procs) == ["ok", "ok"]
     TrajectoryCache(tmp_path / "data" / "tiny", verify="full")
+
+
+def test_a_complete_manifest_survives_a_second_begin(copy):
+    """A second job's `begin` neither re-marks a finished cache incomplete nor deletes temp files."""
+    manifest = (copy / "manifest.json").read_bytes()
+    header = {k: v for k, v in json.loads(manifest).items() if k not in ("complete", "shards", "conditions_file")}
+    other = copy / f".{shard_name(0)}.tmp-99999"  # another process's file in flight
+    other.write_bytes(b"x")
+    writer = ShardWriter(copy, header)
+    with pytest.raises(CacheError, match="the cache is complete; refusing to start its generation again"):
+        writer.begin(TrajectoryCache(copy).conditions())
+    assert (copy / "manifest.json").read_bytes() == manifest and other.exists()
+    TrajectoryCache(copy, verify="full")
+
+
+def _job_rank(rank: int, root: str, port: int, results, fail_rank: int | None = None) -> None:
+    """One rank of a 2-process job that generates the cache of make_recipe(root/prompts.safetensors)
+    (rank `fail_rank` fails after writing its first shard)."""
+    os.environ.pop("WORLD_SIZE", None)
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+        teacher, written = make_teacher(), []
+
+        def on_shard_written(index: int, shard: Path) -> None:
+            written.append(index)
+            if rank == fail_rank:
+                raise RuntimeError(f"disk full on rank {rank}")
+
+        Path(root, f"ready{rank}").touch()
+        ensure_cache(make_recipe(Path(root) / "prompts.safetensors"), teacher, Path(root) / "data",
+                     on_shard_written=on_shard_written)
+        results.put((rank, written))
+    except BaseException as err:  # noqa: BLE001 - reported to the test
+        results.put((rank, f"{type(err).__name__}: {err}"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _hold_lock(lock: str, locked, release, finished: str, target: str) -> None:
+    """Another job generating the cache: holds its lock, then writes the finished cache and unlocks."""
+    with open(lock, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        locked.set()
+        release.wait(120)
+        shutil.copytree(finished, target)
+
+
+def test_a_distributed_job_waits_for_the_lock_and_reuses_the_cache_finished_meanwhile(tmp_path):
+    """Rank 0 of a process group takes the file lock before writing anything (its other rank waits
+    with it) and re-checks the cache once it holds the lock: a cache another job finished meanwhile
+    is reused, not generated again or re-begun."""
+    import multiprocessing
+
+    recipe = make_recipe(write_prompts(tmp_path / "prompts.safetensors"))
+    finished = ensure_cache(recipe, make_teacher(), tmp_path / "other")  # the other job's result
+    target = tmp_path / "data" / "tiny"
+    target.parent.mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("fork")
+    locked, release, results = ctx.Event(), ctx.Event(), ctx.Queue()
+    holder = ctx.Process(target=_hold_lock, args=(str(target.parent / ".tiny.lock"), locked, release, str(finished),
+                                                  str(target)), daemon=True)  # fmt: skip
+    procs = [ctx.Process(target=_job_rank, args=(r, str(tmp_path), port, results), daemon=True) for r in range(2)]
+    try:
+        holder.start()
+        assert locked.wait(60)
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + 120
+        while not all((tmp_path / f"ready{r}").exists() for r in range(2)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(2.0)
+        assert all(p.is_alive() for p in procs)
+        assert not target.exists()  # nothing written while the other job holds the lock
+        release.set()
+        outcome = dict(results.get(timeout=120) for _ in procs)
+    finally:
+        release.set()
+        for p in [holder, *procs]:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    assert outcome == {0: [], 1: []}  # reused: no shard generated
+    assert (target / "manifest.json").read_text() == (finished / "manifest.json").read_text()
+    TrajectoryCache(target, verify="full")
+
+
+def test_an_error_on_one_rank_stops_every_rank_and_keeps_the_finished_shards(tmp_path, teacher):
+    """A rank that fails does not leave the others waiting at a barrier; its finished shard is kept."""
+    import multiprocessing
+
+    recipe = make_recipe(write_prompts(tmp_path / "prompts.safetensors"))  # 2 shards: one per rank
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_job_rank, args=(r, str(tmp_path), port, results, 1), daemon=True) for r in range(2)]
+    try:
+        for p in procs:
+            p.start()
+        outcome = dict(results.get(timeout=120) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    assert outcome[1] == "RuntimeError: disk full on rank 1"
+    assert outcome[0] == "CacheError: generation failed on another rank:\n  rank 1: RuntimeError: disk full on rank 1"
+    written = []
+    ensure_cache(recipe, teacher, tmp_path / "data", on_shard_written=lambda index, _: written.append(index))
+    assert written == []  # both shards were finished before the failure: only the manifest was missing
+    TrajectoryCache(tmp_path / "data" / "tiny", verify="full")
+
+
+# -------------------------------------------------------------------------------------------------
+# Checks before anything is written
+# -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffusers' Heun / KDPM2 with numpy 2
+def test_schedulers_calling_the_model_twice_per_step_are_refused(tmp_path, teacher, monkeypatch):
+    prompts = write_prompts(tmp_path / "p.safetensors")
+    for name in ("HeunDiscreteScheduler", "KDPM2DiscreteScheduler"):
+        refused = rf"recipe\.scheduler '{name}' \({name}\) has 7 timesteps .* num_inference_steps 4"
+        with pytest.raises(ValueError, match=refused):
+            ensure_cache(make_recipe(prompts, scheduler=name), teacher, tmp_path / "data")
+    assert not (tmp_path / "data").exists()
+    # past that check (a scheduler it does not catch), generation checks one teacher call per step
+    monkeypatch.setattr(trajectories, "_check_one_call_per_step", lambda *args: None)
+    with pytest.raises(CacheError, match=r"HeunDiscreteScheduler: the teacher was called 7 times for num_inference_steps"):
+        ensure_cache(make_recipe(prompts, scheduler="HeunDiscreteScheduler"), teacher, tmp_path / "data")
+    assert not list((tmp_path / "data" / "tiny").glob("shard-*"))
+
+
+def test_a_condition_file_that_does_not_fit_the_teacher_is_refused_before_writing(tmp_path, teacher):
+    prompts = tmp_path / "p.safetensors"
+    safetensors.torch.save_file({"y": torch.randn(2, 1, 8, 16)}, str(prompts))  # 16 channels, the teacher has 32
+    with pytest.raises(
+        CacheError,
+        match=rf"{re.escape(str(prompts))}: the cond rows do not fit .*"
+        r"cond\['y'\]: expected shape \[B, 1, 8, 32\] with B=2, got \[2, 1, 8, 16\]",
+    ):
+        ensure_cache(make_recipe(prompts), teacher, tmp_path / "data")
+    safetensors.torch.save_file({"y": torch.randn(2, 1, 8, 32), "null.y": torch.randn(1, 1, 4, 32)}, str(prompts))
+    with pytest.raises(CacheError, match=r"the null \(unconditional\) rows do not fit .*got \[2, 1, 4, 32\]"):
+        ensure_cache(make_recipe(prompts), teacher, tmp_path / "data")
+    assert not (tmp_path / "data").exists()
+    ensure_cache(make_recipe(write_prompts(prompts)), teacher, tmp_path / "data")  # the corrected file
+
+
+def test_an_unfinished_cache_without_a_finished_shard_restarts_with_another_identity(cache, teacher, tmp_path,
+                                                                                     monkeypatch):
+    path, recipe = cache
+    other = dataclasses.replace(recipe, seed=1)
+
+    def crash(*args):
+        raise RuntimeError("the teacher crashed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trajectories, "_generate_shard", crash)
+        with pytest.raises(RuntimeError, match="the teacher crashed"):
+            ensure_cache(other, teacher, tmp_path)
+    assert not json.loads((tmp_path / "tiny" / "manifest.json").read_text())["complete"]
+    ensure_cache(recipe, teacher, tmp_path)  # nothing finished to keep: started again with this recipe
+    assert (tmp_path / "tiny" / "manifest.json").read_text() == (path / "manifest.json").read_text()
+
+    shutil.rmtree(tmp_path / "tiny")
+
+    def crash_after_first(index: int, shard: Path) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ensure_cache(other, teacher, tmp_path, on_shard_written=crash_after_first)
+    finished = r"(?s)the unfinished cache \(1 shards done\) was made by another .*recipe\.seed: cache 1, requested 7"
+    with pytest.raises(CacheError, match=finished):
+        ensure_cache(recipe, teacher, tmp_path)  # a finished shard is never thrown away
+    assert (tmp_path / "tiny" / shard_name(0)).exists()
+
+
+def test_a_moved_condition_file_and_scheduler_keys_of_another_diffusers_keep_the_cache(cache, teacher, tmp_path):
+    path, recipe = cache
+    copy = Path(shutil.copytree(path, tmp_path / "data" / "tiny"))
+    moved = Path(shutil.copy(recipe.cond_path, tmp_path / "moved.safetensors"))
+    manifest = (copy / "manifest.json").read_text()
+    written = []
+    ensure_cache(make_recipe(moved), teacher, tmp_path / "data", on_shard_written=lambda i, _: written.append(i))
+    assert written == [] and (copy / "manifest.json").read_text() == manifest  # reused as is
+    write_prompts(moved, count=3)  # other content: refused by its sha256
+    with pytest.raises(CacheError, match=r"conditions\.source_sha256"):
+        ensure_cache(make_recipe(moved), teacher, tmp_path / "data")
+
+    stored = json.loads(manifest)
+    config = stored["scheduler"]["config"]
+    config.pop("rescale_betas_zero_snr")  # an older diffusers without the key ...
+    config["added_by_a_newer_diffusers"] = "default"  # ... or a newer one with another
+    (copy / "manifest.json").write_text(json.dumps(stored))
+    ensure_cache(recipe, teacher, tmp_path / "data", on_shard_written=lambda i, _: written.append(i))
+    assert written == []
+    config["steps_offset"] = 5  # a key both have, with another value: still refused
+    (copy / "manifest.json").write_text(json.dumps(stored))
+    with pytest.raises(CacheError, match=r"scheduler\.config\.steps_offset: cache 5, requested 0"):
+        ensure_cache(recipe, teacher, tmp_path / "data")
+
+
+def test_expect_takes_structure_keys_and_whole_sections(cache):
+    path, _ = cache
+    manifest = TrajectoryCache(path).manifest
+    TrajectoryCache(path, expect={"structure.num_trajectories": 3, "scheduler.config": manifest["scheduler"]["config"]})
+    with pytest.raises(CacheError, match=r"structure\.num_trajectories: cache 3, expected 4"):
+        TrajectoryCache(path, expect={"structure.num_trajectories": 4})
+    with pytest.raises(CacheError, match=r"scheduler\.config\.steps_offset: cache 0, expected 1"):
+        TrajectoryCache(path, expect={"scheduler.config": {**manifest["scheduler"]["config"], "steps_offset": 1}})
+
+
+def test_recipe_errors_name_the_key_before_anything_is_written(tmp_path, teacher):
+    prompts = write_prompts(tmp_path / "p.safetensors")
+    with pytest.raises(ValueError, match=r"keep_steps \[7, 50\] are not sampler steps \(0 \.\. 3 for num_inference_steps"):
+        ensure_cache(make_recipe(prompts, keep_stride=1, keep_steps=[0, 3, 7, 50]), teacher, tmp_path / "data")
+    with pytest.raises(ValueError, match=r"num_trajectories must be >= 1 \(or null for the default\), got -2"):
+        ensure_cache(make_recipe(prompts, num_trajectories=-2), teacher, tmp_path / "data")
+    sources = r"set only one of class_labels, cond_path and random_conditions \(the others null\)"
+    with pytest.raises(ValueError, match=rf"{sources}, got \['cond_path', 'random_conditions'\]"):
+        ensure_cache(make_recipe(prompts, random_conditions=4), teacher, tmp_path / "data")
+    assert not (tmp_path / "data").exists()

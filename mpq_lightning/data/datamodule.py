@@ -20,14 +20,15 @@ delivered), which `state_dict` returns and `load_state_dict` restores: the next 
 round-robin to find how many batches each worker delivered (skipped as whole windows without reading
 them, the rest of a window after loading it) and which worker is next (workers are re-numbered so the
 DataLoader's restart at worker 0 continues the original cycle), so a resumed run sees exactly the
-remaining batches.
+remaining batches. A mid-epoch position is only meaningful for the layout it was saved with (world
+size, batch size, workers, selection, shuffling), which is saved with it; resuming it under another
+layout is refused.
 """
 
 from __future__ import annotations
 
 import bisect
-import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,6 +52,12 @@ from mpq_lightning.models.sampling import SchedulerStep, _cat_cond, _takes_varia
 
 __all__ = ["OnTheFlyDataModule", "TeacherForcedTrajectories", "TrajectoryDataModule", "TrajectoryDataset"]
 
+
+#: Layout entries that decide which batches a rank delivers in an epoch (teacher_output only drops a key).
+_ORDER_KEYS = (
+    "world_size", "num_workers", "batch_size", "shuffle", "shuffle_buffer", "seed", "steps", "step_stride",
+    "conditions", "branches", "drop_last",
+)
 
 #: Per-sample ids; inside a batch they travel as one [B, 5] "ids" tensor (one shared-memory transfer
 #: from a DataLoader worker instead of five) and are unpacked in the main process.
@@ -163,7 +170,11 @@ class TrajectoryDataset(IterableDataset):
             k for k in cache.sample_keys if k not in (*_IDS, "seed") and (teacher_output or k != "teacher_output")
         ]
         if teacher_output and "teacher_output" not in cache.specs:
-            raise CacheError(f"{cache.directory}: the cache has no teacher outputs (store_teacher_output was false)")
+            raise CacheError(
+                f"{cache.directory}: the cache has no teacher outputs (recipe.store_teacher_output was false); "
+                "set the data module's teacher_output: false (data.init_args.teacher_output) to train with "
+                "the teacher run on the fly, or generate a cache with store_teacher_output: true"
+            )
         self.selected = self._select(steps, step_stride, conditions, branches)
         total = sum(len(s) for s in self.selected)
         if total == 0:
@@ -283,18 +294,41 @@ class TrajectoryDataset(IterableDataset):
 
 class _ResumableLoader(DataLoader):
     """A DataLoader over a TrajectoryDataset that counts passes (epochs) and delivered batches. Its
-    `state_dict` / `load_state_dict` make Lightning treat it as resumable (it checkpoints loaders too)."""
+    `state_dict` / `load_state_dict` make Lightning treat it as resumable (it checkpoints loaders too).
 
-    def __init__(self, dataset: TrajectoryDataset, epoch: int = 0, skip: int = 0, **kwargs: Any) -> None:
+    epoch_length: the batches after which the trainer ends an epoch (fewer than len() with
+    limit_train_batches): a position there is saved as the start of the next epoch. layout / restore:
+    the data module's layout, saved with the position, and its check of a restored position."""
+
+    def __init__(
+        self,
+        dataset: TrajectoryDataset,
+        epoch: int = 0,
+        skip: int = 0,
+        *,
+        epoch_length: Callable[[], float] | None = None,
+        layout: dict[str, Any] | None = None,
+        restore: Callable[[Mapping[str, Any]], dict[str, int]] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(dataset, batch_size=None, **kwargs)
         self.epoch, self.consumed = epoch, skip
         self._next = (epoch, skip)
+        self._epoch_length = epoch_length or (lambda: len(self))
+        self._layout, self._restore = layout, restore
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batches": self.consumed}
+    def state_dict(self) -> dict[str, Any]:
+        epoch, batches = self.epoch, self.consumed
+        if 0 < min(len(self), self._epoch_length()) <= batches:  # the epoch is over
+            epoch, batches = epoch + 1, 0
+        state: dict[str, Any] = {"epoch": epoch, "batches": batches}
+        if self._layout is not None:
+            state["layout"] = self._layout
+        return state
 
-    def load_state_dict(self, state_dict: Mapping[str, int]) -> None:
-        self.epoch, self.consumed = state_dict["epoch"], state_dict["batches"]
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        position = self._restore(state_dict) if self._restore is not None else state_dict
+        self.epoch, self.consumed = position["epoch"], position["batches"]
         self._next = (self.epoch, self.consumed)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -333,10 +367,14 @@ class TrajectoryDataModule(L.LightningDataModule):
         recipe: how to generate the cache when it is missing or unfinished (`prepare_cache`); its name
             must be the cache directory's name.
 
-    Resuming: Lightning stores `state_dict()` = {"epoch", "batches"} in checkpoints (under the class
-    name, and the loader's own copy under the fit loop's "combined_loader") and calls `load_state_dict`
-    before `train_dataloader()`; the next pass skips the delivered batches, so the remaining ones equal
-    the uninterrupted run's (same batch size, world size and num_workers).
+    Resuming: Lightning stores `state_dict()` = {"epoch", "batches", "layout"} in checkpoints (under
+    the class name, and the loader's own copy under the fit loop's "combined_loader") and calls
+    `load_state_dict` before `train_dataloader()`; the next pass skips the delivered batches, so the
+    remaining ones equal the uninterrupted run's. An epoch that the trainer ended early
+    (`limit_train_batches`) is saved as finished, so a resumed run starts the next epoch. A checkpoint
+    from the middle of an epoch needs the same layout (world size, batch size, num_workers, selection
+    and shuffling options): another one raises a ValueError naming the changed keys; from the end of an
+    epoch any layout continues with the next epoch.
     """
 
     def __init__(
@@ -442,26 +480,68 @@ class TrajectoryDataModule(L.LightningDataModule):
         self.setup()
         rank, world = _rank_world(self.rank, self.world_size)
         dataset = TrajectoryDataset(self.cache, rank=rank, world_size=world, **self.options)
-        self._layout = {"world_size": world, "num_workers": self.num_workers, **self.options}
-        return _ResumableLoader(dataset, epoch, skip, num_workers=self.num_workers, pin_memory=self.pin_memory)
+        return _ResumableLoader(
+            dataset,
+            epoch,
+            skip,
+            epoch_length=self._epoch_length,
+            layout=self._current_layout(),
+            restore=self._restore,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+        )
+
+    def _current_layout(self) -> dict[str, Any]:
+        world = _rank_world(self.rank, self.world_size)[1]
+        return {"world_size": world, "num_workers": self.num_workers, **self.options}
+
+    def _epoch_length(self) -> float:
+        """Batches after which the trainer ends a training epoch (``limit_train_batches``)."""
+        return getattr(self.trainer, "num_training_batches", float("inf"))
 
     def state_dict(self) -> dict[str, Any]:
         if self._loader is None:
-            return dict(self._position)
-        return {**self._loader.state_dict(), "layout": self._layout}
+            return {**self._position, "layout": self._current_layout()}
+        return self._loader.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        layout = state_dict.get("layout")
-        current = {"num_workers": self.num_workers, **self.options}
-        changed = sorted(k for k in current if layout is not None and layout.get(k) != current[k])
-        if changed:
-            warnings.warn(
-                f"TrajectoryDataModule: resuming with changed {changed}; the remaining batches differ from the original run's",
-                stacklevel=2,
-            )
-        self._position = {"epoch": state_dict["epoch"], "batches": state_dict["batches"]}
+        self._position = self._restore(state_dict)
         if self._loader is not None:
-            self._loader.load_state_dict(self._position)
+            self._loader.load_state_dict(state_dict)
+
+    def _restore(self, state: Mapping[str, Any]) -> dict[str, int]:
+        """The position to continue from. Mid-epoch, the delivered batches only identify the delivered
+        samples under the saved layout (world size, batch size, workers, selection, shuffling): another
+        layout is refused rather than skipping or repeating samples. At an epoch's end any layout
+        continues with the next epoch."""
+        epoch, batches = int(state["epoch"]), int(state["batches"])
+        saved = state.get("layout")
+        if batches == 0 or saved is None:
+            return {"epoch": epoch, "batches": batches}
+        current = self._current_layout()
+        changed = [k for k in _ORDER_KEYS if k in saved and saved[k] != current[k]]
+        if not changed:
+            return {"epoch": epoch, "batches": batches}
+        if batches >= self._saved_epoch_batches(saved):  # saved at the end of an epoch (older checkpoints)
+            return {"epoch": epoch + 1, "batches": 0}
+        raise ValueError(
+            f"TrajectoryDataModule ({self.cache_dir}): the checkpoint stopped in the middle of epoch {epoch} "
+            f"({batches} batches delivered on each rank) with another data layout: "
+            + "; ".join(f"{k}: saved {saved[k]!r}, now {current[k]!r}" for k in changed)
+            + ". The rest of that epoch is only defined for the saved layout (another one would skip or repeat "
+            "samples): resume with the saved values (world_size = trainer devices x num_nodes; the others are "
+            "data.init_args keys), or from a checkpoint saved at the end of an epoch, which continues with the "
+            "next epoch under any layout."
+        )
+
+    def _saved_epoch_batches(self, layout: Mapping[str, Any]) -> float:
+        """Batches per epoch and rank under a saved layout (inf when it cannot be rebuilt)."""
+        self.setup()
+        try:
+            options = {**{k: layout[k] for k in self.options}, "teacher_output": False}
+            return len(TrajectoryDataset(self.cache, rank=0, world_size=layout["world_size"], **options))
+        except (KeyError, TypeError, ValueError):
+            return float("inf")
 
 
 # -------------------------------------------------------------------------------------------------

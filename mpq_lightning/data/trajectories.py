@@ -21,6 +21,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -126,8 +128,12 @@ class TrajectoryRecipe:
         for key in ("batch_size", "shard_size", "keep_stride"):
             if getattr(self, key) < 1:
                 raise ValueError(f"recipe {self.name!r}: {key} must be >= 1, got {getattr(self, key)}")
-        if self.class_labels is not None and self.cond_path is not None:
-            raise ValueError(f"recipe {self.name!r}: give class_labels or cond_path, not both")
+        for key in ("num_inference_steps", "num_trajectories"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ValueError(
+                    f"recipe {self.name!r}: {key} must be >= 1 (or null for the default), got {getattr(self, key)}"
+                )
+        _condition_source(self)
         resolved = {
             **dataclasses.asdict(self),
             "scheduler": spec["name"] if default else self.scheduler,
@@ -142,6 +148,12 @@ class TrajectoryRecipe:
     @staticmethod
     def kept_steps(resolved: Mapping[str, Any]) -> list[int]:
         keep = set(resolved["keep_steps"]) if resolved["keep_steps"] is not None else None
+        count = resolved["num_inference_steps"]
+        if keep is not None and (outside := sorted(i for i in keep if not 0 <= i < count)):
+            raise ValueError(
+                f"recipe {resolved['name']!r}: keep_steps {outside} are not sampler steps "
+                f"(0 .. {count - 1} for num_inference_steps {count})"
+            )
         steps = [i for i in range(resolved["num_inference_steps"]) if i % resolved["keep_stride"] == 0]
         steps = [i for i in steps if keep is None or i in keep]
         if not steps:
@@ -182,6 +194,23 @@ def _differences(stored: Mapping[str, Any], requested: Mapping[str, Any]) -> lis
         if a.get(key, "<absent>") != b.get(key, "<absent>"):
             lines.append(f"{key}: cache {_short(a.get(key, '<absent>'))}, requested {_short(b.get(key, '<absent>'))}")
     return lines
+
+
+def _identity_differences(stored: Mapping[str, Any], requested: Mapping[str, Any]) -> list[str]:
+    """`_differences` of the IDENTITY sections, without what does not change the cached data: the
+    condition file's path (its sha256 is compared) and scheduler config keys that only one side has
+    (a diffusers version adding or dropping a key with its default; every key the recipe sets is
+    compared under recipe.scheduler_config, and the scheduler class and timesteps always are)."""
+    a, b = (_jsonable({k: manifest.get(k) for k in IDENTITY}) for manifest in (stored, requested))
+    for side in (a, b):
+        if isinstance(side["recipe"], dict):
+            side["recipe"].pop("cond_path", None)
+    configs = [side["scheduler"].get("config") if isinstance(side["scheduler"], dict) else None for side in (a, b)]
+    if all(isinstance(c, dict) for c in configs):
+        shared = set(configs[0]) & set(configs[1])
+        for side, config in zip((a, b), configs):
+            side["scheduler"]["config"] = {k: v for k, v in config.items() if k in shared}
+    return _differences(a, b)
 
 
 def _short(value: Any) -> str:
@@ -244,30 +273,85 @@ def _distributed(enabled: bool) -> Iterator[tuple[int, int]]:
             dist.destroy_process_group()
 
 
+#: Seconds between a process group's tries for the generation lock (see `_exclusive`).
+LOCK_POLL_S = 1.0
+
+
 @contextmanager
-def _exclusive(directory: Path, enabled: bool) -> Iterator[None]:
-    """An exclusive lock on ``.<name>.lock`` beside the cache directory while one process generates
-    it alone: two runs (or ranks that do not know of each other) sharing a recipe take turns, and the
-    second finds the cache finished. The ranks of one process group split the shards instead."""
+def _exclusive(directory: Path, rank: int, world: int) -> Iterator[None]:
+    """Rank 0 holds an exclusive lock on ``.<name>.lock`` beside the cache directory while its job
+    checks, generates and finalises the cache, so that two jobs (or ranks that do not know of each
+    other) sharing a recipe take turns and the second finds the cache finished. The other ranks of
+    the process group wait for rank 0: it tries the lock every LOCK_POLL_S seconds and broadcasts the
+    result, so that waiting for another job's (hours-long) generation never runs into the process
+    group's collective timeout."""
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock
-        enabled = False
-    if not enabled:
+        fcntl = None
+    handle = None
+    if rank == 0 and fcntl is not None:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(directory.parent / f".{directory.name}.lock", "a+")  # noqa: SIM115 - closed below
+    try:
+        while True:
+            acquired = True
+            if handle is not None:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | (fcntl.LOCK_NB if world > 1 else 0))
+                except BlockingIOError:
+                    acquired = False
+            if _broadcast(acquired, world):
+                break
+            time.sleep(LOCK_POLL_S)
         yield
-        return
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    with open(directory.parent / f".{directory.name}.lock", "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    finally:
+        if handle is not None:
+            handle.close()  # releases the lock
+
+
+def _broadcast(value: Any, world: int) -> Any:
+    """Rank 0's `value` on every rank."""
+    if world == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _on_rank0(rank: int, world: int, work: Callable[[], Any]) -> Any:
+    """Run `work` on rank 0 and return its result on every rank; an error there is raised on every
+    rank (its own exception on rank 0) instead of leaving the others waiting at the next collective."""
+    result, error = None, None
+    if rank == 0:
         try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            result = ("ok", work())
+        except Exception as err:  # noqa: BLE001 - re-raised below on every rank
+            error, result = err, ("error", f"{type(err).__name__}: {err}")
+    result = _broadcast(result, world)
+    if error is not None:
+        raise error
+    if result[0] == "error":
+        raise CacheError(f"rank 0 failed: {result[1]}")
+    return result[1]
 
 
-def _barrier(world: int) -> None:
+def _all_ranks(world: int, work: Callable[[], None]) -> None:
+    """Run `work` on every rank, then wait for all of them (the barrier); an error on any rank is
+    raised on every rank (its own exception where it happened)."""
+    error = None
+    try:
+        work()
+    except Exception as err:  # noqa: BLE001 - re-raised below
+        error = err
     if world > 1:
-        dist.barrier()
+        errors: list[str | None] = [None] * world
+        dist.all_gather_object(errors, None if error is None else f"{type(error).__name__}: {error}")
+        failed = [f"rank {r}: {e}" for r, e in enumerate(errors) if e is not None]
+        if failed and error is None:
+            raise CacheError("generation failed on another rank:\n  " + "\n  ".join(failed))
+    if error is not None:
+        raise error
 
 
 def teacher_fingerprint(denoiser: torch.nn.Module) -> dict[str, Any]:
@@ -291,6 +375,19 @@ def _scheduler_identity(resolved: Mapping[str, Any]) -> tuple[Any, dict[str, Any
     config = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
     info = {"class": type(scheduler).__name__, "config": config, "timesteps": scheduler.timesteps.tolist()}
     return scheduler, _jsonable(info)
+
+
+def _check_one_call_per_step(scheduler: Any, resolved: Mapping[str, Any]) -> None:
+    """Refuse schedulers that call the model more than once per step (Heun, KDPM2: their timesteps
+    list has 2S - 1 entries): the cache stores one teacher call per sampler step."""
+    count = len(scheduler.timesteps)
+    if count != resolved["num_inference_steps"]:
+        raise ValueError(
+            f"recipe {resolved['name']!r}: recipe.scheduler {resolved['scheduler']!r} ({type(scheduler).__name__}) "
+            f"has {count} timesteps (model calls) for num_inference_steps {resolved['num_inference_steps']}; "
+            "the cache stores one teacher call per sampler step: use a one-call-per-step scheduler "
+            "(DDIM, DDPM, IDDPM, DPM-Solver, UniPC, Euler, flow matching)"
+        )
 
 
 # -------------------------------------------------------------------------------------------------
@@ -329,9 +426,31 @@ def _random_conditions(denoiser: Denoiser, count: int, seed: int) -> dict[str, t
     return random_cond(denoiser, count, seed, length=8, num_classes=classes)
 
 
+def _condition_source(recipe: TrajectoryRecipe) -> str | None:
+    """The one condition option the recipe sets (class_labels, cond_path or random_conditions), if any."""
+    given = [k for k in ("class_labels", "cond_path", "random_conditions") if getattr(recipe, k) is not None]
+    if len(given) > 1:
+        raise ValueError(
+            f"recipe {recipe.name!r}: set only one of class_labels, cond_path and random_conditions "
+            f"(the others null), got {given}"
+        )
+    return given[0] if given else None
+
+
+def _check_rows(denoiser: Denoiser, where: str, rows: Mapping[str, torch.Tensor], count: int, branch: str) -> None:
+    """Refuse condition rows that do not fit the teacher's `cond_spec` (keys, shapes, dtypes) before
+    anything is written, instead of a bare torch error at the teacher's first forward."""
+    try:
+        denoiser._check_cond(rows, count)
+    except ValueError as err:
+        raise CacheError(f"{where}: the {branch} rows do not fit the teacher {type(denoiser).__name__}: {err}") from err
+
+
 def _conditions(recipe: TrajectoryRecipe, denoiser: Denoiser, cfg: bool) -> tuple[dict[str, torch.Tensor], str | None]:
-    """The condition table {"cond.<key>": [N, ...], "uncond.<key>": [N, ...]} and the source file's sha256."""
+    """The condition table {"cond.<key>": [N, ...], "uncond.<key>": [N, ...]} and the source file's sha256,
+    checked against the teacher's `cond_spec`."""
     source = None
+    _condition_source(recipe)
     if recipe.class_labels is not None:
         cond = {_class_key(denoiser): torch.tensor(recipe.class_labels, dtype=torch.long)}
         null = {}
@@ -355,10 +474,12 @@ def _conditions(recipe: TrajectoryRecipe, denoiser: Denoiser, cfg: bool) -> tupl
                 "(precomputed embeddings file), recipe.class_labels or recipe.random_conditions"
             )
         return {}, None
+    where = recipe.cond_path or ("class_labels" if recipe.class_labels is not None else "random_conditions")
     sizes = {len(v) for v in cond.values()}
     if len(sizes) != 1:
-        raise CacheError(f"{recipe.cond_path or 'class_labels'}: condition tensors have different row counts {sizes}")
+        raise CacheError(f"{where}: condition tensors have different row counts {sizes}")
     (count,) = sizes
+    _check_rows(denoiser, where, cond, count, "cond")
     if cfg:
         if not null:
             try:
@@ -372,6 +493,7 @@ def _conditions(recipe: TrajectoryRecipe, denoiser: Denoiser, cfg: bool) -> tupl
             raise CacheError(
                 f"{recipe.cond_path}: null.* keys must match the cond keys {sorted(cond)} with 1 or {count} rows"
             )
+        _check_rows(denoiser, where, null, count, "null (unconditional)")
     table = {f"cond.{k}": v.detach().cpu().clone() for k, v in cond.items()}  # clones: null_cond may share tensors
     table.update({f"uncond.{k}": v.detach().cpu().clone() for k, v in null.items()})
     return table, source
@@ -487,22 +609,36 @@ class ShardWriter:
     # ---- state ------------------------------------------------------------------------------------
 
     def existing(self) -> dict[str, Any] | None:
-        """The manifest on disk, after checking it describes the same cache; None when absent."""
+        """The manifest on disk, after checking it describes the same cache; None when absent, or when
+        it is an unfinished generation of another identity without a finished shard (nothing to lose:
+        `begin` starts it again with this header, e.g. after a corrected condition file)."""
         if not self.manifest_path.exists():
             return None
         stored = _read_json(self.manifest_path)
         if stored.get("format") != FORMAT:
             raise CacheError(f"{self.manifest_path}: not a trajectory cache manifest (format {stored.get('format')!r})")
-        diffs = _differences({k: stored.get(k) for k in IDENTITY}, {k: self.header.get(k) for k in IDENTITY})
+        diffs = _identity_differences(stored, self.header)
         if diffs:
+            if not stored.get("complete") and not self.finished_shards():
+                return None
+            done = len(self.finished_shards())
+            state = "the cache" if stored.get("complete") else f"the unfinished cache ({done} shards done)"
             raise CacheError(
-                f"{self.manifest_path}: the cache was made by another recipe / teacher / scheduler; "
+                f"{self.manifest_path}: {state} was made by another recipe / teacher / scheduler; "
                 "use another recipe name or delete the directory. Differing keys:\n  " + "\n  ".join(diffs)
             )
         return stored
 
+    def finished_shards(self) -> list[Path]:
+        """Progress records of shards finished by an unfinished generation."""
+        return sorted((self.directory / PROGRESS).glob("*.json"))
+
     def begin(self, conditions: Mapping[str, torch.Tensor]) -> None:
-        """Create the directory, drop stale temp files, write the condition table and an incomplete manifest."""
+        """Create the directory, drop stale temp files, write the condition table and an incomplete manifest.
+        The caller holds the generation lock (`_exclusive`), so no other process is writing here; a
+        complete manifest is never replaced."""
+        if self.manifest_path.exists() and _read_json(self.manifest_path).get("complete"):
+            raise CacheError(f"{self.manifest_path}: the cache is complete; refusing to start its generation again")
         self.directory.mkdir(parents=True, exist_ok=True)
         (self.directory / PROGRESS).mkdir(exist_ok=True)
         for stale in [*self.directory.glob(".*.tmp-*"), *(self.directory / PROGRESS).glob(".*.tmp-*")]:
@@ -558,9 +694,7 @@ class ShardWriter:
         stored = _read_json(self.manifest_path)
         manifest = {**self.header, "conditions_file": stored["conditions_file"], "complete": True, "shards": shards}
         _write_json(self.manifest_path, manifest)
-        for record in (self.directory / PROGRESS).glob("*.json"):
-            record.unlink()
-        (self.directory / PROGRESS).rmdir()
+        shutil.rmtree(self.directory / PROGRESS, ignore_errors=True)  # merged into the manifest above
         return manifest
 
 
@@ -580,18 +714,23 @@ def ensure_cache(
     """Return `root/<recipe.name>`, generating or finishing the cache first.
 
     A complete cache with the same identity (resolved recipe, teacher weights hash, scheduler,
-    conditions) is reused after a size check; an incomplete one is resumed (verified shards kept);
-    any other is refused with a CacheError listing the differing keys. When generation is needed
+    conditions; see `_identity_differences`) is reused after a size check; an incomplete one is
+    resumed (verified shards kept); an incomplete one of another identity without a finished shard is
+    started again; any other is refused with a CacheError listing the differing keys. The recipe, the
+    scheduler and the conditions are checked before anything is written. When generation is needed
     with torch.distributed initialised (or WORLD_SIZE > 1, e.g. torchrun: a temporary gloo group is
-    used), every rank must call this: rank r generates shards r, r + W, ... and rank 0 writes the
-    final manifest after a barrier. From Lightning's `prepare_data` (local rank 0 only) pass
-    distributed=False. `on_shard_written(index, path)` is called after each shard (progress, tests).
+    used), every rank must call this: rank 0 takes the file lock beside the cache (other jobs wait),
+    re-checks the cache and writes the incomplete manifest; rank r generates shards r, r + W, ...;
+    rank 0 writes the final manifest after all ranks are done, then releases the lock. From
+    Lightning's `prepare_data` (local rank 0 only) pass distributed=False. `on_shard_written(index,
+    path)` is called after each shard (progress, tests).
     """
     cfg_rows = 2 if _guidance(recipe, denoiser) != 1.0 else 1
     table, source = _conditions(recipe, denoiser, cfg_rows == 2)
     num_conditions = len(next(iter(table.values()))) if table else 0
     resolved = recipe.resolve(denoiser, max(num_conditions, 1))
     scheduler, scheduler_info = _scheduler_identity(resolved)
+    _check_one_call_per_step(scheduler, resolved)
     dtype = next(denoiser.parameters()).dtype
     kept = TrajectoryRecipe.kept_steps(resolved)
     header = {
@@ -625,28 +764,26 @@ def ensure_cache(
 
     if complete():  # before any process group: ranks may not all be here
         return directory
-    with _distributed(distributed) as (rank, world), _exclusive(directory, world == 1):
-        # alone, another process may have finished the cache while this one waited for the lock
-        if world == 1 and complete():
+    with _distributed(distributed) as (rank, world), _exclusive(directory, rank, world):
+        # rank 0 holds the lock: another job may have finished the cache while this one waited for it
+        if _on_rank0(rank, world, lambda: complete() or writer.begin(table)):
             return directory
-        if rank == 0:
-            writer.begin(table)
-        _barrier(world)
-        was_training = denoiser.training
-        denoiser.eval()
-        try:
-            for index in range(rank, header["structure"]["num_shards"], world):
-                if writer.done(index):
-                    continue
-                writer.write(index, _generate_shard(denoiser, header, table, index))
-                if on_shard_written is not None:
-                    on_shard_written(index, directory / shard_name(index))
-        finally:
-            denoiser.train(was_training)
-        _barrier(world)
-        if rank == 0:
-            writer.finalize()
-        _barrier(world)
+
+        def generate() -> None:  # rank r: shards r, r + W, ...
+            was_training = denoiser.training
+            denoiser.eval()
+            try:
+                for index in range(rank, header["structure"]["num_shards"], world):
+                    if writer.done(index):
+                        continue
+                    writer.write(index, _generate_shard(denoiser, header, table, index))
+                    if on_shard_written is not None:
+                        on_shard_written(index, directory / shard_name(index))
+            finally:
+                denoiser.train(was_training)
+
+        _all_ranks(world, generate)
+        _on_rank0(rank, world, lambda: writer.finalize() and None)  # (the manifest is not broadcast)
     return directory
 
 
@@ -713,15 +850,18 @@ def _record_steps(
     scheduler = make_scheduler(recipe["scheduler"], **recipe["scheduler_config"])
     generator = torch.Generator(noise.device).manual_seed(mix_seed(recipe["seed"], first_trajectory, 1))
     steps: list[dict[str, torch.Tensor]] = []
-    call: dict[str, torch.Tensor] = {}
+    call: dict[str, Any] = {"count": 0}
+    recorded: list[int] = []
 
     def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
         call["x_t"] = args[0] if args else kwargs["x_t"]
         call["output"] = output
+        call["count"] += 1
 
     def recorder(*, step_index: int, t: torch.Tensor, **_: Any) -> None:
         if step_index in kept:
             steps.append({"x_t": call["x_t"].clone(), "output": call["output"].clone(), "t": t.detach().cpu().clone()})
+            recorded.append(step_index)
 
     handle = denoiser.register_forward_hook(hook, with_kwargs=True)
     try:
@@ -740,6 +880,14 @@ def _record_steps(
         )
     finally:
         handle.remove()
+    # one teacher call per sampler step, each kept step recorded once: otherwise the stored x_t /
+    # outputs would be another call's (a scheduler evaluating the model twice per step)
+    if call["count"] != recipe["num_inference_steps"] or recorded != sorted(kept):
+        raise CacheError(
+            f"{type(scheduler).__name__}: the teacher was called {call['count']} times for "
+            f"num_inference_steps {recipe['num_inference_steps']} and steps {recorded} were recorded for the kept "
+            f"steps {sorted(kept)}; the cache needs exactly one teacher call per sampler step"
+        )
     return steps
 
 
@@ -752,8 +900,10 @@ class TrajectoryCache:
     """A complete cache on disk: manifest checks at open, shard loading with size / checksum / shape checks.
 
     verify: "full" hashes every shard now; "open" (default) checks sizes now and each shard's sha256
-    when it is loaded; "size" checks sizes only. `expect` maps dotted manifest keys to required
-    values, e.g. {"teacher.weights_sha256": ..., "scheduler.class": "DDPMScheduler"}.
+    when it is loaded; "size" checks sizes only. `expect` maps dotted manifest keys (of recipe, teacher,
+    scheduler, conditions, structure) to required values, e.g. {"teacher.weights_sha256": ...,
+    "scheduler.class": "DDPMScheduler", "structure.num_trajectories": 64}; a dict value must equal the
+    whole section (e.g. "scheduler.config").
     """
 
     def __init__(
@@ -779,12 +929,16 @@ class TrajectoryCache:
         if not self.manifest.get("complete"):
             raise CacheError(f"{path}: generation has not finished; rerun the generation to resume it")
         if expect:
-            flat = _flatten({k: self.manifest.get(k) for k in IDENTITY}, "")
-            diffs = [
-                f"{k}: cache {_short(flat.get(k, '<absent>'))}, expected {_short(v)}"
-                for k, v in expect.items()
-                if flat.get(k, "<absent>") != _jsonable(v)
-            ]
+            flat = _flatten({k: self.manifest.get(k) for k in (*IDENTITY, "structure")}, "")
+            diffs = []
+            for key, value in expect.items():  # a dict value expects the whole section, e.g. "scheduler.config"
+                want = _flatten(_jsonable(value), key)
+                have = {k: v for k, v in flat.items() if k == key or k.startswith(f"{key}.")}
+                diffs += [
+                    f"{k}: cache {_short(have.get(k, '<absent>'))}, expected {_short(want.get(k, '<absent>'))}"
+                    for k in sorted(set(want) | set(have))
+                    if have.get(k, "<absent>") != want.get(k, "<absent>")
+                ]
             if diffs:
                 raise CacheError(
                     f"{path}: the cache does not match the expected teacher / recipe:\n  " + "\n  ".join(diffs)
