@@ -48,8 +48,9 @@ class MPQCLI(LightningCLI):
         parser.add_argument("--checkpoint_every_n_steps", type=int, default=50, help="periodic checkpoint interval")
         parser.add_argument("--log_samples", type=bool, default=True, help="add the SampleLogger callback")
         parser.add_argument("--overwrite_run", type=bool, default=False,
-                            help="fit without --ckpt_path into a run folder that holds checkpoints: delete that "
-                                 "run's checkpoints, config and TensorBoard events and start afresh")
+                            help="train into a run folder that holds an earlier run: delete its checkpoints, config, "
+                                 "TensorBoard events, report.json and eval/ (after every check has passed) and start "
+                                 "afresh (from --ckpt_path when it names a checkpoint outside the folder)")
         parser.add_argument("--matmul_precision", type=Optional[Literal["highest", "high", "medium"]], default=None,
                             help="torch.set_float32_matmul_precision before anything is built ('high': TF32 "
                                  "matmuls under 32-true, the papers' fp32 setting on Ampere and later); null: "
@@ -119,15 +120,18 @@ class MPQCLI(LightningCLI):
             checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
             self.model.check_checkpoint(checkpoint, source=str(ckpt))
             self.model.check_optimizer_state(checkpoint, source=str(ckpt))
-        elif ckpt is None and cfg.ckpt_path is not None:  # `last` with nothing saved yet: a fresh run, same refusal
-            _check_run_folder(self._run_dir, None, cfg.overwrite_run)
+        elif ckpt is None and cfg.ckpt_path is not None:  # `last` with nothing saved yet: a fresh (requeued) run
+            _check_run_folder(self._run_dir, None, cfg.overwrite_run, requeued=True)
+        if cfg.overwrite_run and ckpt is not None and _inside(ckpt, self._run_dir):
+            raise ValueError(f"--overwrite_run true with --ckpt_path {cfg.ckpt_path}: that resumes {ckpt} inside the run "
+                             "folder the overwrite would delete; drop one of the two")
         self.model.check_data(self.datamodule)
         prepare = getattr(self.datamodule, "prepare_cache", None)
         if callable(prepare):
             # the teacher samples any missing trajectories on this rank's device (Lightning moves the
             # whole module there later anyway), not on the CPU where it was built
             prepare(self.model.teacher.to(self.trainer.strategy.root_device))
-        if cfg.overwrite_run and (ckpt is None or not _inside(ckpt, self._run_dir)):
+        if cfg.overwrite_run:
             _clear_run_folder(self._run_dir)  # only now: every check above and the cache succeeded
 
 
@@ -162,7 +166,7 @@ def _refuse_zero3(strategy) -> None:
 RUN_FILES = ("*.ckpt", "config.yaml", "hparams.yaml", "events.out.tfevents.*", "report.json", "eval")
 
 #: ``--ckpt_path`` values that Lightning resolves to a checkpoint of this run's own folder
-_RESUME_NAMES = ("last", "hpc", "best", "registry")
+_RESUME_NAMES = ("last", "best")
 
 
 def _resumes_folder(ckpt_path) -> bool:
@@ -177,17 +181,23 @@ def _run_files(run: Path) -> list[str]:
     return sorted({p.name for pattern in RUN_FILES for p in run.glob(pattern)}) if run.is_dir() else []
 
 
-def _check_run_folder(run: Path, ckpt_path, overwrite: bool) -> None:
-    """Refuse to train into a folder that holds another run's files, unless this resumes that run."""
+def _check_run_folder(run: Path, ckpt_path, overwrite: bool, requeued: bool = False) -> None:
+    """Refuse to train into a folder that holds another run's files, unless this resumes that run.
+    ``requeued``: ``--ckpt_path last`` found no ``last.ckpt``; only checkpoints refuse the folder then
+    (a job preempted before its first checkpoint left only its config and events)."""
     if overwrite or _resumes_folder(ckpt_path) or (ckpt_path is not None and _inside(ckpt_path, run)):
         return  # `last` that finds nothing is judged again once resolved (MPQCLI.before_fit)
-    found = _run_files(run)
+    found = [f for f in _run_files(run) if f.endswith(".ckpt") or not requeued]
     if found:
+        listed = f"{', '.join(found[:3])}{' ...' if len(found) > 3 else ''}"
+        if requeued:
+            raise FileExistsError(
+                f"--ckpt_path last: run folder {run} has no last.ckpt but holds checkpoints ({listed}): resume one "
+                f"with --ckpt_path {run}/<file>, start afresh with --overwrite_run true, or choose another --run_name")
         source = "" if ckpt_path is None else f" (--ckpt_path {ckpt_path} is another run's checkpoint)"
         raise FileExistsError(
-            f"run folder {run} already holds an earlier run ({', '.join(found[:3])}{' ...' if len(found) > 3 else ''})"
-            f"{source}: resume it with --ckpt_path last, start it afresh with --overwrite_run true, or choose "
-            "another --run_name"
+            f"run folder {run} already holds an earlier run ({listed}){source}: resume it with --ckpt_path last, "
+            "start it afresh with --overwrite_run true, or choose another --run_name"
         )
 
 

@@ -324,17 +324,18 @@ def write_media(gen: dict[str, Any], folder: Path) -> list[str]:
     return written
 
 
-#: what evaluate() writes into its output folder: only a folder holding nothing else is replaced
-EVAL_FILES = ("metrics.json", "grid.png", "videos.gif")
-
-
 def _check_output_folder(target: Path) -> None:
-    """Refuse an output folder that exists and holds anything but an earlier evaluation's files."""
+    """Refuse an output folder that exists and holds anything but an earlier evaluation (the files its
+    ``metrics.json`` lists)."""
     if not target.exists():
         return
     if not target.is_dir():
         raise FileExistsError(f"evaluation output {target} exists and is not a folder: choose another --out")
-    foreign = sorted(p.name for p in target.iterdir() if p.name not in EVAL_FILES)
+    try:
+        written = set(json.loads((target / "metrics.json").read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        written = set()
+    foreign = sorted(p.name for p in target.iterdir() if p.name not in written)
     if foreign:
         raise FileExistsError(
             f"evaluation output {target} holds files that are not an earlier evaluation's "

@@ -121,14 +121,18 @@ def _data_steps(datamodule, teacher) -> tuple[int | None, str]:
     """(sampler steps of the trajectories a data module serves, the config key that sets them), read
     without generating anything; (None, "") when unknown."""
     stream = getattr(datamodule, "stream_args", None)  # on-the-fly trajectories (its recipe holds conditions only)
-    if isinstance(stream, dict):
-        return (stream.get("num_inference_steps") or teacher.default_scheduler["num_inference_steps"],
-                "data.init_args.num_inference_steps")
     recipe = getattr(datamodule, "recipe", None)
-    if recipe is not None and hasattr(recipe, "num_inference_steps"):
-        steps = recipe.num_inference_steps or (teacher.default_scheduler["num_inference_steps"]
-                                               if getattr(recipe, "scheduler", None) is None else None)
-        return steps, "data.init_args.recipe.num_inference_steps"
+    if isinstance(stream, dict):
+        source, key = stream, "data.init_args.num_inference_steps"
+    elif recipe is not None and hasattr(recipe, "num_inference_steps"):
+        source, key = {"scheduler": recipe.scheduler, "num_inference_steps": recipe.num_inference_steps}, \
+            "data.init_args.recipe.num_inference_steps"
+    else:
+        source = None
+    if source is not None:  # the teacher's default count only with its default scheduler, as both resolve it
+        steps = source.get("num_inference_steps") or (
+            teacher.default_scheduler["num_inference_steps"] if source.get("scheduler") is None else None)
+        return steps, key
     cache_dir = getattr(datamodule, "cache_dir", None)
     if cache_dir is not None and (Path(cache_dir) / "manifest.json").is_file():
         manifest = json.loads((Path(cache_dir) / "manifest.json").read_text())
@@ -551,38 +555,41 @@ class QATModule(L.LightningModule):
     def check_finite(self, optimizer) -> None:
         """Stop before the optimiser step when the loss of any micro-batch since the last step, or a
         gradient, is NaN / Inf on any rank, naming the step and the offending terms or parameter: the
-        parameters and the last good checkpoint stay untouched. Under ``16-mixed`` the grad scaler
-        skips steps with non-finite gradients by design, so only the loss is judged there. One host
-        sync per step (plus one collective under multi-process training)."""
-        flags = [] if self._loss_finite is None else [self._loss_finite]
+        parameters and the last good checkpoint stay untouched. A non-finite loss is reported before
+        gradients (under DDP one rank's NaN loss makes every rank's averaged gradients NaN). Under
+        ``16-mixed`` the grad scaler skips steps with non-finite gradients by design, and DeepSpeed keeps
+        its gradients in its own partitions (``p.grad`` is unset): there only the loss is judged. One
+        host sync per step, plus one collective under multi-process training."""
+        loss_bad = self._loss_finite is not None and ~self._loss_finite
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        grad_bad = False
         if grads and getattr(self.trainer.precision_plugin, "scaler", None) is None:
-            flags.append(torch.isfinite(torch.nn.utils.get_total_norm(grads, float("inf"))))  # max |g|: NaN / Inf iff some entry is
-        if not flags:
+            grad_bad = ~torch.isfinite(torch.nn.utils.get_total_norm(grads, float("inf")))  # max |g|: NaN / Inf iff an entry is
+        loss_terms, self._loss_finite = self._loss_terms, None
+        flags = torch.stack([torch.as_tensor(f, device=self.device).reshape(()) for f in (loss_bad, grad_bad)]).float()
+        mine = flags.clone()
+        if self.trainer.world_size > 1:  # ranks with a non-finite loss / gradient; every rank stops together
+            flags = self.trainer.strategy.reduce(flags, reduce_op="sum")
+        (loss_ranks, grad_ranks), (my_loss, my_grad) = flags.tolist(), mine.tolist()  # the one host sync
+        if not (loss_ranks or grad_ranks):
             return
-        finite = bool(torch.stack([f.reshape(()).to(flags[0].device) for f in flags]).all())
-        everywhere = finite
-        if self.trainer.world_size > 1:  # every rank stops together, none is left waiting in a collective
-            everywhere = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
-        loss_finite, self._loss_finite = self._loss_finite, None
-        if everywhere:
-            return
-        step = f"global step {self.global_step}"
-        if not finite and loss_finite is not None and not bool(loss_finite):
+        step, rank = f"global step {self.global_step}", self.global_rank
+        if my_loss:
             raise FloatingPointError(
-                f"non-finite loss at {step} (rank {self.global_rank}'s last terms: "
-                f"{ {k: float(v) for k, v in (self._loss_terms or {}).items()} }); the last good checkpoint is kept"
-            )
-        if not finite:
+                f"non-finite loss at {step} (rank {rank}'s last terms: "
+                f"{ {k: float(v) for k, v in (loss_terms or {}).items()} }); the last good checkpoint is kept")
+        if loss_ranks:
+            raise FloatingPointError(f"non-finite loss at {step} on {int(loss_ranks)} other rank(s) than rank {rank}; "
+                                     "the last good checkpoint is kept")
+        if my_grad:
             names = {id(p): n for n, p in self.named_parameters()}
             bad = [names.get(id(p), "?") for g in optimizer.param_groups for p in g["params"]
                    if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
             raise FloatingPointError(
-                f"non-finite gradient at {step} with a finite loss (rank {self.global_rank}: {', '.join(bad[:3])}"
-                f"{' ...' if len(bad) > 3 else ''}); the optimiser step was not taken and the last good checkpoint is kept"
-            )
-        raise FloatingPointError(f"non-finite loss or gradient at {step} on another rank than rank {self.global_rank}; "
-                                 "the last good checkpoint is kept")
+                f"non-finite gradient at {step} with a finite loss (rank {rank}: {', '.join(bad[:3])}"
+                f"{' ...' if len(bad) > 3 else ''}); the optimiser step was not taken and the last good checkpoint is kept")
+        raise FloatingPointError(f"non-finite gradient at {step} on {int(grad_ranks)} other rank(s) than rank {rank}, "
+                                 "with a finite loss everywhere; the last good checkpoint is kept")
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         losses = self.compute_losses(batch)
@@ -696,6 +703,8 @@ class QATModule(L.LightningModule):
         for k in [k for k in sd if k.startswith("teacher.") or k in self._fp_keys]:
             del sd[k]
         bad = [k for k, v in sd.items() if type(v) is torch.Tensor and v.is_floating_point() and not bool(v.isfinite().all())]
+        if self._trainer is not None and self.trainer.world_size > 1:
+            bad = self.trainer.strategy.broadcast(bad)  # FSDP collects the state on rank 0 only: every rank stops
         if bad:  # never replace a good checkpoint with a broken one (check_finite stops training before this)
             raise FloatingPointError(f"not saving a checkpoint at global step {self.global_step}: non-finite values "
                                      f"in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}; the last good checkpoint is kept")

@@ -219,7 +219,8 @@ def test_run_folders_are_never_mixed_or_lost(full_run, workdir):
     other.mkdir(parents=True)
     (other / "step000002.ckpt").write_bytes((full / "step000002.ckpt").read_bytes())  # no last.ckpt
     before = _digests(other)
-    with pytest.raises(FileExistsError, match=r"checkpoints/other already holds an earlier run .*step000002.ckpt"):
+    with pytest.raises(FileExistsError, match=r"--ckpt_path last: run folder checkpoints/other has no last.ckpt but "
+                                              r"holds checkpoints \(step000002.ckpt\): resume one with --ckpt_path"):
         fit("--trainer.max_steps", "2", "--ckpt_path", "last", run="other")
     with pytest.raises(FileExistsError, match=r"--ckpt_path .*full/step000002.ckpt is another run's checkpoint"):
         fit("--trainer.max_steps", "3", "--ckpt_path", str(full / "step000002.ckpt"), run="other")
@@ -236,8 +237,12 @@ def test_run_folders_are_never_mixed_or_lost(full_run, workdir):
     (crashed / "config.yaml").write_text("run_name: crashed\n")
     with pytest.raises(FileExistsError, match=r"checkpoints/crashed already holds an earlier run \(config.yaml\)"):
         fit("--trainer.max_steps", "1", run="crashed")
-    fresh = fit("--trainer.max_steps", "1", "--ckpt_path", "last", run="fresh")  # a requeued job's first launch
-    assert fresh.trainer.global_step == 1 and (workdir / "checkpoints" / "fresh" / "last.ckpt").is_file()
+    # a job preempted before its first checkpoint is requeued with the same command: it starts afresh
+    requeued = fit("--trainer.max_steps", "1", "--ckpt_path", "last", run="crashed")
+    assert requeued.trainer.global_step == 1 and (crashed / "last.ckpt").is_file()
+    with pytest.raises(ValueError, match=r"--overwrite_run true with --ckpt_path last: that resumes .*crashed/last.ckpt"):
+        fit("--trainer.max_steps", "2", "--ckpt_path", "last", "--overwrite_run", "true", run="crashed")
+    assert (crashed / "last.ckpt").is_file()
 
 
 def test_resume_with_other_optimizer_groups_is_refused_before_anything_is_written(full_run, workdir):
@@ -310,6 +315,68 @@ def test_nan_gradient_with_a_finite_loss_stops_before_the_update(workdir):
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
 
 
+def _check_finite_worker(rank: int, root: str, port: int, nan_loss_rank: int | None) -> None:
+    """Two DDP ranks reach QATModule.check_finite after a backward; ``nan_loss_rank``'s loss is NaN
+    (else rank 1 gets a NaN gradient with a finite loss). Each writes the message it raised."""
+    import types
+
+    import torch.distributed as dist
+
+    from mpq_lightning.module import QATModule
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 1)
+    ddp = torch.nn.parallel.DistributedDataParallel(net)
+    loss = ddp(torch.randn(4, 3)).pow(2).mean() * (float("nan") if rank == nan_loss_rank else 1.0)
+    loss.backward()
+    if nan_loss_rank is None and rank == 1:
+        net.bias.grad.fill_(float("inf"))
+    before = [p.detach().clone() for p in net.parameters()]
+
+    def reduce(t, reduce_op):
+        assert reduce_op == "sum"
+        dist.all_reduce(t)
+        return t
+
+    fake = types.SimpleNamespace(
+        trainer=types.SimpleNamespace(precision_plugin=types.SimpleNamespace(), world_size=2,
+                                      strategy=types.SimpleNamespace(reduce=reduce)),
+        _loss_finite=torch.isfinite(loss.detach()), _loss_terms={"mse": loss.detach()}, global_step=3, global_rank=rank,
+        named_parameters=net.named_parameters, device=torch.device("cpu"))
+    try:
+        QATModule.check_finite(fake, torch.optim.SGD(net.parameters(), lr=0.1))
+        message = "no error"
+    except FloatingPointError as err:
+        message = str(err)
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    Path(root, f"rank{rank}.txt").write_text(message)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("nan_loss_rank", [1, None])
+def test_non_finite_check_under_ddp_names_the_cause_on_every_rank(tmp_path, nan_loss_rank):
+    """DDP averages gradients: rank 1's NaN loss makes rank 0's gradients NaN too, yet every rank reports
+    the non-finite loss (rank 1 with its terms); a NaN gradient with finite losses is reported as such."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_check_finite_worker, args=(str(tmp_path), port, nan_loss_rank), nprocs=2)
+    r0, r1 = (tmp_path / "rank0.txt").read_text(), (tmp_path / "rank1.txt").read_text()
+    if nan_loss_rank == 1:
+        assert r1.startswith("non-finite loss at global step 3 (rank 1's last terms: {'mse': nan")
+        assert r0.startswith("non-finite loss at global step 3 on 1 other rank(s) than rank 0")
+    else:
+        assert r1.startswith("non-finite gradient at global step 3 with a finite loss (rank 1: bias)")
+        assert r0.startswith("non-finite gradient at global step 3 on 1 other rank(s) than rank 0")
+
+
 def test_a_non_finite_state_is_never_saved(full_run):
     module = full_run.model
     key = next(k for k, v in module.state_dict().items() if "lora" in k)
@@ -326,6 +393,11 @@ def test_final_checkpoint_survives_a_failing_end_of_training_callback(workdir):
     with pytest.raises(RuntimeError, match="simulated"):
         fit("--trainer.max_steps", "3", "--checkpoint_every_n_steps", "2", "--trainer.callbacks+=app_probes.FailAtTrainEnd",
             run="fails_at_end")
+    assert torch.load(run / "last.ckpt", weights_only=False)["global_step"] == 3
+    run = workdir / "checkpoints" / "fails_at_end_epochs"  # ended by max_epochs (here 1 epoch of 3 batches)
+    with pytest.raises(RuntimeError, match="simulated"):
+        fit("--trainer.max_steps", "-1", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
+            "--checkpoint_every_n_steps", "2", "--trainer.callbacks+=app_probes.FailAtTrainEnd", run="fails_at_end_epochs")
     assert torch.load(run / "last.ckpt", weights_only=False)["global_step"] == 3
 
 
@@ -428,6 +500,9 @@ def test_evaluate_script_output_folder_overrides_and_trainer(full_run, workdir):
     assert oct((workdir / "ev").stat().st_mode & 0o777) != oct(0o700)  # an ordinary folder, not mkdtemp's
     again = evaluate_main(["--config", str(config), "--out", str(workdir / "ev"), "--eval.num_samples", "2"])
     assert again["num_samples"] == 2  # an earlier evaluation's folder is replaced
+    (workdir / "ev" / "my_notes.txt").write_text("mine")  # ... but not once it holds something else
+    with pytest.raises(FileExistsError, match=r"ev holds files that are not an earlier evaluation's \(my_notes.txt\)"):
+        evaluate_main(["--config", str(config), "--out", str(workdir / "ev"), "--eval.num_samples", "2"])
 
 
 def test_evaluation_does_not_depend_on_the_batch_size(full_run, workdir, monkeypatch):

@@ -473,3 +473,29 @@ def test_recipe_errors_name_the_key_before_anything_is_written(tmp_path, teacher
     with pytest.raises(ValueError, match=rf"{sources}, got \['cond_path', 'random_conditions'\]"):
         ensure_cache(make_recipe(prompts, random_conditions=4), teacher, tmp_path / "data")
     assert not (tmp_path / "data").exists()
+
+
+def _lock_error_worker(rank: int, root: str, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        with trajectories._exclusive(Path(root) / "not_a_folder" / "cache", rank, 2):
+            message = "entered"
+    except Exception as err:  # noqa: BLE001 - the test reads what each rank raised
+        message = f"{type(err).__name__}: {err}"
+    Path(root, f"rank{rank}.txt").write_text(message)
+    dist.destroy_process_group()
+
+
+def test_a_lock_error_on_rank_0_is_raised_on_every_rank(tmp_path):
+    """An unwritable cache root (here a file where the folder should be) fails rank 0's lock; the other
+    ranks get that error named instead of a lost connection at the next collective."""
+    import torch.multiprocessing as mp
+
+    (tmp_path / "not_a_folder").write_text("a file")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_lock_error_worker, args=(str(tmp_path), port), nprocs=2)
+    assert (tmp_path / "rank0.txt").read_text().startswith(("FileExistsError", "NotADirectoryError"))
+    assert (tmp_path / "rank1.txt").read_text().startswith("CacheError: rank 0 could not take the generation lock")

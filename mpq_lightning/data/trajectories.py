@@ -290,18 +290,25 @@ def _exclusive(directory: Path, rank: int, world: int) -> Iterator[None]:
     except ImportError:  # not POSIX: no lock
         fcntl = None
     handle = None
-    if rank == 0 and fcntl is not None:
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(directory.parent / f".{directory.name}.lock", "a+")  # noqa: SIM115 - closed below
     try:
         while True:
-            acquired = True
-            if handle is not None:
+            state, error = "acquired", None  # rank 0's outcome, which every rank follows
+            if rank == 0 and fcntl is not None:
                 try:
+                    if handle is None:
+                        directory.parent.mkdir(parents=True, exist_ok=True)
+                        handle = open(directory.parent / f".{directory.name}.lock", "a+")  # noqa: SIM115 - closed below
                     fcntl.flock(handle, fcntl.LOCK_EX | (fcntl.LOCK_NB if world > 1 else 0))
                 except BlockingIOError:
-                    acquired = False
-            if _broadcast(acquired, world):
+                    state = "busy"
+                except OSError as err:  # an unwritable cache root, a file system without locks
+                    state, error = f"error: {type(err).__name__}: {err}", err
+            state = _broadcast(state, world)
+            if error is not None:
+                raise error
+            if state.startswith("error"):
+                raise CacheError(f"rank 0 could not take the generation lock beside {directory}: {state[7:]}")
+            if state == "acquired":
                 break
             time.sleep(LOCK_POLL_S)
         yield
