@@ -120,6 +120,9 @@ class MPQCLI(LightningCLI):
             checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
             self.model.check_checkpoint(checkpoint, source=str(ckpt))
             self.model.check_optimizer_state(checkpoint, source=str(ckpt))
+            check_resume = getattr(self.datamodule, "check_resume", None)
+            if callable(check_resume):  # the data position under this data layout (world size, batch size, ...)
+                check_resume(checkpoint, self.trainer.world_size)
         elif ckpt is None and cfg.ckpt_path is not None:  # `last` with nothing saved yet: a fresh (requeued) run
             _check_run_folder(self._run_dir, None, cfg.overwrite_run, requeued=True)
         if cfg.overwrite_run and ckpt is not None and _inside(ckpt, self._run_dir):

@@ -254,6 +254,19 @@ def test_resume_with_other_optimizer_groups_is_refused_before_anything_is_writte
     assert _digests(run) == before
 
 
+def test_resume_mid_epoch_under_another_data_layout_is_refused_before_anything_is_written(full_run, workdir):
+    run = workdir / "checkpoints" / "layout"
+    shutil.copytree(workdir / "checkpoints" / "full", run)
+    before = _digests(run)
+    with pytest.raises(ValueError, match=r"stopped in the middle of epoch 0 .*batch_size: saved 4, now 2.*"
+                                         r"data.init_args.on_layout_change next_epoch"):
+        fit("--trainer.max_steps", "5", "--ckpt_path", "last", "--data.init_args.batch_size", "2", run="layout")
+    assert _digests(run) == before  # config.yaml included
+    cli = fit("--trainer.max_steps", "5", "--ckpt_path", "last", "--data.init_args.batch_size", "2",
+              "--data.init_args.on_layout_change", "next_epoch", run="layout")
+    assert cli.trainer.global_step == 5 and cli.trainer.current_epoch == 1
+
+
 def test_sampler_step_count_must_match_the_tables_before_any_cache_is_built(workdir):
     with pytest.raises(ValueError, match=r"model.quant.num_steps=10 but the training sampler has 7 steps "
                                          r"\(data.init_args.recipe.num_inference_steps\)"):

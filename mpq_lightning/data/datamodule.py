@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -397,8 +398,12 @@ class TrajectoryDataModule(L.LightningDataModule):
         rank: int | None = None,
         world_size: int | None = None,
         recipe: TrajectoryRecipe | None = None,
+        on_layout_change: Literal["refuse", "next_epoch"] = "refuse",
     ) -> None:
         super().__init__()
+        if on_layout_change not in ("refuse", "next_epoch"):
+            raise ValueError(f"data.init_args.on_layout_change must be 'refuse' or 'next_epoch', got {on_layout_change!r}")
+        self.on_layout_change = on_layout_change
         self.cache_dir = Path(cache)
         if recipe is not None and recipe.name != self.cache_dir.name:
             raise ValueError(f"recipe.name {recipe.name!r} must be the cache directory's name {self.cache_dir.name!r}")
@@ -491,9 +496,16 @@ class TrajectoryDataModule(L.LightningDataModule):
             pin_memory=self.pin_memory,
         )
 
-    def _current_layout(self) -> dict[str, Any]:
-        world = _rank_world(self.rank, self.world_size)[1]
+    def _current_layout(self, world_size: int | None = None) -> dict[str, Any]:
+        world = world_size or _rank_world(self.rank, self.world_size)[1]
         return {"world_size": world, "num_workers": self.num_workers, **self.options}
+
+    def check_resume(self, checkpoint: Mapping[str, Any], world_size: int) -> None:
+        """Judge a checkpoint's data position against this layout before anything is written (MPQCLI's
+        resume checks; ``world_size``: the trainer's devices x nodes, as no process group exists yet)."""
+        state = checkpoint.get(type(self).__qualname__)
+        if isinstance(state, Mapping) and "epoch" in state:
+            self._restore(state, world_size)
 
     def _epoch_length(self) -> float:
         """Batches after which the trainer ends a training epoch (``limit_train_batches``)."""
@@ -509,20 +521,25 @@ class TrajectoryDataModule(L.LightningDataModule):
         if self._loader is not None:
             self._loader.load_state_dict(state_dict)
 
-    def _restore(self, state: Mapping[str, Any]) -> dict[str, int]:
+    def _restore(self, state: Mapping[str, Any], world_size: int | None = None) -> dict[str, int]:
         """The position to continue from. Mid-epoch, the delivered batches only identify the delivered
         samples under the saved layout (world size, batch size, workers, selection, shuffling): another
-        layout is refused rather than skipping or repeating samples. At an epoch's end any layout
-        continues with the next epoch."""
+        layout is refused rather than skipping or repeating samples, or, with ``on_layout_change:
+        next_epoch``, continues with the next epoch (the rest of the interrupted one is skipped). At an
+        epoch's end any layout continues with the next epoch."""
         epoch, batches = int(state["epoch"]), int(state["batches"])
         saved = state.get("layout")
         if batches == 0 or saved is None:
             return {"epoch": epoch, "batches": batches}
-        current = self._current_layout()
+        current = self._current_layout(world_size)
         changed = [k for k in _ORDER_KEYS if k in saved and saved[k] != current[k]]
         if not changed:
             return {"epoch": epoch, "batches": batches}
         if batches >= self._saved_epoch_batches(saved):  # saved at the end of an epoch (older checkpoints)
+            return {"epoch": epoch + 1, "batches": 0}
+        if self.on_layout_change == "next_epoch":
+            rank_zero_warn(f"TrajectoryDataModule: data layout changed mid-epoch ({', '.join(changed)}); "
+                           f"the rest of epoch {epoch} is skipped and training continues with epoch {epoch + 1}")
             return {"epoch": epoch + 1, "batches": 0}
         raise ValueError(
             f"TrajectoryDataModule ({self.cache_dir}): the checkpoint stopped in the middle of epoch {epoch} "
@@ -530,8 +547,8 @@ class TrajectoryDataModule(L.LightningDataModule):
             + "; ".join(f"{k}: saved {saved[k]!r}, now {current[k]!r}" for k in changed)
             + ". The rest of that epoch is only defined for the saved layout (another one would skip or repeat "
             "samples): resume with the saved values (world_size = trainer devices x num_nodes; the others are "
-            "data.init_args keys), or from a checkpoint saved at the end of an epoch, which continues with the "
-            "next epoch under any layout."
+            "data.init_args keys), or set data.init_args.on_layout_change next_epoch to skip the rest of the "
+            "epoch."
         )
 
     def _saved_epoch_batches(self, layout: Mapping[str, Any]) -> float:
