@@ -303,91 +303,69 @@ def test_checkpoint_keys_are_checked_although_lightning_loads_non_strictly(full_
         module.on_load_checkpoint(ckpt)
 
 
-def test_nan_loss_stops_naming_the_step_and_keeps_last_checkpoint(workdir):
-    """The loss turns NaN at step 3, between the checkpoints of steps 2 and 4: the run stops naming
-    step 3 and last.ckpt is still the good one of step 2."""
-    run = workdir / "checkpoints" / "diverges"
-    with pytest.raises(FloatingPointError, match=r"non-finite loss at global step 3 \(rank 0's last terms: \{'mse': nan"):
-        fit("--trainer.max_steps", "6", "--checkpoint_every_n_steps", "2", "--trainer.callbacks+=app_probes.NanAt",
-            "--trainer.callbacks.init_args.step", "3", run="diverges")
+@pytest.mark.parametrize("probe, message", [
+    ("NanAt", r"non-finite loss at global step 3 \(rank 0's last terms: \{'mse': nan"),
+    # a finite loss whose gradient is NaN (e.g. an LSQ step at 0): the optimiser step is not taken
+    ("NanGradAt", r"non-finite gradient at global step 3 with a finite loss \(rank 0: student\."),
+])
+def test_non_finite_training_stops_naming_the_step_and_keeps_last_checkpoint(workdir, probe, message):
+    """The loss (or a gradient) turns non-finite at step 3, between the checkpoints of steps 2 and 4: the
+    run stops naming step 3 and the term (or parameter), and last.ckpt is still the good one of step 2."""
+    run = workdir / "checkpoints" / f"diverges_{probe}"
+    with pytest.raises(FloatingPointError, match=message):
+        fit("--trainer.max_steps", "6", "--checkpoint_every_n_steps", "2", f"--trainer.callbacks+=app_probes.{probe}",
+            "--trainer.callbacks.init_args.step", "3", run=f"diverges_{probe}")
     last = torch.load(run / "last.ckpt", weights_only=False)
     assert last["global_step"] == 2
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
     assert sorted(p.name for p in run.glob("*.ckpt")) == ["last.ckpt", "step000002.ckpt"]
 
 
-def test_nan_gradient_with_a_finite_loss_stops_before_the_update(workdir):
-    """A finite loss whose gradient is NaN at step 3 (e.g. an LSQ step at 0): the optimiser step is not
-    taken, the message names the step and the parameter, and last.ckpt is still the good one of step 2."""
-    run = workdir / "checkpoints" / "nan_grad"
-    with pytest.raises(FloatingPointError, match=r"non-finite gradient at global step 3 with a finite loss \(rank 0: student\."):
-        fit("--trainer.max_steps", "6", "--checkpoint_every_n_steps", "2", "--trainer.callbacks+=app_probes.NanGradAt",
-            "--trainer.callbacks.init_args.step", "3", run="nan_grad")
-    last = torch.load(run / "last.ckpt", weights_only=False)
-    assert last["global_step"] == 2
-    assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
-
-
-def _check_finite_worker(rank: int, root: str, port: int, nan_loss_rank: int | None) -> None:
-    """Two DDP ranks reach QATModule.check_finite after a backward; ``nan_loss_rank``'s loss is NaN
-    (else rank 1 gets a NaN gradient with a finite loss). Each writes the message it raised."""
+def _check_finite_on_ranks(losses: list[float], grads: list[float]) -> list[str]:
+    """QATModule.check_finite on two simulated DDP ranks: rank r's loss is ``losses[r]`` and its averaged
+    gradient entry ``grads[r]`` (DDP makes one rank's NaN everyone's); the strategy's sum-reduce adds both
+    ranks' flags. Returns each rank's message and checks that no parameter moved."""
     import types
-
-    import torch.distributed as dist
 
     from mpq_lightning.module import QATModule
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    torch.manual_seed(0)
-    net = torch.nn.Linear(3, 1)
-    ddp = torch.nn.parallel.DistributedDataParallel(net)
-    loss = ddp(torch.randn(4, 3)).pow(2).mean() * (float("nan") if rank == nan_loss_rank else 1.0)
-    loss.backward()
-    if nan_loss_rank is None and rank == 1:
-        net.bias.grad.fill_(float("inf"))
-    before = [p.detach().clone() for p in net.parameters()]
+    def flags_of(loss, grad):
+        return torch.tensor([float(not math.isfinite(loss)), float(not math.isfinite(grad))])
 
-    def reduce(t, reduce_op):
-        assert reduce_op == "sum"
-        dist.all_reduce(t)
-        return t
-
-    fake = types.SimpleNamespace(
-        trainer=types.SimpleNamespace(precision_plugin=types.SimpleNamespace(), world_size=2,
-                                      strategy=types.SimpleNamespace(reduce=reduce)),
-        _loss_finite=torch.isfinite(loss.detach()), _loss_terms={"mse": loss.detach()}, global_step=3, global_rank=rank,
-        named_parameters=net.named_parameters, device=torch.device("cpu"))
-    try:
-        QATModule.check_finite(fake, torch.optim.SGD(net.parameters(), lr=0.1))
-        message = "no error"
-    except FloatingPointError as err:
-        message = str(err)
-    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
-    Path(root, f"rank{rank}.txt").write_text(message)
-    dist.destroy_process_group()
+    total = flags_of(losses[0], grads[0]) + flags_of(losses[1], grads[1])
+    messages = []
+    for rank in (0, 1):
+        net = torch.nn.Linear(3, 1)
+        net.weight.grad = torch.zeros_like(net.weight)
+        net.bias.grad = torch.full_like(net.bias, grads[rank])
+        before = [p.detach().clone() for p in net.parameters()]
+        loss = torch.tensor(losses[rank])
+        strategy = types.SimpleNamespace(reduce=lambda t, reduce_op: total.clone() if reduce_op == "sum" else None)
+        fake = types.SimpleNamespace(
+            trainer=types.SimpleNamespace(precision_plugin=types.SimpleNamespace(), world_size=2, strategy=strategy),
+            _loss_finite=torch.isfinite(loss), _loss_terms={"mse": loss}, global_step=3, global_rank=rank,
+            named_parameters=net.named_parameters, device=torch.device("cpu"))
+        try:
+            QATModule.check_finite(fake, torch.optim.SGD(net.parameters(), lr=0.1))
+            messages.append("no error")
+        except FloatingPointError as err:
+            messages.append(str(err))
+        assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    return messages
 
 
-@pytest.mark.parametrize("nan_loss_rank", [1, None])
-def test_non_finite_check_under_ddp_names_the_cause_on_every_rank(tmp_path, nan_loss_rank):
+def test_non_finite_check_under_ddp_names_the_cause_on_every_rank():
     """DDP averages gradients: rank 1's NaN loss makes rank 0's gradients NaN too, yet every rank reports
-    the non-finite loss (rank 1 with its terms); a NaN gradient with finite losses is reported as such."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_check_finite_worker, args=(str(tmp_path), port, nan_loss_rank), nprocs=2)
-    r0, r1 = (tmp_path / "rank0.txt").read_text(), (tmp_path / "rank1.txt").read_text()
-    if nan_loss_rank == 1:
-        assert r1.startswith("non-finite loss at global step 3 (rank 1's last terms: {'mse': nan")
-        assert r0.startswith("non-finite loss at global step 3 on 1 other rank(s) than rank 0")
-    else:
-        assert r1.startswith("non-finite gradient at global step 3 with a finite loss (rank 1: bias)")
-        assert r0.startswith("non-finite gradient at global step 3 on 1 other rank(s) than rank 0")
+    the non-finite loss (rank 1 with its terms); a NaN gradient with finite losses is reported as such;
+    finite everywhere passes."""
+    nan, inf = float("nan"), float("inf")
+    r0, r1 = _check_finite_on_ranks([1.0, nan], [nan, nan])
+    assert r1.startswith("non-finite loss at global step 3 (rank 1's last terms: {'mse': nan")
+    assert r0.startswith("non-finite loss at global step 3 on 1 other rank(s) than rank 0")
+    r0, r1 = _check_finite_on_ranks([1.0, 1.0], [0.5, inf])
+    assert r1.startswith("non-finite gradient at global step 3 with a finite loss (rank 1: bias)")
+    assert r0.startswith("non-finite gradient at global step 3 on 1 other rank(s) than rank 0")
+    assert _check_finite_on_ranks([1.0, 2.0], [0.5, 0.25]) == ["no error", "no error"]
 
 
 def test_a_non_finite_state_is_never_saved(full_run):
