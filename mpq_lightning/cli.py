@@ -64,7 +64,7 @@ class MPQCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
-        run = Path(cfg.trainer.default_root_dir or DEFAULT_ROOT) / cfg.run_name
+        run = _run_folder(cfg)
         if cfg.get("matmul_precision"):
             torch.set_float32_matmul_precision(cfg.matmul_precision)
         if cfg.trainer.logger is None or cfg.trainer.logger is True:  # False: no logger, as Lightning
@@ -172,6 +172,11 @@ RUN_FILES = ("*.ckpt", "config.yaml", "hparams.yaml", "events.out.tfevents.*", "
 _RESUME_NAMES = ("last", "best")
 
 
+def _run_folder(cfg) -> Path:
+    """``checkpoints/<run_name>/`` of a resolved config."""
+    return Path(cfg.trainer.default_root_dir or DEFAULT_ROOT) / cfg.run_name
+
+
 def _resumes_folder(ckpt_path) -> bool:
     return isinstance(ckpt_path, str) and ckpt_path in _RESUME_NAMES
 
@@ -231,7 +236,7 @@ class RunConfigCallback(SaveConfigCallback):
         if self.already_saved:
             return
         if trainer.is_global_zero:
-            run = Path(self.config.trainer.default_root_dir or DEFAULT_ROOT) / self.config.run_name
+            run = _run_folder(self.config)
             run.mkdir(parents=True, exist_ok=True)
             self.parser.save(self.config, str(run / self.config_filename), skip_none=False, overwrite=True,
                              multifile=self.multifile)

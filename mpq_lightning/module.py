@@ -120,22 +120,19 @@ ZERO3_REFUSAL = ("trainer.strategy: DeepSpeed ZeRO stage 3 partitions the parame
 def _data_steps(datamodule, teacher) -> tuple[int | None, str]:
     """(sampler steps of the trajectories a data module serves, the config key that sets them), read
     without generating anything; (None, "") when unknown."""
+    from .data.trajectories import MANIFEST, sampler_steps
+
     stream = getattr(datamodule, "stream_args", None)  # on-the-fly trajectories (its recipe holds conditions only)
     recipe = getattr(datamodule, "recipe", None)
     if isinstance(stream, dict):
-        source, key = stream, "data.init_args.num_inference_steps"
-    elif recipe is not None and hasattr(recipe, "num_inference_steps"):
-        source, key = {"scheduler": recipe.scheduler, "num_inference_steps": recipe.num_inference_steps}, \
-            "data.init_args.recipe.num_inference_steps"
-    else:
-        source = None
-    if source is not None:  # the teacher's default count only with its default scheduler, as both resolve it
-        steps = source.get("num_inference_steps") or (
-            teacher.default_scheduler["num_inference_steps"] if source.get("scheduler") is None else None)
-        return steps, key
+        return (sampler_steps(stream.get("scheduler"), stream.get("num_inference_steps"), teacher),
+                "data.init_args.num_inference_steps")
+    if recipe is not None and hasattr(recipe, "num_inference_steps"):
+        return (sampler_steps(recipe.scheduler, recipe.num_inference_steps, teacher),
+                "data.init_args.recipe.num_inference_steps")
     cache_dir = getattr(datamodule, "cache_dir", None)
-    if cache_dir is not None and (Path(cache_dir) / "manifest.json").is_file():
-        manifest = json.loads((Path(cache_dir) / "manifest.json").read_text())
+    if cache_dir is not None and (Path(cache_dir) / MANIFEST).is_file():
+        manifest = json.loads((Path(cache_dir) / MANIFEST).read_text())
         return manifest.get("recipe", {}).get("num_inference_steps"), f"the cache {cache_dir}"
     return None, ""
 

@@ -46,6 +46,7 @@ from mpq_lightning.data.trajectories import (
     ensure_cache,
     mix_seed,
     sample_ids,
+    sampler_steps,
     teacher_fingerprint,
 )
 from mpq_lightning.models.registry import Denoiser
@@ -605,7 +606,7 @@ class TeacherForcedTrajectories:
         self.teacher = teacher
         self.scheduler_name = spec["name"] if default else scheduler
         self.scheduler_config = dict(spec["config"] if default else (scheduler_config or {}))
-        self.steps = num_inference_steps or (spec["num_inference_steps"] if default else None)
+        self.steps = sampler_steps(scheduler, num_inference_steps, teacher)
         if not self.steps:
             raise ValueError(f"set num_inference_steps for scheduler {scheduler!r}")
         self.guidance_scale = float(guidance_scale if guidance_scale is not None else spec.get("guidance_scale", 1.0))

@@ -68,6 +68,14 @@ class CacheError(ValueError):
 # -------------------------------------------------------------------------------------------------
 
 
+def sampler_steps(scheduler: str | None, num_inference_steps: int | None, denoiser: Denoiser) -> int | None:
+    """The sampler step count a recipe or stream asks for: its own, else the teacher's default count,
+    but only with the teacher's default scheduler (None: another scheduler without a count)."""
+    if num_inference_steps:
+        return num_inference_steps
+    return denoiser.default_scheduler["num_inference_steps"] if scheduler is None else None
+
+
 @dataclass
 class TrajectoryRecipe:
     """How the teacher samples the cached trajectories; the manifest stores the resolved values.
@@ -121,7 +129,7 @@ class TrajectoryRecipe:
         """The recipe with defaults filled from the teacher, as stored in (and compared with) the manifest."""
         spec = denoiser.default_scheduler
         default = self.scheduler is None
-        steps = self.num_inference_steps or (spec["num_inference_steps"] if default else None)
+        steps = sampler_steps(self.scheduler, self.num_inference_steps, denoiser)
         if not steps:
             raise ValueError(f"recipe {self.name!r}: set num_inference_steps for scheduler {self.scheduler!r}")
         predicted = denoiser.in_channels if denoiser.learned_sigma else denoiser.out_channels

@@ -180,11 +180,11 @@ class TimestepActQuantizer(nn.Module):
     @torch.no_grad()
     def _observe(self, x: Tensor) -> None:
         idx = self._index(x.shape[0], x.device)
-        flat = x.detach().float().reshape(x.shape[0], -1)
+        xf = x.detach().float()
         rows = observed_row_mask(x)  # padded rows stay out (observed_rows)
         for step in idx.unique().tolist():  # loop over distinct steps in the batch, not channels
             sel = idx == step
-            vals = (x.detach().float()[sel][rows[sel]] if rows is not None else flat[sel]).reshape(-1)
+            vals = (xf[sel][rows[sel]] if rows is not None else xf[sel]).reshape(-1)
             if vals.numel() == 0:
                 continue
             keep = torch.randperm(vals.numel(), device=vals.device)[: self._reservoir]
