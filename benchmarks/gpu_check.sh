@@ -9,8 +9,12 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi -L | tee "$OUT/device.txt"; python3 -c "import torch, lightning; print(torch.__version__, lightning.__version__)" | tee -a "$OUT/device.txt"
-run() { local t=$1 name=$2; shift 2; echo "== $name" | tee -a "$OUT/all.log"; ( timeout "$t" "$@" ) > /tmp/$name.log 2>&1; local rc=$?
-        cat /tmp/$name.log >> "$OUT/all.log"; echo "rc=$rc $name" | tee -a "$OUT/summary.txt"; tail -4 /tmp/$name.log; }
+# ONLY="name ..." runs just those checks; a check past its limit gets SIGABRT first, so Python's
+# faulthandler prints where every thread was (rc 124 all the same)
+export PYTHONFAULTHANDLER=1
+run() { local t=$1 name=$2; shift 2; if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
+        echo "== $name $(date +%T)" | tee -a "$OUT/all.log"; ( timeout -s ABRT -k 10 "$t" "$@" ) > /tmp/$name.log 2>&1; local rc=$?
+        cat /tmp/$name.log >> "$OUT/all.log"; echo "rc=$rc $name $(date +%T)" | tee -a "$OUT/summary.txt"; tail -4 /tmp/$name.log; }
 T="--config configs/tiny/stdit_w3a6.yaml --trainer.accelerator gpu --trainer.devices 1 --log_samples false --trainer.enable_progress_bar false"
 # most wanted first (the FSDP resume fix and DeepSpeed have never run on a GPU); the whole script fits one
 # 600 s device call in the usual case, and $OUT/summary.txt grows check by check if it is cut short
@@ -20,11 +24,11 @@ run 90 resume_fsdp_bf16 python3 train.py $T --trainer.max_steps 4 --checkpoint_e
 for w in .whl/deepspeed/*.whl; do python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site_ds "$w" > /dev/null 2>&1; done
 if [ -d /tmp/site_ds/deepspeed ]; then
   run 30 deepspeed_import env PYTHONPATH=/tmp/site_ds:$PYTHONPATH python3 -c "import deepspeed; print(deepspeed.__version__)"
-  run 120 fit_deepspeed2_bf16 env PYTHONPATH=/tmp/site_ds:$PYTHONPATH DS_BUILD_OPS=0 python3 train.py $T --trainer.max_steps 2 --checkpoint_every_n_steps 2 --run_name gpu_ds --trainer.strategy deepspeed_stage_2 --trainer.precision bf16-mixed
+  run 100 fit_deepspeed2_bf16 env PYTHONPATH=/tmp/site_ds:$PYTHONPATH DS_BUILD_OPS=0 python3 train.py $T --trainer.max_steps 2 --checkpoint_every_n_steps 2 --run_name gpu_ds --trainer.strategy deepspeed_stage_2 --trainer.precision bf16-mixed
   run 30 deepspeed_ckpt_no_frozen env PYTHONPATH=/tmp/site_ds:$PYTHONPATH python3 -c "import glob, torch; f = glob.glob('checkpoints/gpu_ds/last.ckpt/checkpoint/*model_states.pt')[0]; sd = torch.load(f, weights_only=False, map_location='cpu')['module']; bad = [k for k in sd if k.startswith('teacher.')]; print(len(sd), 'module keys,', len(bad), 'teacher keys'); assert sd and not bad"
-  run 120 resume_deepspeed2_bf16 env PYTHONPATH=/tmp/site_ds:$PYTHONPATH DS_BUILD_OPS=0 python3 train.py $T --trainer.max_steps 4 --checkpoint_every_n_steps 2 --run_name gpu_ds --trainer.strategy deepspeed_stage_2 --trainer.precision bf16-mixed --ckpt_path last
+  run 100 resume_deepspeed2_bf16 env PYTHONPATH=/tmp/site_ds:$PYTHONPATH DS_BUILD_OPS=0 python3 train.py $T --trainer.max_steps 4 --checkpoint_every_n_steps 2 --run_name gpu_ds --trainer.strategy deepspeed_stage_2 --trainer.precision bf16-mixed --ckpt_path last
 fi
+run 100 fit_bf16_compiled_model python3 train.py $T --trainer.max_steps 4 --run_name gpu_bfcm --trainer.precision bf16-mixed --model.compile_model true
+run 200 step_time_cuda python3 benchmarks/step_time.py --device cuda ${STEP_ARGS:---repeats 20 --modes eager,model --breakdown} --out "$OUT/step_time_cuda.json"
 run 60 fit_ddp_bf16 python3 train.py $T --trainer.max_steps 4 --run_name gpu_ddp --trainer.strategy ddp --trainer.precision bf16-mixed
-run 120 fit_bf16_compiled_model python3 train.py $T --trainer.max_steps 4 --run_name gpu_bfcm --trainer.precision bf16-mixed --model.compile_model true
-run 240 step_time_cuda python3 benchmarks/step_time.py --device cuda --repeats 20 --modes eager,model --breakdown --out "$OUT/step_time_cuda.json"
 run 120 fit_16_compiled python3 train.py $T --trainer.max_steps 4 --run_name gpu_16c --trainer.precision 16-mixed --model.quant.compile_quantizers true

@@ -215,7 +215,15 @@ def main() -> None:
     models = [m for m in args.models.split(",") if m]
     if bad := [m for m in models if m not in MODELS]:
         ap.error(f"--models: unknown {bad}; choose from {list(MODELS)}")
-    rows = [bench(n, MODELS[n], args.batch, args.repeats, device, modes, args.breakdown) for n in models]
+    out = Path(args.out or Path(__file__).parent / "results" / f"step_time_{device.type}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": [],
+            "method": "W3A6 FZ-RMQ + OOLRI(svd_weight_error, quantized base, r=8) + TQE + MTRD + TMD, TALSQ 10 steps"}
+    rows = info["rows"]
+    for n in models:  # written after each model, so a run cut short keeps the rows it finished
+        rows.append(bench(n, MODELS[n], args.batch, args.repeats, device, modes, args.breakdown))
+        out.write_text(json.dumps(info, indent=2))
     for r in rows:
         qat = ", ".join(f"{label} {r[k + '_step_s'] * 1e3:.1f} ms (ratio {r[k + '_ratio']:.2f})"
                         for k, label in (("qat", "QAT eager"), ("qat_compiled", "QAT compiled quantizers"),
@@ -227,12 +235,6 @@ def main() -> None:
         print(f"{r['model']:>10} ({r['params'] / 1e6:.2f} M params, batch {r['batch']}): FP {r['fp_step_s'] * 1e3:.1f} ms, {qat}")
         for k in [k for k in r if k.endswith("_phases_s")]:
             print(f"{'':>10} {k[:-len('_phases_s')]} phases: " + ", ".join(f"{p} {v * 1e3:.1f} ms" for p, v in r[k].items()))
-    out = Path(args.out or Path(__file__).parent / "results" / f"step_time_{device.type}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows,
-            "method": "W3A6 FZ-RMQ + OOLRI(svd_weight_error, quantized base, r=8) + TQE + MTRD + TMD, TALSQ 10 steps"}
-    out.write_text(json.dumps(info, indent=2))
     print(f"-> {out}")
 
 

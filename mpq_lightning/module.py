@@ -178,6 +178,15 @@ class _FeatureHook:
 # ---------------------------------------------------------------------------------------------
 
 
+def fill_deepspeed_micro_batch(strategy, datamodule) -> None:
+    """Set DeepSpeed's ``train_micro_batch_size_per_gpu`` from ``datamodule.batch_size`` (1 without
+    one) when its config lacks it; any other strategy is left alone."""
+    config = getattr(strategy, "config", None)
+    if type(strategy).__name__ != "DeepSpeedStrategy" or not isinstance(config, dict):
+        return
+    config.setdefault("train_micro_batch_size_per_gpu", int(getattr(datamodule, "batch_size", None) or 1))
+
+
 class QATModule(L.LightningModule):
     """Quantization-aware distillation of a diffusion backbone.
 
@@ -309,6 +318,14 @@ class QATModule(L.LightningModule):
         self.teacher.eval()
         self.student.eval()
         return self
+
+    def setup(self, stage: str) -> None:
+        """Runs before the strategy's own setup. DeepSpeed needs a micro-batch size in its config
+        (for its throughput logging and batch bookkeeping); Lightning reads it off the dataloader's
+        ``batch_sampler``, which our loaders do not have (they yield whole batches,
+        ``batch_size=None``), so it is taken from the data module's ``batch_size`` here unless the
+        strategy's config sets ``train_micro_batch_size_per_gpu`` itself."""
+        fill_deepspeed_micro_batch(self.trainer.strategy, self.trainer.datamodule)
 
     def on_fit_start(self) -> None:
         """Calibrate once, on the device, after any checkpoint restore (a restore marks the module

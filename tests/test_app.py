@@ -1092,6 +1092,68 @@ def test_sharding_the_module_cannot_train_under_is_refused_at_fit_start():
         module.check_strategy(SimpleNamespace(strategy=SimpleNamespace()))
 
 
+def test_deepspeed_gets_the_micro_batch_size_our_batch_yielding_loaders_hide():
+    """Lightning's DeepSpeed strategy reads its micro-batch size off ``loader.batch_sampler``, which
+    is None for our loaders (they yield whole batches): the module's ``setup``, which runs before the
+    strategy's, fills it from the data module unless the user's DeepSpeed config sets it."""
+    from types import SimpleNamespace
+
+    from mpq_lightning.module import fill_deepspeed_micro_batch
+
+    DeepSpeedStrategy = type("DeepSpeedStrategy", (), {})  # deepspeed itself is not installed here
+
+    def strategy(config):
+        s = DeepSpeedStrategy()
+        s.config = config
+        return s
+
+    s = strategy({"zero_optimization": {"stage": 2}})
+    fill_deepspeed_micro_batch(s, SimpleNamespace(batch_size=6))
+    assert s.config["train_micro_batch_size_per_gpu"] == 6
+    s = strategy({"train_micro_batch_size_per_gpu": 3})
+    fill_deepspeed_micro_batch(s, SimpleNamespace(batch_size=6))
+    assert s.config["train_micro_batch_size_per_gpu"] == 3  # the user's own value stays
+    s = strategy({})
+    fill_deepspeed_micro_batch(s, None)
+    assert s.config["train_micro_batch_size_per_gpu"] == 1
+    other = SimpleNamespace(config={})  # DDP, FSDP, ...: untouched
+    fill_deepspeed_micro_batch(other, SimpleNamespace(batch_size=6))
+    assert other.config == {}
+
+
+def test_a_module_cast_to_bf16_calibrates_from_fp32_batches_and_trains():
+    """DeepSpeed under bf16-mixed casts every parameter to bf16 before ``on_fit_start`` (its engine;
+    quantizer steps included, with fp32 master copies in its optimiser) and converts only the batches of
+    its own forward. Calibration reads fp32 batches from the data module: it must run on that module,
+    and a training step on a converted batch then gives finite losses and gradients."""
+    from types import SimpleNamespace
+
+    from mpq_lightning.callbacks.memory_queue import MemoryQueue
+    from mpq_lightning.module import CalibConfig, LossConfig, OptimConfig, QATModule
+    from mpq_lightning.quant import QuantConfig, set_quant_state
+
+    quant = QuantConfig(w_bits=3, a_bits=6, num_steps=10, w_quantizer="fzrmq", lora_rank=4, lora_init="svd_weight_error",
+                        lora_quantized_base=True, tqe=True)
+    loss = LossConfig(mse_reduction="mean", mtrd=True, mtrd_anchors=32, mtrd_memory_samples=32, tmd=True)
+    module = QATModule("tiny-stdit", {}, quant, True, loss, OptimConfig(lora_lr=1e-4), CalibConfig(num_batches=2))
+    d = module.teacher
+    g = torch.Generator().manual_seed(0)
+    batch = {"x_t": torch.randn(2, *d.latent_shape, generator=g), "t": torch.tensor([10, 500]),
+             "step_index": torch.tensor([1, 5]), "cond": {"y": torch.randn(2, 1, *d.cond_spec["y"].shape[1:], generator=g)}}
+    module.to(torch.bfloat16)
+    module.calibrate_from(SimpleNamespace(train_dataloader=lambda: [batch, batch]))
+    set_quant_state(module.student.backbone, True, True)
+    MemoryQueue(num_steps=10, pixels_per_step=16).attach(module)
+    converted = {**batch, "x_t": batch["x_t"].bfloat16(), "cond": {"y": batch["cond"]["y"].bfloat16()}}
+    for _ in range(2):  # the second step has a filled memory queue
+        module.zero_grad()
+        losses = module.compute_losses(converted)
+        sum(losses.values()).backward()
+        assert all(torch.isfinite(v) for v in losses.values())
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads) and losses["mtrd"] > 0
+
+
 def test_vae_mismatch_is_found_at_setup_and_evaluation_ignores_training_callbacks(workdir):
     """SampleLogger(vae=...) checks the autoencoder against the teacher in ``setup`` (every rank,
     before training), without loading weights; evaluate.py builds a run without its training

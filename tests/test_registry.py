@@ -60,6 +60,21 @@ def _toy_denoiser() -> Denoiser:
     )
 
 
+def test_a_denoiser_cast_to_16_bits_takes_fp32_inputs_outside_autocast():
+    """A strategy that casts the whole module (DeepSpeed under bf16-mixed) converts the batch only in
+    its own forward, while calibration and the sampling callbacks call the denoiser with fp32 latents:
+    those run in the weights' dtype and come back in the input's dtype, equal to converting by hand."""
+    x, t, cond = torch.randn(2, 3, 4, 4), torch.tensor([3, 7]), {"labels": torch.tensor([1, 4])}
+    d = _toy_denoiser().eval().to(torch.bfloat16)
+    with torch.no_grad():
+        out, by_hand = d(x, t, cond), d.backbone(x.bfloat16(), t, cond["labels"])
+    assert out.dtype == torch.float32 and torch.equal(out, by_hand.float())
+    fp = _toy_denoiser().eval()  # and the other way round: fp32 weights, a bf16 latent
+    with torch.no_grad():
+        out, by_hand = fp(x.bfloat16(), t, cond), fp.backbone(x.bfloat16().float(), t, cond["labels"])
+    assert out.dtype == torch.bfloat16 and torch.equal(out, by_hand.bfloat16())
+
+
 def test_register_user_backbone(monkeypatch):
     monkeypatch.setattr(registry, "_BUILDERS", dict(registry._BUILDERS))  # leave the real registry untouched
     register("test-toy")(_toy_denoiser)

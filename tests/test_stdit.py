@@ -235,6 +235,19 @@ def test_reduced_precision_forward(dtype) -> None:
     assert rel < (0.05 if dtype == torch.bfloat16 else 0.01), rel
 
 
+def test_weights_cast_after_construction_set_the_input_dtype() -> None:
+    """Upstream casts inputs to the constructor's ``dtype``; a strategy that casts the module afterwards
+    (DeepSpeed under bf16-mixed) leaves that at fp32. Inputs follow the weights, so such a model runs
+    and equals the one built with ``dtype=bf16``."""
+    x, t, y = _inputs()
+    built = tiny_stdit(dtype=torch.bfloat16).eval().to(torch.bfloat16)
+    cast = tiny_stdit().eval()
+    cast.load_state_dict(built.state_dict())
+    cast = cast.to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(cast(x, t, y), built(x, t, y))
+
+
 def test_freeze_not_temporal() -> None:
     net = tiny_stdit(freeze="not_temporal")
     trainable = {n for n, p in net.named_parameters() if p.requires_grad}

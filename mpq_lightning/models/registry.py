@@ -179,10 +179,27 @@ class Denoiser(nn.Module):
         step_index: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
         t, cond = self.validate(x_t, t, cond, step_index)
+        x_t, cond, out_dtype = self._to_weight_dtype(x_t, cond)
         if step_index is None:
-            return self.call_backbone(x_t, t, cond)
-        with step_index_context(self.backbone, step_index):
-            return self.call_backbone(x_t, t, cond)
+            out = self.call_backbone(x_t, t, cond)
+        else:
+            with step_index_context(self.backbone, step_index):
+                out = self.call_backbone(x_t, t, cond)
+        return out if out_dtype is None else out.to(out_dtype)
+
+    def _to_weight_dtype(self, x_t: torch.Tensor, cond: dict[str, torch.Tensor]):
+        """``x_t`` and the floating conditions in the weights' dtype where it differs and no autocast
+        runs: a strategy that casts the whole module (DeepSpeed under bf16/16-mixed, a ``*-true``
+        precision) converts the batch only inside its own forward, and calibration and the sampling
+        callbacks call the model outside it. The output comes back in ``x_t``'s dtype then; returns
+        (x_t, cond, that dtype or None when nothing was converted)."""
+        if not x_t.is_floating_point() or torch.is_autocast_enabled(x_t.device.type):
+            return x_t, cond, None
+        weight = next((p.dtype for p in self.backbone.parameters() if p.is_floating_point()), x_t.dtype)
+        if weight == x_t.dtype:
+            return x_t, cond, None
+        cond = {k: v.to(weight) if v.is_floating_point() else v for k, v in cond.items()}
+        return x_t.to(weight), cond, x_t.dtype
 
     def call_backbone(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         """Map (x_t [B, C, (F,) H, W], t [B], cond) to the backbone's forward and back."""

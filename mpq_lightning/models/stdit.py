@@ -373,9 +373,10 @@ class STDiT(nn.Module):
     Kernel flags: ``enable_flashattn`` and ``enable_layernorm_kernel`` are accepted and stored; attention is
     always SDPA and LayerNorm always ``nn.LayerNorm`` (same math, neither has parameters).
     ``enable_sequence_parallelism=True`` raises ``NotImplementedError``. ``no_temporal_pos_emb`` is stored and
-    unused, as in the official code. ``dtype`` is the dtype inputs are cast to (cast the weights with
-    ``.to(dtype)`` yourself, as upstream does); like upstream this casts the timestep too, so under bf16
-    t = 999 becomes 1000 before the sinusoid. Set ``grad_checkpointing = True`` to checkpoint each block.
+    unused, as in the official code. ``dtype`` is stored (cast the weights with ``.to(dtype)`` yourself, as
+    upstream does); inputs are cast to the weights' dtype, which is upstream's ``dtype`` wherever upstream
+    runs, and stays right when a strategy casts the module (DeepSpeed under bf16). Like upstream this casts
+    the timestep too, so under bf16 t = 999 becomes 1000 before the sinusoid. Set ``grad_checkpointing = True`` to checkpoint each block.
     """
 
     def __init__(
@@ -507,7 +508,10 @@ class STDiT(nn.Module):
         (1 = keep; B' divides B, repeated to B rows) or None → ``[B, out_channels, T, H, W]`` in float32."""
         self._check_inputs(x, timestep, y)
         key_mask = self._key_mask(mask, x.shape[0], y.shape[2])
-        x, timestep, y = x.to(self.dtype), timestep.to(self.dtype), y.to(self.dtype)
+        # the weights' dtype: upstream casts to ``dtype`` and sets the weights alike; a strategy that casts
+        # the whole module (DeepSpeed under bf16-mixed) leaves ``dtype`` behind
+        dtype = self.x_embedder.proj.weight.dtype
+        x, timestep, y = x.to(dtype), timestep.to(dtype), y.to(dtype)
 
         x = rearrange(self.x_embedder(x), "b (f s) c -> b f s c", f=self.num_temporal, s=self.num_spatial)
         x = rearrange(x + self.pos_embed, "b f s c -> b (f s) c")
