@@ -13,13 +13,14 @@ nvidia-smi -L | tee "$OUT/device.txt"; python3 -c "import torch, lightning; prin
 # faulthandler prints where every thread was (rc 124 all the same)
 export PYTHONFAULTHANDLER=1
 run() { local t=$1 name=$2; shift 2; if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
-        echo "== $name $(date +%T)" | tee -a "$OUT/all.log"; ( timeout -s ABRT -k 10 "$t" "$@" ) > /tmp/$name.log 2>&1; local rc=$?
+        echo "== $name $(date +%T)" | tee -a "$OUT/all.log"
+        ( set -o pipefail; timeout -s ABRT -k 10 "$t" "$@" 2>&1 | while IFS= read -r l; do printf '%(%T)T %s\n' -1 "$l"; done ) > /tmp/$name.log; local rc=$?
         cat /tmp/$name.log >> "$OUT/all.log"; echo "rc=$rc $name $(date +%T)" | tee -a "$OUT/summary.txt"; tail -4 /tmp/$name.log; }
 T="--config configs/tiny/stdit_w3a6.yaml --trainer.accelerator gpu --trainer.devices 1 --log_samples false --trainer.enable_progress_bar false"
-# most wanted first (the FSDP resume fix and DeepSpeed have never run on a GPU); the whole script fits one
-# 600 s device call in the usual case, and $OUT/summary.txt grows check by check if it is cut short
-run 90 fit_fsdp_bf16 python3 train.py $T --trainer.max_steps 2 --checkpoint_every_n_steps 2 --run_name gpu_fsdp --trainer.strategy fsdp --trainer.precision bf16-mixed
-run 90 resume_fsdp_bf16 python3 train.py $T --trainer.max_steps 4 --checkpoint_every_n_steps 2 --run_name gpu_fsdp --trainer.strategy fsdp --trainer.precision bf16-mixed --ckpt_path last
+# most wanted first: DeepSpeed (its two fixes from the H100 run are unverified there), the compiled fit that did
+# not exit (with inductor's compile-worker pool and without it), the mid-size step time; then the checks that
+# passed on the H100 (FSDP fit + resume, DDP). $OUT/summary.txt grows check by check if a call is cut short;
+# each output line carries its time, to tell a slow compile from a hang at exit
 # one wheel at a time: the binary ones exist for cp310 / cp311 / cp312 and only the matching one installs
 for w in .whl/deepspeed/*.whl; do python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site_ds "$w" > /dev/null 2>&1; done
 if [ -d /tmp/site_ds/deepspeed ]; then
@@ -29,6 +30,9 @@ if [ -d /tmp/site_ds/deepspeed ]; then
   run 100 resume_deepspeed2_bf16 env PYTHONPATH=/tmp/site_ds:$PYTHONPATH DS_BUILD_OPS=0 python3 train.py $T --trainer.max_steps 4 --checkpoint_every_n_steps 2 --run_name gpu_ds --trainer.strategy deepspeed_stage_2 --trainer.precision bf16-mixed --ckpt_path last
 fi
 run 100 fit_bf16_compiled_model python3 train.py $T --trainer.max_steps 4 --run_name gpu_bfcm --trainer.precision bf16-mixed --model.compile_model true
-run 200 step_time_cuda python3 benchmarks/step_time.py --device cuda ${STEP_ARGS:---repeats 20 --modes eager,model --breakdown} --out "$OUT/step_time_cuda.json"
+run 100 fit_bf16_compiled_model_1thread env TORCHINDUCTOR_COMPILE_THREADS=1 python3 train.py $T --trainer.max_steps 4 --run_name gpu_bfcm1 --trainer.precision bf16-mixed --model.compile_model true
+run 200 step_time_cuda_mid python3 benchmarks/step_time.py --device cuda ${STEP_ARGS:---models mid-stdit --modes model --repeats 10} --out "$OUT/step_time_cuda.json"
+run 90 fit_fsdp_bf16 python3 train.py $T --trainer.max_steps 2 --checkpoint_every_n_steps 2 --run_name gpu_fsdp --trainer.strategy fsdp --trainer.precision bf16-mixed
+run 90 resume_fsdp_bf16 python3 train.py $T --trainer.max_steps 4 --checkpoint_every_n_steps 2 --run_name gpu_fsdp --trainer.strategy fsdp --trainer.precision bf16-mixed --ckpt_path last
 run 60 fit_ddp_bf16 python3 train.py $T --trainer.max_steps 4 --run_name gpu_ddp --trainer.strategy ddp --trainer.precision bf16-mixed
 run 120 fit_16_compiled python3 train.py $T --trainer.max_steps 4 --run_name gpu_16c --trainer.precision 16-mixed --model.quant.compile_quantizers true
