@@ -529,19 +529,26 @@ class QATModule(L.LightningModule):
             return f
         return f.reshape(batch, -1, f.shape[-1])
 
-    def compute_losses(self, batch: dict) -> dict[str, Tensor]:
+    def compute_losses(self, batch: dict, training: bool = True) -> dict[str, Tensor]:
+        """The configured loss terms of one batch. ``training=False`` (validation) leaves the training
+        state alone: no memory-queue writes (MTRD is judged against the queue as training left it), the
+        relation losses' random anchors drawn from a fresh generator (seed 0: the same draw at every
+        validation, and the losses' own generators, which training resumes from, do not move), and no
+        time-smoothing window (TRD with ``trd_window > 1`` is left out; the shuffled cache that serves
+        validation refuses that window anyway)."""
         out_s, out_t, f_s, f_t = self._student_teacher(batch)
         n = batch["x_t"].shape[0]
         f_s, f_t = self._sample_major(f_s, n), self._sample_major(f_t, n)
         cfg = self.loss_cfg
         losses = {"mse": cfg.mse_weight * output_mse(out_s.float(), out_t.float(), reduction=cfg.mse_reduction)}
-        if self.trd is not None:
+        draw = None if training else torch.Generator().manual_seed(0)
+        if self.trd is not None and (training or self.trd.window == 1):
             if self.trd.window > 1 and int(batch["step_index"][0]) == 0:
                 self.trd.reset()  # a window never spans two trajectories (the stream starts one at step 0)
-            losses["trd"] = self.trd(f_s.float(), f_t.float())
+            losses["trd"] = self.trd(f_s.float(), f_t.float(), generator=draw)
         if self.mtrd is not None:
-            losses["mtrd"] = self.mtrd(f_s.float(), f_t.float(), self.memory_queue)
-            steps = batch["step_index"].tolist()
+            losses["mtrd"] = self.mtrd(f_s.float(), f_t.float(), self.memory_queue, generator=draw)
+            steps = batch["step_index"].tolist() if training else []
             for i, step in enumerate(steps):  # same count on every rank: it is a collective under DDP
                 self.memory_queue_callback.enqueue_and_sync(f_t[i : i + 1].float(), int(step), channel_dim=self.feature_channel_dim)
         if cfg.tmd:
@@ -606,8 +613,16 @@ class QATModule(L.LightningModule):
                                  "with a finite loss everywhere; the last good checkpoint is kept")
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        losses = self.compute_losses(batch)
+        """The training losses on held-out trajectories (``data.init_args.val_trajectories``), each
+        term and their sum logged as ``val/...`` (epoch means over all ranks). Runs in a forked RNG:
+        validation (and Lightning's sanity check, which repeats on resume) does not move the random
+        stream training draws from, so runs with and without it, or resumed, train alike."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            losses = self.compute_losses(batch, training=False)
         bs = batch["x_t"].shape[0]
+        for k, v in losses.items():
+            self.log(f"val/{k}", v, batch_size=bs, sync_dist=True)
         self.log("val/loss", sum(losses.values()), batch_size=bs, sync_dist=True)
 
     # -- optimisation --------------------------------------------------------------------------

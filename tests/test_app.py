@@ -92,6 +92,27 @@ def test_tensorboard_has_loss_terms_timestep_error_and_images(full_run, workdir)
     assert "timestep_error/curve" in acc.Tags()["images"]
 
 
+def test_validation_logs_every_term_on_held_out_trajectories_and_leaves_training_alone(workdir):
+    """``data.init_args.val_trajectories`` turns validation on: every loss term, their sum and the
+    per-timestep error are logged under val. Validation changes nothing that training computes: the
+    same run with validation off (``limit_val_batches 0``) ends with the identical student and memory
+    queue (no queue writes, a forked RNG, and no inference-mode tensor kept by a layer)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = ["--trainer.max_steps", "4", "--checkpoint_every_n_steps", "4", "--data.init_args.val_trajectories", "[3]"]
+    with_val = fit(*args, "--trainer.val_check_interval", "2", run="val")
+    without = fit(*args, "--trainer.limit_val_batches", "0", run="no_val")
+    a, b = _student_state(with_val), _student_state(without)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(with_val.model.memory_queue.feats, without.model.memory_queue.feats)
+    acc = EventAccumulator(str(workdir / "checkpoints" / "val"))
+    acc.Reload()
+    scalars = set(acc.Tags()["scalars"])
+    assert {"val/mse", "val/mtrd", "val/tmd", "val/loss"} <= scalars
+    assert [e.step for e in acc.Scalars("val/loss")] == [1, 3]  # after steps 2 and 4 (0-based event steps)
+    assert any(t.startswith("timestep_error_val/step_") for t in scalars)
+
+
 def test_sample_logger_writes_media(workdir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -273,6 +294,13 @@ def test_sampler_step_count_must_match_the_tables_before_any_cache_is_built(work
         fit("--data.init_args.recipe.num_inference_steps", "7", "--data.init_args.recipe.name", "tiny_stdit_ddim7",
             "--data.init_args.cache", "data/tiny_stdit_ddim7", run="bad")
     assert not (workdir / "data" / "tiny_stdit_ddim7").exists()
+
+
+def test_validation_trajectories_beyond_the_recipe_are_refused_before_any_cache_is_built(workdir):
+    with pytest.raises(ValueError, match=r"data.init_args.val_trajectories \[4\] out of range: the recipe makes 4"):
+        fit("--data.init_args.val_trajectories", "[1, 4]", "--data.init_args.recipe.name", "tiny_stdit_val",
+            "--data.init_args.cache", "data/tiny_stdit_val", run="bad_val")
+    assert not (workdir / "data" / "tiny_stdit_val").exists() and not (workdir / "checkpoints" / "bad_val").exists()
 
 
 def test_overwrite_run_starts_afresh_and_the_final_step_is_saved(workdir):

@@ -119,6 +119,25 @@ def test_selection_of_steps_conditions_and_branches(small):
     assert torch.equal(batch["cond"]["y"], dm.cache.conditions()["cond.y"][batch["cond_index"]])
 
 
+def test_validation_trajectories_are_held_out_of_training_and_calibration(small):
+    """``val_trajectories`` leave the training and calibration streams and are exactly what the
+    validation loader serves (stored order, every selected step and branch); bad indices name the key."""
+    held = [4, 17]
+    dm = TrajectoryDataModule(str(small), batch_size=7, seed=1, val_trajectories=held, steps=[2, 4])
+    train = torch.cat([b["trajectory"] for b in dm.train_dataloader()])
+    calib = torch.cat([b["trajectory"] for b in dm.calibration_dataloader()])
+    assert set(train.tolist()) == set(calib.tolist()) == set(range(30)) - set(held) and len(train) == 28 * 2 * 2
+    val = list(dm.val_dataloader())
+    want = [(j * 3 + pos) * 2 + b for j in held for pos in (1, 2) for b in (0, 1)]  # steps 2 and 4 are kept positions 1, 2
+    assert sum(uids(val), []) == want and all(set(batch["step_index"].tolist()) <= {2, 4} for batch in val)
+    assert TrajectoryDataModule(str(small), batch_size=7).val_dataloader() == []  # no validation without them
+    ranks = [sum(uids(TrajectoryDataModule(str(small), batch_size=3, val_trajectories=held, rank=r, world_size=2)
+                      .val_dataloader()), []) for r in (0, 1)]
+    assert sorted(ranks[0] + ranks[1]) == sorted(u for j in held for u in range(j * 6, j * 6 + 6))  # split, no overlap
+    with pytest.raises(CacheError, match=r"data.init_args.val_trajectories \[30\] out of range \(the cache has 30"):
+        TrajectoryDataModule(str(small), val_trajectories=[3, 30]).train_dataloader()
+
+
 # -------------------------------------------------------------------------------------------------
 # Resume mid-epoch
 # -------------------------------------------------------------------------------------------------
@@ -254,12 +273,16 @@ def test_resuming_mid_epoch_with_another_layout_is_refused(small):
         (dict(world_size=1), "world_size: saved 2, now 1"),
         (dict(batch_size=16), "batch_size: saved 8, now 16"),
         (dict(num_workers=2, batch_size=4), "num_workers: saved 0, now 2; batch_size: saved 8, now 4"),
+        (dict(val_trajectories=[5]), "val_trajectories: saved None, now [5]"),
     ]:
         with pytest.raises(ValueError, match=rf"middle of epoch 0 \(3 batches .*{re.escape(message)}\. .*resume with"):
             dm(**change).load_state_dict(state)
     same = dm(teacher_output=False)  # does not change the order
     same.load_state_dict(state)
     assert uids(same.train_dataloader()) == epoch0[3:]
+    older = dm()  # a checkpoint written before val_trajectories existed: none were held out
+    older.load_state_dict({**state, "layout": {k: v for k, v in state["layout"].items() if k != "val_trajectories"}})
+    assert uids(older.train_dataloader()) == epoch0[3:]
 
     # at an epoch's end (also as older checkpoints saved it: batches == the epoch's length) any layout continues
     list(it)

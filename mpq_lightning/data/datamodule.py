@@ -58,8 +58,10 @@ __all__ = ["OnTheFlyDataModule", "TeacherForcedTrajectories", "TrajectoryDataMod
 #: Layout entries that decide which batches a rank delivers in an epoch (teacher_output only drops a key).
 _ORDER_KEYS = (
     "world_size", "num_workers", "batch_size", "shuffle", "shuffle_buffer", "seed", "steps", "step_stride",
-    "conditions", "branches", "drop_last",
+    "conditions", "branches", "drop_last", "val_trajectories",
 )
+#: Layout keys added after checkpoints were first written, with the value those checkpoints implied.
+_LAYOUT_DEFAULTS = {"val_trajectories": None}
 
 #: Per-sample ids; inside a batch they travel as one [B, 5] "ids" tensor (one shared-memory transfer
 #: from a DataLoader worker instead of five) and are unpacked in the main process.
@@ -162,6 +164,8 @@ class TrajectoryDataset(IterableDataset):
         drop_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        trajectories: list[int] | None = None,
+        exclude_trajectories: list[int] | None = None,
     ) -> None:
         if batch_size < 1 or shuffle_buffer < 1 or step_stride < 1:
             raise ValueError("batch_size, shuffle_buffer and step_stride must be >= 1")
@@ -177,11 +181,14 @@ class TrajectoryDataset(IterableDataset):
                 "set the data module's teacher_output: false (data.init_args.teacher_output) to train with "
                 "the teacher run on the fly, or generate a cache with store_teacher_output: true"
             )
-        self.selected = self._select(steps, step_stride, conditions, branches)
+        self.selected = self._select(steps, step_stride, conditions, branches, trajectories, exclude_trajectories)
         total = sum(len(s) for s in self.selected)
         if total == 0:
+            kept = "" if trajectories is None else f", trajectories {trajectories}"
+            held = "" if exclude_trajectories is None else f", without the validation trajectories {exclude_trajectories}"
             raise CacheError(
-                f"{cache.directory}: the selection (steps {steps}, stride {step_stride}, conditions {conditions}, branches {branches}) is empty"
+                f"{cache.directory}: the selection (steps {steps}, stride {step_stride}, conditions {conditions}, "
+                f"branches {branches}{kept}{held}) is empty"
             )
         if drop_last:
             self.per_rank = total // world_size // batch_size * batch_size
@@ -196,9 +203,14 @@ class TrajectoryDataset(IterableDataset):
         self._tables: dict[str, torch.Tensor] | None = None
 
     def _select(
-        self, steps: list[int] | None, stride: int, conditions: list[int] | None, branches: list[str] | None
+        self, steps: list[int] | None, stride: int, conditions: list[int] | None, branches: list[str] | None,
+        trajectories: list[int] | None = None, exclude: list[int] | None = None,
     ) -> list[torch.Tensor]:
         structure = self.cache.structure
+        count = structure["num_trajectories"]
+        for key, picked in (("trajectories", trajectories), ("data.init_args.val_trajectories", exclude)):
+            if picked is not None and (bad := [j for j in picked if not 0 <= j < count]):
+                raise CacheError(f"{self.cache.directory}: {key} {bad} out of range (the cache has {count} trajectories)")
         kept = structure["kept_steps"]
         if steps is not None and (missing := sorted(set(steps) - set(kept))):
             raise CacheError(f"{self.cache.directory}: steps {missing} are not in the cache (kept steps {kept})")
@@ -213,10 +225,13 @@ class TrajectoryDataset(IterableDataset):
         step_ok = torch.tensor([i % stride == 0 and (steps is None or i in steps) for i in range(max(kept) + 1)])
         branch_ok = torch.tensor([branches is None or b in branches for b in BRANCHES])
         cond_ok = torch.tensor([conditions is None or c in conditions for c in range(structure["num_conditions"])])
+        traj_ok = torch.tensor([(trajectories is None or j in trajectories) and (exclude is None or j not in exclude)
+                                for j in range(count)])
         selected = []
         for index in range(self.cache.num_shards):
             ids = sample_ids(structure, index)
-            mask = step_ok[ids["step_index"]] & branch_ok[ids["branch"]] & cond_ok[ids["cond_index"]]
+            mask = (step_ok[ids["step_index"]] & branch_ok[ids["branch"]] & cond_ok[ids["cond_index"]]
+                    & traj_ok[ids["trajectory"]])
             selected.append(mask.nonzero().flatten())
         return selected
 
@@ -368,6 +383,10 @@ class TrajectoryDataModule(L.LightningDataModule):
         rank / world_size: override torch.distributed's (tests, custom launchers).
         recipe: how to generate the cache when it is missing or unfinished (`prepare_cache`); its name
             must be the cache directory's name.
+        val_trajectories: trajectory indices held out of training and calibration and served by
+            `val_dataloader` (every selected step and branch of them, in stored order); None: no
+            validation. Validation then runs at Lightning's `trainer.val_check_interval` /
+            `check_val_every_n_epoch`, logging `val/<term>`, `val/loss` and the per-timestep error.
 
     Resuming: Lightning stores `state_dict()` = {"epoch", "batches", "layout"} in checkpoints (under
     the class name, and the loader's own copy under the fit loop's "combined_loader") and calls
@@ -400,6 +419,7 @@ class TrajectoryDataModule(L.LightningDataModule):
         world_size: int | None = None,
         recipe: TrajectoryRecipe | None = None,
         on_layout_change: Literal["refuse", "next_epoch"] = "refuse",
+        val_trajectories: list[int] | None = None,
     ) -> None:
         super().__init__()
         if on_layout_change not in ("refuse", "next_epoch"):
@@ -420,6 +440,7 @@ class TrajectoryDataModule(L.LightningDataModule):
             branches=branches,
             teacher_output=teacher_output,
             drop_last=drop_last,
+            val_trajectories=sorted(set(val_trajectories)) if val_trajectories else None,
         )
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.verify, self.expect = verify, expect
@@ -439,6 +460,10 @@ class TrajectoryDataModule(L.LightningDataModule):
         if self.recipe is None:
             self.check_teacher(teacher)
         else:
+            held, count = self.options["val_trajectories"], self.recipe.num_trajectories
+            if held and count is not None and (bad := [j for j in held if not 0 <= j < count]):
+                raise ValueError(f"data.init_args.val_trajectories {bad} out of range: the recipe makes {count} "
+                                 "trajectories (data.init_args.recipe.num_trajectories)")
             ensure_cache(self.recipe, teacher, self.cache_dir.parent)
 
     def check_teacher(self, teacher: Denoiser) -> None:
@@ -482,10 +507,28 @@ class TrajectoryDataModule(L.LightningDataModule):
         touching the training loader or its checkpointed position."""
         return self._make_loader(0, 0)
 
+    def val_dataloader(self) -> DataLoader | list:
+        """The held-out trajectories (``val_trajectories``), unshuffled and split between ranks like
+        training (without ``drop_last`` the last rank's share wraps around to the common length);
+        an empty list, so no validation, without them."""
+        held = self.options["val_trajectories"]
+        if not held:
+            return []
+        self.setup()
+        rank, world = _rank_world(self.rank, self.world_size)
+        options = {**self.options, "shuffle": False, "drop_last": False, "val_trajectories": None}
+        dataset = self._dataset(rank, world, trajectories=held, **options)
+        return _ResumableLoader(dataset, num_workers=self.num_workers, pin_memory=self.pin_memory)
+
+    def _dataset(self, rank: int, world: int, **options: Any) -> TrajectoryDataset:
+        """A TrajectoryDataset from the data module's options (``val_trajectories`` held out)."""
+        exclude = options.pop("val_trajectories", None)
+        return TrajectoryDataset(self.cache, rank=rank, world_size=world, exclude_trajectories=exclude, **options)
+
     def _make_loader(self, epoch: int, skip: int) -> _ResumableLoader:
         self.setup()
         rank, world = _rank_world(self.rank, self.world_size)
-        dataset = TrajectoryDataset(self.cache, rank=rank, world_size=world, **self.options)
+        dataset = self._dataset(rank, world, **self.options)
         return _ResumableLoader(
             dataset,
             epoch,
@@ -533,7 +576,8 @@ class TrajectoryDataModule(L.LightningDataModule):
         if batches == 0 or saved is None:
             return {"epoch": epoch, "batches": batches}
         current = self._current_layout(world_size)
-        changed = [k for k in _ORDER_KEYS if k in saved and saved[k] != current[k]]
+        changed = [k for k in _ORDER_KEYS
+                   if (k in saved or k in _LAYOUT_DEFAULTS) and saved.get(k, _LAYOUT_DEFAULTS.get(k)) != current[k]]
         if not changed:
             return {"epoch": epoch, "batches": batches}
         if batches >= self._saved_epoch_batches(saved):  # saved at the end of an epoch (older checkpoints)
@@ -545,7 +589,7 @@ class TrajectoryDataModule(L.LightningDataModule):
         raise ValueError(
             f"TrajectoryDataModule ({self.cache_dir}): the checkpoint stopped in the middle of epoch {epoch} "
             f"({batches} batches delivered on each rank) with another data layout: "
-            + "; ".join(f"{k}: saved {saved[k]!r}, now {current[k]!r}" for k in changed)
+            + "; ".join(f"{k}: saved {saved.get(k, _LAYOUT_DEFAULTS.get(k))!r}, now {current[k]!r}" for k in changed)
             + ". The rest of that epoch is only defined for the saved layout (another one would skip or repeat "
             "samples): resume with the saved values (world_size = trainer devices x num_nodes; the others are "
             "data.init_args keys), or set data.init_args.on_layout_change next_epoch to skip the rest of the "
@@ -556,8 +600,8 @@ class TrajectoryDataModule(L.LightningDataModule):
         """Batches per epoch and rank under a saved layout (inf when it cannot be rebuilt)."""
         self.setup()
         try:
-            options = {**{k: layout[k] for k in self.options}, "teacher_output": False}
-            return len(TrajectoryDataset(self.cache, rank=0, world_size=layout["world_size"], **options))
+            options = {**{k: layout[k] if k in layout else _LAYOUT_DEFAULTS[k] for k in self.options}, "teacher_output": False}
+            return len(self._dataset(0, layout["world_size"], **options))
         except (KeyError, TypeError, ValueError):
             return float("inf")
 
