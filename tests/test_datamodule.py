@@ -6,6 +6,8 @@ import json
 import os
 import re
 import socket
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
@@ -82,6 +84,65 @@ def test_two_ranks_generate_and_see_disjoint_samples(tmp_path):
     flat = [set(sum(s, [])) for s in seen]
     assert not flat[0] & flat[1]
     assert flat[0] | flat[1] == set(range(manifest["structure"]["num_samples"]))  # 5 x 2 steps x 2 branches
+
+
+def _race_worker(rank: int, root: str, port: int) -> None:
+    from datetime import timedelta
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    # a short collective timeout: a rank left alone at a broadcast fails here instead of hanging CI
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=40))
+    from mpq_lightning.data import trajectories
+
+    exclusive = trajectories._exclusive
+
+    @contextmanager
+    def reached_the_lock(directory, rank_, world):  # tells the test that this rank is past its own check
+        Path(root, f"at_lock{rank_}").touch()
+        with exclusive(directory, rank_, world):
+            yield
+
+    trajectories._exclusive = reached_the_lock
+    manifest = Path(root, "data", "race", "manifest.json")
+    if rank == 1:  # reaches the cache only after the other job finished it
+        while not (manifest.exists() and json.loads(manifest.read_text()).get("complete")):
+            time.sleep(0.05)
+    try:
+        ensure_cache(_race_recipe(root), make_teacher(), Path(root) / "data")
+        Path(root, f"race{rank}.ok").write_text("ok")
+    finally:
+        dist.destroy_process_group()
+
+
+def _race_recipe(root: str) -> TrajectoryRecipe:
+    return TrajectoryRecipe(name="race", scheduler="ddim", num_inference_steps=2, guidance_scale=4.0,
+                            cond_path=str(Path(root) / "prompts.safetensors"), num_trajectories=2, shard_size=1,
+                            batch_size=1)
+
+
+def test_ranks_agree_when_another_job_finishes_the_cache_between_their_checks(tmp_path):
+    """Another job holds the generation lock and finishes the cache after rank 0 looked (unfinished)
+    and before rank 1 looks (finished). Checked on each rank, rank 1 would return at once and leave
+    rank 0 at the lock's broadcast until the process group's timeout; with a process group rank 0
+    decides for both, so both return once the other job is done."""
+    import fcntl
+
+    write_prompts(tmp_path / "prompts.safetensors")
+    ensure_cache(_race_recipe(str(tmp_path)), make_teacher(), tmp_path / "staged", distributed=False)  # the other job's work
+    (tmp_path / "data").mkdir()
+    with open(tmp_path / "data" / ".race.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the other job is generating
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        ctx = mp.start_processes(_race_worker, args=(str(tmp_path), port), nprocs=2, join=False, start_method="spawn")
+        while not (tmp_path / "at_lock0").exists():  # rank 0 has found no cache and waits for the lock
+            time.sleep(0.05)
+        (tmp_path / "staged" / "race").rename(tmp_path / "data" / "race")  # the other job finishes
+    while not ctx.join(timeout=120):
+        pass
+    assert Path(tmp_path, "race0.ok").exists() and Path(tmp_path, "race1.ok").exists()
 
 
 # -------------------------------------------------------------------------------------------------

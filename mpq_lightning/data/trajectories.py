@@ -281,6 +281,16 @@ def _distributed(enabled: bool) -> Iterator[tuple[int, int]]:
             dist.destroy_process_group()
 
 
+def _ranks_together(enabled: bool) -> bool:
+    """Whether every rank of the job makes this call together: a process group exists, or torchrun
+    (torchelastic) started all WORLD_SIZE ranks at once."""
+    if not enabled:
+        return False
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size() > 1
+    return "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 #: Seconds between a process group's tries for the generation lock (see `_exclusive`).
 LOCK_POLL_S = 1.0
 
@@ -732,10 +742,10 @@ def ensure_cache(
     conditions; see `_identity_differences`) is reused after a size check; an incomplete one is
     resumed (verified shards kept); an incomplete one of another identity without a finished shard is
     started again; any other is refused with a CacheError listing the differing keys. The recipe, the
-    scheduler and the conditions are checked before anything is written. When generation is needed
-    with torch.distributed initialised (or WORLD_SIZE > 1, e.g. torchrun: a temporary gloo group is
-    used), every rank must call this: rank 0 takes the file lock beside the cache (other jobs wait),
-    re-checks the cache and writes the incomplete manifest; rank r generates shards r, r + W, ...;
+    scheduler and the conditions are checked before anything is written. With torch.distributed
+    initialised, or under torchrun (a temporary gloo group is used), every rank must call this, and
+    rank 0 decides for all, also for a finished cache: it takes the file lock beside the cache (other
+    jobs wait), checks the cache and writes the incomplete manifest; rank r generates shards r, r + W, ...;
     rank 0 writes the final manifest after all ranks are done, then releases the lock. From
     Lightning's `prepare_data` (local rank 0 only) pass distributed=False. `on_shard_written(index,
     path)` is called after each shard (progress, tests).
@@ -777,7 +787,11 @@ def ensure_cache(
             return True
         return False
 
-    if complete():  # before any process group: ranks may not all be here
+    # Where every rank runs this call at once (a process group exists, or torchrun started them all),
+    # rank 0 decides for all under the lock: checked on each rank, a cache that another job finishes
+    # between two ranks' checks would send one rank into the process group and the other home. Ranks
+    # that a launcher starts later (Lightning's own, after rank 0 finished the cache) check alone.
+    if not _ranks_together(distributed) and complete():
         return directory
     with _distributed(distributed) as (rank, world), _exclusive(directory, rank, world):
         # rank 0 holds the lock: another job may have finished the cache while this one waited for it
