@@ -190,8 +190,30 @@ def test_truncated_and_missing_shards(copy):
         TrajectoryCache(copy, verify="size")
     (copy / shard_name(1)).unlink()
     shard.unlink()
-    with pytest.raises(CacheError, match=f"{re.escape(str(shard))}: missing file"):
+    with pytest.raises(CacheError, match=f"{re.escape(str(shard))}: missing file .*regenerates missing"):
         TrajectoryDataModule(str(copy)).setup()
+
+
+def test_a_finished_cache_with_missing_or_truncated_files_is_repaired_from_its_recipe(cache, teacher, copy):
+    """A complete cache that lost a shard, has a truncated one and lost its condition table is mended by
+    ensure_cache with its recipe: only the damaged files are generated again (the intact shard is not
+    rewritten), and the repaired cache is byte for byte the original."""
+    path, recipe = cache
+    original = {p.name: p.read_bytes() for p in path.iterdir() if p.is_file()}
+    assert {shard_name(0), shard_name(1), "conditions.safetensors"} <= original.keys()
+    (copy / shard_name(0)).unlink()
+    (copy / "conditions.safetensors").unlink()
+    extra = copy.parent / "other"  # a second damaged copy: a truncated shard
+    shutil.copytree(path, extra / "tiny")
+    (extra / "tiny" / shard_name(1)).write_bytes((path / shard_name(1)).read_bytes()[:-100])
+    for root, damaged in ((copy.parent, [0]), (extra, [1])):
+        written = []
+        with pytest.warns(UserWarning, match=rf"{shard_name(damaged[0])}.* missing or truncated; regenerating"):
+            ensure_cache(recipe, teacher, root, on_shard_written=lambda index, _: written.append(index))
+        assert written == damaged  # the intact shard was kept
+        repaired = {p.name: p.read_bytes() for p in (root / "tiny").iterdir() if p.is_file()}
+        assert repaired == original
+        TrajectoryCache(root / "tiny", verify="full")
 
 
 def test_tensor_shape_differs_from_manifest(copy):

@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -535,6 +536,11 @@ def _table_rows(
 # -------------------------------------------------------------------------------------------------
 
 
+#: how a damaged cache is mended (ensure_cache regenerates missing or truncated shards)
+_REPAIR = ("; a run with the cache's recipe (data.init_args.recipe, or python -m mpq_lightning.data.trajectories) "
+           "regenerates missing and truncated shards and keeps the others")
+
+
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
 
@@ -658,6 +664,25 @@ class ShardWriter:
         """Progress records of shards finished by an unfinished generation."""
         return sorted((self.directory / PROGRESS).glob("*.json"))
 
+    def damaged_files(self, stored: Mapping[str, Any]) -> list[str]:
+        """Files of a complete manifest (shards, the condition table) missing or not of the recorded size."""
+        return [record["file"] for record in [*stored["shards"], stored["conditions_file"]]
+                if not (path := self.directory / record["file"]).is_file() or path.stat().st_size != record["bytes"]]
+
+    def reopen(self, stored: Mapping[str, Any], damaged: list[str]) -> None:
+        """Turn a complete cache with damaged files back into an unfinished generation of the same
+        identity: progress records for the intact shards (from the manifest), the manifest marked
+        unfinished, then the damaged files removed, in that order, so an interruption anywhere leaves a
+        cache that the next run resumes (`begin` rewrites the condition table, the generation the
+        missing shards). The caller holds the generation lock."""
+        (self.directory / PROGRESS).mkdir(exist_ok=True)
+        for index, record in enumerate(stored["shards"]):
+            if record["file"] not in damaged:
+                _write_json(self._record_path(index), record)
+        _write_json(self.manifest_path, {**stored, "complete": False, "shards": []})
+        for name in damaged:
+            (self.directory / name).unlink(missing_ok=True)
+
     def begin(self, conditions: Mapping[str, torch.Tensor]) -> None:
         """Create the directory, drop stale temp files, write the condition table and an incomplete manifest.
         The caller holds the generation lock (`_exclusive`), so no other process is writing here; a
@@ -780,12 +805,19 @@ def ensure_cache(
     directory = Path(root) / recipe.name
     writer = ShardWriter(directory, header)
 
-    def complete() -> bool:  # a refusal of another identity raises here, on every rank that checks
+    def complete(repair: bool = False) -> bool:  # a refusal of another identity raises here, on every rank that checks
         stored = writer.existing()
-        if stored is not None and stored.get("complete"):
-            TrajectoryCache(directory, verify="size")
-            return True
-        return False
+        if stored is None or not stored.get("complete"):
+            return False
+        if damaged := writer.damaged_files(stored):
+            if not repair:  # decided under the lock
+                return False
+            warnings.warn(f"{directory}: {', '.join(damaged)} missing or truncated; regenerating them from the "
+                          "recipe (the other shards are kept)", stacklevel=3)
+            writer.reopen(stored, damaged)
+            return False
+        TrajectoryCache(directory, verify="size")
+        return True
 
     # Where every rank runs this call at once (a process group exists, or torchrun started them all),
     # rank 0 decides for all under the lock: checked on each rank, a cache that another job finishes
@@ -795,7 +827,7 @@ def ensure_cache(
         return directory
     with _distributed(distributed) as (rank, world), _exclusive(directory, rank, world):
         # rank 0 holds the lock: another job may have finished the cache while this one waited for it
-        if _on_rank0(rank, world, lambda: complete() or writer.begin(table)):
+        if _on_rank0(rank, world, lambda: complete(repair=True) or writer.begin(table)):
             return directory
 
         def generate() -> None:  # rank r: shards r, r + W, ...
@@ -984,12 +1016,12 @@ class TrajectoryCache:
     def _check_file(self, record: Mapping[str, Any], hash_it: bool) -> Path:
         path = self.directory / record["file"]
         if not path.is_file():
-            raise CacheError(f"{path}: missing file listed in {self.directory / MANIFEST}")
+            raise CacheError(f"{path}: missing file listed in {self.directory / MANIFEST}{_REPAIR}")
         size = path.stat().st_size
         if size != record["bytes"]:
-            raise CacheError(f"{path}: {size} bytes, the manifest says {record['bytes']} (truncated or rewritten)")
+            raise CacheError(f"{path}: {size} bytes, the manifest says {record['bytes']} (truncated or rewritten){_REPAIR}")
         if hash_it and _sha256_file(path) != record["sha256"]:
-            raise CacheError(f"{path}: sha256 does not match the manifest (corrupt file)")
+            raise CacheError(f"{path}: sha256 does not match the manifest (corrupt file; delete it){_REPAIR}")
         return path
 
     # ---- facts ------------------------------------------------------------------------------------
