@@ -113,6 +113,25 @@ def test_validation_logs_every_term_on_held_out_trajectories_and_leaves_training
     assert any(t.startswith("timestep_error_val/step_") for t in scalars)
 
 
+def test_on_the_fly_validation_keeps_the_time_smoothing_window_of_training(workdir):
+    """On the on-the-fly stream (MPQ-DM recipe: TRD over a window of 2 consecutive steps), validation
+    between two steps of one window leaves the window alone: the student equals the run without
+    validation; validation logs the terms it can judge on its own (TRD's window is training state)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = str(REPO / "configs" / "tiny" / "recipes" / "mpqdm_onthefly.yaml")
+    args = ["--config", config, *QUIET, "--trainer.max_steps", "3", "--data.init_args.val_trajectories", "2"]
+    with_val = main([*args, "--run_name", "otf_val", "--trainer.val_check_interval", "1"])
+    without = main([*args, "--run_name", "otf_no_val", "--trainer.limit_val_batches", "0"])
+    a, b = _student_state(with_val), _student_state(without)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    acc = EventAccumulator(str(workdir / "checkpoints" / "otf_val"))
+    acc.Reload()
+    scalars = set(acc.Tags()["scalars"])
+    assert {"val/mse", "val/loss", "train/trd"} <= scalars and "val/trd" not in scalars
+    assert len(acc.Scalars("val/loss")) == 3
+
+
 def test_sample_logger_writes_media(workdir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -426,6 +426,30 @@ class _StreamRecorder(_Recorder):
 
 @pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
 @pytest.mark.filterwarnings("ignore:Found .* module\\(s\\) in eval mode")  # the frozen teacher
+def test_on_the_fly_validation_replays_its_own_trajectories():
+    """``val_trajectories`` on the on-the-fly stream: trajectories of their own seed stream (offset
+    2·10^6, apart from training and calibration), the same ones at every validation pass."""
+    from mpq_lightning.data import OnTheFlyDataModule
+
+    teacher = make_teacher()
+    options = dict(scheduler="ddim", num_inference_steps=2, guidance_scale=4.0, batch_size=2, trajectories_per_epoch=2,
+                   random_conditions=3)
+    dm = OnTheFlyDataModule(**options, val_trajectories=2)
+    dm.prepare_cache(teacher)
+    val = dm.val_dataloader()
+    first, second = list(val), list(val)
+    assert len(first) == len(val) == 2 and [b["step_index"][0].item() for b in first] == [0, 1]
+    assert all(torch.equal(a["x_t"], b["x_t"]) for a, b in zip(first, second, strict=True))
+    noise = torch.randn(teacher.latent_shape, generator=torch.Generator().manual_seed(2 * 10**6))  # validation trajectory 0
+    assert torch.equal(first[0]["x_t"][0], noise)  # DDIM starts from the noise itself
+    train, calib = next(iter(dm.train_dataloader())), next(iter(dm.calibration_dataloader()))
+    assert not torch.equal(train["x_t"][0], noise) and not torch.equal(calib["x_t"][0], noise)
+    assert OnTheFlyDataModule(**options).val_dataloader() == []  # no validation without the key
+    with pytest.raises(ValueError, match=r"data.init_args.val_trajectories=1: 0 \(no validation\) or at least "
+                                         r"data.init_args.batch_size=2"):
+        OnTheFlyDataModule(**options, val_trajectories=1)
+
+
 def test_lightning_checkpoint_resumes_the_teacher_forced_stream(tmp_path):
     teacher = make_teacher()
 

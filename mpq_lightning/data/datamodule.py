@@ -751,6 +751,21 @@ class TeacherForcedTrajectories:
             yield batch
 
 
+class _FromTheStart:
+    """A TeacherForcedTrajectories stream that starts from its first batch at every pass (validation
+    sees the same trajectories each time, where the training stream moves on to the next epoch)."""
+
+    def __init__(self, stream: TeacherForcedTrajectories) -> None:
+        self.stream = stream
+
+    def __len__(self) -> int:
+        return len(self.stream)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.stream.position = 0
+        return iter(self.stream)
+
+
 # -------------------------------------------------------------------------------------------------
 # On-the-fly DataModule (EfficientDM / MPQ-DM recipe): no cache, the teacher samples during training
 # -------------------------------------------------------------------------------------------------
@@ -764,6 +779,8 @@ class OnTheFlyDataModule(L.LightningDataModule):
     yourself with the QATModule's ``teacher`` outside the CLI). Conditions: ``class_labels``,
     ``cond_path`` (precomputed embeddings file, as for the cache) or ``random_conditions`` rows.
     Calibration draws from a separate stream (seed offset 10^6) so training data is unchanged by it.
+    ``val_trajectories`` > 0 adds validation on that many trajectories of a third stream (seed offset
+    2·10^6): the same trajectories at every validation, sampled by the teacher each time.
     """
 
     def __init__(
@@ -780,8 +797,13 @@ class OnTheFlyDataModule(L.LightningDataModule):
         class_labels: list[int] | None = None,
         cond_path: str | None = None,
         random_conditions: int | None = None,
+        val_trajectories: int = 0,
     ) -> None:
         super().__init__()
+        if val_trajectories < 0 or 0 < val_trajectories < batch_size:
+            raise ValueError(f"data.init_args.val_trajectories={val_trajectories}: 0 (no validation) or at least "
+                             f"data.init_args.batch_size={batch_size} (one trajectory batch per rank)")
+        self.val_trajectories = val_trajectories
         self.stream_args = dict(
             scheduler=scheduler, scheduler_config=scheduler_config, num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale, cfg_channels=cfg_channels, eta=eta, batch_size=batch_size,
@@ -805,11 +827,22 @@ class OnTheFlyDataModule(L.LightningDataModule):
         self.cond = {k[5:]: v for k, v in table.items() if k.startswith("cond.")}
         self.uncond = {k[7:]: v for k, v in table.items() if k.startswith("uncond.")} or None
 
-    def _make(self, seed: int) -> TeacherForcedTrajectories:
+    def _make(self, seed: int, **overrides: Any) -> TeacherForcedTrajectories:
         if self.teacher is None:
             raise RuntimeError("OnTheFlyDataModule needs the teacher: call prepare_cache(teacher) before fitting")
         return TeacherForcedTrajectories(self.teacher, self.cond, self.uncond, seed=seed,
-                                         random_conditions=False, **self.stream_args)
+                                         random_conditions=False, **{**self.stream_args, **overrides})
+
+    def val_dataloader(self) -> "_FromTheStart | list":
+        """``val_trajectories`` held-out trajectories (their own seeds), the same ones at every
+        validation; an empty list, so no validation, without them."""
+        if not self.val_trajectories:
+            return []
+        try:
+            stream = self._make(self.seed + 2 * 10**6, trajectories_per_epoch=self.val_trajectories)
+        except ValueError as err:
+            raise ValueError(f"data.init_args.val_trajectories={self.val_trajectories}: {err}") from err
+        return _FromTheStart(stream)
 
     def train_dataloader(self) -> TeacherForcedTrajectories:
         if self._stream is None:
