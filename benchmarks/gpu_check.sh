@@ -28,6 +28,7 @@ if [ -d /tmp/site_ds/deepspeed ]; then
   run 100 fit_deepspeed2_bf16 env PYTHONPATH=/tmp/site_ds:$PYTHONPATH DS_BUILD_OPS=0 python3 train.py $T --trainer.max_steps 2 --checkpoint_every_n_steps 2 --run_name gpu_ds --trainer.strategy deepspeed_stage_2 --trainer.precision bf16-mixed
   run 30 deepspeed_ckpt_no_frozen env PYTHONPATH=/tmp/site_ds:$PYTHONPATH python3 -c "import glob, torch; f = glob.glob('checkpoints/gpu_ds/last.ckpt/checkpoint/*model_states.pt')[0]; sd = torch.load(f, weights_only=False, map_location='cpu')['module']; bad = [k for k in sd if k.startswith('teacher.')]; print(len(sd), 'module keys,', len(bad), 'teacher keys'); assert sd and not bad"
   run 100 resume_deepspeed2_bf16 env PYTHONPATH=/tmp/site_ds:$PYTHONPATH DS_BUILD_OPS=0 python3 train.py $T --trainer.max_steps 4 --checkpoint_every_n_steps 2 --run_name gpu_ds --trainer.strategy deepspeed_stage_2 --trainer.precision bf16-mixed --ckpt_path last
+  run 100 fit_deepspeed2_32 env PYTHONPATH=/tmp/site_ds:$PYTHONPATH DS_BUILD_OPS=0 python3 train.py $T --trainer.max_steps 2 --run_name gpu_ds32 --trainer.strategy deepspeed_stage_2 --trainer.precision 32-true
 fi
 run 100 fit_bf16_compiled_model python3 train.py $T --trainer.max_steps 4 --run_name gpu_bfcm --trainer.precision bf16-mixed --model.compile_model true
 run 100 fit_bf16_compiled_model_1thread env TORCHINDUCTOR_COMPILE_THREADS=1 python3 train.py $T --trainer.max_steps 4 --run_name gpu_bfcm1 --trainer.precision bf16-mixed --model.compile_model true
