@@ -35,5 +35,6 @@ run 100 fit_bf16_compiled_model_1thread env TORCHINDUCTOR_COMPILE_THREADS=1 pyth
 run 200 step_time_cuda_mid python3 benchmarks/step_time.py --device cuda ${STEP_ARGS:---models mid-stdit --modes model --repeats 10} --out "$OUT/step_time_cuda.json"
 run 90 fit_fsdp_bf16 python3 train.py $T --trainer.max_steps 2 --checkpoint_every_n_steps 2 --run_name gpu_fsdp --trainer.strategy fsdp --trainer.precision bf16-mixed
 run 90 resume_fsdp_bf16 python3 train.py $T --trainer.max_steps 4 --checkpoint_every_n_steps 2 --run_name gpu_fsdp --trainer.strategy fsdp --trainer.precision bf16-mixed --ckpt_path last
+run 90 evaluate_fsdp_run python3 evaluate.py --config checkpoints/gpu_fsdp/config.yaml --eval.num_samples 4 --eval.device cuda
 run 60 fit_ddp_bf16 python3 train.py $T --trainer.max_steps 4 --run_name gpu_ddp --trainer.strategy ddp --trainer.precision bf16-mixed
 run 120 fit_16_compiled python3 train.py $T --trainer.max_steps 4 --run_name gpu_16c --trainer.precision 16-mixed --model.quant.compile_quantizers true
