@@ -137,11 +137,18 @@ def test_ranks_agree_when_another_job_finishes_the_cache_between_their_checks(tm
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         ctx = mp.start_processes(_race_worker, args=(str(tmp_path), port), nprocs=2, join=False, start_method="spawn")
-        while not (tmp_path / "at_lock0").exists():  # rank 0 has found no cache and waits for the lock
-            time.sleep(0.05)
+        deadline = time.monotonic() + 180  # bounded waits: a failure here must not stall the suite
+
+        def wait(done) -> None:
+            while not done():
+                if time.monotonic() > deadline:
+                    for process in ctx.processes:
+                        process.kill()
+                    pytest.fail("the two ranks did not get through ensure_cache within 180 s")
+
+        wait(lambda: (tmp_path / "at_lock0").exists() or ctx.join(timeout=0.05))  # rank 0 found no cache and waits
         (tmp_path / "staged" / "race").rename(tmp_path / "data" / "race")  # the other job finishes
-    while not ctx.join(timeout=120):
-        pass
+    wait(lambda: ctx.join(timeout=1))
     assert Path(tmp_path, "race0.ok").exists() and Path(tmp_path, "race1.ok").exists()
 
 
