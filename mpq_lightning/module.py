@@ -548,9 +548,9 @@ class QATModule(L.LightningModule):
             losses["trd"] = self.trd(f_s.float(), f_t.float(), generator=draw)
         if self.mtrd is not None:
             losses["mtrd"] = self.mtrd(f_s.float(), f_t.float(), self.memory_queue, generator=draw)
-            steps = batch["step_index"].tolist() if training else []
-            for i, step in enumerate(steps):  # same count on every rank: it is a collective under DDP
-                self.memory_queue_callback.enqueue_and_sync(f_t[i : i + 1].float(), int(step), channel_dim=self.feature_channel_dim)
+            if training:  # each sample's pixels at its own step; one gather for the batch (a collective under DDP)
+                self.memory_queue_callback.enqueue_many_and_sync(f_t.float(), batch["step_index"].tolist(),
+                                                                 channel_dim=self.feature_channel_dim)
         if cfg.tmd:
             losses["tmd"] = tmd_loss(out_s.float(), out_t.float(), self.teacher.num_frames, layout="b c f h w",
                                      tau=cfg.tmd_tau, legacy_reshape=cfg.tmd_legacy_reshape, weight=cfg.tmd_weight)

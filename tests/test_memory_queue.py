@@ -162,6 +162,15 @@ def _gloo_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> No
         apart = MemoryQueue(num_steps=3, pixels_per_step=8, seed=0)  # a shuffled stream: ranks at different steps
         apart.enqueue_and_sync(torch.randn(2, 4, 3, 3), step_index=rank)
         torch.save(apart.queue.state_dict(), Path(out_dir) / f"apart{rank}.pt")
+
+        # a batch's samples enqueued one call each, and in one call (one gather): the same queue
+        one, many = (MemoryQueue(num_steps=3, pixels_per_step=8, refresh=refresh, seed=0) for refresh in ("fifo", "fifo"))
+        feats = torch.randn(3, 4, 3, 3, generator=torch.Generator().manual_seed(7 + rank))
+        steps = [rank, 2, rank]  # the ranks at different steps, then at the same step
+        for i, step in enumerate(steps):
+            one.enqueue_and_sync(feats[i : i + 1], step)
+        many.enqueue_many_and_sync(feats, steps)
+        torch.save({"one": one.queue.state_dict(), "many": many.queue.state_dict()}, Path(out_dir) / f"many{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -188,6 +197,12 @@ def test_two_process_gloo_all_gather_keeps_queues_identical(tmp_path):
     a0, a1 = (torch.load(tmp_path / f"apart{r}.pt", weights_only=False) for r in (0, 1))
     assert torch.equal(a0["feats"], a1["feats"])
     assert a0["valid"].sum(dim=1).tolist() == [8, 8, 0]
+    # one gather for a whole batch writes exactly what one gather per sample writes, on every rank
+    m0, m1 = (torch.load(tmp_path / f"many{r}.pt", weights_only=False) for r in (0, 1))
+    for k, v in m0["one"].items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, m0["many"][k]) and torch.equal(v, m1["many"][k]) and torch.equal(v, m1["one"][k]), k
+    assert m0["one"]["valid"].sum(dim=1).tolist() == [8, 8, 8]
 
 
 # ==================================================================================================

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import warnings
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -183,17 +184,36 @@ class MemoryQueue(Callback):
         Returns:
             The vectors written this call (all ranks, rank order), ``[k_total, C]``.
         """
-        self._to_device(features.device)
+        return self.enqueue_many_and_sync([features], [step_index], num, channel_dim, generator)[0]
+
+    def enqueue_many_and_sync(
+        self,
+        features: Sequence[Tensor] | Tensor,
+        steps: Sequence[int],
+        num: int | None = None,
+        channel_dim: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> list[Tensor]:
+        """``enqueue_and_sync(features[i], steps[i])`` for i = 0, 1, ... (e.g. each sample of a batch at
+        its own step): the same pixels drawn and the same writes in the same order, with one gather of
+        all of them (two collectives and one host sync under DDP instead of that per call). A tensor
+        ``features`` stands for its rows ``features[i : i + 1]``. Collective: every rank, same count."""
+        if isinstance(features, Tensor):
+            features = [features[i : i + 1] for i in range(features.shape[0])]
+        if len(features) != len(steps):
+            raise ValueError(f"enqueue_many_and_sync: {len(features)} features for {len(steps)} steps")
+        if not features:
+            return []
+        self._to_device(features[0].device)
         world = self._world_size()
         if num is None:  # all_gather_ shares a slot's write among the ranks at that step
             num = self.queue.pixels_per_enqueue
-        vectors = self.queue.select_pixels(
-            features, num=num, generator=generator if generator is not None else self.generator, channel_dim=channel_dim
-        )
+        draw = generator if generator is not None else self.generator
+        vectors = [self.queue.select_pixels(f, num=num, generator=draw, channel_dim=channel_dim) for f in features]
         gather_fn = None
         if world > 1 and self._trainer is not None and self._pl_module is not None:
             gather_fn = self._pl_module.all_gather
-        return self.queue.all_gather_(vectors, step_index, gather_fn=gather_fn)
+        return self.queue.all_gather_many_(vectors, steps, gather_fn=gather_fn)
 
     def sample(self, num: int, mode: Literal["time_wise", "uniform"] = "time_wise", generator=None):
         """Shortcut for ``queue.sample`` with this callback's generator."""

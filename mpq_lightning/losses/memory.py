@@ -278,36 +278,65 @@ class TimeAwarePixelQueue(nn.Module):
         Returns:
             The gathered vectors, concatenated in rank order, ``[Σ k_r, C]``.
         """
-        step_index = self._check_step(step_index)
-        if vectors.dim() != 2:
-            raise ValueError(f"all_gather_: vectors must be [k, C], got shape {tuple(vectors.shape)}")
+        return self.all_gather_many_([vectors], [step_index], gather_fn, group)[0]
+
+    @torch.no_grad()
+    def all_gather_many_(
+        self,
+        vectors: Sequence[Tensor],
+        steps: Sequence[int],
+        gather_fn: GatherFn | None = None,
+        group=None,
+    ) -> list[Tensor]:
+        """``all_gather_(vectors[i], steps[i])`` for i = 0, 1, ... in one go: the same writes in the same
+        order, with two collectives and one host sync in all instead of two collectives and a few syncs
+        per call (a batch's samples, each at its own step). Every rank passes the same number of calls.
+
+        Returns:
+            Per call, the gathered vectors concatenated in rank order.
+        """
+        steps = [self._check_step(s) for s in steps]
+        if len(vectors) != len(steps):
+            raise ValueError(f"all_gather_many_: {len(vectors)} vector sets for {len(steps)} steps")
+        for v in vectors:
+            if v.dim() != 2:
+                raise ValueError(f"all_gather_: vectors must be [k, C], got shape {tuple(v.shape)}")
+        if not vectors:
+            return []
         if gather_fn is None:
             if _dist_world_size(group) <= 1:
-                self.write_(vectors, step_index)
-                return vectors
+                for v, s in zip(vectors, steps):
+                    self.write_(v, s)
+                return list(vectors)
 
             def gather_fn(t: Tensor) -> Tensor:
                 return _dist_gather(t, group)
 
-        meta = torch.tensor([vectors.shape[0], step_index], dtype=torch.long, device=vectors.device)
+        first = vectors[0]
+        meta = torch.tensor([[v.shape[0], s] for v, s in zip(vectors, steps)], dtype=torch.long, device=first.device)
         metas = gather_fn(meta)
-        if metas.dim() == 1:  # world size 1
+        if metas.dim() == 2:  # world size 1
             metas = metas.unsqueeze(0)
-        kmax = int(metas[:, 0].max())
-        padded = vectors.new_zeros(kmax, vectors.shape[1])
-        padded[: vectors.shape[0]] = vectors
+        metas = metas.tolist()  # [rank][call] = [count, step]: the one host sync
+        kmax = max(count for rank in metas for count, _ in rank)
+        padded = first.new_zeros(len(vectors), kmax, first.shape[1])
+        for i, v in enumerate(vectors):
+            padded[i, : v.shape[0]] = v
         gathered = gather_fn(padded)
-        if gathered.dim() == 2:
+        if gathered.dim() == 3:
             gathered = gathered.unsqueeze(0)
-        per_rank = [gathered[r, : int(metas[r, 0])] for r in range(gathered.shape[0])]
-        steps = [int(metas[r, 1]) for r in range(gathered.shape[0])]
-        for s in dict.fromkeys(steps):  # unique steps, first-appearance (rank) order
-            parts = [v for v, st in zip(per_rank, steps) if st == s]
-            if sum(v.shape[0] for v in parts) > self.pixels_per_step:
-                share = -(-self.pixels_per_step // len(parts))
-                parts = [v[:share] for v in parts]
-            self.write_(torch.cat(parts), s)
-        return torch.cat(per_rank)
+        out = []
+        for i in range(len(vectors)):  # each call's writes, in call order, as separate all_gather_ calls make them
+            per_rank = [gathered[r, i, : metas[r][i][0]] for r in range(len(metas))]
+            rank_steps = [metas[r][i][1] for r in range(len(metas))]
+            for s in dict.fromkeys(rank_steps):  # unique steps, first-appearance (rank) order
+                parts = [v for v, st in zip(per_rank, rank_steps) if st == s]
+                if sum(v.shape[0] for v in parts) > self.pixels_per_step:
+                    share = -(-self.pixels_per_step // len(parts))
+                    parts = [v[:share] for v in parts]
+                self.write_(torch.cat(parts), s)
+            out.append(torch.cat(per_rank))
+        return out
 
     # ----------------------------------------------------------------------------------------------
     # Sampling
