@@ -104,7 +104,10 @@ class UniformQuantizer(nn.Module):
 
 
 def _check_step_range(idx: Tensor, num_steps: int) -> None:
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= num_steps):
+    if not idx.numel():
+        return
+    lo, hi = torch.stack(torch.aminmax(idx)).tolist() if idx.dim() else (int(idx),) * 2  # one host sync
+    if lo < 0 or hi >= num_steps:
         raise IndexError(f"step index {idx.tolist()} out of range for a table of {num_steps} steps")
 
 
