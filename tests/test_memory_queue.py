@@ -355,6 +355,29 @@ def test_module_enqueues_each_samples_own_teacher_pixels_at_its_step(model):
             assert (own[1 - sample] - v).abs().amax(-1).min() > 1e-4
 
 
+def test_the_queue_reads_the_step_indices_from_the_host_copy_made_before_the_transfer():
+    """``on_before_batch_transfer`` keeps the batch's step indices as a host list and ``compute_losses``
+    writes the queue from it, not from the (GPU) tensor: no device-to-host sync per step for it."""
+    from mpq_lightning.models import random_cond
+    from mpq_lightning.module import CalibConfig, LossConfig, QATModule
+    from mpq_lightning.quant import QuantConfig
+
+    torch.manual_seed(0)
+    module = QATModule("tiny-stdit", {}, QuantConfig(w_bits=4, a_bits=8, num_steps=4, lora_rank=2), True,
+                       LossConfig(mse_reduction="mean", mtrd=True, mtrd_anchors=16, mtrd_memory_samples=16),
+                       calib=CalibConfig(num_batches=1))
+    t = module.teacher
+    batch = {"x_t": torch.randn(2, *t.latent_shape), "t": torch.tensor([900, 300]), "step_index": torch.tensor([1, 3]),
+             "cond": random_cond(t, 2, 0)}
+    moved = module.on_before_batch_transfer(batch, 0)
+    assert moved["step_index_host"] == [1, 3] and "step_index_host" not in batch  # the loader's batch is untouched
+    module.calibrate_from(type("DM", (), {"train_dataloader": lambda self: [batch]})())
+    queue = MemoryQueue(num_steps=4, pixels_per_step=8)
+    queue.attach(module)
+    module.compute_losses({**moved, "step_index_host": [0, 2]})  # a host copy that disagrees decides the slots
+    assert queue.queue.valid.sum(dim=1).tolist() == [8, 0, 8, 0]
+
+
 def test_cached_teacher_output_is_the_target_when_the_teacher_runs_for_features():
     """With MTRD the teacher runs for its features, but the ε-MSE / TMD target is still the cache's
     fp32 teacher output (a live forward runs under the trainer's autocast)."""
