@@ -1166,6 +1166,12 @@ def test_deepspeed_gets_the_micro_batch_size_our_batch_yielding_loaders_hide():
     other = SimpleNamespace(config={})  # DDP, FSDP, ...: untouched
     fill_deepspeed_micro_batch(other, SimpleNamespace(batch_size=6))
     assert other.config == {}
+    from mpq_lightning.data import OnTheFlyDataModule, TrajectoryDataModule
+
+    for dm in (TrajectoryDataModule("data/none", batch_size=5), OnTheFlyDataModule(batch_size=5)):  # the real ones
+        s = strategy({})
+        fill_deepspeed_micro_batch(s, dm)
+        assert s.config["train_micro_batch_size_per_gpu"] == 5
 
 
 def test_a_module_cast_to_bf16_calibrates_from_fp32_batches_and_trains():

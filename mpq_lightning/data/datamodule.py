@@ -449,6 +449,11 @@ class TrajectoryDataModule(L.LightningDataModule):
         self._loader: _ResumableLoader | None = None
         self._position = {"epoch": 0, "batches": 0}
 
+    @property
+    def batch_size(self) -> int:
+        """Samples per batch and rank (``data.init_args.batch_size``)."""
+        return self.options["batch_size"]
+
     def setup(self, stage: str | None = None) -> None:
         """Open the cache: manifest, identity `expect`ations, file sizes (and checksums for verify="full")."""
         if self.cache is None:
@@ -815,6 +820,12 @@ class OnTheFlyDataModule(L.LightningDataModule):
         self.teacher: Denoiser | None = None
         self._stream: TeacherForcedTrajectories | None = None
         self._position = 0
+
+    @property
+    def batch_size(self) -> int:
+        """Trajectories per batch and rank (``data.init_args.batch_size``; with guidance a batch holds
+        twice as many rows, cond then uncond)."""
+        return self.stream_args["batch_size"]
 
     def prepare_cache(self, teacher: Denoiser) -> None:
         """Keep the (frozen) teacher and build the condition table; nothing is written to disk."""
