@@ -319,14 +319,6 @@ class QATModule(L.LightningModule):
         self.student.eval()
         return self
 
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Keep the batch's sampler-step indices as a host list (``step_index_host``) before the batch
-        moves to the GPU: the memory queue needs them as Python ints, and reading them back from the
-        device would cost a host sync every step."""
-        if isinstance(batch, dict) and isinstance(step := batch.get("step_index"), Tensor) and step.device.type == "cpu":
-            batch = {**batch, "step_index_host": step.tolist()}
-        return batch
-
     def setup(self, stage: str) -> None:
         """Runs before the strategy's own setup. DeepSpeed needs a micro-batch size in its config
         (for its throughput logging and batch bookkeeping); Lightning reads it off the dataloader's
@@ -557,6 +549,7 @@ class QATModule(L.LightningModule):
         if self.mtrd is not None:
             losses["mtrd"] = self.mtrd(f_s.float(), f_t.float(), self.memory_queue, generator=draw)
             if training:  # each sample's pixels at its own step; one gather for the batch (a collective under DDP)
+                # the data modules' host copy of the step indices: reading the tensor back costs a GPU sync
                 steps = batch.get("step_index_host") or batch["step_index"].tolist()
                 self.memory_queue_callback.enqueue_many_and_sync(f_t.float(), steps, channel_dim=self.feature_channel_dim)
         if cfg.tmd:

@@ -174,8 +174,8 @@ def test_compile_switches_train_through_the_app(workdir):
     assert a == pytest.approx(b, rel=1e-5) and a == pytest.approx(c, rel=1e-5) and torch.isfinite(torch.tensor(c))
 
 
-def _fit_with_stop(workdir, run: str, stop: int, config: str = TINY, every: int = 2):
-    """Like ``fit`` but with a StopAt callback added through the config."""
+def _fit_with_stop(workdir, run: str, stop: int, config: str = TINY, every: int = 2, extra: tuple = ()):
+    """Like ``fit`` but with a StopAt callback added through the config (``extra``: more arguments)."""
     cfg = workdir / f"stop_{run}.yaml"
     cfg.write_text(
         "trainer:\n  callbacks:\n    - class_path: test_app.StopAt\n      init_args: {step: %d}\n" % stop
@@ -183,9 +183,25 @@ def _fit_with_stop(workdir, run: str, stop: int, config: str = TINY, every: int 
     sys.path.insert(0, str(Path(__file__).parent))
     try:
         return main(["--config", config, "--config", str(cfg), "--run_name", run, *QUIET,
-                     "--trainer.max_steps", "4", "--checkpoint_every_n_steps", str(every)])
+                     "--trainer.max_steps", "4", "--checkpoint_every_n_steps", str(every), *extra])
     finally:
         sys.path.remove(str(Path(__file__).parent))
+
+
+def test_resume_with_validation_after_every_step_is_exact(workdir):
+    """With validation on (as in the embedded default), stopping after 2 of 4 steps and resuming with
+    ``--ckpt_path last`` gives the uninterrupted run's student and memory queue: neither the resumed
+    run's sanity check nor the validations between steps change anything training computes."""
+    val = ("--data.init_args.val_trajectories", "[3]", "--trainer.val_check_interval", "1")
+    full = fit("--trainer.max_steps", "4", "--checkpoint_every_n_steps", "2", *val, run="val_full")
+    assert _fit_with_stop(workdir, "val_half", stop=2, extra=val).trainer.global_step == 2
+    resumed = fit("--trainer.max_steps", "4", "--checkpoint_every_n_steps", "2", "--ckpt_path", "last", *val,
+                  run="val_half")
+    a, b = _student_state(full), _student_state(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+    torch.testing.assert_close(resumed.model.memory_queue.feats, full.model.memory_queue.feats, rtol=0, atol=1e-6)
 
 
 def test_resume_inside_a_trd_window_is_exact(workdir):

@@ -355,27 +355,34 @@ def test_module_enqueues_each_samples_own_teacher_pixels_at_its_step(model):
             assert (own[1 - sample] - v).abs().amax(-1).min() > 1e-4
 
 
-def test_the_queue_reads_the_step_indices_from_the_host_copy_made_before_the_transfer():
-    """``on_before_batch_transfer`` keeps the batch's step indices as a host list and ``compute_losses``
-    writes the queue from it, not from the (GPU) tensor: no device-to-host sync per step for it."""
+def test_the_queue_reads_the_step_indices_from_the_data_modules_host_copy(tmp_path):
+    """Both data modules hand the batch's step indices over as a host list too (``step_index_host``),
+    and ``compute_losses`` writes the queue from it, not from the (GPU) tensor: no device-to-host sync
+    per step for it. Without the list (a user's own data) the tensor is read."""
+    from mpq_lightning.data import OnTheFlyDataModule, TrajectoryDataModule, synthesize_cache
     from mpq_lightning.models import random_cond
     from mpq_lightning.module import CalibConfig, LossConfig, QATModule
     from mpq_lightning.quant import QuantConfig
 
+    cache = synthesize_cache(tmp_path / "c", (4, 4, 8, 8), 4, [0, 2, 4], shard_size=2, num_conditions=2)
+    stream = OnTheFlyDataModule(scheduler="ddim", num_inference_steps=3, guidance_scale=4.0, batch_size=2,
+                                trajectories_per_epoch=2, random_conditions=2)
     torch.manual_seed(0)
     module = QATModule("tiny-stdit", {}, QuantConfig(w_bits=4, a_bits=8, num_steps=4, lora_rank=2), True,
                        LossConfig(mse_reduction="mean", mtrd=True, mtrd_anchors=16, mtrd_memory_samples=16),
                        calib=CalibConfig(num_batches=1))
+    stream.prepare_cache(module.teacher)
+    for batch in [*TrajectoryDataModule(str(cache), batch_size=5).train_dataloader(), *stream.train_dataloader()]:
+        assert batch["step_index_host"] == batch["step_index"].tolist()
     t = module.teacher
     batch = {"x_t": torch.randn(2, *t.latent_shape), "t": torch.tensor([900, 300]), "step_index": torch.tensor([1, 3]),
              "cond": random_cond(t, 2, 0)}
-    moved = module.on_before_batch_transfer(batch, 0)
-    assert moved["step_index_host"] == [1, 3] and "step_index_host" not in batch  # the loader's batch is untouched
     module.calibrate_from(type("DM", (), {"train_dataloader": lambda self: [batch]})())
-    queue = MemoryQueue(num_steps=4, pixels_per_step=8)
-    queue.attach(module)
-    module.compute_losses({**moved, "step_index_host": [0, 2]})  # a host copy that disagrees decides the slots
-    assert queue.queue.valid.sum(dim=1).tolist() == [8, 0, 8, 0]
+    for host, slots in (([0, 2], [8, 0, 8, 0]), (None, [0, 8, 0, 8])):
+        queue = MemoryQueue(num_steps=4, pixels_per_step=8)
+        queue.attach(module)
+        module.compute_losses({**batch, "step_index_host": host} if host else batch)  # a disagreeing host copy decides
+        assert queue.queue.valid.sum(dim=1).tolist() == slots
 
 
 def test_cached_teacher_output_is_the_target_when_the_teacher_runs_for_features():

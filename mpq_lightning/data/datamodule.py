@@ -306,6 +306,7 @@ class TrajectoryDataset(IterableDataset):
         batch: dict[str, Any] = {k: v for k, v in packed.items() if k != "ids"}
         batch.update({k: packed["ids"][:, i] for i, k in enumerate(_IDS)})
         batch["cond"] = {k: v[batch["branch"], batch["cond_index"]] for k, v in self._tables.items()}
+        batch["step_index_host"] = batch["step_index"].tolist()  # for the memory queue, without a GPU sync
         return batch
 
 
@@ -749,6 +750,7 @@ class TeacherForcedTrajectories:
                 "branch": torch.arange(repeat).repeat_interleave(len(ids)),
                 "trajectory": ids.repeat(repeat),
                 "cond_index": rows.repeat(repeat),
+                "step_index_host": [i] * len(x_in),  # for the memory queue, without a GPU sync
             }
             if use_cfg:
                 out = guide(*out.chunk(2), self.guidance_scale, channels)
