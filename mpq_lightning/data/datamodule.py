@@ -578,12 +578,11 @@ class TrajectoryDataModule(L.LightningDataModule):
         next_epoch``, continues with the next epoch (the rest of the interrupted one is skipped). At an
         epoch's end any layout continues with the next epoch."""
         epoch, batches = int(state["epoch"]), int(state["batches"])
-        saved = state.get("layout")
-        if batches == 0 or saved is None:
+        if batches == 0 or state.get("layout") is None:
             return {"epoch": epoch, "batches": batches}
+        saved = {**_LAYOUT_DEFAULTS, **state["layout"]}
         current = self._current_layout(world_size)
-        changed = [k for k in _ORDER_KEYS
-                   if (k in saved or k in _LAYOUT_DEFAULTS) and saved.get(k, _LAYOUT_DEFAULTS.get(k)) != current[k]]
+        changed = [k for k in _ORDER_KEYS if k in saved and saved[k] != current[k]]
         if not changed:
             return {"epoch": epoch, "batches": batches}
         if batches >= self._saved_epoch_batches(saved):  # saved at the end of an epoch (older checkpoints)
@@ -595,7 +594,7 @@ class TrajectoryDataModule(L.LightningDataModule):
         raise ValueError(
             f"TrajectoryDataModule ({self.cache_dir}): the checkpoint stopped in the middle of epoch {epoch} "
             f"({batches} batches delivered on each rank) with another data layout: "
-            + "; ".join(f"{k}: saved {saved.get(k, _LAYOUT_DEFAULTS.get(k))!r}, now {current[k]!r}" for k in changed)
+            + "; ".join(f"{k}: saved {saved[k]!r}, now {current[k]!r}" for k in changed)
             + ". The rest of that epoch is only defined for the saved layout (another one would skip or repeat "
             "samples): resume with the saved values (world_size = trainer devices x num_nodes; the others are "
             "data.init_args keys), or set data.init_args.on_layout_change next_epoch to skip the rest of the "
@@ -606,7 +605,7 @@ class TrajectoryDataModule(L.LightningDataModule):
         """Batches per epoch and rank under a saved layout (inf when it cannot be rebuilt)."""
         self.setup()
         try:
-            options = {**{k: layout[k] if k in layout else _LAYOUT_DEFAULTS[k] for k in self.options}, "teacher_output": False}
+            options = {**{k: layout[k] for k in self.options}, "teacher_output": False}
             return len(self._dataset(0, layout["world_size"], **options))
         except (KeyError, TypeError, ValueError):
             return float("inf")

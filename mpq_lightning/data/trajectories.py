@@ -541,6 +541,20 @@ _REPAIR = ("; a run with the cache's recipe (data.init_args.recipe, or python -m
            "regenerates missing and truncated shards and keeps the others")
 
 
+def _file_problem(directory: Path, record: Mapping[str, Any], hash_it: bool) -> str | None:
+    """What is wrong with a file that a manifest lists (missing, another size, with ``hash_it`` another
+    sha256), naming it; None when it is intact. The readers refuse such a file, `ensure_cache` repairs it."""
+    path = directory / record["file"]
+    if not path.is_file():
+        return f"{path}: missing file listed in {directory / MANIFEST}"
+    size = path.stat().st_size
+    if size != record["bytes"]:
+        return f"{path}: {size} bytes, the manifest says {record['bytes']} (truncated or rewritten)"
+    if hash_it and _sha256_file(path) != record["sha256"]:
+        return f"{path}: sha256 does not match the manifest (corrupt file; delete it)"
+    return None
+
+
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
 
@@ -667,7 +681,7 @@ class ShardWriter:
     def damaged_files(self, stored: Mapping[str, Any]) -> list[str]:
         """Files of a complete manifest (shards, the condition table) missing or not of the recorded size."""
         return [record["file"] for record in [*stored["shards"], stored["conditions_file"]]
-                if not (path := self.directory / record["file"]).is_file() or path.stat().st_size != record["bytes"]]
+                if _file_problem(self.directory, record, hash_it=False)]
 
     def reopen(self, stored: Mapping[str, Any], damaged: list[str]) -> None:
         """Turn a complete cache with damaged files back into an unfinished generation of the same
@@ -1014,15 +1028,9 @@ class TrajectoryCache:
             self._check_file(record, hash_it=verify == "full")
 
     def _check_file(self, record: Mapping[str, Any], hash_it: bool) -> Path:
-        path = self.directory / record["file"]
-        if not path.is_file():
-            raise CacheError(f"{path}: missing file listed in {self.directory / MANIFEST}{_REPAIR}")
-        size = path.stat().st_size
-        if size != record["bytes"]:
-            raise CacheError(f"{path}: {size} bytes, the manifest says {record['bytes']} (truncated or rewritten){_REPAIR}")
-        if hash_it and _sha256_file(path) != record["sha256"]:
-            raise CacheError(f"{path}: sha256 does not match the manifest (corrupt file; delete it){_REPAIR}")
-        return path
+        if problem := _file_problem(self.directory, record, hash_it):
+            raise CacheError(f"{problem}{_REPAIR}")
+        return self.directory / record["file"]
 
     # ---- facts ------------------------------------------------------------------------------------
 

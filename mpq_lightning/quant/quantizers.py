@@ -106,7 +106,7 @@ class UniformQuantizer(nn.Module):
 def _check_step_range(idx: Tensor, num_steps: int) -> None:
     if not idx.numel():
         return
-    lo, hi = torch.stack(torch.aminmax(idx)).tolist() if idx.dim() else (int(idx),) * 2  # one host sync
+    lo, hi = torch.stack(torch.aminmax(idx)).tolist()  # one host sync
     if lo < 0 or hi >= num_steps:
         raise IndexError(f"step index {idx.tolist()} out of range for a table of {num_steps} steps")
 
