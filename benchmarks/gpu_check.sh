@@ -20,7 +20,8 @@ T="--config configs/tiny/stdit_w3a6.yaml --trainer.accelerator gpu --trainer.dev
 # most wanted first: DeepSpeed (its two fixes from the H100 run are unverified there), the compiled fit that did
 # not exit (with inductor's compile-worker pool and without it), the mid-size step time; then the checks that
 # passed on the H100 (FSDP fit + resume, DDP). $OUT/summary.txt grows check by check if a call is cut short;
-# each output line carries its time, to tell a slow compile from a hang at exit
+# each output line carries its time, to tell a slow compile from a hang at exit; the compiled fits also print
+# every thread's stack every 30 s (benchmarks/run_with_stacks.py: SIGABRT printed nothing there on the H100)
 # one wheel at a time: the binary ones exist for cp310 / cp311 / cp312 and only the matching one installs
 for w in .whl/deepspeed/*.whl; do python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site_ds "$w" > /dev/null 2>&1; done
 if [ -d /tmp/site_ds/deepspeed ]; then
@@ -30,8 +31,8 @@ if [ -d /tmp/site_ds/deepspeed ]; then
   run 100 resume_deepspeed2_bf16 env PYTHONPATH=/tmp/site_ds:$PYTHONPATH DS_BUILD_OPS=0 python3 train.py $T --trainer.max_steps 4 --checkpoint_every_n_steps 2 --run_name gpu_ds --trainer.strategy deepspeed_stage_2 --trainer.precision bf16-mixed --ckpt_path last
   run 100 fit_deepspeed2_32 env PYTHONPATH=/tmp/site_ds:$PYTHONPATH DS_BUILD_OPS=0 python3 train.py $T --trainer.max_steps 2 --run_name gpu_ds32 --trainer.strategy deepspeed_stage_2 --trainer.precision 32-true
 fi
-run 100 fit_bf16_compiled_model python3 train.py $T --trainer.max_steps 4 --run_name gpu_bfcm --trainer.precision bf16-mixed --model.compile_model true
-run 100 fit_bf16_compiled_model_1thread env TORCHINDUCTOR_COMPILE_THREADS=1 python3 train.py $T --trainer.max_steps 4 --run_name gpu_bfcm1 --trainer.precision bf16-mixed --model.compile_model true
+run 120 fit_bf16_compiled_model python3 benchmarks/run_with_stacks.py 30 train.py $T --trainer.max_steps 4 --run_name gpu_bfcm --trainer.precision bf16-mixed --model.compile_model true
+run 120 fit_bf16_compiled_model_1thread env TORCHINDUCTOR_COMPILE_THREADS=1 python3 benchmarks/run_with_stacks.py 30 train.py $T --trainer.max_steps 4 --run_name gpu_bfcm1 --trainer.precision bf16-mixed --model.compile_model true
 run 200 step_time_cuda_mid python3 benchmarks/step_time.py --device cuda ${STEP_ARGS:---models mid-stdit --modes model --repeats 10} --out "$OUT/step_time_cuda.json"
 run 90 fit_fsdp_bf16 python3 train.py $T --trainer.max_steps 2 --checkpoint_every_n_steps 2 --run_name gpu_fsdp --trainer.strategy fsdp --trainer.precision bf16-mixed
 run 90 resume_fsdp_bf16 python3 train.py $T --trainer.max_steps 4 --checkpoint_every_n_steps 2 --run_name gpu_fsdp --trainer.strategy fsdp --trainer.precision bf16-mixed --ckpt_path last

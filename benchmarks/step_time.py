@@ -3,37 +3,44 @@
     python benchmarks/step_time.py [--device cpu|cuda] [--repeats 20] [--threads N] [--modes eager,quantizers,model]
                                    [--breakdown] [--models tiny-stdit,mid-stdit]
 
-For each model (the tiny STDiT and a mid-size STDiT) it times, after warm-up, the median of:
+For each model (the tiny STDiT and a mid-size STDiT) it times these training steps:
 * FP step: forward + MSE to a target + backward + fused AdamW step over all backbone parameters,
   eager, and (with mode ``model``) with the backbone compiled;
 * QAT step: ``QATModule.compute_losses`` (frozen teacher + fake-quantized student, W3A6 with FZ-RMQ,
   OOLRI, TQE, MTRD, TMD) + backward + the module's own AdamW step over the trainable quantization
   state, in each mode: ``eager``; ``quantizers`` (``QuantConfig.compile_quantizers``: torch.compile
   of the element-wise quantizer math); ``model`` (``QATModule(compile_model=True)``: student and
-  teacher backbones compiled whole). Compilation happens in the warm-up and is not timed;
+  teacher backbones compiled whole);
 * the same eager QAT step with every quantizer switched off (teacher forward, LoRA student, losses,
   AdamW): the floor that no eager quantizer speed-up can go below.
-Ratios are against the eager FP step; the compiled-model step is also given against the compiled FP
-step. ``--breakdown`` also times the parts of each QAT step on their own (frozen-teacher forward,
-student forward, ``compute_losses`` = both forwards + losses + memory-queue writes, backward,
-optimiser; medians) and writes them as ``<mode>_phases_s``, the eager FP step's as ``fp_phases_s``.
+Every step is warmed up first (compilation happens there and is not timed). Then ``--repeats``
+rounds each run every step once, in an order rotated each round, so that the machine's slow drift
+falls on all of them alike. ``<step>_step_s`` is a step's median time; ``<step>_ratio`` is the
+median of the per-round ratios to the eager FP step of the same round (``_q1_q3``: their quartiles).
+The compiled-model step is also given against the compiled FP step. ``--breakdown`` also times the
+parts of each QAT step on their own, afterwards (frozen-teacher forward, student forward,
+``compute_losses`` = both forwards + losses + memory-queue writes, backward, optimiser; medians) and
+writes them as ``<mode>_phases_s``, the eager FP step's as ``fp_phases_s``.
 Writes benchmarks/results/step_time_<device>.json. Targets (issue 7): ratio <= 1.6 on CPU, <= 1.3 on
 GPU.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
+from mpq_lightning.callbacks.memory_queue import MemoryQueue
 from mpq_lightning.models import build
 from mpq_lightning.module import CalibConfig, LossConfig, OptimConfig, QATModule
-from mpq_lightning.quant import QuantConfig
+from mpq_lightning.quant import QuantConfig, set_quant_state
 
 MODELS = {
     "tiny-stdit": {},
@@ -122,43 +129,96 @@ def phase_times(module: QATModule, opt: torch.optim.Optimizer, b: dict, repeats:
                                       forward_key="compute_losses")}
 
 
+def interleaved(steps: dict, repeats: int, device) -> dict[str, list[float]]:
+    """Seconds of one call of each ``steps[name] = (prepare, step)`` per round, ``repeats`` rounds.
+
+    Every round runs every step once, in an order rotated each round, so slow drift of the machine
+    (other tenants, clocks) falls on all steps alike; ratios are then taken within a round."""
+    names = list(steps)
+    times = {n: [] for n in names}
+    for r in range(repeats):
+        k = r % len(names)
+        for n in names[k:] + names[:k]:
+            prepare, step = steps[n]
+            prepare()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[n].append(time.perf_counter() - t0)
+    return times
+
+
+def paired_ratio(num: list[float], den: list[float]) -> tuple[float, list[float]]:
+    """Median and quartiles of the per-round ratios ``num[r] / den[r]``."""
+    ratios = [a / b for a, b in zip(num, den)]
+    q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+    return statistics.median(ratios), [q1, q3]
+
+
 def bench(name: str, kwargs: dict, batch: int, repeats: int, device, modes: list[str], breakdown: bool = False) -> dict:
     # -- FP training step (fused AdamW where torch has it, as QATModule uses by default) --------
     fp = build(name.replace("mid-stdit", "tiny-stdit"), **kwargs).to(device)
     b = batch_for(fp, batch, device)
     target = torch.randn_like(fp(b["x_t"], b["t"], b["cond"], None))
-    opt = torch.optim.AdamW(fp.parameters(), lr=1e-5, fused=True)
 
-    def fp_step():
-        loss = (fp(b["x_t"], b["t"], b["cond"], None) - target).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    def fp_step_for(model):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
 
-    row = {"model": name, "params": sum(p.numel() for p in fp.parameters()), "batch": batch}
-    row["fp_step_s"] = t_fp = timed(fp_step, repeats, device)
-    if breakdown:
-        row["fp_phases_s"] = loss_backward_optimizer(
-            lambda: (fp(b["x_t"], b["t"], b["cond"], None) - target).pow(2).mean(), opt, repeats, device)
+        def step():
+            loss = (model(b["x_t"], b["t"], b["cond"], None) - target).pow(2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return step, opt
+
+    none = lambda: None  # noqa: E731
+    fp_step, fp_opt = fp_step_for(fp)
+    steps = {"fp": (none, fp_step)}
+    warmups = {"fp": 3}
     if "model" in modes:  # the fair baseline for a compiled QAT step is a compiled FP step
-        fp.backbone.compile()
-        row["fp_compiled_step_s"] = timed(fp_step, repeats, device, warmup=5)
+        fp_c = copy.deepcopy(fp)
+        fp_c.backbone.compile()
+        steps["fp_compiled"] = (none, fp_step_for(fp_c)[0])
+        warmups["fp_compiled"] = 5
+    modules = {}
     for mode in modes:
         key, compile_quantizers, compile_model = MODES[mode]
-        t_qat, t_floor, phases = qat_step_time(name, kwargs, b, repeats, device, compile_quantizers, compile_model,
-                                               breakdown)
-        row[f"{key}_step_s"], row[f"{key}_ratio"] = t_qat, t_qat / t_fp
-        if phases:
-            row[f"{key}_phases_s"] = phases
-        if compile_model:
-            row[f"{key}_ratio_vs_fp_compiled"] = t_qat / row["fp_compiled_step_s"]
-        if t_floor is not None:
-            row["no_quantizers_step_s"], row["no_quantizers_ratio"] = t_floor, t_floor / t_fp
+        module, qopt, qat_step = qat_setup(name, kwargs, b, device, compile_quantizers, compile_model)
+        modules[key] = (module, qopt)
+        quant_on = partial(set_quant_state, module.student.backbone, True, True)
+        steps[key] = (quant_on, qat_step)
+        warmups[key] = 5 if compile_quantizers or compile_model else 3
+        if not (compile_quantizers or compile_model):  # the same step, every quantizer off: the eager floor
+            steps["no_quantizers"] = (partial(set_quant_state, module.student.backbone, False, False), qat_step)
+            warmups["no_quantizers"] = 3
+    for n, (prepare, step) in steps.items():  # compilation happens here, untimed
+        for _ in range(warmups[n]):
+            prepare()
+            step()
+    times = interleaved(steps, repeats, device)
+
+    row = {"model": name, "params": sum(p.numel() for p in fp.parameters()), "batch": batch, "rounds": repeats}
+    for n, ts in times.items():
+        row[f"{n}_step_s"] = statistics.median(ts)
+        if n != "fp":
+            row[f"{n}_ratio"], row[f"{n}_ratio_q1_q3"] = paired_ratio(ts, times["fp"])
+    if "qat_compiled_model" in times:
+        row["qat_compiled_model_ratio_vs_fp_compiled"], row["qat_compiled_model_ratio_vs_fp_compiled_q1_q3"] = \
+            paired_ratio(times["qat_compiled_model"], times["fp_compiled"])
+    if breakdown:
+        row["fp_phases_s"] = loss_backward_optimizer(
+            lambda: (fp(b["x_t"], b["t"], b["cond"], None) - target).pow(2).mean(), fp_opt, repeats, device)
+        for key, (module, qopt) in modules.items():
+            set_quant_state(module.student.backbone, True, True)
+            row[f"{key}_phases_s"] = phase_times(module, qopt, b, repeats, device)
     return row
 
 
-def qat_step_time(name: str, kwargs: dict, b: dict, repeats: int, device, compile_quantizers: bool,
-                  compile_model: bool, breakdown: bool = False) -> tuple[float, float | None, dict | None]:
+def qat_setup(name: str, kwargs: dict, b: dict, device, compile_quantizers: bool, compile_model: bool):
+    """A calibrated ``QATModule`` with our full method, its own optimiser and one training step on ``b``."""
     quant = QuantConfig(w_bits=3, a_bits=6, num_steps=10, w_quantizer="fzrmq", lora_rank=8, lora_init="svd_weight_error",
                         lora_quantized_base=True, tqe=True, compile_quantizers=compile_quantizers)
     loss = LossConfig(mse_reduction="mean", mtrd=True, mtrd_anchors=256, mtrd_memory_samples=256, tmd=True)
@@ -166,9 +226,6 @@ def qat_step_time(name: str, kwargs: dict, b: dict, repeats: int, device, compil
                        CalibConfig(num_batches=2), compile_model=compile_model).to(device)
     b = {k: v for k, v in b.items() if k != "teacher_output"}
     module.calibrate_from(_Calib(b))
-    from mpq_lightning.callbacks.memory_queue import MemoryQueue
-    from mpq_lightning.quant import set_quant_state
-
     set_quant_state(module.student.backbone, True, True)
     if compile_model:  # as QATModule.on_fit_start does after calibration
         module.compile_backbones()
@@ -185,13 +242,7 @@ def qat_step_time(name: str, kwargs: dict, b: dict, repeats: int, device, compil
         total.backward()
         qopt.step()
 
-    t_qat = timed(qat_step, repeats, device, warmup=5 if compile_quantizers or compile_model else 3)
-    phases = phase_times(module, qopt, b, repeats, device) if breakdown else None
-    t_floor = None
-    if not (compile_quantizers or compile_model):  # the same step, every quantizer off: teacher, LoRA student, losses, AdamW
-        set_quant_state(module.student.backbone, False, False)
-        t_floor = timed(qat_step, repeats, device)
-    return t_qat, t_floor, phases
+    return module, qopt, qat_step
 
 
 def main() -> None:
@@ -218,21 +269,24 @@ def main() -> None:
     out = Path(args.out or Path(__file__).parent / "results" / f"step_time_{device.type}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": [],
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "timing": "interleaved rounds, paired ratios",
+            "rows": [],
             "method": "W3A6 FZ-RMQ + OOLRI(svd_weight_error, quantized base, r=8) + TQE + MTRD + TMD, TALSQ 10 steps"}
     rows = info["rows"]
     for n in models:  # written after each model, so a run cut short keeps the rows it finished
         rows.append(bench(n, MODELS[n], args.batch, args.repeats, device, modes, args.breakdown))
         out.write_text(json.dumps(info, indent=2))
     for r in rows:
-        qat = ", ".join(f"{label} {r[k + '_step_s'] * 1e3:.1f} ms (ratio {r[k + '_ratio']:.2f})"
+        qat = ", ".join(f"{label} {r[k + '_step_s'] * 1e3:.1f} ms (ratio {r[k + '_ratio']:.2f}, "
+                        f"quartiles {r[k + '_ratio_q1_q3'][0]:.2f}-{r[k + '_ratio_q1_q3'][1]:.2f})"
                         for k, label in (("qat", "QAT eager"), ("qat_compiled", "QAT compiled quantizers"),
                                          ("qat_compiled_model", "QAT compiled model"),
                                          ("no_quantizers", "same step, quantizers off")) if k + "_step_s" in r)
         if "fp_compiled_step_s" in r:
             qat += (f", FP compiled {r['fp_compiled_step_s'] * 1e3:.1f} ms (compiled QAT / compiled FP "
                     f"{r['qat_compiled_model_ratio_vs_fp_compiled']:.2f})")
-        print(f"{r['model']:>10} ({r['params'] / 1e6:.2f} M params, batch {r['batch']}): FP {r['fp_step_s'] * 1e3:.1f} ms, {qat}")
+        print(f"{r['model']:>10} ({r['params'] / 1e6:.2f} M params, batch {r['batch']}, {r['rounds']} rounds): "
+              f"FP {r['fp_step_s'] * 1e3:.1f} ms, {qat}")
         for k in [k for k in r if k.endswith("_phases_s")]:
             print(f"{'':>10} {k[:-len('_phases_s')]} phases: " + ", ".join(f"{p} {v * 1e3:.1f} ms" for p, v in r[k].items()))
     print(f"-> {out}")
