@@ -1,7 +1,7 @@
 """Training-step time: our full method (QATModule) vs the same backbone's plain FP training step.
 
     python benchmarks/step_time.py [--device cpu|cuda] [--repeats 20] [--threads N] [--modes eager,quantizers,model]
-                                   [--breakdown] [--models tiny-stdit,mid-stdit]
+                                   [--breakdown] [--models tiny-stdit,mid-stdit] [--compile-cache DIR]
 
 For each model (the tiny STDiT and a mid-size STDiT) it times these training steps:
 * FP step: forward + MSE to a target + backward + fused AdamW step over all backbone parameters,
@@ -10,10 +10,13 @@ For each model (the tiny STDiT and a mid-size STDiT) it times these training ste
   OOLRI, TQE, MTRD, TMD) + backward + the module's own AdamW step over the trainable quantization
   state, in each mode: ``eager``; ``quantizers`` (``QuantConfig.compile_quantizers``: torch.compile
   of the element-wise quantizer math); ``model`` (``QATModule(compile_model=True)``: student and
-  teacher backbones compiled whole);
+  teacher backbones compiled whole); ``blocks`` (the same with ``compile_scope="blocks"``: each
+  transformer block compiled, blocks alike sharing a graph, the rest eager);
 * the same eager QAT step with every quantizer switched off (teacher forward, LoRA student, losses,
   AdamW): the floor that no eager quantizer speed-up can go below.
-Every step is warmed up first (compilation happens there and is not timed). Then ``--repeats``
+Every step is warmed up first (compilation happens there); ``<step>_first_step_s`` is its first call,
+compiling included. Each step compiles into a fresh inductor cache folder unless ``--compile-cache``
+names one, so compiles are cold, as in a user's first run (in-process caches aside). Then ``--repeats``
 rounds each run every step once, in an order rotated each round, so that the machine's slow drift
 falls on all of them alike. ``<step>_step_s`` is a step's median time; ``<step>_ratio`` is the
 median of the per-round ratios to the eager FP step of the same round (``_q1_q3``: their quartiles).
@@ -29,8 +32,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import statistics
+import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -89,10 +94,11 @@ def timed(fn, repeats: int, device, warmup: int = 3, prepare=None) -> float:
     return statistics.median(times)
 
 
-MODES = {  # QAT step variants: (key, QuantConfig.compile_quantizers, QATModule.compile_model)
-    "eager": ("qat", False, False),
-    "quantizers": ("qat_compiled", True, False),
-    "model": ("qat_compiled_model", False, True),
+MODES = {  # QAT step variants: (key, QuantConfig.compile_quantizers, QATModule.compile_model / compile_scope)
+    "eager": ("qat", False, None),
+    "quantizers": ("qat_compiled", True, None),
+    "model": ("qat_compiled_model", False, "model"),
+    "blocks": ("qat_compiled_blocks", False, "blocks"),
 }
 
 
@@ -158,7 +164,8 @@ def paired_ratio(num: list[float], den: list[float]) -> tuple[float, list[float]
     return statistics.median(ratios), [q1, q3]
 
 
-def bench(name: str, kwargs: dict, batch: int, repeats: int, device, modes: list[str], breakdown: bool = False) -> dict:
+def bench(name: str, kwargs: dict, batch: int, repeats: int, device, modes: list[str], breakdown: bool = False,
+          fresh_cache: bool = True) -> dict:
     # -- FP training step (fused AdamW where torch has it, as QATModule uses by default) --------
     fp = build(name.replace("mid-stdit", "tiny-stdit"), **kwargs).to(device)
     b = batch_for(fp, batch, device)
@@ -185,8 +192,9 @@ def bench(name: str, kwargs: dict, batch: int, repeats: int, device, modes: list
         warmups["fp_compiled"] = 5
     modules = {}
     for mode in modes:
-        key, compile_quantizers, compile_model = MODES[mode]
-        module, qopt, qat_step = qat_setup(name, kwargs, b, device, compile_quantizers, compile_model)
+        key, compile_quantizers, compile_scope = MODES[mode]
+        compile_model = compile_scope is not None
+        module, qopt, qat_step = qat_setup(name, kwargs, b, device, compile_quantizers, compile_scope)
         modules[key] = (module, qopt)
         quant_on = partial(set_quant_state, module.student.backbone, True, True)
         steps[key] = (quant_on, qat_step)
@@ -194,13 +202,20 @@ def bench(name: str, kwargs: dict, batch: int, repeats: int, device, modes: list
         if not (compile_quantizers or compile_model):  # the same step, every quantizer off: the eager floor
             steps["no_quantizers"] = (partial(set_quant_state, module.student.backbone, False, False), qat_step)
             warmups["no_quantizers"] = 3
-    for n, (prepare, step) in steps.items():  # compilation happens here, untimed
-        for _ in range(warmups[n]):
+    row = {"model": name, "params": sum(p.numel() for p in fp.parameters()), "batch": batch, "rounds": repeats}
+    for n, (prepare, step) in steps.items():  # compilation happens here, outside the rounds
+        if fresh_cache:  # each step compiles cold: nothing from the variants compiled before it
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"step_time_inductor_{n}_")
+        for i in range(warmups[n]):
             prepare()
+            t0 = time.perf_counter()
             step()
+            if i == 0:  # the first call: compiling included (a cold compile unless inductor's cache has it)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                row[f"{n}_first_step_s"] = time.perf_counter() - t0
     times = interleaved(steps, repeats, device)
 
-    row = {"model": name, "params": sum(p.numel() for p in fp.parameters()), "batch": batch, "rounds": repeats}
     for n, ts in times.items():
         row[f"{n}_step_s"] = statistics.median(ts)
         if n != "fp":
@@ -217,17 +232,19 @@ def bench(name: str, kwargs: dict, batch: int, repeats: int, device, modes: list
     return row
 
 
-def qat_setup(name: str, kwargs: dict, b: dict, device, compile_quantizers: bool, compile_model: bool):
-    """A calibrated ``QATModule`` with our full method, its own optimiser and one training step on ``b``."""
+def qat_setup(name: str, kwargs: dict, b: dict, device, compile_quantizers: bool, compile_scope: str | None):
+    """A calibrated ``QATModule`` with our full method, its own optimiser and one training step on ``b``
+    (``compile_scope``: ``QATModule.compile_scope`` with ``compile_model``; None: not compiled)."""
     quant = QuantConfig(w_bits=3, a_bits=6, num_steps=10, w_quantizer="fzrmq", lora_rank=8, lora_init="svd_weight_error",
                         lora_quantized_base=True, tqe=True, compile_quantizers=compile_quantizers)
     loss = LossConfig(mse_reduction="mean", mtrd=True, mtrd_anchors=256, mtrd_memory_samples=256, tmd=True)
     module = QATModule(name.replace("mid-stdit", "tiny-stdit"), kwargs, quant, True, loss, OptimConfig(lora_lr=1e-4),
-                       CalibConfig(num_batches=2), compile_model=compile_model).to(device)
+                       CalibConfig(num_batches=2), compile_model=compile_scope is not None,
+                       compile_scope=compile_scope or "model").to(device)
     b = {k: v for k, v in b.items() if k != "teacher_output"}
     module.calibrate_from(_Calib(b))
     set_quant_state(module.student.backbone, True, True)
-    if compile_model:  # as QATModule.on_fit_start does after calibration
+    if compile_scope is not None:  # as QATModule.on_fit_start does after calibration
         module.compile_backbones()
     queue = MemoryQueue(num_steps=10, pixels_per_step=64)
     queue.attach(module)
@@ -255,10 +272,15 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {list(MODELS)}")
     ap.add_argument("--breakdown", action="store_true", help="also time each phase of the QAT step (<mode>_phases_s)")
     ap.add_argument("--modes", default="eager,quantizers,model",
-                    help="comma-separated QAT step variants: eager, quantizers (compile_quantizers), model (compile_model)")
+                    help="comma-separated QAT step variants: eager, quantizers (compile_quantizers), model (compile_model), "
+                         "blocks (compile_model with compile_scope blocks)")
+    ap.add_argument("--compile-cache", default=None,
+                    help="inductor's cache folder (TORCHINDUCTOR_CACHE_DIR); default: a fresh one, so compiles are cold")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.compile_cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = args.compile_cache
     device = torch.device(args.device)
     modes = [m for m in args.modes.split(",") if m]
     if bad := [m for m in modes if m not in MODES]:
@@ -274,13 +296,15 @@ def main() -> None:
             "method": "W3A6 FZ-RMQ + OOLRI(svd_weight_error, quantized base, r=8) + TQE + MTRD + TMD, TALSQ 10 steps"}
     rows = info["rows"]
     for n in models:  # written after each model, so a run cut short keeps the rows it finished
-        rows.append(bench(n, MODELS[n], args.batch, args.repeats, device, modes, args.breakdown))
+        rows.append(bench(n, MODELS[n], args.batch, args.repeats, device, modes, args.breakdown,
+                          fresh_cache=args.compile_cache is None))
         out.write_text(json.dumps(info, indent=2))
     for r in rows:
         qat = ", ".join(f"{label} {r[k + '_step_s'] * 1e3:.1f} ms (ratio {r[k + '_ratio']:.2f}, "
                         f"quartiles {r[k + '_ratio_q1_q3'][0]:.2f}-{r[k + '_ratio_q1_q3'][1]:.2f})"
                         for k, label in (("qat", "QAT eager"), ("qat_compiled", "QAT compiled quantizers"),
                                          ("qat_compiled_model", "QAT compiled model"),
+                                         ("qat_compiled_blocks", "QAT compiled blocks"),
                                          ("no_quantizers", "same step, quantizers off")) if k + "_step_s" in r)
         if "fp_compiled_step_s" in r:
             qat += (f", FP compiled {r['fp_compiled_step_s'] * 1e3:.1f} ms (compiled QAT / compiled FP "

@@ -18,7 +18,7 @@ import json
 import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -113,6 +113,7 @@ class CalibConfig:
 
 
 #: why DeepSpeed ZeRO-3 is refused (by the CLI by name, and at fit start however configured)
+COMPILE_SCOPES = ("model", "blocks")  # QATModule(compile_scope=...)
 ZERO3_REFUSAL = ("trainer.strategy: DeepSpeed ZeRO stage 3 partitions the parameters between forwards and would drop "
                  "the quantizer calibration; use deepspeed_stage_2 (optionally _offload) or fsdp")
 
@@ -199,8 +200,12 @@ class QATModule(L.LightningModule):
         loss, optim, calib: see the dataclasses above.
         gradient_checkpointing: recompute the student's blocks in backward (XL models at batch 4).
         compile_model: run the student and teacher backbones through ``torch.compile`` once the
-            quantizers are calibrated (whole forward graphs, quantizer math fused into them; single
-            device or DDP). Needs a C++ compiler on CPU, Triton on CUDA.
+            quantizers are calibrated (quantizer math fused into the graphs; single device or DDP).
+            Needs a C++ compiler on CPU, Triton on CUDA.
+        compile_scope: what ``compile_model`` compiles. ``"model"``: each backbone whole, one graph
+            (the fastest steps; the cold compile grows with depth). ``"blocks"``: each member of the
+            backbone's outermost ``nn.ModuleList`` s (the repeated transformer / UNet blocks), the rest
+            eager; blocks alike share one compiled graph, so the cold compile does not grow with depth.
     """
 
     def __init__(
@@ -214,13 +219,16 @@ class QATModule(L.LightningModule):
         calib: CalibConfig = CalibConfig(),
         gradient_checkpointing: bool = False,
         compile_model: bool = False,
+        compile_scope: Literal["model", "blocks"] = "model",
     ) -> None:
         super().__init__()
         from .models import build
 
+        if compile_scope not in COMPILE_SCOPES:
+            raise ValueError(f"model.compile_scope must be one of {COMPILE_SCOPES}, got {compile_scope!r}")
         self.save_hyperparameters()
         self.model_name, self.loss_cfg, self.optim_cfg, self.calib_cfg = model, loss, optim, calib
-        self.compile_model = compile_model
+        self.compile_model, self.compile_scope = compile_model, compile_scope
         teacher = build(model, **(model_kwargs or {}))
         if use_model_defaults:
             quant = copy.deepcopy(quant)
@@ -414,11 +422,32 @@ class QATModule(L.LightningModule):
             broadcast(tensor, src=0)
         self.student.load_state_dict(state)
 
+    def compile_units(self) -> list[str]:
+        """Names (in the backbone) of the modules ``compile_scope`` compiles: ``[""]`` (the backbone)
+        for ``"model"``; for ``"blocks"`` the members of the teacher backbone's outermost
+        ``nn.ModuleList`` s (taken from the FP teacher, so the quantized layers' own lists of
+        corrections never count), the same names in the student."""
+        if self.compile_scope == "model":
+            return [""]
+        lists: list[str] = []
+        for name, m in self.teacher.backbone.named_modules():
+            if isinstance(m, nn.ModuleList) and not any(name.startswith(f"{o}.") for o in lists):
+                lists.append(name)
+        return [f"{name}.{i}" for name in lists for i in range(len(self.teacher.backbone.get_submodule(name)))]
+
     def compile_backbones(self) -> None:
-        """``nn.Module.compile()`` of the student and teacher backbones (lazy: compiled on first
-        call; the state-dict keys stay those of the eager modules)."""
-        self.student.backbone.compile()
-        self.teacher.backbone.compile()
+        """``nn.Module.compile()`` of the student's and teacher's :meth:`compile_units` (lazy:
+        compiled on first call; the state-dict keys stay those of the eager modules)."""
+        units = self.compile_units()
+        if self.compile_scope == "blocks":
+            # every compiled block shares nn.Module's call code object, and so dynamo's per-code cache:
+            # allow each block a few graphs (grad / no-grad, training / CFG batch, its own bits)
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(units))
+            torch._dynamo.config.accumulated_recompile_limit = max(
+                torch._dynamo.config.accumulated_recompile_limit, 16 * len(units))
+        for backbone in (self.student.backbone, self.teacher.backbone):
+            for name in units:
+                backbone.get_submodule(name).compile()
 
     def check_strategy(self, trainer: L.Trainer) -> None:
         """Refuse sharding this module cannot train under, naming the key. Calibration and the sampling
@@ -470,6 +499,9 @@ class QATModule(L.LightningModule):
             if self.quant_cfg.compile_quantizers:
                 check_compile_support(trainer.strategy.root_device)
             return
+        if not self.compile_units():
+            raise ValueError(f"model.compile_scope=blocks: the {self.model_name} backbone has no nn.ModuleList of "
+                             "blocks; set model.compile_scope model")
         strategy = type(trainer.strategy).__name__
         if "FSDP" in strategy or "DeepSpeed" in strategy:
             raise ValueError(f"model.compile_model=true is supported on a single device and with DDP, not with "

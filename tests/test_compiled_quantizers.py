@@ -111,7 +111,7 @@ class _OneBatch:
         return [self.batch]
 
 
-def _qat_module(**kwargs):
+def _qat_module(depth: int = 1, **kwargs):
     from mpq_lightning.models import random_cond
     from mpq_lightning.module import CalibConfig, LossConfig, OptimConfig, QATModule
     from mpq_lightning.quant import QuantConfig
@@ -119,7 +119,7 @@ def _qat_module(**kwargs):
     torch.manual_seed(0)
     quant = QuantConfig(w_bits=3, a_bits=6, num_steps=4, w_quantizer="fzrmq", lora_rank=2, lora_init="svd_weight_error",
                         lora_quantized_base=True, tqe=True, tqe_frame_scale="all")
-    module = QATModule("tiny-stdit", {"config": {"depth": 1}}, quant, True, LossConfig(mse_reduction="mean"),
+    module = QATModule("tiny-stdit", {"config": {"depth": depth}}, quant, True, LossConfig(mse_reduction="mean"),
                        OptimConfig(lora_lr=1e-4), CalibConfig(num_batches=1), **kwargs)
     with torch.no_grad():  # the official zero-initialised output layers would hide the student's error
         for p in module.teacher.parameters():
@@ -168,6 +168,66 @@ def test_compiled_model_is_one_graph_with_eager_values_and_gradients():
         assert set(gc) == set(ge) and len(ge) >= 10  # LoRA, weight/act steps, zero points, b1, b2, TQE, ...
         for name in ge:
             torch.testing.assert_close(gc[name], ge[name], rtol=1e-3, atol=1e-6, msg=name)
+
+
+def _blocks_run(depth: int):
+    """Eager and then block-compiled (``compile_scope="blocks"``) outputs, distillation feature and
+    gradients of a depth-``depth`` student, and how many graphs dynamo compiled for it."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    module, b = _qat_module(depth, compile_model=True, compile_scope="blocks")
+    student = module.student
+    trainable = {n: p for n, p in student.named_parameters() if p.requires_grad}
+
+    def run():
+        for p in trainable.values():
+            p.grad = None
+        out = student(b["x_t"], b["t"], b["cond"], b["step_index"])
+        feat = module._feat_s.value
+        (out.pow(2).mean() + feat.pow(2).mean()).backward()
+        return out.detach(), feat.detach(), {n: p.grad.clone() for n, p in trainable.items() if p.grad is not None}
+
+    eager = run()
+    module.compile_backbones()
+    assert module.compile_units() == [f"blocks.{i}" for i in range(depth)]
+    assert all(student.backbone.get_submodule(n)._compiled_call_impl is not None for n in module.compile_units())
+    assert student.backbone._compiled_call_impl is None  # the rest stays eager
+    compiled = run()
+    return eager, compiled, torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+@needs_cpp
+def test_compiled_blocks_give_eager_values_and_share_graphs_across_depth():
+    """``compile_scope="blocks"`` compiles each transformer block, not the backbone: the student gives
+    the eager output, feature and every gradient, and blocks alike share their compiled graph, so a
+    deeper model compiles no more graphs (the cold compile does not grow with depth)."""
+    eager, compiled, graphs_2 = _blocks_run(2)
+    (oe, fe, ge), (oc, fc, gc) = eager, compiled
+    torch.testing.assert_close(oc, oe, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fc, fe, rtol=1e-5, atol=1e-5)
+    assert set(gc) == set(ge) and len(ge) >= 10
+    for name in ge:
+        torch.testing.assert_close(gc[name], ge[name], rtol=1e-3, atol=1e-6, msg=name)
+    *_, graphs_4 = _blocks_run(4)
+    assert graphs_2 >= 1 and graphs_4 == graphs_2
+
+
+def test_compile_scope_is_checked_naming_the_key():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    from mpq_lightning.module import QATModule
+
+    with pytest.raises(ValueError, match="model.compile_scope must be one of"):
+        QATModule("tiny-stdit", {"config": {"depth": 1}}, compile_model=True, compile_scope="layers")
+    module = QATModule("tiny-stdit", {"config": {"depth": 1}}, compile_model=True, compile_scope="blocks")
+    module.teacher.backbone = nn.Linear(2, 2)  # a backbone without a list of blocks
+    module._trainer = SimpleNamespace(strategy=SingleDeviceStrategy("cpu"), precision="32-true")
+    with pytest.raises(ValueError, match="model.compile_scope=blocks: the tiny-stdit backbone has no nn.ModuleList"):
+        module.check_compile_settings(module._trainer)
 
 
 def test_compile_model_is_refused_under_fsdp_and_cpu_16_bit_naming_the_key():
