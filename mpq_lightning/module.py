@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .losses import MemoryRelationLoss, TimeSmoothedRelationLoss, output_mse, tmd_loss
-from .quant import QuantConfig, calibrate, quantize_model, set_quant_state
+from .quant import QuantConfig, calibrate, checkpoint_with_step_index, quantize_model, set_quant_state
 from .quant.layers import QuantLayer
 from .quant.quantizers import TimestepActQuantizer
 from .quant.functional import check_compile_support
@@ -244,6 +244,7 @@ class QATModule(L.LightningModule):
         student = copy.deepcopy(teacher)
         quantize_model(student.backbone, quant, layer_info=self._layer_info_fn(teacher))
         self.student = student.eval()
+        self.gradient_checkpointing = gradient_checkpointing
         if gradient_checkpointing:
             self._enable_checkpointing(self.student.backbone)
         self._fp_keys = {f"student.{k}" for k in teacher.state_dict()}
@@ -285,10 +286,12 @@ class QATModule(L.LightningModule):
     @staticmethod
     def _enable_checkpointing(backbone: nn.Module) -> None:
         """Activation checkpointing of the student's blocks (our STDiT, or diffusers' switch)."""
+        # recomputation in backward needs the step index of the forward (TALSQ): checkpoint_with_step_index
         if hasattr(backbone, "grad_checkpointing"):
             backbone.grad_checkpointing = True
+            backbone.grad_checkpointing_func = checkpoint_with_step_index
         elif hasattr(backbone, "enable_gradient_checkpointing"):
-            backbone.enable_gradient_checkpointing()
+            backbone.enable_gradient_checkpointing(checkpoint_with_step_index)
         else:
             raise ValueError(f"gradient_checkpointing: {type(backbone).__name__} has no checkpointing switch")
 
@@ -499,6 +502,11 @@ class QATModule(L.LightningModule):
             if self.quant_cfg.compile_quantizers:
                 check_compile_support(trainer.strategy.root_device)
             return
+        if self.gradient_checkpointing and self.compile_scope == "model":
+            # a checkpointed block inside one traced graph may not write Python state, and the distillation
+            # feature is kept by a forward hook on a block: dynamo gives up on the whole graph there
+            raise ValueError("model.gradient_checkpointing=true with model.compile_model=true needs "
+                             "model.compile_scope blocks (checkpointed blocks around compiled ones)")
         if not self.compile_units():
             raise ValueError(f"model.compile_scope=blocks: the {self.model_name} backbone has no nn.ModuleList of "
                              "blocks; set model.compile_scope model")

@@ -214,6 +214,57 @@ def test_compiled_blocks_give_eager_values_and_share_graphs_across_depth():
     assert graphs_2 >= 1 and graphs_4 == graphs_2
 
 
+def _student_grads(module, b):
+    student = module.student
+    trainable = {n: p for n, p in student.named_parameters() if p.requires_grad}
+    for p in trainable.values():
+        p.grad = None
+    out = student(b["x_t"], b["t"], b["cond"], b["step_index"])
+    (out.pow(2).mean() + module._feat_s.value.pow(2).mean()).backward()
+    return out.detach(), {n: p.grad.clone() for n, p in trainable.items() if p.grad is not None}
+
+
+def _assert_same_grads(got, want):
+    (og, gg), (ow, gw) = got, want
+    torch.testing.assert_close(og, ow, rtol=1e-5, atol=1e-5)
+    assert set(gg) == set(gw) and len(gw) >= 10
+    for name in gw:
+        torch.testing.assert_close(gg[name], gw[name], rtol=1e-3, atol=1e-6, msg=name)
+
+
+def test_gradient_checkpointing_recomputes_with_the_forward_step_index():
+    """``gradient_checkpointing=True`` recomputes each student block in backward, after the step-index
+    context of the forward has exited: the TALSQ quantizers get the forward's per-sample index back for
+    the recomputation (before, backward raised "TimestepActQuantizer needs the sampler step index"),
+    so output and every gradient equal the run without checkpointing, and the index is unset after."""
+    from mpq_lightning.quant import TimestepActQuantizer
+
+    module, b = _qat_module(2)
+    want = _student_grads(module, b)
+    module._enable_checkpointing(module.student.backbone)
+    assert module.student.backbone.grad_checkpointing
+    _assert_same_grads(_student_grads(module, b), want)
+    quantizers = [m for m in module.student.modules() if isinstance(m, TimestepActQuantizer)]
+    assert quantizers and all(q.step_index is None and q._shared is None for q in quantizers)
+
+
+@needs_cpp
+def test_gradient_checkpointing_under_compiled_blocks():
+    """Checkpointed blocks under ``compile_model`` with ``compile_scope="blocks"``: eager checkpointing
+    around compiled blocks, recomputed with the forward's step index, gives the eager gradients (the
+    step-index cache steps aside in compiled code, so the recomputation hits the forward's graph)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    module, b = _qat_module(2, compile_model=True, compile_scope="blocks", gradient_checkpointing=True)
+    module.student.backbone.grad_checkpointing = False
+    want = _student_grads(module, b)
+    module.student.backbone.grad_checkpointing = True
+    module.compile_backbones()
+    _assert_same_grads(_student_grads(module, b), want)
+    _assert_same_grads(_student_grads(module, b), want)  # the compiled graphs again
+
+
 def test_compile_scope_is_checked_naming_the_key():
     from types import SimpleNamespace
 
@@ -223,6 +274,13 @@ def test_compile_scope_is_checked_naming_the_key():
 
     with pytest.raises(ValueError, match="model.compile_scope must be one of"):
         QATModule("tiny-stdit", {"config": {"depth": 1}}, compile_model=True, compile_scope="layers")
+    module = QATModule("tiny-stdit", {"config": {"depth": 1}}, compile_model=True, gradient_checkpointing=True)
+    module._trainer = SimpleNamespace(strategy=SingleDeviceStrategy("cpu"), precision="32-true")
+    with pytest.raises(ValueError, match="gradient_checkpointing=true with model.compile_model=true needs "
+                                         "model.compile_scope blocks"):
+        module.check_compile_settings(module._trainer)
+    module.compile_scope = "blocks"
+    module.check_compile_settings(module._trainer)  # accepted
     module = QATModule("tiny-stdit", {"config": {"depth": 1}}, compile_model=True, compile_scope="blocks")
     module.teacher.backbone = nn.Linear(2, 2)  # a backbone without a list of blocks
     module._trainer = SimpleNamespace(strategy=SingleDeviceStrategy("cpu"), precision="32-true")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import numpy as np
@@ -74,6 +74,10 @@ _LAYER_KIND_PATTERNS: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"(?:^|\.)blocks\.\d+\.cross_attn\.proj$"), "cross_proj"),
     (re.compile(r"(?:^|\.)blocks\.\d+\.mlp\.fc[12]$"), "mlp"),
 ]
+
+
+def _checkpoint(block: nn.Module, *args):
+    return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
 
 
 def stdit_layer_kind(module_name: str) -> str:
@@ -438,6 +442,9 @@ class STDiT(nn.Module):
         self.enable_layernorm_kernel = enable_layernorm_kernel
         self.enable_sequence_parallelism = False
         self.grad_checkpointing = False
+        # how a block is checkpointed, called as f(block, *inputs) like diffusers' gradient_checkpointing_func;
+        # None: torch's non-reentrant checkpoint
+        self.grad_checkpointing_func: Callable | None = None
         # facts for TQE / TMD: latent frames and spatial tokens per temporal token
         self.num_frames = input_size[0]
         self.tokens_per_frame = self.num_spatial
@@ -522,7 +529,7 @@ class STDiT(nn.Module):
         for i, block in enumerate(self.blocks):
             tpe = self.pos_embed_temporal if i == 0 else None
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, y, t0, key_mask, tpe, use_reentrant=False)
+                x = (self.grad_checkpointing_func or _checkpoint)(block, x, y, t0, key_mask, tpe)
             else:
                 x = block(x, y, t0, key_mask, tpe)
 

@@ -26,6 +26,7 @@ from .quantizers import (
     UniformQuantizer,
     observed_rows,
     resample_step_table,
+    checkpoint_with_step_index,
     step_index_context,
 )
 from .lora_init import InputStats, oolri_init, oolri_init_layer, svd_factors
@@ -57,7 +58,7 @@ from .export import (
 )
 
 __all__ = [
-    "DynamicTokenQuantizer", "LayerReport", "LayerSpec", "LoRA", "QuantConfig", "QuantConv1d", "QuantConv2d",
+    "checkpoint_with_step_index", "DynamicTokenQuantizer", "LayerReport", "LayerSpec", "LoRA", "QuantConfig", "QuantConv1d", "QuantConv2d",
     "QuantConv3d", "QuantLayer", "QuantLinear", "TimestepActQuantizer", "UniformQuantizer", "calibrate",
     "fake_quantize", "init_grid_search", "init_lp_search", "init_minmax", "observed_rows", "plan_quantization",
     "print_quantization_report", "qparams_from_range", "qrange", "quant_layers", "quantize_model",

@@ -5,12 +5,14 @@ is registered at construction, so a checkpoint restores it strictly before any c
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Iterator
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from .functional import assign_, fake_quantize, init_qparams, lsq_grad_scale, qrange
@@ -174,6 +176,8 @@ class TimestepActQuantizer(nn.Module):
             idx = torch.as_tensor(self.step_index, device=device, dtype=torch.long)
             _check_step_range(idx, self.num_steps)
             return _expand_index(idx, n)
+        if torch.compiler.is_compiling():  # in a graph the cache's writes would be side effects, its keys guards
+            return _expand_index(torch.as_tensor(self.step_index, device=device, dtype=torch.long), n)
         cache = shared[1]
         if (n, device) not in cache:
             cache[n, device] = _expand_index(torch.as_tensor(self.step_index, device=device, dtype=torch.long), n)
@@ -307,6 +311,43 @@ def step_index_context(model: nn.Module, step_index: int | Tensor | None) -> Ite
         for q, (p, sh) in zip(quantizers, previous):
             setattr_(q, "step_index", p)
             setattr_(q, "_shared", sh)
+
+
+def checkpoint_with_step_index(module: nn.Module, *args):
+    """``torch.utils.checkpoint`` (non-reentrant) of ``module(*args)`` whose recomputation in backward
+    sees the step index that the forward saw. The TALSQ quantizers read it from
+    :func:`step_index_context`, which has exited by the time backward recomputes the block; this
+    hands them the forward's index again for the recomputation only. The backbones' gradient
+    checkpointing calls it (STDiT's ``grad_checkpointing_func``, diffusers'
+    ``enable_gradient_checkpointing``). Inside a compiled graph the index is a graph input and the
+    recomputation happens in the traced backward, so plain checkpointing is used there."""
+    if torch.compiler.is_compiling():
+        return torch.utils.checkpoint.checkpoint(module, *args, use_reentrant=False)
+    return torch.utils.checkpoint.checkpoint(module, *args, use_reentrant=False,
+                                             context_fn=lambda: _replay_step_index(module))
+
+
+def _replay_step_index(module: nn.Module):
+    """``(forward context, recomputation context)`` for :func:`checkpoint_with_step_index`: the second
+    sets the step index the quantizers of ``module`` hold now, and restores theirs afterwards."""
+    quantizers = step_quantizers(module)
+    saved = [(q.step_index, q._shared) for q in quantizers]
+
+    @contextmanager
+    def replay() -> Iterator[None]:
+        setattr_ = object.__setattr__
+        previous = [(q.step_index, q._shared) for q in quantizers]
+        for q, (index, shared) in zip(quantizers, saved):
+            setattr_(q, "step_index", index)
+            setattr_(q, "_shared", shared)
+        try:
+            yield
+        finally:
+            for q, (index, shared) in zip(quantizers, previous):
+                setattr_(q, "step_index", index)
+                setattr_(q, "_shared", shared)
+
+    return contextlib.nullcontext(), replay()
 
 
 # ---------------------------------------------------------------------------------------------
