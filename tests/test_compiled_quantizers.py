@@ -248,6 +248,31 @@ def test_gradient_checkpointing_recomputes_with_the_forward_step_index():
     assert quantizers and all(q.step_index is None and q._shared is None for q in quantizers)
 
 
+@pytest.mark.parametrize("name", ["tiny-dit", "tiny-latte", "tiny-cogvideox", "tiny-wan"])
+def test_gradient_checkpointing_of_diffusers_backbones_recomputes_with_the_step_index(name):
+    """The same through diffusers' ``enable_gradient_checkpointing(fn)``: the first block runs twice
+    (forward and recomputation) and output and gradients equal the run without checkpointing."""
+    from mpq_lightning.models import random_cond
+    from mpq_lightning.module import CalibConfig, LossConfig, OptimConfig, QATModule
+    from mpq_lightning.quant import QuantConfig
+
+    torch.manual_seed(0)
+    module = QATModule(name, {}, QuantConfig(w_bits=3, a_bits=6, num_steps=4, lora_rank=2), True,
+                       LossConfig(mse_reduction="mean"), OptimConfig(), CalibConfig(num_batches=1))
+    t = module.teacher
+    b = {"x_t": torch.randn(2, *t.latent_shape), "t": torch.tensor([900, 100]), "step_index": torch.tensor([0, 3]),
+         "cond": random_cond(t, 2, 0, length=6, num_classes=3)}
+    module.calibrate_from(_OneBatch(b))
+    set_quant_state(module.student.backbone, True, True)
+    want = _student_grads(module, b)
+    module._enable_checkpointing(module.student.backbone)
+    first = next(m for m in module.student.backbone.modules() if isinstance(m, nn.ModuleList))[0]
+    calls = []
+    first.register_forward_pre_hook(lambda *_: calls.append(1))
+    _assert_same_grads(_student_grads(module, b), want)
+    assert len(calls) == 2  # forward and recomputation in backward
+
+
 @needs_cpp
 def test_gradient_checkpointing_under_compiled_blocks():
     """Checkpointed blocks under ``compile_model`` with ``compile_scope="blocks"``: eager checkpointing
