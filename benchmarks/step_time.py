@@ -84,14 +84,19 @@ def timed(fn, repeats: int, device, warmup: int = 3, prepare=None) -> float:
     for _ in range(repeats):
         if prepare is not None:
             prepare()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        times.append(_once(fn, device))
     return statistics.median(times)
+
+
+def _once(fn, device) -> float:
+    """Seconds of one ``fn()``, the device's queued work included."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
 
 
 MODES = {  # QAT step variants: (key, QuantConfig.compile_quantizers, QATModule.compile_model / compile_scope)
@@ -147,13 +152,7 @@ def interleaved(steps: dict, repeats: int, device) -> dict[str, list[float]]:
         for n in names[k:] + names[:k]:
             prepare, step = steps[n]
             prepare()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[n].append(time.perf_counter() - t0)
+            times[n].append(_once(step, device))
     return times
 
 
@@ -208,12 +207,9 @@ def bench(name: str, kwargs: dict, batch: int, repeats: int, device, modes: list
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"step_time_inductor_{n}_")
         for i in range(warmups[n]):
             prepare()
-            t0 = time.perf_counter()
-            step()
-            if i == 0:  # the first call: compiling included (a cold compile unless inductor's cache has it)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                row[f"{n}_first_step_s"] = time.perf_counter() - t0
+            seconds = _once(step, device)
+            if i == 0:  # the first call: compiling included (cold: see fresh_cache)
+                row[f"{n}_first_step_s"] = seconds
     times = interleaved(steps, repeats, device)
 
     for n, ts in times.items():

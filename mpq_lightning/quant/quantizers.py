@@ -300,17 +300,21 @@ def step_index_context(model: nn.Module, step_index: int | Tensor | None) -> Ite
             if quantizers:
                 _check_step_range(torch.as_tensor(step_index), min(q.num_steps for q in quantizers))
         shared = (step_index, {})
-    previous = [(q.step_index, q._shared) for q in quantizers]
-    setattr_ = object.__setattr__  # plain attributes (no parameter, buffer or module): skip nn.Module's
-    for q in quantizers:
-        setattr_(q, "step_index", step_index)
-        setattr_(q, "_shared", shared)
+    previous = _swap_step_state(quantizers, [(step_index, shared)] * len(quantizers))
     try:
         yield
     finally:
-        for q, (p, sh) in zip(quantizers, previous):
-            setattr_(q, "step_index", p)
-            setattr_(q, "_shared", sh)
+        _swap_step_state(quantizers, previous)
+
+
+def _swap_step_state(quantizers: list[TimestepActQuantizer], states: list[tuple]) -> list[tuple]:
+    """Give each quantizer its ``(step_index, _shared)`` from ``states``; returns the ones they had."""
+    previous = [(q.step_index, q._shared) for q in quantizers]
+    setattr_ = object.__setattr__  # plain attributes (no parameter, buffer or module): skip nn.Module's
+    for q, (index, shared) in zip(quantizers, states):
+        setattr_(q, "step_index", index)
+        setattr_(q, "_shared", shared)
+    return previous
 
 
 def checkpoint_with_step_index(module: nn.Module, *args):
@@ -335,17 +339,11 @@ def _replay_step_index(module: nn.Module):
 
     @contextmanager
     def replay() -> Iterator[None]:
-        setattr_ = object.__setattr__
-        previous = [(q.step_index, q._shared) for q in quantizers]
-        for q, (index, shared) in zip(quantizers, saved):
-            setattr_(q, "step_index", index)
-            setattr_(q, "_shared", shared)
+        previous = _swap_step_state(quantizers, saved)
         try:
             yield
         finally:
-            for q, (index, shared) in zip(quantizers, previous):
-                setattr_(q, "step_index", index)
-                setattr_(q, "_shared", shared)
+            _swap_step_state(quantizers, previous)
 
     return contextlib.nullcontext(), replay()
 
