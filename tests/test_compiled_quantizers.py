@@ -170,14 +170,17 @@ def test_compiled_model_is_one_graph_with_eager_values_and_gradients():
             torch.testing.assert_close(gc[name], ge[name], rtol=1e-3, atol=1e-6, msg=name)
 
 
-def _blocks_run(depth: int):
-    """Eager and then block-compiled (``compile_scope="blocks"``) outputs, distillation feature and
-    gradients of a depth-``depth`` student, and how many graphs dynamo compiled for it."""
+def _blocks_run(depth: int, gradient_checkpointing: bool = False):
+    """Eager (not checkpointed) and then block-compiled (``compile_scope="blocks"``) outputs,
+    distillation feature and gradients of a depth-``depth`` student, and how many graphs dynamo
+    compiled for it."""
     import torch._dynamo
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    module, b = _qat_module(depth, compile_model=True, compile_scope="blocks")
+    module, b = _qat_module(depth, compile_model=True, compile_scope="blocks",
+                            gradient_checkpointing=gradient_checkpointing)
+    module.student.backbone.grad_checkpointing = False
     student = module.student
     trainable = {n: p for n, p in student.named_parameters() if p.requires_grad}
 
@@ -190,6 +193,7 @@ def _blocks_run(depth: int):
         return out.detach(), feat.detach(), {n: p.grad.clone() for n, p in trainable.items() if p.grad is not None}
 
     eager = run()
+    module.student.backbone.grad_checkpointing = gradient_checkpointing
     module.compile_backbones()
     assert module.compile_units() == [f"blocks.{i}" for i in range(depth)]
     assert all(student.backbone.get_submodule(n)._compiled_call_impl is not None for n in module.compile_units())
@@ -202,8 +206,11 @@ def _blocks_run(depth: int):
 def test_compiled_blocks_give_eager_values_and_share_graphs_across_depth():
     """``compile_scope="blocks"`` compiles each transformer block, not the backbone: the student gives
     the eager output, feature and every gradient, and blocks alike share their compiled graph, so a
-    deeper model compiles no more graphs (the cold compile does not grow with depth)."""
-    eager, compiled, graphs_2 = _blocks_run(2)
+    deeper model compiles no more graphs (the cold compile does not grow with depth). The depth-2 run
+    also checkpoints its blocks: eager checkpointing around compiled blocks, recomputed with the
+    forward's step index (the step-index cache steps aside in compiled code, so the recomputation
+    hits the forward's graph)."""
+    eager, compiled, graphs_2 = _blocks_run(2, gradient_checkpointing=True)
     (oe, fe, ge), (oc, fc, gc) = eager, compiled
     torch.testing.assert_close(oc, oe, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fc, fe, rtol=1e-5, atol=1e-5)
@@ -271,23 +278,6 @@ def test_gradient_checkpointing_of_diffusers_backbones_recomputes_with_the_step_
     first.register_forward_pre_hook(lambda *_: calls.append(1))
     _assert_same_grads(_student_grads(module, b), want)
     assert len(calls) == 2  # forward and recomputation in backward
-
-
-@needs_cpp
-def test_gradient_checkpointing_under_compiled_blocks():
-    """Checkpointed blocks under ``compile_model`` with ``compile_scope="blocks"``: eager checkpointing
-    around compiled blocks, recomputed with the forward's step index, gives the eager gradients (the
-    step-index cache steps aside in compiled code, so the recomputation hits the forward's graph)."""
-    import torch._dynamo
-
-    torch._dynamo.reset()
-    module, b = _qat_module(2, compile_model=True, compile_scope="blocks", gradient_checkpointing=True)
-    module.student.backbone.grad_checkpointing = False
-    want = _student_grads(module, b)
-    module.student.backbone.grad_checkpointing = True
-    module.compile_backbones()
-    _assert_same_grads(_student_grads(module, b), want)
-    _assert_same_grads(_student_grads(module, b), want)  # the compiled graphs again
 
 
 def test_compile_scope_is_checked_naming_the_key():
