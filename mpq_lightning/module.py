@@ -112,8 +112,8 @@ class CalibConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-#: why DeepSpeed ZeRO-3 is refused (by the CLI by name, and at fit start however configured)
 COMPILE_SCOPES = ("model", "blocks")  # QATModule(compile_scope=...)
+#: why DeepSpeed ZeRO-3 is refused (by the CLI by name, and at fit start however configured)
 ZERO3_REFUSAL = ("trainer.strategy: DeepSpeed ZeRO stage 3 partitions the parameters between forwards and would drop "
                  "the quantizer calibration; use deepspeed_stage_2 (optionally _offload) or fsdp")
 
@@ -443,8 +443,8 @@ class QATModule(L.LightningModule):
         compiled on first call; the state-dict keys stay those of the eager modules)."""
         units = self.compile_units()
         if self.compile_scope == "blocks":
-            # every compiled block shares nn.Module's call code object, and so dynamo's per-code cache:
-            # allow each block a few graphs (grad / no-grad, training / CFG batch, its own bits)
+            # every compiled block shares one code object, and so dynamo's per-code cache: 8 graphs per
+            # block name, its teacher and student copies together (grad / no-grad, training / CFG batch, bits)
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(units))
             torch._dynamo.config.accumulated_recompile_limit = max(
                 torch._dynamo.config.accumulated_recompile_limit, 16 * len(units))

@@ -58,9 +58,10 @@ from .export import (
 )
 
 __all__ = [
-    "checkpoint_with_step_index", "DynamicTokenQuantizer", "LayerReport", "LayerSpec", "LoRA", "QuantConfig", "QuantConv1d", "QuantConv2d",
+    "DynamicTokenQuantizer", "LayerReport", "LayerSpec", "LoRA", "QuantConfig", "QuantConv1d", "QuantConv2d",
     "QuantConv3d", "QuantLayer", "QuantLinear", "TimestepActQuantizer", "UniformQuantizer", "calibrate",
-    "fake_quantize", "init_grid_search", "init_lp_search", "init_minmax", "observed_rows", "plan_quantization",
+    "checkpoint_with_step_index", "fake_quantize", "init_grid_search", "init_lp_search", "init_minmax", "observed_rows",
+    "plan_quantization",
     "print_quantization_report", "qparams_from_range", "qrange", "quant_layers", "quantize_model",
     "resample_step_table", "round_ste", "set_quant_state", "sign_ste", "smooth_scale", "step_index_context",
     # the papers' methods: OMQ / FZ-RMQ (mixed.py), OOLRI (lora_init.py), TQE (tqe.py)

@@ -5,9 +5,8 @@ is registered at construction, so a checkpoint restores it strictly before any c
 """
 from __future__ import annotations
 
-import contextlib
 import weakref
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from typing import Iterator
 
@@ -172,12 +171,13 @@ class TimestepActQuantizer(nn.Module):
                 "Denoiser.forward(..., step_index) or inside step_index_context(model, step_index)"
             )
         shared = self._shared
-        if shared is None or shared[0] is not self.step_index:  # set by hand, outside step_index_context
+        by_hand = shared is None or shared[0] is not self.step_index  # set outside step_index_context
+        # in a compiled graph the cache's writes would be side effects and its keys guards: no cache there
+        if by_hand or torch.compiler.is_compiling():
             idx = torch.as_tensor(self.step_index, device=device, dtype=torch.long)
-            _check_step_range(idx, self.num_steps)
+            if by_hand:
+                _check_step_range(idx, self.num_steps)
             return _expand_index(idx, n)
-        if torch.compiler.is_compiling():  # in a graph the cache's writes would be side effects, its keys guards
-            return _expand_index(torch.as_tensor(self.step_index, device=device, dtype=torch.long), n)
         cache = shared[1]
         if (n, device) not in cache:
             cache[n, device] = _expand_index(torch.as_tensor(self.step_index, device=device, dtype=torch.long), n)
@@ -323,10 +323,8 @@ def checkpoint_with_step_index(module: nn.Module, *args):
     :func:`step_index_context`, which has exited by the time backward recomputes the block; this
     hands them the forward's index again for the recomputation only. The backbones' gradient
     checkpointing calls it (STDiT's ``grad_checkpointing_func``, diffusers'
-    ``enable_gradient_checkpointing``). Inside a compiled graph the index is a graph input and the
-    recomputation happens in the traced backward, so plain checkpointing is used there."""
-    if torch.compiler.is_compiling():
-        return torch.utils.checkpoint.checkpoint(module, *args, use_reentrant=False)
+    ``enable_gradient_checkpointing``), around compiled blocks too (``compile_scope="blocks"``;
+    checkpointing inside a whole-backbone graph is refused by ``QATModule``)."""
     return torch.utils.checkpoint.checkpoint(module, *args, use_reentrant=False,
                                              context_fn=lambda: _replay_step_index(module))
 
@@ -345,7 +343,7 @@ def _replay_step_index(module: nn.Module):
         finally:
             _swap_step_state(quantizers, previous)
 
-    return contextlib.nullcontext(), replay()
+    return nullcontext(), replay()
 
 
 # ---------------------------------------------------------------------------------------------
