@@ -17,7 +17,8 @@ run() { local t=$1 name=$2; shift 2; if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *"
         ( set -o pipefail; timeout -s ABRT -k 10 "$t" "$@" 2>&1 | while IFS= read -r l; do printf '%(%T)T %s\n' -1 "$l"; done ) > /tmp/$name.log; local rc=$?
         cat /tmp/$name.log >> "$OUT/all.log"; echo "rc=$rc $name $(date +%T)" | tee -a "$OUT/summary.txt"; tail -4 /tmp/$name.log; }
 T="--config configs/tiny/stdit_w3a6.yaml --trainer.accelerator gpu --trainer.devices 1 --log_samples false --trainer.enable_progress_bar false"
-# most wanted first: DeepSpeed (its two fixes from the H100 run are unverified there), the compiled fit that did
+# most wanted first: DeepSpeed (its two fixes from the H100 run are unverified there), the host syncs left in a
+# training step (expected: none counted; benchmarks/host_syncs.py), the compiled fit that did
 # not exit (with inductor's compile-worker pool and without it), the mid-size step time; then the checks that
 # passed on the H100 (FSDP fit + resume, DDP). $OUT/summary.txt grows check by check if a call is cut short;
 # each output line carries its time, to tell a slow compile from a hang at exit; the compiled fits also print
@@ -31,6 +32,7 @@ if [ -d /tmp/site_ds/deepspeed ]; then
   run 100 resume_deepspeed2_bf16 env PYTHONPATH=/tmp/site_ds:$PYTHONPATH DS_BUILD_OPS=0 python3 train.py $T --trainer.max_steps 4 --checkpoint_every_n_steps 2 --run_name gpu_ds --trainer.strategy deepspeed_stage_2 --trainer.precision bf16-mixed --ckpt_path last
   run 100 fit_deepspeed2_32 env PYTHONPATH=/tmp/site_ds:$PYTHONPATH DS_BUILD_OPS=0 python3 train.py $T --trainer.max_steps 2 --run_name gpu_ds32 --trainer.strategy deepspeed_stage_2 --trainer.precision 32-true
 fi
+run 90 host_syncs python3 benchmarks/host_syncs.py --modes eager --out "$OUT/host_syncs_cuda.json"
 run 120 fit_bf16_compiled_model python3 benchmarks/run_with_stacks.py 30 train.py $T --trainer.max_steps 4 --run_name gpu_bfcm --trainer.precision bf16-mixed --model.compile_model true
 run 120 fit_bf16_compiled_model_1thread env TORCHINDUCTOR_COMPILE_THREADS=1 python3 benchmarks/run_with_stacks.py 30 train.py $T --trainer.max_steps 4 --run_name gpu_bfcm1 --trainer.precision bf16-mixed --model.compile_model true
 run 200 step_time_cuda_mid python3 benchmarks/step_time.py --device cuda ${STEP_ARGS:---models mid-stdit --modes model --repeats 10} --out "$OUT/step_time_cuda.json"

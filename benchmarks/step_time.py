@@ -60,10 +60,12 @@ def batch_for(denoiser, batch: int, device) -> dict:
     for key, spec in denoiser.cond_spec.items():
         shape = [batch] + [8 if d is None else d for d in spec.shape]
         cond[key] = torch.ones(shape, dtype=torch.long) if spec.dtype == "mask" else torch.randn(shape, generator=g)
+    step_index = torch.randint(0, 10, (batch,), generator=g)
     return {
         "x_t": torch.randn(batch, *denoiser.latent_shape, generator=g).to(device),
         "t": torch.randint(0, 1000, (batch,), generator=g).to(device),
-        "step_index": torch.randint(0, 10, (batch,), generator=g).to(device),
+        "step_index": step_index.to(device),
+        "step_index_host": step_index.tolist(),  # as the data modules give it (no GPU sync to read it)
         "cond": {k: v.to(device) for k, v in cond.items()},
     }
 

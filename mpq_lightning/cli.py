@@ -316,6 +316,8 @@ def main(argv: list[str] | None = None, default_subcommand: str = "fit") -> MPQC
     # distillation runs both backbones in eval mode on purpose (QATModule.train)
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+    # a data module without held-out trajectories returns [] from val_dataloader (Lightning's "no validation")
+    warnings.filterwarnings("ignore", message=r"Total length of `list` across ranks is zero")
     # the run folder is checked by _check_run_folder (TensorBoard's events are written there first)
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     sys.argv = [sys.argv[0]] + argv  # LightningCLI reads sys.argv; passing args too makes it warn

@@ -550,6 +550,7 @@ class QATModule(L.LightningModule):
     # -- training ------------------------------------------------------------------------------
     def _student_teacher(self, batch: dict) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
         x_t, t, step, cond = batch["x_t"], batch["t"], batch["step_index"], batch.get("cond")
+        host = batch.get("step_index_host")  # the step indices on the host: their range check needs no GPU sync
         cached = batch.get("teacher_output")
         f_t = None
         if cached is None or self.trd is not None or self.mtrd is not None:  # features need the live teacher
@@ -559,7 +560,7 @@ class QATModule(L.LightningModule):
         # the cached output is the teacher's in full fp32; a live forward runs under the trainer's
         # autocast (bf16-mixed: a bf16 target), so the cache wins where it has the output
         out_t = cached if cached is not None else out_t
-        out_s = self.student(x_t, t, cond, step)
+        out_s = self.student(x_t, t, cond, step, step_index_host=host)
         return out_s, out_t, self._feat_s.value, f_t
 
     def _sample_major(self, f: Tensor | None, batch: int) -> Tensor | None:
@@ -583,7 +584,8 @@ class QATModule(L.LightningModule):
         losses = {"mse": cfg.mse_weight * output_mse(out_s.float(), out_t.float(), reduction=cfg.mse_reduction)}
         draw = None if training else torch.Generator().manual_seed(0)
         if self.trd is not None and (training or self.trd.window == 1):
-            if self.trd.window > 1 and int(batch["step_index"][0]) == 0:
+            host = batch.get("step_index_host")  # no GPU sync where the data gives the host copy
+            if self.trd.window > 1 and (host[0] if host else int(batch["step_index"][0])) == 0:
                 self.trd.reset()  # a window never spans two trajectories (the stream starts one at step 0)
             losses["trd"] = self.trd(f_s.float(), f_t.float(), generator=draw)
         if self.mtrd is not None:
@@ -595,7 +597,8 @@ class QATModule(L.LightningModule):
         if cfg.tmd:
             losses["tmd"] = tmd_loss(out_s.float(), out_t.float(), self.teacher.num_frames, layout="b c f h w",
                                      tau=cfg.tmd_tau, legacy_reshape=cfg.tmd_legacy_reshape, weight=cfg.tmd_weight)
-        self._last = {"out_s": out_s.detach(), "out_t": out_t.detach(), "step_index": batch["step_index"]}
+        self._last = {"out_s": out_s.detach(), "out_t": out_t.detach(), "step_index": batch["step_index"],
+                      "step_index_host": batch.get("step_index_host")}
         return losses
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:

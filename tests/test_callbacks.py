@@ -175,6 +175,17 @@ def test_errors_match_hand_computation():
         cb.update(out_s, out_t[:2], torch.tensor([0, 1, 2]))
 
 
+def test_per_timestep_error_sizes_its_table_from_the_host_copy():
+    """With the step indices' host values (``step_index_host``) the accumulation reads nothing back from
+    the device: ``meta`` tensors, whose values cannot be read, go through."""
+    cb = PerTimestepError(num_steps=2)
+    out = torch.zeros(3, 4, device="meta")
+    cb.update(out, out, torch.tensor([0, 5, 1], device="meta"), step_index_host=[0, 5, 1])
+    assert cb._stats["train"].size == 6
+    with pytest.raises(RuntimeError, match="meta"):  # without it the tensor is read
+        cb.update(out, out, torch.tensor([0, 5, 1], device="meta"))
+
+
 def test_state_dict_round_trip_continues_running_means():
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g), torch.randint(0, 5, (4,), generator=g))

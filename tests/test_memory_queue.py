@@ -136,6 +136,94 @@ def test_all_gather_without_distributed_is_local_write():
     assert torch.equal(out, v) and torch.equal(q.feats[1, :3], v)
 
 
+def _reference_writes(num_steps: int, p: int, refresh: str, writes) -> dict:
+    """The queue's buffers after ``writes`` (``(vectors, step)`` in order), worked out entry by entry
+    from the documented gate (replace: empty the slot, fill 0..k-1; fifo: ring from ptr; k > P: last P)."""
+    c = writes[0][0].shape[1]
+    feats, valid = torch.zeros(num_steps, p, c), torch.zeros(num_steps, p, dtype=torch.bool)
+    tags, order = torch.full((num_steps, p), -1), torch.full((num_steps, p), -1)
+    ptr, count, n = [0] * num_steps, [0] * num_steps, 0
+    for v, s in writes:
+        if len(v) == 0:
+            continue
+        v = v[-p:]
+        if refresh == "replace":
+            feats[s], valid[s], tags[s], order[s], ptr[s] = 0, False, -1, -1, 0
+        for row in v:
+            feats[s, ptr[s]], valid[s, ptr[s]], tags[s, ptr[s]], order[s, ptr[s]] = row, True, s, n
+            ptr[s], n = (ptr[s] + 1) % p, n + 1
+        count[s] += 1
+    return {"feats": feats, "valid": valid, "step_tags": tags, "write_order": order, "ptr": torch.tensor(ptr),
+            "refresh_count": torch.tensor(count), "num_writes": torch.tensor(n)}
+
+
+@pytest.mark.parametrize("refresh", ["replace", "fifo"])
+def test_writes_of_a_batch_at_once_equal_one_write_each_and_the_gate(refresh):
+    """``write_many_`` (a batch's writes as one set of device writes, positions worked out on the host)
+    leaves every buffer as the writes one by one do, and as the documented gate says, whatever the mix:
+    several writes to one slot, more vectors than a slot holds, empty writes; the host's copy of
+    ``valid`` and ``ptr`` stays equal to the buffers."""
+    g = torch.Generator().manual_seed(0)
+    p, steps = 5, 4
+    many, one = (TimeAwarePixelQueue(num_steps=steps, pixels_per_step=p, refresh=refresh) for _ in range(2))
+    history = []
+    for _ in range(6):
+        batch = [(torch.randn(int(torch.randint(0, 8, (), generator=g)), 3, generator=g),
+                  int(torch.randint(0, steps, (), generator=g))) for _ in range(4)]
+        batch.append((torch.randn(3, 3, generator=g), batch[0][1]))  # always one slot written twice
+        many.write_many_([v for v, _ in batch], [s for _, s in batch])
+        for v, s in batch:
+            one.write_(v, s)
+        history += batch
+        ref = _reference_writes(steps, p, refresh, history)
+        for name, want in ref.items():
+            assert torch.equal(getattr(many, name), want), name
+            assert torch.equal(getattr(one, name), want), name
+        assert many._host_state() == (many.valid.sum(1).tolist(), many.ptr.tolist())
+
+
+def test_a_batchs_pixels_are_drawn_as_sample_by_sample():
+    q = TimeAwarePixelQueue(num_steps=2, pixels_per_step=8)
+    for feats, cdim in ((torch.randn(3, 6, 4, 5), 1), (torch.randn(3, 20, 6), -1)):
+        got = q.select_pixels_per_sample(feats, num=7, generator=torch.Generator().manual_seed(3), channel_dim=cdim)
+        g = torch.Generator().manual_seed(3)
+        want = torch.stack([q.select_pixels(feats[i : i + 1], num=7, generator=g, channel_dim=cdim) for i in range(3)])
+        assert got.shape == (3, 7, 6) and torch.equal(got, want)
+    with pytest.raises(ValueError, match=r"\(3, 6\)"):
+        q.select_pixels_per_sample(torch.randn(3, 6))
+
+
+def test_writing_and_sampling_the_queue_read_nothing_back_from_the_device():
+    """The MTRD step (sample the memory, relate, enqueue the batch) with the queue and the features on
+    the ``meta`` device, where any read of a tensor's values raises: it needs none, so on a GPU it
+    costs no host sync. A queue loaded from a state dict reads its buffers once, then samples as the
+    original does."""
+    from mpq_lightning.losses import MemoryRelationLoss
+
+    for refresh in ("replace", "fifo"):
+        cb = MemoryQueue(num_steps=5, pixels_per_step=8, refresh=refresh, seed=0)
+        mtrd = MemoryRelationLoss(anchors=10, memory_samples=12, channel_dim=-1, seed=0)
+        f = torch.randn(3, 16, 6, device="meta")
+        for step in range(4):
+            loss = mtrd(f, f, cb.queue)
+            cb.enqueue_many_and_sync(f, [step, 2, 2], num=5, channel_dim=-1)
+        assert loss.device.type == "meta" and cb.queue._host_state()[0] == [5, 5, 5 if refresh == "replace" else 8, 5, 0]
+        with pytest.raises(NotImplementedError):  # the check is real: reading a meta tensor raises
+            cb.queue.valid.tolist()
+    q = TimeAwarePixelQueue(num_steps=3, pixels_per_step=4, refresh="fifo")
+    q.write_many_([torch.randn(3, 2), torch.randn(6, 2)], [1, 2])
+    restored = TimeAwarePixelQueue(num_steps=3, pixels_per_step=4, refresh="fifo")
+    restored.load_state_dict(q.state_dict())
+    assert restored._host is None
+    a, b = (x.sample(5, generator=torch.Generator().manual_seed(0)) for x in (q, restored))
+    assert torch.equal(a[0], b[0]) and restored._host_state()[1] == [0, 3, 0]
+    state = q.state_dict()
+    state["valid"][1] = torch.tensor([False, True, True, True])  # filled entries not the slot's first
+    restored.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"first positions \(valid per slot: \[\[0, 0, 0, 0\], \[0, 1, 1, 1\]"):
+        restored.sample(5)
+
+
 # ==================================================================================================
 # Two-process gloo test
 # ==================================================================================================

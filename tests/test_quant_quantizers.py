@@ -335,3 +335,22 @@ def test_step_index_context_after_a_quantizer_is_deleted():
     with pytest.raises(IndexError, match="out of range for a table of 10 steps"):
         with step_index_context(model, 10):
             pass
+
+
+def test_the_step_range_check_reads_the_host_copy_not_the_device():
+    """With ``host`` (the data modules' ``step_index_host``) the per-forward range check judges the host
+    values and reads nothing from the index tensor (``meta`` here: reading it raises; on a GPU it would
+    be a sync per forward); a host copy of another length or out of range is refused."""
+    model = nn.Sequential(TimestepActQuantizer(8, 4))
+    idx = torch.tensor([1, 3], device="meta")
+    with pytest.raises(NotImplementedError):  # without the host copy the tensor is read
+        with step_index_context(model, idx):
+            pass
+    with step_index_context(model, idx, host=[1, 3]):
+        assert model[0].step_index is idx
+    with pytest.raises(IndexError, match=r"\[1, 4\] out of range for a table of 4 steps"):
+        with step_index_context(model, idx, host=[1, 4]):
+            pass
+    with pytest.raises(ValueError, match="step_index_host has 1 entries for a step index of 2"):
+        with step_index_context(model, idx, host=[1]):
+            pass

@@ -198,18 +198,19 @@ class MemoryQueue(Callback):
         its own step): the same pixels drawn and the same writes in the same order, with one gather of
         all of them (two collectives and one host sync under DDP instead of that per call). A tensor
         ``features`` stands for its rows ``features[i : i + 1]``. Collective: every rank, same count."""
-        if isinstance(features, Tensor):
-            features = [features[i : i + 1] for i in range(features.shape[0])]
         if len(features) != len(steps):
             raise ValueError(f"enqueue_many_and_sync: {len(features)} features for {len(steps)} steps")
-        if not features:
+        if not len(steps):
             return []
         self._to_device(features[0].device)
         world = self._world_size()
         if num is None:  # all_gather_ shares a slot's write among the ranks at that step
             num = self.queue.pixels_per_enqueue
         draw = generator if generator is not None else self.generator
-        vectors = [self.queue.select_pixels(f, num=num, generator=draw, channel_dim=channel_dim) for f in features]
+        if isinstance(features, Tensor):  # a batch: the same draws as sample by sample, gathered at once
+            vectors = list(self.queue.select_pixels_per_sample(features, num=num, generator=draw, channel_dim=channel_dim))
+        else:
+            vectors = [self.queue.select_pixels(f, num=num, generator=draw, channel_dim=channel_dim) for f in features]
         gather_fn = None
         if world > 1 and self._trainer is not None and self._pl_module is not None:
             gather_fn = self._pl_module.all_gather

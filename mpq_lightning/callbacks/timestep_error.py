@@ -1,8 +1,8 @@
 """Lightning callback: student–teacher error per sampler step index.
 
 After every ``compute_losses`` call, :class:`~mpq_lightning.module.QATModule` leaves
-``pl_module._last = {"out_s", "out_t", "step_index"}`` (detached predictions and the LongTensor [B] of
-sampler step indices). :class:`PerTimestepError` turns that into the per-sample MSE
+``pl_module._last = {"out_s", "out_t", "step_index", "step_index_host"}`` (detached predictions, the
+LongTensor [B] of sampler step indices and, where the data gives it, their values on the host). :class:`PerTimestepError` turns that into the per-sample MSE
 ``mean((out_s - out_t)^2)`` and accumulates sums and counts per step index, so that
 
 * every ``log_every_n_steps`` optimizer steps (and at the end of training) the running means are logged
@@ -28,7 +28,7 @@ YAML (LightningCLI)::
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -57,10 +57,12 @@ class _Stats:
         if self.pending is not None and size > self.pending.shape[1]:
             self.pending = torch.cat([self.pending, self.pending.new_zeros(2, size - self.pending.shape[1])], dim=1)
 
-    def add(self, err: Tensor, steps: Tensor) -> None:
+    def add(self, err: Tensor, steps: Tensor, host: Sequence[int] | None = None) -> None:
+        """``host``: the values of ``steps`` on the host, so that sizing the table reads nothing back
+        from the GPU."""
         if steps.numel() == 0:
             return
-        lo, hi = int(steps.min()), int(steps.max())
+        lo, hi = (min(host), max(host)) if host else (int(steps.min()), int(steps.max()))
         if lo < 0:
             raise ValueError(f"PerTimestepError: negative sampler step index {lo}")
         dtype = torch.float32 if err.device.type == "mps" else torch.float64
@@ -151,8 +153,10 @@ class PerTimestepError(Callback):
         out[: local.shape[1]] = local[1]
         return out
 
-    def update(self, out_s: Tensor, out_t: Tensor, step_index: Tensor | int, stage: str = "train") -> None:
-        """Accumulate one batch: per-sample MSE over all non-batch dims, grouped by step index."""
+    def update(self, out_s: Tensor, out_t: Tensor, step_index: Tensor | int, stage: str = "train",
+               step_index_host: Sequence[int] | None = None) -> None:
+        """Accumulate one batch: per-sample MSE over all non-batch dims, grouped by step index
+        (``step_index_host``: its values on the host, as the data modules give them: no GPU sync)."""
         if out_s.shape != out_t.shape:
             raise ValueError(f"student and teacher outputs differ in shape: {tuple(out_s.shape)} vs {tuple(out_t.shape)}")
         with torch.no_grad():
@@ -162,7 +166,7 @@ class PerTimestepError(Callback):
                 steps = steps.expand(err.shape[0])
             if steps.shape != err.shape:
                 raise ValueError(f"step_index has {steps.numel()} entries for a batch of {err.shape[0]}")
-            self._stats[stage].add(err, steps)
+            self._stats[stage].add(err, steps, step_index_host)
 
     # -- Lightning hooks -----------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -178,7 +182,7 @@ class PerTimestepError(Callback):
         if not last or last is self._seen:
             return
         self._seen = last
-        self.update(last["out_s"], last["out_t"], last["step_index"], stage)
+        self.update(last["out_s"], last["out_t"], last["step_index"], stage, last.get("step_index_host"))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._consume(pl_module, "train")

@@ -104,6 +104,10 @@ class TimeAwarePixelQueue(nn.Module):
         self.register_buffer("ptr", torch.zeros(s, dtype=torch.long))
         self.register_buffer("refresh_count", torch.zeros(s, dtype=torch.long))
         self.register_buffer("num_writes", torch.zeros((), dtype=torch.long))
+        # the host's copy of each slot's fill and ``ptr``: writing and sampling work out positions from
+        # it, so they never read the buffers back from the device (a GPU sync each); rebuilt from the
+        # buffers (one read) after a state dict is loaded, see _host_state
+        self._host: tuple[list[int], list[int]] | None = ([0] * s, [0] * s)
 
     # ----------------------------------------------------------------------------------------------
     # Introspection
@@ -135,6 +139,23 @@ class TimeAwarePixelQueue(nn.Module):
         self.ptr.zero_()
         self.refresh_count.zero_()
         self.num_writes.zero_()
+        self._host = ([0] * self.num_steps, [0] * self.num_steps)
+
+    def _host_state(self) -> tuple[list[int], list[int]]:
+        """``(fill, ptr)``: the number of filled entries and the ring pointer of every slot, as ints on
+        the host. The gate fills a slot from position 0 on (``replace``: 0 … k−1; ``fifo``: the ring
+        from 0, full once it wraps), so a slot's filled entries are the first ``fill`` positions. Kept
+        in step with the buffers by every write; read from them once where unknown (after loading a
+        state dict). Edit the buffers only through the write methods, or set ``_host = None`` after
+        editing them by hand."""
+        if self._host is None:
+            valid = self.valid.detach().cpu()
+            fill = valid.sum(dim=1)
+            if not all(bool(valid[s, :n].all()) for s, n in enumerate(fill.tolist())):
+                raise ValueError("TimeAwarePixelQueue: the filled entries of a slot must be its first positions "
+                                 f"(valid per slot: {valid.int().tolist()}); edit the queue through its write methods")
+            self._host = (fill.tolist(), self.ptr.tolist())
+        return self._host
 
     def extra_repr(self) -> str:
         return (
@@ -187,9 +208,44 @@ class TimeAwarePixelQueue(nn.Module):
         if num <= 0:
             raise ValueError(f"select_pixels: num must be positive, got {num}")
         n = pix.shape[0]
-        if num < n:
-            idx = torch.randperm(n, generator=generator)[:num].to(pix.device)
+        if num < n:  # an index drawn on the host: a non-blocking copy to the device does not wait for it
+            idx = torch.randperm(n, generator=generator)[:num].to(pix.device, non_blocking=True)
             pix = pix[idx]
+        return F.normalize(pix.float(), p=2, dim=-1)
+
+    @torch.no_grad()
+    def select_pixels_per_sample(
+        self,
+        features: Tensor,
+        num: int | None = None,
+        generator: torch.Generator | None = None,
+        channel_dim: int = 1,
+    ) -> Tensor:
+        """``select_pixels(features[i : i + 1], ...)`` for every sample ``i``, stacked ``[B, k, C]``: the
+        same draws from ``generator`` in the same order, with one gather and one normalisation for the
+        batch instead of one each per sample."""
+        if features.dim() < 3:
+            raise ValueError(f"select_pixels_per_sample: features of shape {tuple(features.shape)} need a batch "
+                             "axis and >= 2 more dims")
+        x = features.detach()
+        if channel_dim == 1:
+            pix = rearrange(x, "b c ... -> b (...) c")
+        elif channel_dim in (-1, x.dim() - 1):
+            pix = rearrange(x, "b ... c -> b (...) c")
+        else:
+            raise ValueError(f"select_pixels_per_sample: channel_dim must be 1 or -1, got {channel_dim}")
+        if self.dim is not None and pix.shape[2] != self.dim:
+            raise ValueError(
+                f"select_pixels_per_sample: features of shape {tuple(features.shape)} have {pix.shape[2]} channels, "
+                f"queue dim is {self.dim}"
+            )
+        num = self.pixels_per_enqueue if num is None else int(num)
+        if num <= 0:
+            raise ValueError(f"select_pixels_per_sample: num must be positive, got {num}")
+        b, n = pix.shape[:2]
+        if num < n:
+            idx = torch.stack([torch.randperm(n, generator=generator)[:num] for _ in range(b)])
+            pix = pix.gather(1, idx.to(pix.device, non_blocking=True)[..., None].expand(-1, -1, pix.shape[2]))
         return F.normalize(pix.float(), p=2, dim=-1)
 
     @torch.no_grad()
@@ -205,35 +261,72 @@ class TimeAwarePixelQueue(nn.Module):
         to the ring positions ``ptr, ptr+1, …`` (mod P), overwriting the oldest entries. If ``k > P`` only the
         last ``P`` vectors are kept in both modes.
         """
-        s = self._check_step(step_index)
-        if vectors.dim() != 2:
-            raise ValueError(f"write_: vectors must be [k, C], got shape {tuple(vectors.shape)}")
-        self._materialize(vectors.shape[1], self.feats.device)
-        if vectors.shape[1] != self.dim:
-            raise ValueError(f"write_: vectors of shape {tuple(vectors.shape)} do not match queue dim {self.dim}")
-        k = vectors.shape[0]
-        if k == 0:
+        self.write_many_([vectors], [step_index])
+
+    @torch.no_grad()
+    def write_many_(self, vectors: Sequence[Tensor], steps: Sequence[int]) -> None:
+        """``write_(vectors[i], steps[i])`` for i = 0, 1, ... in that order (several may share a step),
+        as one write of each buffer: the positions are worked out on the host from its copy of
+        ``valid`` and ``ptr``, so nothing is read back from the device."""
+        steps = [self._check_step(st) for st in steps]
+        if len(vectors) != len(steps):
+            raise ValueError(f"write_many_: {len(vectors)} vector sets for {len(steps)} steps")
+        for v in vectors:
+            if v.dim() != 2:
+                raise ValueError(f"write_: vectors must be [k, C], got shape {tuple(v.shape)}")
+        if not vectors:
             return
+        self._materialize(vectors[0].shape[1], self.feats.device)
+        for v in vectors:
+            if v.shape[1] != self.dim:
+                raise ValueError(f"write_: vectors of shape {tuple(v.shape)} do not match queue dim {self.dim}")
+        fill, ptr = self._host_state()
         p = self.pixels_per_step
-        if k > p:
-            vectors, k = vectors[-p:], p
-        dev = self.feats.device
-        if self.refresh == "replace":
-            self.feats[s].zero_()
-            self.valid[s] = False
-            self.step_tags[s] = -1
-            self.write_order[s] = -1
-            pos = torch.arange(k, device=dev)
-            self.ptr[s] = k % p
-        else:
-            pos = (self.ptr[s] + torch.arange(k, device=dev)) % p
-            self.ptr[s] = (self.ptr[s] + k) % p
-        self.feats[s, pos] = vectors.to(device=dev, dtype=self.feats.dtype)
-        self.valid[s, pos] = True
-        self.step_tags[s, pos] = s
-        self.write_order[s, pos] = self.num_writes + torch.arange(k, device=dev)
-        self.num_writes += k
-        self.refresh_count[s] += 1
+        final: dict[int, dict[int, int]] = {}  # slot -> {position: row of the concatenated vectors}
+        emptied: set[int] = set()
+        writes: dict[int, int] = {}  # slot -> writes this call (refresh_count)
+        kept, rows = [], 0
+        for v, st in zip(vectors, steps):
+            k = v.shape[0]
+            if k == 0:  # nothing written, the gate does not fire
+                continue
+            if k > p:
+                v, k = v[-p:], p
+            kept.append(v)
+            if self.refresh == "replace":
+                emptied.add(st)
+                final[st], start, fill[st] = {}, 0, 0
+            else:
+                start = ptr[st]
+            end = start + k  # ring positions start .. end - 1 (mod P)
+            ptr[st], fill[st] = end % p, min(fill[st] + k, p)
+            final.setdefault(st, {}).update(zip([*range(start, min(end, p)), *range(end - p)], range(rows, rows + k)))
+            writes[st] = writes.get(st, 0) + 1
+            rows += k
+        if not kept:
+            return
+        slots, gone = sorted(final), sorted(emptied)
+        at_slot = [st for st in slots for _ in final[st]]
+        # every index in one non-blocking copy: slot, position and source row of each entry written
+        # (the row is its write stamp too, counted from num_writes), the emptied slots, the slots
+        # written, their new pointers and write counts
+        flat = torch.tensor([*at_slot, *(q for st in slots for q in final[st]), *(r for st in slots for r in final[st].values()),
+                             *gone, *slots, *(ptr[st] for st in slots), *(writes[st] for st in slots)], dtype=torch.long)
+        flat = flat.to(self.feats.device, non_blocking=True)
+        m, e, t = len(at_slot), len(gone), len(slots)
+        at_slot, at_pos, row, gone, touched, new_ptr, count = flat.split([m, m, m, e, t, t, t])
+        if e:
+            self.feats[gone] = 0
+            self.valid[gone] = False
+            self.step_tags[gone] = -1
+            self.write_order[gone] = -1
+        self.feats[at_slot, at_pos] = torch.cat(kept).to(device=self.feats.device, dtype=self.feats.dtype)[row]
+        self.valid[at_slot, at_pos] = True
+        self.step_tags[at_slot, at_pos] = at_slot
+        self.write_order[at_slot, at_pos] = self.num_writes + row
+        self.num_writes += rows
+        self.ptr[touched] = new_ptr
+        self.refresh_count[touched] += count
 
     @torch.no_grad()
     def enqueue(
@@ -305,8 +398,7 @@ class TimeAwarePixelQueue(nn.Module):
             return []
         if gather_fn is None:
             if _dist_world_size(group) <= 1:
-                for v, s in zip(vectors, steps):
-                    self.write_(v, s)
+                self.write_many_(vectors, steps)
                 return list(vectors)
 
             def gather_fn(t: Tensor) -> Tensor:
@@ -325,7 +417,7 @@ class TimeAwarePixelQueue(nn.Module):
         gathered = gather_fn(padded)
         if gathered.dim() == 3:
             gathered = gathered.unsqueeze(0)
-        out = []
+        out, writes, write_steps = [], [], []
         for i in range(len(vectors)):  # each call's writes, in call order, as separate all_gather_ calls make them
             per_rank = [gathered[r, i, : metas[r][i][0]] for r in range(len(metas))]
             rank_steps = [metas[r][i][1] for r in range(len(metas))]
@@ -334,8 +426,10 @@ class TimeAwarePixelQueue(nn.Module):
                 if sum(v.shape[0] for v in parts) > self.pixels_per_step:
                     share = -(-self.pixels_per_step // len(parts))
                     parts = [v[:share] for v in parts]
-                self.write_(torch.cat(parts), s)
+                writes.append(torch.cat(parts))
+                write_steps.append(s)
             out.append(torch.cat(per_rank))
+        self.write_many_(writes, write_steps)
         return out
 
     # ----------------------------------------------------------------------------------------------
@@ -371,30 +465,27 @@ class TimeAwarePixelQueue(nn.Module):
             raise ValueError(f"sample: num must be >= 0, got {num}")
         if self.dim is None:  # nothing enqueued yet (lazy dim)
             return self.feats.new_zeros(0, 0), self.step_tags.new_zeros(0)
-        valid = self.valid.detach().cpu()
+        fill = list(self._host_state()[0])  # the host's copy: no read from the device
         if steps is not None:
-            keep = torch.zeros(self.num_steps, dtype=torch.bool)
-            keep[[self._check_step(s) for s in steps]] = True
-            valid = valid & keep[:, None]
+            keep = {self._check_step(s) for s in steps}
+            fill = [n if s in keep else 0 for s, n in enumerate(fill)]
         p = self.pixels_per_step
         if mode == "uniform":
-            flat = valid.flatten().nonzero().squeeze(1)
+            flat = torch.tensor([s * p + i for s, n in enumerate(fill) for i in range(n)], dtype=torch.long)
             n = min(num, flat.numel())
             idx = flat[torch.randperm(flat.numel(), generator=generator)[:n]]
         else:
-            slots = valid.any(dim=1).nonzero().squeeze(1).tolist()
+            slots = [s for s, n in enumerate(fill) if n]
             parts: list[Tensor] = []
             if slots and num > 0:
                 base, rem = divmod(num, len(slots))
                 extra = set(torch.randperm(len(slots), generator=generator)[:rem].tolist())
-                for j, s in enumerate(slots):
-                    q = base + (1 if j in extra else 0)
-                    entries = valid[s].nonzero().squeeze(1)
-                    q = min(q, entries.numel())
+                for j, s in enumerate(slots):  # a slot's filled entries are its first fill[s] positions
+                    q = min(base + (1 if j in extra else 0), fill[s])
                     if q > 0:
-                        parts.append(s * p + entries[torch.randperm(entries.numel(), generator=generator)[:q]])
+                        parts.append(s * p + torch.randperm(fill[s], generator=generator)[:q])
             idx = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
-        idx = idx.to(self.feats.device)
+        idx = idx.to(self.feats.device, non_blocking=True)
         c = self.feats.shape[-1]
         vectors = self.feats.reshape(-1, c)[idx]
         tags = self.step_tags.reshape(-1)[idx]
@@ -430,3 +521,4 @@ class TimeAwarePixelQueue(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        self._host = None  # rebuilt from the loaded buffers when next needed

@@ -97,7 +97,7 @@ def _sample_indices(n: int, k: int | None, generator: torch.Generator | None, de
     if k <= 0:
         raise ValueError(f"anchors must be a positive integer, got {k}")
     idx = torch.randperm(n, generator=generator)[:k].sort().values
-    return idx.to(device)
+    return idx.to(device, non_blocking=True)  # drawn on the host: the copy need not wait for the device
 
 
 def _reduce_rows(row_kl: Tensor, reduction: str, n_cols: int, sum_scale: float = 1.0) -> Tensor:
@@ -478,8 +478,9 @@ class MemoryRelationLoss(nn.Module):
             f_student = f_student.detach()
         f_teacher = f_teacher.detach()
         with _no_autocast(f_student.device):
-            zs = rearrange(_prepare(f_student, self.channel_dim, True, "f_student"), "b n c -> (b n) c")
-            zt = rearrange(_prepare(f_teacher, self.channel_dim, True, "f_teacher"), "b n c -> (b n) c")
+            # pixels are normalised after the anchor draw: only the anchors are (row-wise, so the same)
+            zs = rearrange(_prepare(f_student, self.channel_dim, False, "f_student"), "b n c -> (b n) c")
+            zt = rearrange(_prepare(f_teacher, self.channel_dim, False, "f_teacher"), "b n c -> (b n) c")
             if queue.dim is not None and queue.dim != zs.shape[1]:
                 raise ValueError(
                     f"MemoryRelationLoss: feature of shape {tuple(f_student.shape)} has {zs.shape[1]} channels "
@@ -492,6 +493,7 @@ class MemoryRelationLoss(nn.Module):
             idx = _sample_indices(zs.shape[0], self.anchors, gen, zs.device)
             if idx is not None:
                 zs, zt = zs[idx], zt[idx]
+            zs, zt = torch.nn.functional.normalize(zs, p=2, dim=-1), torch.nn.functional.normalize(zt, p=2, dim=-1)
             loss = memory_relation_kl(zs, zt, memory, self.tau_c, self.tau_kd, self.reduction)
         return self.weight * loss
 

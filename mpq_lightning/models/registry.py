@@ -177,13 +177,16 @@ class Denoiser(nn.Module):
         t: torch.Tensor | float | int,
         cond: Mapping[str, torch.Tensor] | None = None,
         step_index: torch.Tensor | int | None = None,
+        step_index_host: Sequence[int] | None = None,
     ) -> torch.Tensor:
+        """``step_index_host``: the step indices' values on the host (the data modules' batch key of
+        that name), so that their range check reads nothing back from the GPU."""
         t, cond = self.validate(x_t, t, cond, step_index)
         x_t, cond, out_dtype = self._to_weight_dtype(x_t, cond)
         if step_index is None:
             out = self.call_backbone(x_t, t, cond)
         else:
-            with step_index_context(self.backbone, step_index):
+            with step_index_context(self.backbone, step_index, host=step_index_host):
                 out = self.call_backbone(x_t, t, cond)
         return out if out_dtype is None else out.to(out_dtype)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import weakref
 from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 import torch.utils.checkpoint
@@ -287,18 +287,29 @@ def step_quantizers(model: nn.Module, fresh: bool = False) -> list[TimestepActQu
 
 
 @contextmanager
-def step_index_context(model: nn.Module, step_index: int | Tensor | None) -> Iterator[None]:
-    """Hand the sampler step index (int or LongTensor [B]) to every TimestepActQuantizer in model."""
+def step_index_context(
+    model: nn.Module, step_index: int | Tensor | None, host: Sequence[int] | None = None
+) -> Iterator[None]:
+    """Hand the sampler step index (int or LongTensor [B]) to every TimestepActQuantizer in model.
+
+    The index is range-checked once here, not per quantizer. That reads a device tensor back (a GPU
+    sync) unless ``host`` gives its values on the host (the data modules' ``step_index_host``)."""
     quantizers = step_quantizers(model)
     shared = None
     if quantizers and step_index is not None:
-        # one range check (one device sync) per forward instead of one per quantizer
+        if host is not None:
+            count = step_index.numel() if isinstance(step_index, Tensor) else 1
+            if len(host) != count:
+                raise ValueError(f"step_index_host has {len(host)} entries for a step index of {count}")
+            checked = torch.tensor(list(host), dtype=torch.long)
+        else:
+            checked = torch.as_tensor(step_index)
         try:
-            _check_step_range(torch.as_tensor(step_index), min(q.num_steps for q in quantizers))
+            _check_step_range(checked, min(q.num_steps for q in quantizers))
         except IndexError:  # a deleted quantizer may still be listed: judge by the current tree
             quantizers = step_quantizers(model, fresh=True)
             if quantizers:
-                _check_step_range(torch.as_tensor(step_index), min(q.num_steps for q in quantizers))
+                _check_step_range(checked, min(q.num_steps for q in quantizers))
         shared = (step_index, {})
     previous = _swap_step_state(quantizers, [(step_index, shared)] * len(quantizers))
     try:
