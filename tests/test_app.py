@@ -632,6 +632,23 @@ def test_bad_quant_config_names_key(workdir):
         fit("--model.quant.w_bits", "12", run="bad")
 
 
+@pytest.mark.parametrize("key,value,message", [
+    ("model.loss.mtrd_anchors", "0", "model.loss.mtrd_anchors must be null or an integer >= 1, got 0"),
+    ("model.loss.tmd_tau", "0", "model.loss.tmd_tau must be a number > 0"),
+    ("model.loss.trd_weight", "-1", "model.loss.trd_weight must be a number >= 0"),
+    ("model.optim.lora_lr", "-0.001", "model.optim.lora_lr must be null or a number >= 0"),
+    ("model.calib.num_batches", "0", "model.calib.num_batches must be an integer >= 1"),
+    ("data.init_args.batch_size", "0", "data.init_args.batch_size must be an integer >= 1, got 0"),
+    ("data.init_args.num_workers", "-1", "data.init_args.num_workers must be an integer >= 0, got -1"),
+])
+def test_config_numbers_out_of_range_are_refused_before_any_file(workdir, key, value, message):
+    """Found in the first training step before, with the cache built and the run folder written (whose
+    leftovers then refused the corrected run)."""
+    with pytest.raises(ValueError, match=message):
+        fit(f"--{key}", value, run="bad_number")
+    assert not (workdir / "checkpoints" / "bad_number").exists()
+
+
 def test_compile_model_with_cpu_16_bit_refused_before_any_file(workdir):
     with pytest.raises(ValueError, match="model.compile_model=true with trainer.precision bf16-mixed on CPU"):
         fit("--trainer.precision", "bf16-mixed", "--model.compile_model", "true", run="bad_compile")
