@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,15 @@ class EvalConfig:
     vae_scaling_factor: float | None = None
 
     def __post_init__(self) -> None:
+        for key, least in (("num_samples", 1), ("batch_size", 1), ("num_inference_steps", 1)):
+            value = getattr(self, key)
+            if value is None and key == "num_inference_steps":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"eval.{key} must be an integer >= {least}{' or null' if key == 'num_inference_steps' else ''}, "
+                                 f"got {value!r}")
+        if self.guidance_scale is not None and not self.guidance_scale >= 0:
+            raise ValueError(f"eval.guidance_scale must be >= 0 or null, got {self.guidance_scale}")
         if self.vae is not None:
             vae_class(self.vae, key="eval.vae")  # a folder of a supported autoencoder, before any sampling
         if self.vae_scaling_factor is not None and not self.vae_scaling_factor > 0:
@@ -283,6 +293,9 @@ def compute_metrics(gen: dict[str, Any], teacher, feature: str) -> dict[str, Any
                 net.num_features = int(net(M._to_unit(t[:1], value_range)).shape[-1])
     elif choice in ("digits-image", "digits-video"):
         net = M.ImageFeatureNet() if choice == "digits-image" else M.VideoFeatureNet()
+    if net is not None and s.shape[0] < 2:
+        warnings.warn(f"eval.num_samples={s.shape[0]}: the Fréchet distance (and class consistency) need at least 2 "
+                      "samples; left out", stacklevel=2)
     if net is not None and s.shape[0] >= 2:
         out["frechet_distance_student_vs_teacher"] = M.frechet_distance(t, s, net, value_range=fd_range)
         if gen["labels"] is not None:
