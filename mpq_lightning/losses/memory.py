@@ -31,9 +31,20 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-__all__ = ["TimeAwarePixelQueue"]
+__all__ = ["TimeAwarePixelQueue", "host_to_device"]
 
 GatherFn = Callable[[Tensor], Tensor]
+
+
+def host_to_device(t: Tensor, device: torch.device | str) -> Tensor:
+    """A host tensor (an index drawn with a CPU generator) on ``device``, without making the host
+    wait for the work queued on the GPU: a copy from pageable memory waits for the stream, one from
+    pinned memory does not (the caching host allocator keeps the pinned block until the copy has
+    run). Elsewhere a plain ``to``."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _dist_world_size(group=None) -> int:
@@ -208,8 +219,8 @@ class TimeAwarePixelQueue(nn.Module):
         if num <= 0:
             raise ValueError(f"select_pixels: num must be positive, got {num}")
         n = pix.shape[0]
-        if num < n:  # an index drawn on the host: a non-blocking copy to the device does not wait for it
-            idx = torch.randperm(n, generator=generator)[:num].to(pix.device, non_blocking=True)
+        if num < n:
+            idx = host_to_device(torch.randperm(n, generator=generator)[:num], pix.device)
             pix = pix[idx]
         return F.normalize(pix.float(), p=2, dim=-1)
 
@@ -245,7 +256,7 @@ class TimeAwarePixelQueue(nn.Module):
         b, n = pix.shape[:2]
         if num < n:
             idx = torch.stack([torch.randperm(n, generator=generator)[:num] for _ in range(b)])
-            pix = pix.gather(1, idx.to(pix.device, non_blocking=True)[..., None].expand(-1, -1, pix.shape[2]))
+            pix = pix.gather(1, host_to_device(idx, pix.device)[..., None].expand(-1, -1, pix.shape[2]))
         return F.normalize(pix.float(), p=2, dim=-1)
 
     @torch.no_grad()
@@ -312,7 +323,7 @@ class TimeAwarePixelQueue(nn.Module):
         # written, their new pointers and write counts
         flat = torch.tensor([*at_slot, *(q for st in slots for q in final[st]), *(r for st in slots for r in final[st].values()),
                              *gone, *slots, *(ptr[st] for st in slots), *(writes[st] for st in slots)], dtype=torch.long)
-        flat = flat.to(self.feats.device, non_blocking=True)
+        flat = host_to_device(flat, self.feats.device)
         m, e, t = len(at_slot), len(gone), len(slots)
         at_slot, at_pos, row, gone, touched, new_ptr, count = flat.split([m, m, m, e, t, t, t])
         if e:
@@ -485,7 +496,7 @@ class TimeAwarePixelQueue(nn.Module):
                     if q > 0:
                         parts.append(s * p + torch.randperm(fill[s], generator=generator)[:q])
             idx = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
-        idx = idx.to(self.feats.device, non_blocking=True)
+        idx = host_to_device(idx, self.feats.device)
         c = self.feats.shape[-1]
         vectors = self.feats.reshape(-1, c)[idx]
         tags = self.step_tags.reshape(-1)[idx]

@@ -27,6 +27,8 @@ from einops import rearrange
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from .memory import host_to_device
+
 if TYPE_CHECKING:  # pragma: no cover
     from mpq_lightning.losses.memory import TimeAwarePixelQueue
 
@@ -97,7 +99,7 @@ def _sample_indices(n: int, k: int | None, generator: torch.Generator | None, de
     if k <= 0:
         raise ValueError(f"anchors must be a positive integer, got {k}")
     idx = torch.randperm(n, generator=generator)[:k].sort().values
-    return idx.to(device, non_blocking=True)  # drawn on the host: the copy need not wait for the device
+    return host_to_device(idx, device)  # drawn on the host: the copy need not wait for the device
 
 
 def _reduce_rows(row_kl: Tensor, reduction: str, n_cols: int, sum_scale: float = 1.0) -> Tensor:
