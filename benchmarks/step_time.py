@@ -11,7 +11,8 @@ For each model (the tiny STDiT and a mid-size STDiT) it times these training ste
   state, in each mode: ``eager``; ``quantizers`` (``QuantConfig.compile_quantizers``: torch.compile
   of the element-wise quantizer math); ``model`` (``QATModule(compile_model=True)``: student and
   teacher backbones compiled whole); ``blocks`` (the same with ``compile_scope="blocks"``: each
-  transformer block compiled, blocks alike sharing a graph, the rest eager);
+  transformer block compiled, blocks alike sharing a graph, the rest eager); ``cudagraphs`` (``model``
+  with ``compile_mode="reduce-overhead"``: the compiled graphs replayed as CUDA graphs on a GPU);
 * the same eager QAT step with every quantizer switched off (teacher forward, LoRA student, losses,
   AdamW): the floor that no eager quantizer speed-up can go below.
 Every step is warmed up first (compilation happens there); ``<step>_first_step_s`` is its first call,
@@ -101,11 +102,12 @@ def _once(fn, device) -> float:
     return time.perf_counter() - t0
 
 
-MODES = {  # QAT step variants: (key, QuantConfig.compile_quantizers, QATModule.compile_model / compile_scope)
-    "eager": ("qat", False, None),
-    "quantizers": ("qat_compiled", True, None),
-    "model": ("qat_compiled_model", False, "model"),
-    "blocks": ("qat_compiled_blocks", False, "blocks"),
+MODES = {  # QAT step variants: (key, QuantConfig.compile_quantizers, QATModule.compile_model / compile_scope, compile_mode)
+    "eager": ("qat", False, None, "default"),
+    "quantizers": ("qat_compiled", True, None, "default"),
+    "model": ("qat_compiled_model", False, "model", "default"),
+    "blocks": ("qat_compiled_blocks", False, "blocks", "default"),
+    "cudagraphs": ("qat_cudagraphs", False, "model", "reduce-overhead"),
 }
 
 
@@ -193,9 +195,9 @@ def bench(name: str, kwargs: dict, batch: int, repeats: int, device, modes: list
         warmups["fp_compiled"] = 5
     modules = {}
     for mode in modes:
-        key, compile_quantizers, compile_scope = MODES[mode]
+        key, compile_quantizers, compile_scope, compile_mode = MODES[mode]
         compile_model = compile_scope is not None
-        module, qopt, qat_step = qat_setup(name, kwargs, b, device, compile_quantizers, compile_scope)
+        module, qopt, qat_step = qat_setup(name, kwargs, b, device, compile_quantizers, compile_scope, compile_mode)
         modules[key] = (module, qopt)
         quant_on = partial(set_quant_state, module.student.backbone, True, True)
         steps[key] = (quant_on, qat_step)
@@ -230,15 +232,17 @@ def bench(name: str, kwargs: dict, batch: int, repeats: int, device, modes: list
     return row
 
 
-def qat_setup(name: str, kwargs: dict, b: dict, device, compile_quantizers: bool, compile_scope: str | None):
+def qat_setup(name: str, kwargs: dict, b: dict, device, compile_quantizers: bool, compile_scope: str | None,
+              compile_mode: str = "default"):
     """A calibrated ``QATModule`` with our full method, its own optimiser and one training step on ``b``
-    (``compile_scope``: ``QATModule.compile_scope`` with ``compile_model``; None: not compiled)."""
+    (``compile_scope``: ``QATModule.compile_scope`` with ``compile_model``; None: not compiled;
+    ``compile_mode``: ``QATModule.compile_mode``)."""
     quant = QuantConfig(w_bits=3, a_bits=6, num_steps=10, w_quantizer="fzrmq", lora_rank=8, lora_init="svd_weight_error",
                         lora_quantized_base=True, tqe=True, compile_quantizers=compile_quantizers)
     loss = LossConfig(mse_reduction="mean", mtrd=True, mtrd_anchors=256, mtrd_memory_samples=256, tmd=True)
     module = QATModule(name.replace("mid-stdit", "tiny-stdit"), kwargs, quant, True, loss, OptimConfig(lora_lr=1e-4),
                        CalibConfig(num_batches=2), compile_model=compile_scope is not None,
-                       compile_scope=compile_scope or "model").to(device)
+                       compile_scope=compile_scope or "model", compile_mode=compile_mode).to(device)
     b = {k: v for k, v in b.items() if k != "teacher_output"}
     module.calibrate_from(_Calib(b))
     set_quant_state(module.student.backbone, True, True)
@@ -251,6 +255,7 @@ def qat_setup(name: str, kwargs: dict, b: dict, device, compile_quantizers: bool
         b["teacher_output"] = module.teacher(b["x_t"], b["t"], b["cond"], b["step_index"])
 
     def qat_step():
+        module._mark_cudagraph_step()  # as training_step does
         losses = module.compute_losses(b)
         total = sum(losses.values())
         qopt.zero_grad(set_to_none=True)
@@ -271,7 +276,8 @@ def main() -> None:
     ap.add_argument("--breakdown", action="store_true", help="also time each phase of the QAT step (<mode>_phases_s)")
     ap.add_argument("--modes", default="eager,quantizers,model",
                     help="comma-separated QAT step variants: eager, quantizers (compile_quantizers), model (compile_model), "
-                         "blocks (compile_model with compile_scope blocks)")
+                         "blocks (compile_model with compile_scope blocks), cudagraphs (compile_model with "
+                         "compile_mode reduce-overhead: CUDA graphs on a GPU)")
     ap.add_argument("--compile-cache", default=None,
                     help="inductor's cache folder (TORCHINDUCTOR_CACHE_DIR); default: a fresh one, so compiles are cold")
     args = ap.parse_args()
@@ -303,6 +309,7 @@ def main() -> None:
                         for k, label in (("qat", "QAT eager"), ("qat_compiled", "QAT compiled quantizers"),
                                          ("qat_compiled_model", "QAT compiled model"),
                                          ("qat_compiled_blocks", "QAT compiled blocks"),
+                                         ("qat_cudagraphs", "QAT compiled model with CUDA graphs"),
                                          ("no_quantizers", "same step, quantizers off")) if k + "_step_s" in r)
         if "fp_compiled_step_s" in r:
             qat += (f", FP compiled {r['fp_compiled_step_s'] * 1e3:.1f} ms (compiled QAT / compiled FP "

@@ -141,6 +141,9 @@ class CalibConfig:
 
 
 COMPILE_SCOPES = ("model", "blocks")  # QATModule(compile_scope=...)
+# QATModule(compile_mode=...): torch.compile's modes; the last two replay CUDA graphs on a GPU
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
 #: why DeepSpeed ZeRO-3 is refused (by the CLI by name, and at fit start however configured)
 ZERO3_REFUSAL = ("trainer.strategy: DeepSpeed ZeRO stage 3 partitions the parameters between forwards and would drop "
                  "the quantizer calibration; use deepspeed_stage_2 (optionally _offload) or fsdp")
@@ -234,6 +237,10 @@ class QATModule(L.LightningModule):
             (the fastest steps; the cold compile grows with depth). ``"blocks"``: each member of the
             backbone's outermost ``nn.ModuleList`` s (the repeated transformer / UNet blocks), the rest
             eager; blocks alike share one compiled graph, so the cold compile does not grow with depth.
+        compile_mode: ``torch.compile``'s mode for ``compile_model``. ``"reduce-overhead"`` (and
+            ``"max-autotune"``) replay CUDA graphs on a GPU, which takes the kernel-launch cost off a
+            small model's step; each training and validation step marks a new CUDA-graph step. On a
+            CPU they compile as ``"default"``.
     """
 
     def __init__(
@@ -248,15 +255,20 @@ class QATModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         compile_model: bool = False,
         compile_scope: Literal["model", "blocks"] = "model",
+        compile_mode: Literal["default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune"] = "default",
     ) -> None:
         super().__init__()
         from .models import build
 
         if compile_scope not in COMPILE_SCOPES:
             raise ValueError(f"model.compile_scope must be one of {COMPILE_SCOPES}, got {compile_scope!r}")
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f"model.compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
+        if compile_mode != "default" and not compile_model:
+            raise ValueError(f"model.compile_mode={compile_mode} needs model.compile_model true")
         self.save_hyperparameters()
         self.model_name, self.loss_cfg, self.optim_cfg, self.calib_cfg = model, loss, optim, calib
-        self.compile_model, self.compile_scope = compile_model, compile_scope
+        self.compile_model, self.compile_scope, self.compile_mode = compile_model, compile_scope, compile_mode
         teacher = build(model, **(model_kwargs or {}))
         if use_model_defaults:
             quant = copy.deepcopy(quant)
@@ -476,9 +488,16 @@ class QATModule(L.LightningModule):
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(units))
             torch._dynamo.config.accumulated_recompile_limit = max(
                 torch._dynamo.config.accumulated_recompile_limit, 16 * len(units))
+        mode = None if self.compile_mode == "default" else self.compile_mode
         for backbone in (self.student.backbone, self.teacher.backbone):
             for name in units:
-                backbone.get_submodule(name).compile()
+                backbone.get_submodule(name).compile(mode=mode)
+
+    def _mark_cudagraph_step(self) -> None:
+        """A new step for CUDA-graph replay (``compile_mode`` reduce-overhead / max-autotune): the
+        previous step's graph outputs may be overwritten from here on (none is read after its step)."""
+        if self.compile_model and self.compile_mode in CUDAGRAPH_MODES:
+            torch.compiler.cudagraph_mark_step_begin()
 
     def check_strategy(self, trainer: L.Trainer) -> None:
         """Refuse sharding this module cannot train under, naming the key. Calibration and the sampling
@@ -630,6 +649,7 @@ class QATModule(L.LightningModule):
         return losses
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        self._mark_cudagraph_step()
         losses = self.compute_losses(batch)
         loss = sum(losses.values())
         # judged with the gradients in on_before_optimizer_step: one host sync per step, before any update
@@ -690,6 +710,7 @@ class QATModule(L.LightningModule):
         validation (and Lightning's sanity check, which repeats on resume) does not move the random
         stream training draws from, so runs with and without it, or resumed, train alike."""
         devices = [self.device] if self.device.type == "cuda" else []
+        self._mark_cudagraph_step()
         with torch.random.fork_rng(devices=devices):
             losses = self.compute_losses(batch, training=False)
         bs = batch["x_t"].shape[0]

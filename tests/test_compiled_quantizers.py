@@ -303,6 +303,30 @@ def test_compile_scope_is_checked_naming_the_key():
         module.check_compile_settings(module._trainer)
 
 
+def test_compile_mode_reaches_torch_compile_and_cuda_graph_modes_mark_each_step(monkeypatch):
+    """``compile_mode`` is handed to ``torch.compile`` for every compiled unit of both backbones; the
+    CUDA-graph modes mark a new CUDA-graph step at each training / validation step (so a step's graph
+    outputs may be reused by the next), the others do not; a bad mode, or a mode without
+    ``compile_model``, is refused naming the key."""
+    from mpq_lightning.module import QATModule
+
+    with pytest.raises(ValueError, match="model.compile_mode must be one of"):
+        QATModule("tiny-stdit", {"config": {"depth": 1}}, compile_model=True, compile_mode="fast")
+    with pytest.raises(ValueError, match="model.compile_mode=reduce-overhead needs model.compile_model true"):
+        QATModule("tiny-stdit", {"config": {"depth": 1}}, compile_mode="reduce-overhead")
+    modes, marks = [], []
+    monkeypatch.setattr(torch, "compile", lambda fn, *a, **kw: (modes.append(kw.get("mode")), fn)[1])
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    for mode, want in (("reduce-overhead", "reduce-overhead"), ("default", None), ("max-autotune", "max-autotune")):
+        modes.clear(), marks.clear()
+        module = QATModule("tiny-stdit", {"config": {"depth": 2}}, compile_model=True, compile_scope="blocks",
+                           compile_mode=mode)
+        module.compile_backbones()
+        assert modes == [want] * 4  # two blocks in each of the two backbones
+        module._mark_cudagraph_step()
+        assert len(marks) == (mode != "default")
+
+
 def test_compile_model_is_refused_under_fsdp_and_cpu_16_bit_naming_the_key():
     from types import SimpleNamespace
 
