@@ -2,6 +2,7 @@
 
     python benchmarks/step_time.py [--device cpu|cuda] [--repeats 20] [--threads N] [--modes eager,quantizers,model]
                                    [--breakdown] [--models tiny-stdit,mid-stdit] [--compile-cache DIR]
+                                   [--compile-options '{"cpp_wrapper": true}']
 
 For each model (the tiny STDiT and a mid-size STDiT) it times these training steps:
 * FP step: forward + MSE to a target + backward + fused AdamW step over all backbone parameters,
@@ -168,7 +169,7 @@ def paired_ratio(num: list[float], den: list[float]) -> tuple[float, list[float]
 
 
 def bench(name: str, kwargs: dict, batch: int, repeats: int, device, modes: list[str], breakdown: bool = False,
-          fresh_cache: bool = True) -> dict:
+          fresh_cache: bool = True, compile_options: dict | None = None) -> dict:
     # -- FP training step (fused AdamW where torch has it, as QATModule uses by default) --------
     fp = build(name.replace("mid-stdit", "tiny-stdit"), **kwargs).to(device)
     b = batch_for(fp, batch, device)
@@ -190,14 +191,15 @@ def bench(name: str, kwargs: dict, batch: int, repeats: int, device, modes: list
     warmups = {"fp": 3}
     if "model" in modes:  # the fair baseline for a compiled QAT step is a compiled FP step
         fp_c = copy.deepcopy(fp)
-        fp_c.backbone.compile()
+        fp_c.backbone.compile(options=compile_options or None)
         steps["fp_compiled"] = (none, fp_step_for(fp_c)[0])
         warmups["fp_compiled"] = 5
     modules = {}
     for mode in modes:
         key, compile_quantizers, compile_scope, compile_mode = MODES[mode]
         compile_model = compile_scope is not None
-        module, qopt, qat_step = qat_setup(name, kwargs, b, device, compile_quantizers, compile_scope, compile_mode)
+        module, qopt, qat_step = qat_setup(name, kwargs, b, device, compile_quantizers, compile_scope, compile_mode,
+                                           compile_options if compile_scope is not None else None)
         modules[key] = (module, qopt)
         quant_on = partial(set_quant_state, module.student.backbone, True, True)
         steps[key] = (quant_on, qat_step)
@@ -233,16 +235,17 @@ def bench(name: str, kwargs: dict, batch: int, repeats: int, device, modes: list
 
 
 def qat_setup(name: str, kwargs: dict, b: dict, device, compile_quantizers: bool, compile_scope: str | None,
-              compile_mode: str = "default"):
+              compile_mode: str = "default", compile_options: dict | None = None):
     """A calibrated ``QATModule`` with our full method, its own optimiser and one training step on ``b``
     (``compile_scope``: ``QATModule.compile_scope`` with ``compile_model``; None: not compiled;
-    ``compile_mode``: ``QATModule.compile_mode``)."""
+    ``compile_mode`` / ``compile_options``: ``QATModule``'s)."""
     quant = QuantConfig(w_bits=3, a_bits=6, num_steps=10, w_quantizer="fzrmq", lora_rank=8, lora_init="svd_weight_error",
                         lora_quantized_base=True, tqe=True, compile_quantizers=compile_quantizers)
     loss = LossConfig(mse_reduction="mean", mtrd=True, mtrd_anchors=256, mtrd_memory_samples=256, tmd=True)
     module = QATModule(name.replace("mid-stdit", "tiny-stdit"), kwargs, quant, True, loss, OptimConfig(lora_lr=1e-4),
                        CalibConfig(num_batches=2), compile_model=compile_scope is not None,
-                       compile_scope=compile_scope or "model", compile_mode=compile_mode).to(device)
+                       compile_scope=compile_scope or "model", compile_mode=compile_mode,
+                       compile_options=compile_options).to(device)
     b = {k: v for k, v in b.items() if k != "teacher_output"}
     module.calibrate_from(_Calib(b))
     set_quant_state(module.student.backbone, True, True)
@@ -280,6 +283,9 @@ def main() -> None:
                          "compile_mode reduce-overhead: CUDA graphs on a GPU)")
     ap.add_argument("--compile-cache", default=None,
                     help="inductor's cache folder (TORCHINDUCTOR_CACHE_DIR); default: a fresh one, so compiles are cold")
+    ap.add_argument("--compile-options", type=json.loads, default=None,
+                    help='inductor settings for every compiled step (QATModule.compile_options and the compiled FP '
+                         'step), as JSON, e.g. \'{"cpp_wrapper": true}\'')
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -296,12 +302,12 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "timing": "interleaved rounds, paired ratios",
-            "rows": [],
+            "rows": [], "compile_options": args.compile_options,
             "method": "W3A6 FZ-RMQ + OOLRI(svd_weight_error, quantized base, r=8) + TQE + MTRD + TMD, TALSQ 10 steps"}
     rows = info["rows"]
     for n in models:  # written after each model, so a run cut short keeps the rows it finished
         rows.append(bench(n, MODELS[n], args.batch, args.repeats, device, modes, args.breakdown,
-                          fresh_cache=args.compile_cache is None))
+                          fresh_cache=args.compile_cache is None, compile_options=args.compile_options))
         out.write_text(json.dumps(info, indent=2))
     for r in rows:
         qat = ", ".join(f"{label} {r[k + '_step_s'] * 1e3:.1f} ms (ratio {r[k + '_ratio']:.2f}, "

@@ -143,7 +143,6 @@ class CalibConfig:
 COMPILE_SCOPES = ("model", "blocks")  # QATModule(compile_scope=...)
 # QATModule(compile_mode=...): torch.compile's modes; the last two replay CUDA graphs on a GPU
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
-CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
 #: why DeepSpeed ZeRO-3 is refused (by the CLI by name, and at fit start however configured)
 ZERO3_REFUSAL = ("trainer.strategy: DeepSpeed ZeRO stage 3 partitions the parameters between forwards and would drop "
                  "the quantizer calibration; use deepspeed_stage_2 (optionally _offload) or fsdp")
@@ -241,6 +240,9 @@ class QATModule(L.LightningModule):
             ``"max-autotune"``) replay CUDA graphs on a GPU, which takes the kernel-launch cost off a
             small model's step; each training and validation step marks a new CUDA-graph step. On a
             CPU they compile as ``"default"``.
+        compile_options: inductor settings for ``compile_model`` on top of the mode's, e.g.
+            ``{"cpp_wrapper": true}`` (the compiled graphs' wrapper code in C++, not Python: less
+            per-call overhead). Keys are ``torch._inductor.config`` names, checked up front.
     """
 
     def __init__(
@@ -256,6 +258,7 @@ class QATModule(L.LightningModule):
         compile_model: bool = False,
         compile_scope: Literal["model", "blocks"] = "model",
         compile_mode: Literal["default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune"] = "default",
+        compile_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         from .models import build
@@ -266,6 +269,16 @@ class QATModule(L.LightningModule):
             raise ValueError(f"model.compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
         if compile_mode != "default" and not compile_model:
             raise ValueError(f"model.compile_mode={compile_mode} needs model.compile_model true")
+        if compile_options:
+            if not compile_model:
+                raise ValueError("model.compile_options needs model.compile_model true")
+            import torch._inductor.config as inductor_config
+
+            known = inductor_config.get_config_copy()
+            if unknown := sorted(k for k in compile_options if k not in known):
+                raise ValueError(f"model.compile_options: {unknown} are not torch._inductor.config settings "
+                                 f"(e.g. cpp_wrapper, triton.cudagraphs, max_autotune)")
+        self.compile_options = dict(compile_options or {})
         self.save_hyperparameters()
         self.model_name, self.loss_cfg, self.optim_cfg, self.calib_cfg = model, loss, optim, calib
         self.compile_model, self.compile_scope, self.compile_mode = compile_model, compile_scope, compile_mode
@@ -488,15 +501,22 @@ class QATModule(L.LightningModule):
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(units))
             torch._dynamo.config.accumulated_recompile_limit = max(
                 torch._dynamo.config.accumulated_recompile_limit, 16 * len(units))
-        mode = None if self.compile_mode == "default" else self.compile_mode
         for backbone in (self.student.backbone, self.teacher.backbone):
             for name in units:
-                backbone.get_submodule(name).compile(mode=mode)
+                backbone.get_submodule(name).compile(options=self.inductor_options() or None)
+
+    def inductor_options(self) -> dict[str, Any]:
+        """What ``compile_model`` hands to ``torch.compile(options=...)``: ``compile_mode``'s settings
+        (torch.compile takes a mode or options, not both), then ``compile_options``."""
+        import torch._inductor
+
+        return {**torch._inductor.list_mode_options(self.compile_mode), **self.compile_options}
 
     def _mark_cudagraph_step(self) -> None:
-        """A new step for CUDA-graph replay (``compile_mode`` reduce-overhead / max-autotune): the
-        previous step's graph outputs may be overwritten from here on (none is read after its step)."""
-        if self.compile_model and self.compile_mode in CUDAGRAPH_MODES:
+        """A new step for CUDA-graph replay (``compile_mode`` reduce-overhead / max-autotune, or
+        ``triton.cudagraphs`` in ``compile_options``): the previous step's graph outputs may be
+        overwritten from here on (none is read after its step)."""
+        if self.compile_model and self.inductor_options().get("triton.cudagraphs"):
             torch.compiler.cudagraph_mark_step_begin()
 
     def check_strategy(self, trainer: L.Trainer) -> None:

@@ -161,21 +161,22 @@ def test_resume_is_exact(full_run, workdir):
 def test_compile_switches_train_through_the_app(workdir):
     """``--model.quant.compile_quantizers true`` and ``--model.compile_model true`` (whole backbones, here
     with ``--model.compile_mode reduce-overhead``, whose CUDA graphs a CPU skips, and with
-    ``--model.compile_scope blocks`` block by block) train through Lightning, and their first loss
-    (same seed, data, calibration) is the eager run's."""
+    ``--model.compile_scope blocks`` block by block, here with inductor's C++ wrapper through
+    ``--model.compile_options``) train through Lightning, and their first loss (same seed, data,
+    calibration) is the eager run's."""
     eager = fit("--trainer.max_steps", "1", run="eager1")
     compiled = fit("--trainer.max_steps", "1", "--model.quant.compile_quantizers", "true", run="compiled1")
     whole = fit("--trainer.max_steps", "1", "--model.compile_model", "true", "--model.compile_mode", "reduce-overhead",
                 run="compiled_model1")
     blocks = fit("--trainer.max_steps", "1", "--model.compile_model", "true", "--model.compile_scope", "blocks",
-                 run="compiled_blocks1")
+                 "--model.compile_options", "{cpp_wrapper: true}", run="compiled_blocks1")
     from mpq_lightning.quant import QuantLayer
 
     layers = [m for m in compiled.model.student.modules() if isinstance(m, QuantLayer)]
     assert layers and all(m.spec.compile_quantizers for m in layers) and compiled.trainer.global_step == 1
     backbone = whole.model.student.backbone
     assert backbone._compiled_call_impl is not None and whole.trainer.global_step == 1
-    assert whole.model.compile_mode == "reduce-overhead"
+    assert whole.model.compile_mode == "reduce-overhead" and blocks.model.compile_options == {"cpp_wrapper": True}
     assert blocks.model.student.backbone._compiled_call_impl is None and blocks.trainer.global_step == 1
     assert all(blk._compiled_call_impl is not None for blk in blocks.model.student.backbone.blocks)
     a, b, c, d = (float(r.trainer.callback_metrics["train/loss"]) for r in (eager, compiled, whole, blocks))

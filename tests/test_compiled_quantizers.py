@@ -303,28 +303,39 @@ def test_compile_scope_is_checked_naming_the_key():
         module.check_compile_settings(module._trainer)
 
 
-def test_compile_mode_reaches_torch_compile_and_cuda_graph_modes_mark_each_step(monkeypatch):
-    """``compile_mode`` is handed to ``torch.compile`` for every compiled unit of both backbones; the
-    CUDA-graph modes mark a new CUDA-graph step at each training / validation step (so a step's graph
-    outputs may be reused by the next), the others do not; a bad mode, or a mode without
-    ``compile_model``, is refused naming the key."""
+def test_compile_mode_and_options_reach_torch_compile_and_cuda_graphs_mark_each_step(monkeypatch):
+    """``compile_mode``'s inductor settings and ``compile_options`` on top reach ``torch.compile`` for
+    every compiled unit of both backbones; with CUDA graphs (the mode's or the options') each training /
+    validation step marks a new CUDA-graph step, so a step's graph outputs may be reused by the next;
+    a bad mode or setting, or either without ``compile_model``, is refused naming the key."""
     from mpq_lightning.module import QATModule
 
+    tiny = ("tiny-stdit", {"config": {"depth": 1}})
     with pytest.raises(ValueError, match="model.compile_mode must be one of"):
-        QATModule("tiny-stdit", {"config": {"depth": 1}}, compile_model=True, compile_mode="fast")
+        QATModule(*tiny, compile_model=True, compile_mode="fast")
     with pytest.raises(ValueError, match="model.compile_mode=reduce-overhead needs model.compile_model true"):
-        QATModule("tiny-stdit", {"config": {"depth": 1}}, compile_mode="reduce-overhead")
-    modes, marks = [], []
-    monkeypatch.setattr(torch, "compile", lambda fn, *a, **kw: (modes.append(kw.get("mode")), fn)[1])
+        QATModule(*tiny, compile_mode="reduce-overhead")
+    with pytest.raises(ValueError, match="model.compile_options needs model.compile_model true"):
+        QATModule(*tiny, compile_options={"cpp_wrapper": True})
+    with pytest.raises(ValueError, match=r"model.compile_options: \['cpp_wraper'\] are not torch._inductor.config"):
+        QATModule(*tiny, compile_model=True, compile_options={"cpp_wraper": True})
+    seen, marks = [], []
+    monkeypatch.setattr(torch, "compile", lambda fn, *a, **kw: (seen.append(kw.get("options")), fn)[1])
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
-    for mode, want in (("reduce-overhead", "reduce-overhead"), ("default", None), ("max-autotune", "max-autotune")):
-        modes.clear(), marks.clear()
+    for mode, options, want, graphs in (
+        ("reduce-overhead", None, {"triton.cudagraphs": True}, True),
+        ("default", None, None, False),
+        ("default", {"cpp_wrapper": True}, {"cpp_wrapper": True}, False),
+        ("max-autotune", {"triton.cudagraphs": False}, {"max_autotune": True, "triton.cudagraphs": False,
+                                                       "coordinate_descent_tuning": True}, False),
+    ):
+        seen.clear(), marks.clear()
         module = QATModule("tiny-stdit", {"config": {"depth": 2}}, compile_model=True, compile_scope="blocks",
-                           compile_mode=mode)
+                           compile_mode=mode, compile_options=options)
         module.compile_backbones()
-        assert modes == [want] * 4  # two blocks in each of the two backbones
+        assert seen == [want] * 4  # two blocks in each of the two backbones
         module._mark_cudagraph_step()
-        assert len(marks) == (mode != "default")
+        assert len(marks) == graphs
 
 
 def test_compile_model_is_refused_under_fsdp_and_cpu_16_bit_naming_the_key():
