@@ -185,12 +185,12 @@ def test_writes_of_a_batch_at_once_equal_one_write_each_and_the_gate(refresh):
 def test_a_batchs_pixels_are_drawn_as_sample_by_sample():
     q = TimeAwarePixelQueue(num_steps=2, pixels_per_step=8)
     for feats, cdim in ((torch.randn(3, 6, 4, 5), 1), (torch.randn(3, 20, 6), -1)):
-        got = q.select_pixels_per_sample(feats, num=7, generator=torch.Generator().manual_seed(3), channel_dim=cdim)
+        got = q.select_pixels(feats, num=7, generator=torch.Generator().manual_seed(3), channel_dim=cdim, per_sample=True)
         g = torch.Generator().manual_seed(3)
         want = torch.stack([q.select_pixels(feats[i : i + 1], num=7, generator=g, channel_dim=cdim) for i in range(3)])
         assert got.shape == (3, 7, 6) and torch.equal(got, want)
-    with pytest.raises(ValueError, match=r"\(3, 6\)"):
-        q.select_pixels_per_sample(torch.randn(3, 6))
+    with pytest.raises(ValueError, match=r"\(3, 6\) need >= 3 dims"):
+        q.select_pixels(torch.randn(3, 6), per_sample=True)
 
 
 def test_writing_and_sampling_the_queue_read_nothing_back_from_the_device():

@@ -208,7 +208,8 @@ class MemoryQueue(Callback):
             num = self.queue.pixels_per_enqueue
         draw = generator if generator is not None else self.generator
         if isinstance(features, Tensor):  # a batch: the same draws as sample by sample, gathered at once
-            vectors = list(self.queue.select_pixels_per_sample(features, num=num, generator=draw, channel_dim=channel_dim))
+            vectors = list(self.queue.select_pixels(features, num=num, generator=draw, channel_dim=channel_dim,
+                                                    per_sample=True))
         else:
             vectors = [self.queue.select_pixels(f, num=num, generator=draw, channel_dim=channel_dim) for f in features]
         gather_fn = None

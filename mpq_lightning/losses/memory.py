@@ -183,6 +183,28 @@ class TimeAwarePixelQueue(nn.Module):
             raise ValueError(f"step_index must be in [0, {self.num_steps}), got {step_index}")
         return step_index
 
+    def _pixel_table(self, features: Tensor, num: int | None, channel_dim: int, name: str,
+                     per_sample: bool) -> tuple[Tensor, int]:
+        """``features`` as pixel rows, ``[M, C]`` (every sample's pixels together) or, ``per_sample``,
+        ``[B, N, C]``, detached; and the number to draw (``num`` or ``pixels_per_enqueue``), checked."""
+        x = features.detach()
+        if x.dim() < 2 + per_sample:
+            raise ValueError(f"{name}: features of shape {tuple(x.shape)} need >= {2 + per_sample} dims")
+        if channel_dim == 1:
+            pix = rearrange(x, "b c ... -> b (...) c" if per_sample else "b c ... -> (b ...) c")
+        elif channel_dim in (-1, x.dim() - 1):
+            pix = rearrange(x, "b ... c -> b (...) c" if per_sample else "... c -> (...) c")
+        else:
+            raise ValueError(f"{name}: channel_dim must be 1 or -1, got {channel_dim}")
+        if self.dim is not None and pix.shape[-1] != self.dim:
+            raise ValueError(
+                f"{name}: features of shape {tuple(features.shape)} have {pix.shape[-1]} channels, queue dim is {self.dim}"
+            )
+        num = self.pixels_per_enqueue if num is None else int(num)
+        if num <= 0:
+            raise ValueError(f"{name}: num must be positive, got {num}")
+        return pix, num
+
     @torch.no_grad()
     def select_pixels(
         self,
@@ -190,6 +212,7 @@ class TimeAwarePixelQueue(nn.Module):
         num: int | None = None,
         generator: torch.Generator | None = None,
         channel_dim: int = 1,
+        per_sample: bool = False,
     ) -> Tensor:
         """Sample ``num`` pixel vectors (without replacement) from a teacher feature; nothing is written.
 
@@ -197,66 +220,21 @@ class TimeAwarePixelQueue(nn.Module):
             features: ``[B, C, *spatial]`` (``channel_dim=1``), ``[B, N, C]`` or ``[M, C]`` (``channel_dim=-1``).
             num: number of pixels (default ``pixels_per_enqueue``; all pixels if fewer are available).
             generator: CPU generator.
+            per_sample: draw ``num`` of each sample's own pixels: ``select_pixels(features[i : i + 1])``
+                for i = 0, 1, ..., the same draws from ``generator`` in the same order, stacked, with one
+                gather and one normalisation for the batch instead of one each per sample.
 
         Returns:
-            ``[k, C]`` detached, fp32, L2-normalised vectors on the feature's device.
+            ``[k, C]`` (``per_sample``: ``[B, k, C]``) detached, fp32, L2-normalised vectors on the
+            feature's device.
         """
-        x = features.detach()
-        if channel_dim == 1:
-            if x.dim() < 2:
-                raise ValueError(f"select_pixels: features of shape {tuple(x.shape)} need >= 2 dims for channel_dim=1")
-            pix = rearrange(x, "b c ... -> (b ...) c")
-        elif channel_dim in (-1, x.dim() - 1):
-            pix = rearrange(x, "... c -> (...) c")
-        else:
-            raise ValueError(f"select_pixels: channel_dim must be 1 or -1, got {channel_dim}")
-        if self.dim is not None and pix.shape[1] != self.dim:
-            raise ValueError(
-                f"select_pixels: features of shape {tuple(features.shape)} have {pix.shape[1]} channels, "
-                f"queue dim is {self.dim}"
-            )
-        num = self.pixels_per_enqueue if num is None else int(num)
-        if num <= 0:
-            raise ValueError(f"select_pixels: num must be positive, got {num}")
-        n = pix.shape[0]
-        if num < n:
-            idx = host_to_device(torch.randperm(n, generator=generator)[:num], pix.device)
-            pix = pix[idx]
-        return F.normalize(pix.float(), p=2, dim=-1)
-
-    @torch.no_grad()
-    def select_pixels_per_sample(
-        self,
-        features: Tensor,
-        num: int | None = None,
-        generator: torch.Generator | None = None,
-        channel_dim: int = 1,
-    ) -> Tensor:
-        """``select_pixels(features[i : i + 1], ...)`` for every sample ``i``, stacked ``[B, k, C]``: the
-        same draws from ``generator`` in the same order, with one gather and one normalisation for the
-        batch instead of one each per sample."""
-        if features.dim() < 3:
-            raise ValueError(f"select_pixels_per_sample: features of shape {tuple(features.shape)} need a batch "
-                             "axis and >= 2 more dims")
-        x = features.detach()
-        if channel_dim == 1:
-            pix = rearrange(x, "b c ... -> b (...) c")
-        elif channel_dim in (-1, x.dim() - 1):
-            pix = rearrange(x, "b ... c -> b (...) c")
-        else:
-            raise ValueError(f"select_pixels_per_sample: channel_dim must be 1 or -1, got {channel_dim}")
-        if self.dim is not None and pix.shape[2] != self.dim:
-            raise ValueError(
-                f"select_pixels_per_sample: features of shape {tuple(features.shape)} have {pix.shape[2]} channels, "
-                f"queue dim is {self.dim}"
-            )
-        num = self.pixels_per_enqueue if num is None else int(num)
-        if num <= 0:
-            raise ValueError(f"select_pixels_per_sample: num must be positive, got {num}")
-        b, n = pix.shape[:2]
-        if num < n:
-            idx = torch.stack([torch.randperm(n, generator=generator)[:num] for _ in range(b)])
+        pix, num = self._pixel_table(features, num, channel_dim, "select_pixels", per_sample)
+        n = pix.shape[-2]
+        if num < n and per_sample:
+            idx = torch.stack([torch.randperm(n, generator=generator)[:num] for _ in range(pix.shape[0])])
             pix = pix.gather(1, host_to_device(idx, pix.device)[..., None].expand(-1, -1, pix.shape[2]))
+        elif num < n:
+            pix = pix[host_to_device(torch.randperm(n, generator=generator)[:num], pix.device)]
         return F.normalize(pix.float(), p=2, dim=-1)
 
     @torch.no_grad()
