@@ -255,8 +255,9 @@ class TimeAwarePixelQueue(nn.Module):
     @torch.no_grad()
     def write_many_(self, vectors: Sequence[Tensor], steps: Sequence[int]) -> None:
         """``write_(vectors[i], steps[i])`` for i = 0, 1, ... in that order (several may share a step),
-        as one write of each buffer: the positions are worked out on the host from its copy of
-        ``valid`` and ``ptr``, so nothing is read back from the device."""
+        as one write of each buffer: the positions are worked out on the host from its copy of the
+        slots' fill and ``ptr`` (committed once the buffers are written), so nothing is read back
+        from the device."""
         steps = [self._check_step(st) for st in steps]
         if len(vectors) != len(steps):
             raise ValueError(f"write_many_: {len(vectors)} vector sets for {len(steps)} steps")
@@ -269,7 +270,7 @@ class TimeAwarePixelQueue(nn.Module):
         for v in vectors:
             if v.shape[1] != self.dim:
                 raise ValueError(f"write_: vectors of shape {tuple(v.shape)} do not match queue dim {self.dim}")
-        fill, ptr = self._host_state()
+        fill, ptr = (list(v) for v in self._host_state())
         p = self.pixels_per_step
         final: dict[int, dict[int, int]] = {}  # slot -> {position: row of the concatenated vectors}
         emptied: set[int] = set()
@@ -316,6 +317,7 @@ class TimeAwarePixelQueue(nn.Module):
         self.num_writes += rows
         self.ptr[touched] = new_ptr
         self.refresh_count[touched] += count
+        self._host = (fill, ptr)
 
     @torch.no_grad()
     def enqueue(
