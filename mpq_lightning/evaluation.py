@@ -31,6 +31,7 @@ from einops import rearrange
 from torch import Tensor
 
 from .callbacks.samples import map_to_trained_entries
+from .checks import check_numbers
 from .data.trajectories import MANIFEST
 from .models.sampling import _cat_cond, guide, make_scheduler, sample
 from .models.vae import decode_latents, load_vae, vae_class
@@ -56,15 +57,8 @@ class EvalConfig:
     vae_scaling_factor: float | None = None
 
     def __post_init__(self) -> None:
-        for key, least in (("num_samples", 1), ("batch_size", 1), ("num_inference_steps", 1)):
-            value = getattr(self, key)
-            if value is None and key == "num_inference_steps":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"eval.{key} must be an integer >= {least}{' or null' if key == 'num_inference_steps' else ''}, "
-                                 f"got {value!r}")
-        if self.guidance_scale is not None and not self.guidance_scale >= 0:
-            raise ValueError(f"eval.guidance_scale must be >= 0 or null, got {self.guidance_scale}")
+        check_numbers("eval", vars(self), counts=("num_samples", "batch_size"), optional_counts=("num_inference_steps",),
+                      optional_nonnegative=("guidance_scale",))
         if self.vae is not None:
             vae_class(self.vae, key="eval.vae")  # a folder of a supported autoencoder, before any sampling
         if self.vae_scaling_factor is not None and not self.vae_scaling_factor > 0:

@@ -24,6 +24,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from .checks import check_numbers
 from .losses import MemoryRelationLoss, TimeSmoothedRelationLoss, output_mse, tmd_loss
 from .quant import QuantConfig, calibrate, checkpoint_with_step_index, quantize_model, set_quant_state
 from .quant.layers import QuantLayer
@@ -33,24 +34,6 @@ from .quant.functional import check_compile_support
 # ---------------------------------------------------------------------------------------------
 # Configuration (typed dataclasses: the YAML schema, see configs/)
 # ---------------------------------------------------------------------------------------------
-
-
-def _check_numbers(section: str, cfg, nonnegative=(), positive=(), counts=(), optional_counts=(),
-                   optional_nonnegative=()) -> None:
-    """Refuse a config number out of its range, naming ``model.<section>.<field>``: weights and learning
-    rates >= 0, temperatures > 0, sizes positive integers (``optional_*``: or None)."""
-    for names, ok, want in (
-        (nonnegative, lambda v: v >= 0, "a number >= 0"),
-        (optional_nonnegative, lambda v: v is None or v >= 0, "null or a number >= 0"),
-        (positive, lambda v: v > 0, "a number > 0"),
-        (counts, lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
-        (optional_counts, lambda v: v is None or (isinstance(v, int) and v >= 1), "null or an integer >= 1"),
-    ):
-        for name in names:
-            v = getattr(cfg, name)
-            bad = isinstance(v, bool) or (v is not None and not isinstance(v, (int, float)))
-            if bad or (isinstance(v, float) and not math.isfinite(v)) or not ok(v):
-                raise ValueError(f"model.{section}.{name} must be {want}, got {v!r}")
 
 
 @dataclass
@@ -88,7 +71,7 @@ class LossConfig:
             raise ValueError(f"loss.mtrd_sampling must be 'time_wise' or 'uniform', got {self.mtrd_sampling!r}")
         # judged here, when the config is parsed: not in the first training step, after the cache
         # and calibration, with the run folder already written
-        _check_numbers("loss", self, nonnegative=("mse_weight", "trd_weight", "mtrd_weight", "tmd_weight"),
+        check_numbers("model.loss", vars(self), nonnegative=("mse_weight", "trd_weight", "mtrd_weight", "tmd_weight"),
                        positive=("trd_tau", "mtrd_tau_c", "mtrd_tau_kd", "tmd_tau"),
                        counts=("mtrd_memory_samples", "mtrd_pixels_per_step"),
                        optional_counts=("trd_chunk_size", "trd_anchors", "mtrd_anchors"))
@@ -115,8 +98,8 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if self.schedule not in ("linear", "cosine", "constant"):
             raise ValueError(f"optim.schedule must be 'linear', 'cosine' or 'constant', got {self.schedule!r}")
-        _check_numbers("optim", self, nonnegative=("w_scale_lr", "a_scale_lr", "tqe_lr", "residual_lr", "other_lr",
-                                                  "weight_decay", "warmup_steps"),
+        check_numbers("model.optim", vars(self), nonnegative=("w_scale_lr", "a_scale_lr", "tqe_lr", "residual_lr",
+                                                             "other_lr", "weight_decay", "warmup_steps"),
                        positive=("lora_lr_div",), optional_nonnegative=("lora_lr",))
 
 
@@ -129,7 +112,7 @@ class CalibConfig:
     train_act_quant: bool = True  # EfficientDM trains with activation quantization; Q-VDiT does not
 
     def __post_init__(self) -> None:
-        _check_numbers("calib", self, counts=("num_batches",))
+        check_numbers("model.calib", vars(self), counts=("num_batches",))
         if self.smooth_momentum is not None:
             raise ValueError("calib.smooth_momentum moved to model.quant.smooth_momentum (a quantization setting, "
                              "beside quant.smooth_alpha)")

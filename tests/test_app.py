@@ -489,8 +489,8 @@ def test_eval_config_bad_input_names_the_key():
             EvalConfig(device="cuda")
     for key, value, want in (("num_samples", 0, "eval.num_samples must be an integer >= 1, got 0"),
                              ("batch_size", -2, "eval.batch_size must be an integer >= 1, got -2"),
-                             ("num_inference_steps", 0, "eval.num_inference_steps must be an integer >= 1 or null"),
-                             ("guidance_scale", -1.0, "eval.guidance_scale must be >= 0 or null")):
+                             ("num_inference_steps", 0, "eval.num_inference_steps must be null or an integer >= 1, got 0"),
+                             ("guidance_scale", -1.0, "eval.guidance_scale must be null or a number >= 0, got -1.0")):
         with pytest.raises(ValueError, match=want):
             EvalConfig(**{key: value})
 

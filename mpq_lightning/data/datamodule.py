@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from mpq_lightning.checks import check_numbers
 from mpq_lightning.data.trajectories import (
     BRANCHES,
     CacheError,
@@ -426,10 +427,8 @@ class TrajectoryDataModule(L.LightningDataModule):
         if on_layout_change not in ("refuse", "next_epoch"):
             raise ValueError(f"data.init_args.on_layout_change must be 'refuse' or 'next_epoch', got {on_layout_change!r}")
         # judged when the config is parsed, before the run folder or the cache is written
-        for key, value, least in (("batch_size", batch_size, 1), ("shuffle_buffer", shuffle_buffer, 1),
-                                  ("step_stride", step_stride, 1), ("num_workers", num_workers, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"data.init_args.{key} must be an integer >= {least}, got {value!r}")
+        check_numbers("data.init_args", locals(), counts=("batch_size", "shuffle_buffer", "step_stride"),
+                      indices=("num_workers",))
         self.on_layout_change = on_layout_change
         self.cache_dir = Path(cache)
         if recipe is not None and recipe.name != self.cache_dir.name:
@@ -811,9 +810,7 @@ class OnTheFlyDataModule(L.LightningDataModule):
         val_trajectories: int = 0,
     ) -> None:
         super().__init__()
-        for key, value in (("batch_size", batch_size), ("trajectories_per_epoch", trajectories_per_epoch)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"data.init_args.{key} must be an integer >= 1, got {value!r}")
+        check_numbers("data.init_args", locals(), counts=("batch_size", "trajectories_per_epoch"))
         if val_trajectories < 0 or 0 < val_trajectories < batch_size:
             raise ValueError(f"data.init_args.val_trajectories={val_trajectories}: 0 (no validation) or at least "
                              f"data.init_args.batch_size={batch_size} (one trajectory batch per rank)")
