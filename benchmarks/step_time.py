@@ -9,11 +9,12 @@ For each model (the tiny STDiT and a mid-size STDiT) it times these training ste
   eager, and (with mode ``model``) with the backbone compiled;
 * QAT step: ``QATModule.compute_losses`` (frozen teacher + fake-quantized student, W3A6 with FZ-RMQ,
   OOLRI, TQE, MTRD, TMD) + backward + the module's own AdamW step over the trainable quantization
-  state, in each mode: ``eager``; ``quantizers`` (``QuantConfig.compile_quantizers``: torch.compile
+  state (``FlatAdamW``, the default ``optim.flat_params``), in each mode: ``eager``; ``quantizers`` (``QuantConfig.compile_quantizers``: torch.compile
   of the element-wise quantizer math); ``model`` (``QATModule(compile_model=True)``: student and
   teacher backbones compiled whole); ``blocks`` (the same with ``compile_scope="blocks"``: each
   transformer block compiled, blocks alike sharing a graph, the rest eager); ``cudagraphs`` (``model``
   with ``compile_mode="reduce-overhead"``: the compiled graphs replayed as CUDA graphs on a GPU);
+  ``model_per_tensor`` (``model`` with ``optim.flat_params`` false: torch's AdamW over each tensor);
 * the same eager QAT step with every quantizer switched off (teacher forward, LoRA student, losses,
   AdamW): the floor that no eager quantizer speed-up can go below.
 Every step is warmed up first (compilation happens there); ``<step>_first_step_s`` is its first call,
@@ -103,12 +104,14 @@ def _once(fn, device) -> float:
     return time.perf_counter() - t0
 
 
-MODES = {  # QAT step variants: (key, QuantConfig.compile_quantizers, QATModule.compile_model / compile_scope, compile_mode)
-    "eager": ("qat", False, None, "default"),
-    "quantizers": ("qat_compiled", True, None, "default"),
-    "model": ("qat_compiled_model", False, "model", "default"),
-    "blocks": ("qat_compiled_blocks", False, "blocks", "default"),
-    "cudagraphs": ("qat_cudagraphs", False, "model", "reduce-overhead"),
+MODES = {  # QAT step variants: (key, QuantConfig.compile_quantizers, QATModule.compile_model / compile_scope,
+    #                             compile_mode, OptimConfig.flat_params)
+    "eager": ("qat", False, None, "default", None),
+    "quantizers": ("qat_compiled", True, None, "default", None),
+    "model": ("qat_compiled_model", False, "model", "default", None),
+    "model_per_tensor": ("qat_compiled_model_per_tensor", False, "model", "default", False),
+    "blocks": ("qat_compiled_blocks", False, "blocks", "default", None),
+    "cudagraphs": ("qat_cudagraphs", False, "model", "reduce-overhead", None),
 }
 
 
@@ -194,20 +197,22 @@ def bench(name: str, kwargs: dict, batch: int, repeats: int, device, modes: list
         fp_c.backbone.compile(options=compile_options or None)
         steps["fp_compiled"] = (none, fp_step_for(fp_c)[0])
         warmups["fp_compiled"] = 5
-    modules = {}
+    modules, row_optimizers = {}, {}
     for mode in modes:
-        key, compile_quantizers, compile_scope, compile_mode = MODES[mode]
+        key, compile_quantizers, compile_scope, compile_mode, flat_params = MODES[mode]
         compile_model = compile_scope is not None
         module, qopt, qat_step = qat_setup(name, kwargs, b, device, compile_quantizers, compile_scope, compile_mode,
-                                           compile_options if compile_scope is not None else None)
+                                           compile_options if compile_scope is not None else None, flat_params)
         modules[key] = (module, qopt)
+        row_optimizers[key] = type(qopt).__name__
         quant_on = partial(set_quant_state, module.student.backbone, True, True)
         steps[key] = (quant_on, qat_step)
         warmups[key] = 5 if compile_quantizers or compile_model else 3
         if not (compile_quantizers or compile_model):  # the same step, every quantizer off: the eager floor
             steps["no_quantizers"] = (partial(set_quant_state, module.student.backbone, False, False), qat_step)
             warmups["no_quantizers"] = 3
-    row = {"model": name, "params": sum(p.numel() for p in fp.parameters()), "batch": batch, "rounds": repeats}
+    row = {"model": name, "params": sum(p.numel() for p in fp.parameters()), "batch": batch, "rounds": repeats,
+           "qat_optimizers": row_optimizers}
     for n, (prepare, step) in steps.items():  # compilation happens here, outside the rounds
         if fresh_cache:  # each step compiles cold: nothing from the variants compiled before it
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"step_time_inductor_{n}_")
@@ -235,14 +240,14 @@ def bench(name: str, kwargs: dict, batch: int, repeats: int, device, modes: list
 
 
 def qat_setup(name: str, kwargs: dict, b: dict, device, compile_quantizers: bool, compile_scope: str | None,
-              compile_mode: str = "default", compile_options: dict | None = None):
+              compile_mode: str = "default", compile_options: dict | None = None, flat_params: bool | None = None):
     """A calibrated ``QATModule`` with our full method, its own optimiser and one training step on ``b``
     (``compile_scope``: ``QATModule.compile_scope`` with ``compile_model``; None: not compiled;
-    ``compile_mode`` / ``compile_options``: ``QATModule``'s)."""
+    ``compile_mode`` / ``compile_options``: ``QATModule``'s; ``flat_params``: ``OptimConfig``'s)."""
     quant = QuantConfig(w_bits=3, a_bits=6, num_steps=10, w_quantizer="fzrmq", lora_rank=8, lora_init="svd_weight_error",
                         lora_quantized_base=True, tqe=True, compile_quantizers=compile_quantizers)
     loss = LossConfig(mse_reduction="mean", mtrd=True, mtrd_anchors=256, mtrd_memory_samples=256, tmd=True)
-    module = QATModule(name.replace("mid-stdit", "tiny-stdit"), kwargs, quant, True, loss, OptimConfig(lora_lr=1e-4),
+    module = QATModule(name.replace("mid-stdit", "tiny-stdit"), kwargs, quant, True, loss, OptimConfig(lora_lr=1e-4, flat_params=flat_params),
                        CalibConfig(num_batches=2), compile_model=compile_scope is not None,
                        compile_scope=compile_scope or "model", compile_mode=compile_mode,
                        compile_options=compile_options).to(device)
@@ -280,7 +285,8 @@ def main() -> None:
     ap.add_argument("--modes", default="eager,quantizers,model",
                     help="comma-separated QAT step variants: eager, quantizers (compile_quantizers), model (compile_model), "
                          "blocks (compile_model with compile_scope blocks), cudagraphs (compile_model with "
-                         "compile_mode reduce-overhead: CUDA graphs on a GPU)")
+                         "compile_mode reduce-overhead: CUDA graphs on a GPU), model_per_tensor (model with "
+                         "optim.flat_params false)")
     ap.add_argument("--compile-cache", default=None,
                     help="inductor's cache folder (TORCHINDUCTOR_CACHE_DIR); default: a fresh one, so compiles are cold")
     ap.add_argument("--compile-options", type=json.loads, default=None,

@@ -114,6 +114,7 @@ class MPQCLI(LightningCLI):
     def before_fit(self) -> None:
         # every check before the trajectory cache is built or a file (config.yaml included) is written
         self.model.check_compile_settings(self.trainer)
+        self.model.use_flat_params(self.trainer)  # refuses model.optim.flat_params true under FSDP / DeepSpeed
         cfg = self.config[self.subcommand]
         ckpt = _resolve_ckpt_path(self.trainer, cfg.ckpt_path)
         if ckpt is not None and ckpt.is_file():  # (a DeepSpeed checkpoint folder is checked during the restore)

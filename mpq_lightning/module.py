@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from .checks import check_numbers
 from .losses import MemoryRelationLoss, TimeSmoothedRelationLoss, output_mse, tmd_loss
+from .optim import FlatAdamW
 from .quant import QuantConfig, calibrate, checkpoint_with_step_index, quantize_model, set_quant_state
 from .quant.layers import QuantLayer
 from .quant.quantizers import TimestepActQuantizer
@@ -94,6 +95,10 @@ class OptimConfig:
     # AdamW implementation: True = one fused kernel per group (torch's fused AdamW), False = foreach,
     # None = fused when every trainable tensor is floating point on CPU or CUDA
     fused: bool | None = None
+    # one contiguous tensor per parameter group, stepped at once (mpq_lightning.optim.FlatAdamW): the
+    # parameters become views of it. None = on unless the strategy keeps the parameters' storage
+    # itself (FSDP, DeepSpeed); False = AdamW over each tensor
+    flat_params: bool | None = None
 
     def __post_init__(self) -> None:
         if self.schedule not in ("linear", "cosine", "constant"):
@@ -388,6 +393,9 @@ class QATModule(L.LightningModule):
                 if self.trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
                     self.sync_student_from_rank0()
                 self.refresh_scale_aware_lrs()
+        for optimizer in self.trainer.optimizers:  # members calibration re-bound become views again
+            if isinstance(optimizer, FlatAdamW):
+                optimizer.relink()
         self._step_fill = self.untrained_step_fill(self.trainer.datamodule)
         # the quant switches are not state-dict entries: set them on every start, resumed or not
         set_quant_state(self.student.backbone, weight=True, act=self.calib_cfg.train_act_quant)
@@ -699,8 +707,10 @@ class QATModule(L.LightningModule):
                                      "the last good checkpoint is kept")
         if my_grad:
             names = {id(p): n for n, p in self.named_parameters()}
-            bad = [names.get(id(p), "?") for g in optimizer.param_groups for p in g["params"]
-                   if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+            optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer's own
+            held = ([p for i in range(len(optimizer.param_groups)) for p in optimizer.members(i)]
+                    if isinstance(optimizer, FlatAdamW) else [p for g in optimizer.param_groups for p in g["params"]])
+            bad = [names.get(id(p), "?") for p in held if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
             raise FloatingPointError(
                 f"non-finite gradient at {step} with a finite loss (rank {rank}: {', '.join(bad[:3])}"
                 f"{' ...' if len(bad) > 3 else ''}); the optimiser step was not taken and the last good checkpoint is kept")
@@ -793,13 +803,26 @@ class QATModule(L.LightningModule):
         except (RuntimeError, IndexError):
             return [p for n, p in quantizer.named_parameters() if "scale" in n and "residual" not in n]
 
+    def use_flat_params(self, trainer: L.Trainer | None = None) -> bool:
+        """Whether the optimiser steps flat groups (``optim.flat_params``; None: unless ``trainer``'s
+        strategy keeps the parameters' storage itself). Refuses ``true`` with such a strategy."""
+        strategy = type(getattr(trainer, "strategy", None)).__name__  # no trainer: a single process
+        owns_storage = any(s in strategy for s in ("FSDP", "DeepSpeed", "ModelParallel"))
+        flat = self.optim_cfg.flat_params
+        if flat and owns_storage:
+            raise ValueError(f"model.optim.flat_params=true with {strategy}: that strategy keeps the parameters' "
+                             "storage itself; set model.optim.flat_params null (or false)")
+        return not owns_storage if flat is None else flat
+
     def build_optimizer(self) -> torch.optim.AdamW:
-        """AdamW over :meth:`param_groups`, fused or foreach as ``optim.fused`` says."""
+        """AdamW over :meth:`param_groups`, fused or foreach as ``optim.fused`` says, over one flat tensor
+        per group as ``optim.flat_params`` says (:class:`~mpq_lightning.optim.FlatAdamW`)."""
         groups = self.param_groups()
         fused = self.optim_cfg.fused
         if fused is None:
             fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
-        return torch.optim.AdamW(groups, weight_decay=self.optim_cfg.weight_decay, fused=fused or None, foreach=not fused)
+        cls = FlatAdamW if self.use_flat_params(self._trainer) else torch.optim.AdamW
+        return cls(groups, weight_decay=self.optim_cfg.weight_decay, fused=fused or None, foreach=not fused)
 
     def configure_optimizers(self):
         cfg = self.optim_cfg

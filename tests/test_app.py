@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from mpq_lightning.cli import main
+from mpq_lightning.optim import FlatAdamW
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny" / "stdit_w3a6.yaml")
@@ -70,9 +71,14 @@ def test_checkpoint_has_no_teacher_and_is_small(full_run, workdir):
 def test_optimizer_holds_every_trainable_tensor_after_calibration(full_run):
     """Lightning builds the optimizer before calibration (on_fit_start): calibration and OOLRI must
     write into the existing parameters, never replace them, or the new ones would not train."""
-    held = [p for g in full_run.trainer.optimizers[0].param_groups for p in g["params"]]
+    opt = full_run.trainer.optimizers[0]
+    assert isinstance(opt, FlatAdamW)  # the default (optim.flat_params null, single device)
+    held = [p for i in range(len(opt.param_groups)) for p in opt.members(i)]
     trainable = [p for p in full_run.model.parameters() if p.requires_grad]
     assert len(held) == len({id(p) for p in held}) and {id(p) for p in held} == {id(p) for p in trainable}
+    for i, group in enumerate(opt.param_groups):  # every one still a view of its group's flat tensor
+        storage = group["params"][0].untyped_storage().data_ptr()
+        assert all(p.untyped_storage().data_ptr() == storage for p in opt.members(i)), group["name"]
     assert not any(p.requires_grad for p in full_run.model.teacher.parameters())
 
 
@@ -764,7 +770,7 @@ def test_calibration_waits_for_a_restore_that_comes_after_fit_start():
 
     class Trainer:  # what on_fit_start reads
         strategy = type("S", (), {"root_device": torch.device("cpu")})()
-        precision, world_size, datamodule = "32-true", 1, None
+        precision, world_size, datamodule, optimizers = "32-true", 1, None, []
 
     module = QATModule("tiny-stdit", {"config": {"depth": 1}})
     module.trainer = Trainer()
