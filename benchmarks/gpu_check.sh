@@ -34,8 +34,9 @@ if [ -d /tmp/site_ds/deepspeed ]; then
 fi
 run 90 host_syncs python3 benchmarks/host_syncs.py --modes eager --out "$OUT/host_syncs_cuda.json"
 # CUDA graphs (compile_mode reduce-overhead), never run on a GPU yet: a fit through the app, then the tiny step time
+# (with model_flat: optim.flat_params true, off by default on a GPU until this says whether it pays there)
 run 150 fit_cudagraphs python3 benchmarks/run_with_stacks.py 30 train.py $T --trainer.max_steps 4 --run_name gpu_cg --model.compile_model true --model.compile_mode reduce-overhead
-run 200 step_time_cuda_tiny_cudagraphs python3 benchmarks/step_time.py --device cuda --models tiny-stdit --modes model,cudagraphs --repeats 20 --out "$OUT/step_time_cuda_tiny.json"
+run 200 step_time_cuda_tiny_cudagraphs python3 benchmarks/step_time.py --device cuda --models tiny-stdit --modes model,cudagraphs,model_flat --repeats 20 --out "$OUT/step_time_cuda_tiny.json"
 run 120 fit_bf16_compiled_model python3 benchmarks/run_with_stacks.py 30 train.py $T --trainer.max_steps 4 --run_name gpu_bfcm --trainer.precision bf16-mixed --model.compile_model true
 run 120 fit_bf16_compiled_model_1thread env TORCHINDUCTOR_COMPILE_THREADS=1 python3 benchmarks/run_with_stacks.py 30 train.py $T --trainer.max_steps 4 --run_name gpu_bfcm1 --trainer.precision bf16-mixed --model.compile_model true
 run 200 step_time_cuda_mid python3 benchmarks/step_time.py --device cuda ${STEP_ARGS:---models mid-stdit --modes model --repeats 10} --out "$OUT/step_time_cuda.json"

@@ -9,12 +9,13 @@ For each model (the tiny STDiT and a mid-size STDiT) it times these training ste
   eager, and (with mode ``model``) with the backbone compiled;
 * QAT step: ``QATModule.compute_losses`` (frozen teacher + fake-quantized student, W3A6 with FZ-RMQ,
   OOLRI, TQE, MTRD, TMD) + backward + the module's own AdamW step over the trainable quantization
-  state (``FlatAdamW``, the default ``optim.flat_params``), in each mode: ``eager``; ``quantizers`` (``QuantConfig.compile_quantizers``: torch.compile
+  state (``optim.flat_params``'s default: ``FlatAdamW`` on a CPU), in each mode: ``eager``; ``quantizers`` (``QuantConfig.compile_quantizers``: torch.compile
   of the element-wise quantizer math); ``model`` (``QATModule(compile_model=True)``: student and
   teacher backbones compiled whole); ``blocks`` (the same with ``compile_scope="blocks"``: each
   transformer block compiled, blocks alike sharing a graph, the rest eager); ``cudagraphs`` (``model``
   with ``compile_mode="reduce-overhead"``: the compiled graphs replayed as CUDA graphs on a GPU);
-  ``model_per_tensor`` (``model`` with ``optim.flat_params`` false: torch's AdamW over each tensor);
+  ``model_per_tensor`` / ``model_flat`` (``model`` with ``optim.flat_params`` false / true: torch's
+  AdamW over each tensor / over one flat tensor per group; the default is flat on a CPU only);
 * the same eager QAT step with every quantizer switched off (teacher forward, LoRA student, losses,
   AdamW): the floor that no eager quantizer speed-up can go below.
 Every step is warmed up first (compilation happens there); ``<step>_first_step_s`` is its first call,
@@ -110,6 +111,7 @@ MODES = {  # QAT step variants: (key, QuantConfig.compile_quantizers, QATModule.
     "quantizers": ("qat_compiled", True, None, "default", None),
     "model": ("qat_compiled_model", False, "model", "default", None),
     "model_per_tensor": ("qat_compiled_model_per_tensor", False, "model", "default", False),
+    "model_flat": ("qat_compiled_model_flat", False, "model", "default", True),
     "blocks": ("qat_compiled_blocks", False, "blocks", "default", None),
     "cudagraphs": ("qat_cudagraphs", False, "model", "reduce-overhead", None),
 }
@@ -285,8 +287,8 @@ def main() -> None:
     ap.add_argument("--modes", default="eager,quantizers,model",
                     help="comma-separated QAT step variants: eager, quantizers (compile_quantizers), model (compile_model), "
                          "blocks (compile_model with compile_scope blocks), cudagraphs (compile_model with "
-                         "compile_mode reduce-overhead: CUDA graphs on a GPU), model_per_tensor (model with "
-                         "optim.flat_params false)")
+                         "compile_mode reduce-overhead: CUDA graphs on a GPU), model_per_tensor / model_flat "
+                         "(model with optim.flat_params false / true)")
     ap.add_argument("--compile-cache", default=None,
                     help="inductor's cache folder (TORCHINDUCTOR_CACHE_DIR); default: a fresh one, so compiles are cold")
     ap.add_argument("--compile-options", type=json.loads, default=None,

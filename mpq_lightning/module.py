@@ -96,8 +96,8 @@ class OptimConfig:
     # None = fused when every trainable tensor is floating point on CPU or CUDA
     fused: bool | None = None
     # one contiguous tensor per parameter group, stepped at once (mpq_lightning.optim.FlatAdamW): the
-    # parameters become views of it. None = on unless the strategy keeps the parameters' storage
-    # itself (FSDP, DeepSpeed); False = AdamW over each tensor
+    # parameters become views of it. None = on a CPU, unless the strategy keeps the parameters'
+    # storage itself (FSDP, DeepSpeed); off on a GPU until measured there; False = AdamW over each tensor
     flat_params: bool | None = None
 
     def __post_init__(self) -> None:
@@ -804,15 +804,22 @@ class QATModule(L.LightningModule):
             return [p for n, p in quantizer.named_parameters() if "scale" in n and "residual" not in n]
 
     def use_flat_params(self, trainer: L.Trainer | None = None) -> bool:
-        """Whether the optimiser steps flat groups (``optim.flat_params``; None: unless ``trainer``'s
-        strategy keeps the parameters' storage itself). Refuses ``true`` with such a strategy."""
-        strategy = type(getattr(trainer, "strategy", None)).__name__  # no trainer: a single process
-        owns_storage = any(s in strategy for s in ("FSDP", "DeepSpeed", "ModelParallel"))
+        """Whether the optimiser steps flat groups (``optim.flat_params``; None: on a CPU, unless
+        ``trainer``'s strategy keeps the parameters' storage itself). Refuses ``true`` with such a
+        strategy. On a GPU the default is off until measured there: torch's fused CUDA AdamW already
+        steps many tensors per kernel, and with flat groups autograd adds each gradient into its
+        slice with a kernel launch of its own instead of taking the new gradient over."""
+        strategy = getattr(trainer, "strategy", None)  # no trainer: a single process
+        name = type(strategy).__name__
+        owns_storage = any(s in name for s in ("FSDP", "DeepSpeed", "ModelParallel"))
         flat = self.optim_cfg.flat_params
         if flat and owns_storage:
-            raise ValueError(f"model.optim.flat_params=true with {strategy}: that strategy keeps the parameters' "
+            raise ValueError(f"model.optim.flat_params=true with {name}: that strategy keeps the parameters' "
                              "storage itself; set model.optim.flat_params null (or false)")
-        return not owns_storage if flat is None else flat
+        if flat is None:
+            device = getattr(strategy, "root_device", None) or self.device
+            return not owns_storage and torch.device(device).type == "cpu"
+        return flat
 
     def build_optimizer(self) -> torch.optim.AdamW:
         """AdamW over :meth:`param_groups`, fused or foreach as ``optim.fused`` says, over one flat tensor

@@ -183,20 +183,25 @@ def test_bad_groups_are_refused_by_name():
 
 
 def test_module_picks_flat_groups_unless_the_strategy_owns_the_storage():
-    """``model.optim.flat_params``: null = flat except under strategies that keep the parameters'
-    storage (FSDP, DeepSpeed); true there is refused naming the key; false = AdamW over each tensor."""
+    """``model.optim.flat_params``: null = flat on a CPU except under strategies that keep the
+    parameters' storage (FSDP, DeepSpeed); true there is refused naming the key; false = AdamW over
+    each tensor."""
     from types import SimpleNamespace
 
     from mpq_lightning.module import OptimConfig, QATModule
 
-    def strategy(name):
-        return SimpleNamespace(strategy=type(name, (), {})())
+    def strategy(name, device="cpu"):
+        return SimpleNamespace(strategy=type(name, (), {"root_device": torch.device(device)})())
 
-    def flat(value, trainer):
-        return QATModule.use_flat_params(SimpleNamespace(optim_cfg=OptimConfig(flat_params=value)), trainer)
+    def flat(value, trainer, device="cpu"):
+        module = SimpleNamespace(optim_cfg=OptimConfig(flat_params=value), device=torch.device(device))
+        return QATModule.use_flat_params(module, trainer)
 
     assert flat(None, None) and flat(None, strategy("SingleDeviceStrategy")) and flat(None, strategy("DDPStrategy"))
     assert not flat(None, strategy("FSDPStrategy")) and not flat(None, strategy("DeepSpeedStrategy"))
     assert not flat(False, strategy("DDPStrategy"))
+    # on a GPU only when asked for (not measured there yet)
+    assert not flat(None, strategy("SingleDeviceStrategy", "cuda")) and not flat(None, None, "cuda")
+    assert flat(True, strategy("DDPStrategy", "cuda"))
     with pytest.raises(ValueError, match="model.optim.flat_params=true with DeepSpeedStrategy"):
         flat(True, strategy("DeepSpeedStrategy"))
