@@ -205,3 +205,26 @@ def test_module_picks_flat_groups_unless_the_strategy_owns_the_storage():
     assert flat(True, strategy("DDPStrategy", "cuda"))
     with pytest.raises(ValueError, match="model.optim.flat_params=true with DeepSpeedStrategy"):
         flat(True, strategy("DeepSpeedStrategy"))
+
+
+def test_grad_scaler_steps_like_adamw():
+    """``16-mixed``'s grad scaler unscales the optimiser's (flat) gradients and hands the fused step its
+    scale and inf flag: the result is AdamW's over each tensor, and an inf gradient skips the step."""
+    torch.manual_seed(6)
+    ref = _Net()
+    net = copy.deepcopy(ref)
+    results = []
+    for model, opt in ((ref, torch.optim.AdamW(_groups(ref), fused=True)), (net, FlatAdamW(_groups(net), fused=True))):
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+        g = torch.Generator().manual_seed(0)
+        for i in range(3):
+            opt.zero_grad()
+            loss = model(torch.randn(8, 5, generator=g), True).pow(2).mean()
+            scaler.scale(loss * (float("inf") if i == 1 else 1.0)).backward()
+            scaler.step(opt)
+            scaler.update()
+        results.append(([p.detach().clone() for p in model.parameters()], scaler.get_scale()))
+    (ref_params, ref_scale), (params, scale) = results
+    assert scale == ref_scale == 2.0**7  # one skipped step halved it
+    for p, q in zip(params, ref_params):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
