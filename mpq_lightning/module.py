@@ -270,6 +270,8 @@ class QATModule(L.LightningModule):
         self.save_hyperparameters()
         self.model_name, self.loss_cfg, self.optim_cfg, self.calib_cfg = model, loss, optim, calib
         self.compile_model, self.compile_scope, self.compile_mode = compile_model, compile_scope, compile_mode
+        # settled here, not in every step's _mark_cudagraph_step
+        self._replays_cudagraphs = bool(compile_model and self.inductor_options().get("triton.cudagraphs"))
         teacher = build(model, **(model_kwargs or {}))
         if use_model_defaults:
             quant = copy.deepcopy(quant)
@@ -507,7 +509,7 @@ class QATModule(L.LightningModule):
         """A new step for CUDA-graph replay (``compile_mode`` reduce-overhead / max-autotune, or
         ``triton.cudagraphs`` in ``compile_options``): the previous step's graph outputs may be
         overwritten from here on (none is read after its step)."""
-        if self.compile_model and self.inductor_options().get("triton.cudagraphs"):
+        if self._replays_cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
 
     def check_strategy(self, trainer: L.Trainer) -> None:
@@ -706,11 +708,8 @@ class QATModule(L.LightningModule):
             raise FloatingPointError(f"non-finite loss at {step} on {int(loss_ranks)} other rank(s) than rank {rank}; "
                                      "the last good checkpoint is kept")
         if my_grad:
-            names = {id(p): n for n, p in self.named_parameters()}
-            optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer's own
-            held = ([p for i in range(len(optimizer.param_groups)) for p in optimizer.members(i)]
-                    if isinstance(optimizer, FlatAdamW) else [p for g in optimizer.param_groups for p in g["params"]])
-            bad = [names.get(id(p), "?") for p in held if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+            # the module's own parameters: every trainable one is in the optimiser (FlatAdamW's as members)
+            bad = [n for n, p in self.named_parameters() if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
             raise FloatingPointError(
                 f"non-finite gradient at {step} with a finite loss (rank {rank}: {', '.join(bad[:3])}"
                 f"{' ...' if len(bad) > 3 else ''}); the optimiser step was not taken and the last good checkpoint is kept")

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -41,12 +42,38 @@ from torch.autograd.graph import increment_version
 ALIGN = 16
 
 
-def _layout(members: list[Tensor]) -> tuple[list[int], int]:
-    offsets, end = [], 0
-    for p in members:
-        offsets.append(end)
-        end += -(-p.numel() // ALIGN) * ALIGN
-    return offsets, end
+@dataclass
+class _Packing:
+    """One group's members and where they live in its flat buffers."""
+
+    members: list[Tensor]  # the model's tensors, in order
+    offsets: list[int] = field(default_factory=list)
+    grad: Tensor | None = None  # the flat gradient
+    grad_views: list[Tensor] = field(default_factory=list)  # each member's slice of it
+    ptrs: list[int] = field(default_factory=list)  # the members' data pointers when packed
+
+    @torch.no_grad()
+    def pack(self, flat: Tensor) -> None:
+        """Copy the members (values and any gradients) into fresh flat buffers held by ``flat``
+        (its data and grad) and make the members views of them, each on an ``ALIGN`` boundary."""
+        self.offsets, end = [], 0
+        for p in self.members:
+            self.offsets.append(end)
+            end += -(-p.numel() // ALIGN) * ALIGN
+        data = torch.zeros(end, dtype=flat.dtype, device=flat.device)
+        grad = torch.zeros_like(data)
+        self.grad_views = []
+        for p, o in zip(self.members, self.offsets):
+            n = p.numel()
+            data[o:o + n].copy_(p.detach().reshape(-1))
+            if p.grad is not None and p.grad.shape == p.shape:  # (a member re-bound to another shape: none yet)
+                grad[o:o + n].copy_(p.grad.reshape(-1))
+            p.grad = None
+            p.data = data[o:o + n].view_as(p)
+            self.grad_views.append(grad[o:o + n].view_as(p))
+            p.grad = self.grad_views[-1]
+        flat.data, flat.grad, self.grad = data, grad, grad
+        self.ptrs = [p.data_ptr() for p in self.members]
 
 
 class FlatAdamW(torch.optim.AdamW):
@@ -55,11 +82,7 @@ class FlatAdamW(torch.optim.AdamW):
     every group's tensors must share dtype and device."""
 
     def __init__(self, params: Iterable, **kwargs) -> None:
-        self._members: list[list[Tensor]] = []  # per group, the model's tensors, in order
-        self._offsets: list[list[int]] = []
-        self._grads: list[Tensor] = []  # per group, the flat gradient
-        self._grad_views: list[list[Tensor]] = []
-        self._ptrs: list[list[int]] = []  # the members' data pointers when packed
+        self._packings: list[_Packing] = []  # per group
         self._all_members: list[Tensor] = []
         super().__init__(params, **kwargs)
 
@@ -72,8 +95,7 @@ class FlatAdamW(torch.optim.AdamW):
             raise ValueError(f"optimiser parameter group {name!r} has no tensors")
         if len({id(p) for p in members}) != len(members):
             raise ValueError(f"optimiser parameter group {name!r} holds a tensor twice")
-        held = {id(p) for ms in self._members for p in ms}
-        if any(id(p) in held for p in members):
+        if not {id(p) for p in members}.isdisjoint(map(id, self._all_members)):
             raise ValueError(f"optimiser parameter group {name!r} holds a tensor of another group")
         kinds = {(p.dtype, p.device) for p in members}
         if len(kinds) > 1:
@@ -83,60 +105,33 @@ class FlatAdamW(torch.optim.AdamW):
             raise ValueError(f"optimiser parameter group {name!r}: every tensor must be a floating-point leaf "
                              "that requires grad")
         flat = nn.Parameter(torch.empty(0, dtype=members[0].dtype, device=members[0].device))
-        self._members.append(members)
-        self._offsets.append([])
-        self._grads.append(flat)  # replaced by _pack
-        self._grad_views.append([])
-        self._ptrs.append([])
+        packing = _Packing(members)
+        packing.pack(flat)
+        self._packings.append(packing)
         self._all_members.extend(members)
-        self._pack(len(self._members) - 1, flat)
         super().add_param_group({**param_group, "params": [flat]})
-
-    @torch.no_grad()
-    def _pack(self, i: int, flat: Tensor) -> None:
-        """Copy group ``i``'s members (values and any gradients) into fresh flat buffers held by
-        ``flat`` and make the members views of them."""
-        members = self._members[i]
-        offsets, total = _layout(members)
-        data = torch.zeros(total, dtype=flat.dtype, device=flat.device)
-        grad = torch.zeros_like(data)
-        views = []
-        for p, o in zip(members, offsets):
-            n = p.numel()
-            data[o:o + n].copy_(p.detach().reshape(-1))
-            if p.grad is not None and p.grad.shape == p.shape:  # (a member re-bound to another shape: none yet)
-                grad[o:o + n].copy_(p.grad.reshape(-1))
-            p.grad = None
-            p.data = data[o:o + n].view_as(p)
-            views.append(grad[o:o + n].view_as(p))
-            p.grad = views[-1]
-        flat.data = data
-        flat.grad = grad
-        self._offsets[i], self._grads[i], self._grad_views[i] = offsets, grad, views
-        self._ptrs[i] = [p.data_ptr() for p in members]
 
     def relink(self) -> None:
         """Keep every member a view of its group's flat buffers: a member whose ``.data`` was rebound
         is packed again (allowed before the group's first step only; refused after, naming it), and a
         member whose ``.grad`` was replaced or set to None has it copied into / zeroed in the flat
         gradient and becomes a view again. :meth:`step` calls this first; cheap when nothing moved."""
-        for i, group in enumerate(self.param_groups):
-            members, views, ptrs = self._members[i], self._grad_views[i], self._ptrs[i]
+        for i, (group, pk) in enumerate(zip(self.param_groups, self._packings)):
             flat = group["params"][0]
-            if [p.data_ptr() for p in members] != ptrs:  # (a re-shape in place fails in autograd first)
-                moved = [j for j, p in enumerate(members) if p.data_ptr() != ptrs[j] or p.shape != views[j].shape]
+            if [p.data_ptr() for p in pk.members] != pk.ptrs:  # (a re-shape in place fails in autograd first)
+                moved = [j for j, p in enumerate(pk.members) if p.data_ptr() != pk.ptrs[j] or p.shape != pk.grad_views[j].shape]
                 if self.state.get(flat):
-                    p = members[moved[0]]
+                    p = pk.members[moved[0]]
                     raise RuntimeError(
                         f"optimiser group {group.get('name', i)!r}: its tensor #{moved[0]} (shape {tuple(p.shape)}) was "
                         "re-bound (`.data = ...`) after optimiser steps, so it no longer trains; write into parameters "
                         "in place (copy_) once training has started")
-                self._pack(i, flat)
+                pk.pack(flat)
                 continue
-            if flat.grad is not self._grads[i]:  # set to None or replaced on the flat parameter itself
-                flat.grad = self._grads[i]
-            if any(map(operator.is_not, (p.grad for p in members), views)):
-                for p, v in zip(members, views):
+            if flat.grad is not pk.grad:  # set to None or replaced on the flat parameter itself
+                flat.grad = pk.grad
+            if any(map(operator.is_not, (p.grad for p in pk.members), pk.grad_views)):
+                for p, v in zip(pk.members, pk.grad_views):
                     if p.grad is not v:
                         with torch.no_grad():
                             v.copy_(p.grad) if p.grad is not None else v.zero_()
@@ -146,8 +141,8 @@ class FlatAdamW(torch.optim.AdamW):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero every flat gradient in place (the members' ``.grad`` are views of it): ``set_to_none``
         is ignored, see the module docstring."""
-        for grad in self._grads:
-            grad.zero_()
+        for pk in self._packings:
+            pk.grad.zero_()
 
     def step(self, closure=None):
         """Run ``closure`` (forward and backward), :meth:`relink`, then AdamW's step on the flat tensors."""
@@ -167,7 +162,7 @@ class FlatAdamW(torch.optim.AdamW):
 
     def members(self, i: int) -> list[Tensor]:
         """Group ``i``'s tensors (the model's parameters), in order."""
-        return list(self._members[i])
+        return list(self._packings[i].members)
 
     def state_dict(self) -> dict:
         """torch's AdamW state dict in the members' layout: one entry per member, numbered across
@@ -175,10 +170,10 @@ class FlatAdamW(torch.optim.AdamW):
         flat_sd = super().state_dict()
         state, groups, index = {}, [], 0
         for i, saved in enumerate(flat_sd["param_groups"]):
-            flat_state = flat_sd["state"].get(saved["params"][0])
-            total = self._grads[i].numel()
+            flat_state, pk = flat_sd["state"].get(saved["params"][0]), self._packings[i]
+            total = pk.grad.numel()
             ids = []
-            for p, o in zip(self._members[i], self._offsets[i]):
+            for p, o in zip(pk.members, pk.offsets):
                 if flat_state is not None:
                     state[index] = {
                         k: (v[o:o + p.numel()].view_as(p).clone() if torch.is_tensor(v) and v.dim() == 1 and v.numel() == total
@@ -195,13 +190,14 @@ class FlatAdamW(torch.optim.AdamW):
         group's step count is its members' largest."""
         groups = state_dict["param_groups"]
         counts = [len(g["params"]) for g in groups]
-        mine = [len(m) for m in self._members]
+        mine = [len(pk.members) for pk in self._packings]
         if counts != mine:
             raise ValueError(f"optimiser state has groups of {counts} tensors, this optimiser {mine}")
         self.relink()  # pack rebound members first: the state is laid out on the current shapes
         flat_state, flat_groups = {}, []
         for i, group in enumerate(groups):
-            members, offsets, total = self._members[i], self._offsets[i], self._grads[i].numel()
+            pk = self._packings[i]
+            members, offsets, total = pk.members, pk.offsets, pk.grad.numel()
             entries = [state_dict["state"].get(k) for k in group["params"]]
             if any(e is not None for e in entries):
                 out = {}
