@@ -250,9 +250,11 @@ def qparams_from_range(
 
 
 def _quant_dequant(x: Tensor, scale: Tensor, zero: Tensor, qmin: int, qmax: int) -> Tensor:
-    """Plain (no autograd bookkeeping) fake-quant used by the searches; same math as the forward."""
-    q = (torch.round(x * (1.0 / scale)) + zero).clamp(qmin, qmax)
-    return (q - zero) * scale
+    """Plain (no autograd bookkeeping) fake-quant used by the searches; same math as the forward.
+    One new tensor of the broadcast shape, then in place: the searches run it over every candidate
+    at once, where a temporary per operation cost 4x the time on a CPU."""
+    q = x * (1.0 / scale)
+    return q.round_().add_(zero).clamp_(qmin, qmax).sub_(zero).mul_(scale)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,7 +277,8 @@ def _search(
     error_fn,
     memory_budget: int,
 ) -> tuple[Tensor, Tensor]:
-    """Shrink the per-row [min, max] range by every ratio, keep the ratio with the lowest error."""
+    """Shrink the per-row [min, max] range by every ratio, keep the ratio with the lowest error.
+    ``error_fn`` gets the candidates' errors ``Q(x) - x`` [n, rows, K] as scratch it may overwrite."""
     x = x.detach().float()
     qmin, qmax = qrange(bits, symmetric)
     lo = x.amin(1, keepdim=True)
@@ -289,7 +292,7 @@ def _search(
     for start in range(0, len(ratios), chunk):  # fixed number of chunks, not per channel
         r = ratios[start : start + chunk].view(-1, 1, 1)  # [n, 1, 1]
         scale, zero = qparams_from_range(r * lo, r * hi, bits, symmetric)  # [n, rows, 1]
-        err = error_fn(_quant_dequant(x.unsqueeze(0), scale, zero, qmin, qmax) - x)  # [n, rows, 1]
+        err = error_fn(_quant_dequant(x.unsqueeze(0), scale, zero, qmin, qmax).sub_(x))  # [n, rows, 1]
         e, i = err.min(0)
         better = e < best_err
         pick = i.view(1, rows, 1)
@@ -311,7 +314,8 @@ def init_lp_search(
     ``mean |x - Q(x)|^p``. Candidate i = 0 is the min-max range, so it is never worse than min-max."""
     ratios = 1.0 - 0.01 * torch.arange(num_candidates, dtype=torch.float32)
     ratios = ratios[ratios > 0]
-    return _search(x, bits, symmetric, ratios, lambda d: d.abs().pow(p).mean(-1, keepdim=True), memory_budget)
+    # the error tensor is the search's scratch: scored in place
+    return _search(x, bits, symmetric, ratios, lambda d: d.abs_().pow_(p).mean(-1, keepdim=True), memory_budget)
 
 
 def _search_sse_sorted(
