@@ -206,8 +206,8 @@ def _blocks_run(depth: int, gradient_checkpointing: bool = False):
 def test_compiled_blocks_give_eager_values_and_share_graphs_across_depth():
     """``compile_scope="blocks"`` compiles each transformer block, not the backbone: the student gives
     the eager output, feature and every gradient, and blocks alike share their compiled graph, so a
-    deeper model compiles no more graphs (the cold compile does not grow with depth). The depth-2 run
-    also checkpoints its blocks: eager checkpointing around compiled blocks, recomputed with the
+    deeper model compiles no more graphs (the cold compile does not grow with depth). The runs also
+    checkpoint their blocks: eager checkpointing around compiled blocks, recomputed with the
     forward's step index (the step-index cache steps aside in compiled code, so the recomputation
     hits the forward's graph)."""
     eager, compiled, graphs_2 = _blocks_run(2, gradient_checkpointing=True)
@@ -217,8 +217,8 @@ def test_compiled_blocks_give_eager_values_and_share_graphs_across_depth():
     assert set(gc) == set(ge) and len(ge) >= 10
     for name in ge:
         torch.testing.assert_close(gc[name], ge[name], rtol=1e-3, atol=1e-6, msg=name)
-    *_, graphs_4 = _blocks_run(4)
-    assert graphs_2 >= 1 and graphs_4 == graphs_2
+    *_, graphs_3 = _blocks_run(3, gradient_checkpointing=True)  # the same block graphs: inductor's cache serves them
+    assert graphs_2 >= 1 and graphs_3 == graphs_2
 
 
 def _student_grads(module, b):
