@@ -169,14 +169,16 @@ def test_compile_switches_train_through_the_app(workdir):
     with ``--model.compile_mode reduce-overhead``, whose CUDA graphs a CPU skips) train through Lightning,
     and their first loss (same seed, data, calibration) is the eager run's. ``--model.compile_scope
     blocks`` with inductor's C++ wrapper through ``--model.compile_options`` reaches the blocks, not the
-    backbone, from the command line (``max_steps 0``: wrapped, not compiled). A one-block STDiT keeps CI's cold compile
-    short: the compiled blocks' values and gradients are test_compiled_quantizers', the C++ wrapper's
-    compiled steps the step-time benchmark's (``--compile-options '{"cpp_wrapper": true}'``)."""
-    small = ("--model.model_kwargs", "{config: {depth: 1}}", "--trainer.max_steps", "1")
+    backbone, from the command line (``max_steps 0``: wrapped, not compiled). A one-block STDiT keeps
+    CI's cold compile short: the compiled blocks' values and gradients are test_compiled_quantizers',
+    the C++ wrapper's compiled steps the step-time benchmark's (``--compile-options
+    '{"cpp_wrapper": true}'``)."""
+    small = ("--model.model_kwargs", "{config: {depth: 1}}", "--data.init_args.cache", "data/depth1",
+             "--data.init_args.recipe.name", "depth1", "--trainer.max_steps", "1")  # its own teacher's cache
     eager = fit(*small, run="eager1")
     compiled = fit(*small, "--model.quant.compile_quantizers", "true", run="compiled1")
     whole = fit(*small, "--model.compile_model", "true", "--model.compile_mode", "reduce-overhead", run="compiled_model1")
-    blocks = fit(*small[:2], "--trainer.max_steps", "0", "--model.compile_model", "true", "--model.compile_scope", "blocks",
+    blocks = fit(*small[:-2], "--trainer.max_steps", "0", "--model.compile_model", "true", "--model.compile_scope", "blocks",
                  "--model.compile_options", "{cpp_wrapper: true}", run="compiled_blocks0")
     from mpq_lightning.quant import QuantLayer
 
