@@ -100,6 +100,9 @@ def spec_of(cli) -> SamplerSpec:
 #: trained students by (teacher, setting, overrides): the ablation's first and last rows are the same
 #: runs as EfficientDM and ours, trained once
 _TRAINED: dict[tuple, tuple] = {}
+#: per (teacher, setting, samples, data): the naive PTQ model, sampler, FP teacher and every row's metrics so far
+#: (sampling is seeded, so a row is the same in every table: the ablation samples only its new rows)
+_SCOPES: dict[tuple, dict] = {}
 
 
 def data_args_of(teacher: str, cache_dir: str | None, num_trajectories: int | None) -> list[str]:
@@ -117,9 +120,10 @@ def data_args_of(teacher: str, cache_dir: str | None, num_trajectories: int | No
 
 def table_rows(teacher: str, setting: str, methods: dict, steps: int, n: int, root: Path,
                data_args: list[str] = ()) -> dict[str, dict]:
-    trained, ptq, spec, fp_teacher = {}, None, None, None
+    trained, keys = {}, {}
+    scope = _SCOPES.setdefault((teacher, setting, n, tuple(data_args)), {"rows": {}})
     for name, args in methods.items():
-        key = (teacher, setting, tuple(args))
+        key = keys[name] = (teacher, setting, tuple(args))
         if key in _TRAINED:
             trained[name], cli = _TRAINED[key]
             print(f"[{teacher} {setting}] {name}: same run as an earlier row, reused", flush=True)
@@ -131,12 +135,18 @@ def table_rows(teacher: str, setting: str, methods: dict, steps: int, n: int, ro
             _TRAINED[key] = (trained[name], cli)
             print(f"[{teacher} {setting}] {name}: trained {steps} steps in {res['train_s']:.0f} s", flush=True)
         module = cli.model
-        if ptq is None:  # naive PTQ of the same teacher, calibrated on the same cache
+        if "ptq" not in scope:  # naive PTQ of the same teacher, calibrated on the same cache
             loader = cli.datamodule.train_dataloader()
             batches = [b for _, b in zip(range(module.calib_cfg.num_batches), loader)]
-            ptq, spec, fp_teacher = naive_ptq(module.teacher, module.quant_cfg, batches), spec_of(cli), module.teacher
-    rows = compare({"naive PTQ": ptq, **trained}, fp_teacher, spec, n)
-    return rows
+            scope.update(ptq=naive_ptq(module.teacher, module.quant_cfg, batches), spec=spec_of(cli), fp=module.teacher)
+    done = scope["rows"]
+    models = {"naive PTQ": scope["ptq"], **trained}
+    keys.update({"FP": "FP", "naive PTQ": "naive PTQ"})
+    todo = {name: model for name, model in models.items() if keys[name] not in done}
+    if todo:
+        fresh = compare(todo, scope["fp"], scope["spec"], n)
+        done.update({keys[name]: row for name, row in fresh.items()})
+    return {name: done[keys[name]] for name in ["FP", *models]}
 
 
 def _fmt(v) -> str:
