@@ -120,7 +120,7 @@ def data_args_of(teacher: str, cache_dir: str | None, num_trajectories: int | No
 
 def table_rows(teacher: str, setting: str, methods: dict, steps: int, n: int, root: Path,
                data_args: list[str] = ()) -> dict[str, dict]:
-    trained, keys = {}, {}
+    trained, keys = {}, {"FP": "FP", "naive PTQ": "naive PTQ"}  # row name -> its key in the scope's rows
     scope = _SCOPES.setdefault((teacher, setting, n, tuple(data_args)), {"rows": {}})
     for name, args in methods.items():
         key = keys[name] = (teacher, setting, tuple(args))
@@ -141,7 +141,6 @@ def table_rows(teacher: str, setting: str, methods: dict, steps: int, n: int, ro
             scope.update(ptq=naive_ptq(module.teacher, module.quant_cfg, batches), spec=spec_of(cli), fp=module.teacher)
     done = scope["rows"]
     models = {"naive PTQ": scope["ptq"], **trained}
-    keys.update({"FP": "FP", "naive PTQ": "naive PTQ"})
     todo = {name: model for name, model in models.items() if keys[name] not in done}
     if todo:
         fresh = compare(todo, scope["fp"], scope["spec"], n)

@@ -302,6 +302,12 @@ def _search(
     return best_scale, best_zero
 
 
+def lp_error_(d: Tensor, p: float = 2.4) -> Tensor:
+    """The Lp search's score of candidate errors ``d`` [n, rows, K]: ``mean |d|^p`` per row, computed
+    in place (``d`` is the search's scratch)."""
+    return d.abs_().pow_(p).mean(-1, keepdim=True)
+
+
 def init_lp_search(
     x: Tensor,
     bits: int,
@@ -314,8 +320,7 @@ def init_lp_search(
     ``mean |x - Q(x)|^p``. Candidate i = 0 is the min-max range, so it is never worse than min-max."""
     ratios = 1.0 - 0.01 * torch.arange(num_candidates, dtype=torch.float32)
     ratios = ratios[ratios > 0]
-    # the error tensor is the search's scratch: scored in place
-    return _search(x, bits, symmetric, ratios, lambda d: d.abs_().pow_(p).mean(-1, keepdim=True), memory_budget)
+    return _search(x, bits, symmetric, ratios, lambda d: lp_error_(d, p), memory_budget)
 
 
 def _search_sse_sorted(

@@ -28,7 +28,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .functional import _quant_dequant, assign_, compilable, fake_quantize, init_qparams, lsq_grad_scale, qparams_from_range, qrange, sign_ste
+from .functional import (_quant_dequant, assign_, compilable, fake_quantize, init_qparams, lp_error_, lsq_grad_scale,
+                         qparams_from_range, qrange, sign_ste)
 from .quantizers import UniformQuantizer
 
 CLASS_NAMES = ("unsalient", "normal", "salient")
@@ -382,7 +383,7 @@ def residual_reconstruction(x: Tensor, qb: Tensor, n_res: int) -> tuple[Tensor, 
 # search space and metric of each init method (functional.init_lp_search / init_grid_search)
 _FIT_SEARCH = {
     "minmax": (lambda: torch.ones(1), lambda d: d.pow(2).sum(-1, keepdim=True)),
-    "lp": (lambda: (1.0 - 0.01 * torch.arange(80.0)), lambda d: d.abs().pow(2.4).mean(-1, keepdim=True)),
+    "lp": (lambda: (1.0 - 0.01 * torch.arange(80.0)), lp_error_),  # scores the fresh ``rec - x`` in place
     "grid": (lambda: torch.cat([torch.arange(50.0) / 50, torch.ones(1)]), lambda d: d.pow(2).sum(-1, keepdim=True)),
 }
 
