@@ -69,6 +69,10 @@ PROBES = {
         "ours with uniform weights (no FZ-RMQ)": ["--model.quant.w_quantizer", "uniform"],
         "ours with OMQ weights": ["--model.quant.w_quantizer", "omq"],
     },
+    ("image", "W3A6"): {  # the split search as released: min-max class fits scored, then w_init's fitted
+        "MPQ-DM": METHODS["MPQ-DM"],
+        "MPQ-DM, release split search (min-max fits)": METHODS["MPQ-DM"] + ["--model.quant.omq_search_init", "minmax"],
+    },
 }
 
 

@@ -164,6 +164,34 @@ def test_split_search_exact_output_mse_and_never_worse_than_k0(kind, method):
     assert chosen <= output_mse(layer, mod, x) * (1 + 1e-6)
 
 
+@pytest.mark.parametrize("method", ["omq", "fzrmq"])
+def test_release_search_init_scores_minmax_fits_then_fits_the_classes_with_w_init(method):
+    """omq_search_init="minmax" (the MPQ-DM release, mpqdm.md §3.3 steps 5-6): the split search scores
+    exactly the min-max class fits (the errors a w_init="minmax" quantizer's search computes), then the
+    chosen classes get w_init's fits. The default scores those final fits themselves, so its layer's
+    output error is never above the release's, and here (seed 3) the two choose differently."""
+    torch.manual_seed(3)
+    mod, x = nn.Linear(48, 60), torch.randn(256, 48)
+    mod.weight.data = heavy_weight(60, 48, df=2.0, seed=3)
+    release, stats = layer_with_stats(mod, LayerSpec(w_bits=3, w_quantizer=method, omq_search_init="minmax"), x)
+    info = init_mixed_quantizer(release, stats)
+    minmax, stats_m = layer_with_stats(mod, LayerSpec(w_bits=3, w_quantizer=method, w_init="minmax"), x)
+    info_m = init_mixed_quantizer(minmax, stats_m)
+    assert info["k"] == info_m["k"]
+    assert info["errors"] == pytest.approx(info_m["errors"], rel=1e-6)
+    # the final state: w_init's (lp) fits for the chosen classes
+    by_hand = QuantLinear.from_module(mod, LayerSpec(w_bits=3, w_quantizer=method))
+    by_hand.weight_quantizer.set_classes(release.weight_quantizer.group_id)
+    by_hand.weight_quantizer.refit(mod.weight.detach())
+    by_hand.weight_quantizer.initialized.fill_(True)
+    for key, value in release.weight_quantizer.state_dict().items():
+        torch.testing.assert_close(value, by_hand.weight_quantizer.state_dict()[key], rtol=0, atol=0, msg=key)
+    default, stats_d = layer_with_stats(mod, LayerSpec(w_bits=3, w_quantizer=method), x)
+    info_d = init_mixed_quantizer(default, stats_d)
+    assert info_d["k"] != info["k"]
+    assert output_mse(default, mod, x) < output_mse(release, mod, x)
+
+
 # ---------------------------------------------------------------------------------------------
 # FZ-RMQ
 # ---------------------------------------------------------------------------------------------
@@ -353,6 +381,8 @@ def test_config_validation_names_keys():
         QuantConfig(w_quantizer="omq", w_granularity="tensor")
     with pytest.raises(ValueError, match="omq_search"):
         QuantConfig(omq_search="all")
+    with pytest.raises(ValueError, match="omq_search_init"):
+        QuantConfig(omq_search_init="max")
     with pytest.raises(ValueError, match="fzrmq_layout"):
         QuantConfig(fzrmq_layout="zigzag")
     with pytest.raises(ValueError, match="w_symmetric"):

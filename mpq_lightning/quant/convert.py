@@ -90,6 +90,9 @@ class QuantConfig:
     w_quantizer: str = "uniform"  # uniform | omq (MPQ-DM) | fzrmq (MPQ-DMv2)
     omq_group_frac: float = 0.1  # g = floor(Cout * omq_group_frac), split sizes k in {0, g, 2g, ...}
     omq_search: str = "paper"  # paper: k <= Cout/2 | release: k in {0, g}; OMQ and FZ-RMQ
+    # the class fits the split search scores: None = w_init (the quantizer then used) | minmax (the
+    # MPQ-DM release: min-max fits for the search, the chosen classes then fitted with w_init) | lp | grid
+    omq_search_init: str | None = None
     fzrmq_layout: str = "figure"  # figure (papers_extra.md §1.1) | proposal (mpqdm.md §4.1)
     fzrmq_base_fit: str = "joint"  # joint: base step fitted for base + residuals | greedy: base alone
     oolri_damp: float = 0.01  # svd_output_error: H + damp * mean(diag H) * I
@@ -152,6 +155,9 @@ class QuantConfig:
                 raise ValueError(f"QuantConfig.bit_map w_quantizer must be one of {W_QUANTIZERS}, got {entry['w_quantizer']!r}")
             if "tqe" in entry and not isinstance(entry["tqe"], bool):
                 raise ValueError(f"QuantConfig.bit_map tqe must be a bool, got {entry['tqe']!r}")
+        if self.omq_search_init is not None and self.omq_search_init not in INITIALISERS:
+            raise ValueError(f"QuantConfig.omq_search_init must be None or one of {sorted(INITIALISERS)}, "
+                             f"got {self.omq_search_init!r}")
         if not isinstance(self.omq_group_frac, (int, float)) or not 0.0 < self.omq_group_frac <= 0.5:
             raise ValueError(f"QuantConfig.omq_group_frac must be in (0, 0.5], got {self.omq_group_frac!r}")
         uses_mixed = self.w_quantizer != "uniform" or any(e.get("w_quantizer", "uniform") != "uniform" for e in self.bit_map.values())

@@ -67,6 +67,7 @@ class LayerSpec:
     w_quantizer: str = "uniform"
     omq_group_frac: float = 0.1
     omq_search: str = "paper"
+    omq_search_init: str | None = None
     fzrmq_layout: str = "figure"
     fzrmq_base_fit: str = "joint"
     oolri_damp: float = 0.01
@@ -159,7 +160,7 @@ def build_weight_quantizer(spec: LayerSpec, weight_shape: torch.Size) -> nn.Modu
     if spec.w_quantizer in ("omq", "fzrmq"):  # channel-wise mixed precision (mixed.py)
         kwargs = dict(symmetric=spec.w_symmetric, init=spec.w_init, learn_scale=spec.learn_w_scale,
                       learn_zero_point=spec.learn_w_zero_point, lsq_grad_scale=spec.lsq_grad_scale,
-                      group_frac=spec.omq_group_frac, search=spec.omq_search)
+                      group_frac=spec.omq_group_frac, search=spec.omq_search, search_init=spec.omq_search_init)
         if spec.w_quantizer == "omq":
             return OMQQuantizer(spec.w_bits, tuple(weight_shape), **kwargs)
         return FZRMQQuantizer(spec.w_bits, tuple(weight_shape), layout=spec.fzrmq_layout,

@@ -13,7 +13,10 @@ three equal-average classes, ``0 = unsalient`` (lowest κ), ``1 = normal``, ``2 
 
 The split size ``k`` is searched over ``{0, g, 2g, …, ⌊Cout/2⌋}`` (``search="paper"``) or ``{0, g}``
 (``search="release"``), ``g = ⌊Cout · group_frac⌋``, scoring the calibration output MSE
-``MSE(op(X_s, Ŵ_s), op(X, W))`` (:func:`init_mixed_quantizer`). The output error is additive over
+``MSE(op(X_s, Ŵ_s), op(X, W))`` (:func:`init_mixed_quantizer`). The scored class fits use the
+quantizer's own init method by default, i.e. the search scores the quantizer then used;
+``search_init="minmax"`` is the MPQ-DM release (mpqdm.md §3.3 steps 5–6: min-max fits for the
+search, the chosen classes then fitted with the init method). The output error is additive over
 output channels, so every class is reconstructed once for all channels and each candidate ``k``
 costs one sum: the search is exact and vectorised (no per-channel or per-candidate quantization).
 
@@ -28,8 +31,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .functional import (_quant_dequant, assign_, compilable, fake_quantize, init_qparams, lp_error_, lsq_grad_scale,
-                         qparams_from_range, qrange, sign_ste)
+from .functional import (INITIALISERS, _quant_dequant, assign_, compilable, fake_quantize, init_qparams, lp_error_,
+                         lsq_grad_scale, qparams_from_range, qrange, sign_ste)
 from .quantizers import UniformQuantizer
 
 CLASS_NAMES = ("unsalient", "normal", "salient")
@@ -97,14 +100,17 @@ class MixedQuantizerBase(nn.Module):
     kind = "mixed"
 
     def __init__(self, bits: int, weight_shape: tuple[int, ...], init: str = "lp",
-                 group_frac: float = 0.1, search: str = "paper") -> None:
+                 group_frac: float = 0.1, search: str = "paper", search_init: str | None = None) -> None:
         super().__init__()
         if search not in OMQ_SEARCHES:
             raise ValueError(f"unknown omq_search {search!r}; choose one of {OMQ_SEARCHES}")
+        if search_init is not None and search_init not in INITIALISERS:
+            raise ValueError(f"unknown omq_search_init {search_init!r}; choose None or one of {sorted(INITIALISERS)}")
         if not 0.0 < group_frac <= 0.5:
             raise ValueError(f"omq_group_frac must be in (0, 0.5], got {group_frac!r}")
         self.bits, self.init_method = int(bits), init
         self.group_frac, self.search = float(group_frac), search
+        self.search_init = search_init
         self.weight_shape = tuple(weight_shape)
         cout = self.weight_shape[0]
         self.register_buffer("group_id", torch.ones(cout, dtype=torch.long))
@@ -170,8 +176,9 @@ class MixedQuantizerBase(nn.Module):
         return m.float().unsqueeze(1)
 
     # -- to implement ----------------------------------------------------------------------------
-    def fit(self, w: Tensor) -> None:  # pragma: no cover - abstract
-        """Fit every class's quantizer parameters on all channels of ``w`` (classes unchanged)."""
+    def fit(self, w: Tensor, method: str | None = None) -> None:  # pragma: no cover - abstract
+        """Fit every class's quantizer parameters on all channels of ``w`` (classes unchanged) with the
+        init ``method`` (default: the quantizer's own)."""
         raise NotImplementedError
 
     def class_reconstructions(self, w: Tensor) -> list[Tensor]:  # pragma: no cover - abstract
@@ -197,13 +204,16 @@ class MixedQuantizerBase(nn.Module):
 
         ``row_error(D)`` maps a weight-error tensor shaped like ``w`` to the per-output-channel
         error [Cout] (the calibration output MSE built by :func:`init_mixed_quantizer`); without it
-        the weight-space squared error is used. Returns ``{"k": chosen, "errors": {k: err}}``.
+        the weight-space squared error is used. The class fits scored are made with ``search_init``
+        where it is set and differs from the init method; the chosen classes are then fitted with the
+        init method (the MPQ-DM release). Returns ``{"k": chosen, "errors": {k: err}}``.
         """
         w = w.detach().float()
         if tuple(w.shape) != self.weight_shape:
             raise ValueError(f"{type(self).__name__} was built for a weight {self.weight_shape}, got {tuple(w.shape)}")
         order = torch.argsort(channel_kurtosis(w), descending=True, stable=True)
-        self.fit(w)
+        refit = self.search_init is not None and self.search_init != self.init_method
+        self.fit(w, self.search_init if refit else None)
         recs = self.class_reconstructions(w)
         if row_error is None:
             row_error = lambda d: d.reshape(d.shape[0], -1).pow(2).sum(1)  # noqa: E731
@@ -215,6 +225,8 @@ class MixedQuantizerBase(nn.Module):
             errors[k] = e
             if best is None or e < best:
                 best_k, best = k, e
+        if refit:  # (FZ-RMQ's joint fit: set_classes gives each channel its class's fit of this one)
+            self.fit(w)
         self.set_classes(classes_for_split(order, best_k))
         self.initialized.fill_(True)
         return {"k": best_k, "errors": errors}
@@ -289,10 +301,10 @@ class OMQQuantizer(MixedQuantizerBase):
 
     def __init__(self, bits: int, weight_shape: tuple[int, ...], symmetric: bool = False, init: str = "lp",
                  learn_scale: bool = True, learn_zero_point: bool = False, lsq_grad_scale: bool = False,
-                 group_frac: float = 0.1, search: str = "paper") -> None:
+                 group_frac: float = 0.1, search: str = "paper", search_init: str | None = None) -> None:
         if not 2 <= bits <= 7:
             raise ValueError(f"OMQ needs w_bits in 2..7 (classes at N-1..N+1 bits within 1..8), got {bits}")
-        super().__init__(bits, weight_shape, init, group_frac, search)
+        super().__init__(bits, weight_shape, init, group_frac, search, search_init)
         args = (symmetric, self.weight_shape, init, learn_scale, learn_zero_point, lsq_grad_scale)
         self.low = _new_uniform(bits - 1, *args)
         self.mid = _new_uniform(bits, *args)
@@ -306,9 +318,9 @@ class OMQQuantizer(MixedQuantizerBase):
         return [self.low, self.mid, self.high]
 
     @torch.no_grad()
-    def fit(self, w: Tensor) -> None:
+    def fit(self, w: Tensor, method: str | None = None) -> None:
         for q in self.quantizers:
-            _fit_uniform(q, w, self.init_method)
+            _fit_uniform(q, w, method or self.init_method)
 
     @torch.no_grad()
     def class_reconstructions(self, w: Tensor) -> list[Tensor]:
@@ -442,14 +454,14 @@ class FZRMQQuantizer(MixedQuantizerBase):
     def __init__(self, bits: int, weight_shape: tuple[int, ...], symmetric: bool = False, init: str = "lp",
                  learn_scale: bool = True, learn_zero_point: bool = False, lsq_grad_scale: bool = False,
                  group_frac: float = 0.1, search: str = "paper", layout: str = "figure",
-                 base_fit: str = "joint") -> None:
+                 base_fit: str = "joint", search_init: str | None = None) -> None:
         if layout not in FZRMQ_LAYOUTS:
             raise ValueError(f"unknown fzrmq_layout {layout!r}; choose one of {FZRMQ_LAYOUTS}")
         if base_fit not in FZRMQ_BASE_FITS:
             raise ValueError(f"unknown fzrmq_base_fit {base_fit!r}; choose one of {FZRMQ_BASE_FITS}")
         if not 2 <= bits <= 8:
             raise ValueError(f"FZ-RMQ needs w_bits in 2..8 (an (n-1)-bit base), got {bits}")
-        super().__init__(bits, weight_shape, init, group_frac, search)
+        super().__init__(bits, weight_shape, init, group_frac, search, search_init)
         self.layout, self.base_fit = layout, base_fit
         self._pending: tuple[list[tuple[Tensor, Tensor]], Tensor] | None = None  # (per-class base fits, rows)
         args = (symmetric, self.weight_shape, init, learn_scale, learn_zero_point, lsq_grad_scale)
@@ -494,22 +506,23 @@ class FZRMQQuantizer(MixedQuantizerBase):
         assign_(self.residual_scale_2, scales[1])
 
     @torch.no_grad()
-    def fit(self, w: Tensor) -> None:
+    def fit(self, w: Tensor, method: str | None = None) -> None:
         """Fit on all channels. Figure layout, ``joint``: one base fit per class (kept until the
         classes are chosen, then each channel takes its class's fit); ``greedy``: one base fit."""
         rows = w.reshape(w.shape[0], -1).float()
+        method = method or self.init_method
         if self.layout == "proposal":
             for q in self.quantizers:
-                _fit_uniform(q, w, self.init_method)
+                _fit_uniform(q, w, method)
             r = rows - self.mid(w).reshape(rows.shape)
             assign_(self.residual_scale_1, closed_form_residual_scale(r))
             return
         if self.base_fit == "greedy":
-            _fit_uniform(self.base, w, self.init_method)
+            _fit_uniform(self.base, w, method)
             self._pending = None
         else:
             b = self.base
-            fits = [fit_residual_base(rows, b.bits, b.symmetric, self.init_method, n) for n in range(3)]
+            fits = [fit_residual_base(rows, b.bits, b.symmetric, method, n) for n in range(3)]
             self._pending = (fits, rows)
             self._set_base(*fits[1])
         self._set_residual_scales(rows)
