@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -171,6 +172,9 @@ def write_markdown(results: dict, meta: dict, out: Path, plots: dict[str, str] |
              "psnr/ssim vs the FP teacher's samples from the same noise; temporal_consistency: consecutive-frame "
              f"feature cosine (video). Wall time of the whole run: {meta['wall_s']} s. Regenerate with "
              f"`python benchmarks/methods_table.py{ {'smoke': ' --smoke', 'probes': ' --probes'}.get(meta['mode'], '') }`.", ""]
+    if meta.get("complete") is False:
+        lines[-1:-1] = ["", f"**Partial**: the tables this run had finished after {meta['wall_s']} s; the last complete "
+                            "run's results are in the file of the same name without `.partial`."]
     for key, rows in results.items():
         lines += [f"## {key}", "", "| model | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
         for name, r in rows.items():
@@ -231,27 +235,53 @@ def main() -> None:
         teachers, settings, steps, samples, num_trajectories = list(TEACHERS), ["W3A6"], 2, 8, 10
     results = {}
     t0 = time.time()
+    mode = "smoke" if args.smoke else "probes" if args.probes else "full"
+    name = "results_smoke" if args.smoke else "results_probes" if args.probes else "results"
+    out.mkdir(parents=True, exist_ok=True)
+
+    def table(key: str, *a) -> None:
+        results[key] = table_rows(*a)
+        # every finished table goes to <name>.partial.{md,json} at once, so a run cut short keeps them;
+        # the previous complete results stay as they are until this run has all its tables
+        write(results, out, f"{name}.partial", _meta(mode, steps, samples, t0, complete=False))
+
     if args.probes:
         methods, ablation, teachers = {}, {}, []
         for (teacher, setting), probe in PROBES.items():
-            results[f"probe {teacher} {setting}"] = table_rows(teacher, setting, probe, steps, samples, root,
-                                                               data_args_of(teacher, args.cache_dir, None))
+            table(f"probe {teacher} {setting}", teacher, setting, probe, steps, samples, root,
+                  data_args_of(teacher, args.cache_dir, None))
     for teacher in teachers:
         data_args = data_args_of(teacher, args.cache_dir, num_trajectories)
         for setting in settings:
-            results[f"{teacher} {setting}"] = table_rows(teacher, setting, methods, steps, samples, root, data_args)
+            table(f"{teacher} {setting}", teacher, setting, methods, steps, samples, root, data_args)
     if ablation and "video" in teachers:
-        results["ablation video W3A6"] = table_rows("video", "W3A6", ablation, steps, samples, root,
-                                                    data_args_of("video", args.cache_dir, num_trajectories))
-    meta = {"mode": "smoke" if args.smoke else "probes" if args.probes else "full", "date": time.strftime("%Y-%m-%d"), "steps": steps,
-            "samples": samples, "device": "CPU" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
-            "wall_s": round(time.time() - t0)}
-    out.mkdir(parents=True, exist_ok=True)
-    name = "results_smoke" if args.smoke else "results_probes" if args.probes else "results"
-    plots = plot(results, out, prefix=name)
-    write_markdown(results, meta, out / f"{name}.md", plots)
-    (out / f"{name}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+        table("ablation video W3A6", "video", "W3A6", ablation, steps, samples, root,
+              data_args_of("video", args.cache_dir, num_trajectories))
+    meta = _meta(mode, steps, samples, t0, complete=True)
+    plots = write(results, out, name, meta)
+    for suffix in (".md", ".json"):
+        (out / f"{name}.partial{suffix}").unlink(missing_ok=True)
+    for png in out.glob(f"{name}.partial_*.png"):
+        png.unlink()
     print(f"wrote {out / (name + '.md')} and {len(plots)} plots in {meta['wall_s']} s")
+
+
+def _meta(mode: str, steps: int, samples: int, t0: float, complete: bool) -> dict:
+    return {"mode": mode, "date": time.strftime("%Y-%m-%d"), "steps": steps, "samples": samples,
+            "device": "CPU" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
+            "wall_s": round(time.time() - t0), "complete": complete}
+
+
+def write(results: dict, out: Path, name: str, meta: dict) -> dict[str, str]:
+    """Plots, ``<name>.md`` and ``<name>.json`` in ``out``, each file replaced whole (written beside
+    it, then renamed), so an interrupted write leaves the previous file. Returns the plots."""
+    plots = plot(results, out, prefix=name)
+    for suffix, write_to in ((".md", lambda p: write_markdown(results, meta, p, plots)),
+                             (".json", lambda p: p.write_text(json.dumps({"meta": meta, "results": results}, indent=2)))):
+        tmp = out / f".{name}{suffix}.tmp"
+        write_to(tmp)
+        os.replace(tmp, out / f"{name}{suffix}")
+    return plots
 
 
 if __name__ == "__main__":

@@ -35,4 +35,23 @@ def test_methods_table_smoke(tmp_path):
         assert f"## {key}" in md
         png = f"results_smoke_{key.replace(' ', '_')}.png"
         assert f"]({png})" in md and (out / png).stat().st_size > 1000
+    assert data["meta"]["complete"] and not list(out.glob("*partial*"))  # the per-table partial files are gone
     assert (tmp_path / "caches" / "moving_digits_ddim20").is_dir() and (tmp_path / "caches" / "digits_unet_ddim20").is_dir()
+
+
+def test_a_partial_write_keeps_the_last_complete_results(tmp_path):
+    """After every table the script writes <name>.partial.{md,json}; the complete run's files are
+    replaced only when a run has all its tables (each file renamed into place whole)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import methods_table as mt
+
+    rows = {"FP": {"fd_real": 10.0}, "naive PTQ": {"fd_real": 30.0, "psnr_vs_fp": 20.0}, "ours": {"fd_real": 15.0}}
+    mt.write({"video W3A6": rows}, tmp_path, "results", mt._meta("full", 2, 8, 0.0, complete=True))
+    complete = (tmp_path / "results.md").read_text()
+    assert "Partial" not in complete and "gap closed by ours: 75.0%" in complete
+    mt.write({"video W4A6": rows}, tmp_path, "results.partial", mt._meta("full", 2, 8, 0.0, complete=False))
+    assert (tmp_path / "results.md").read_text() == complete
+    partial = (tmp_path / "results.partial.md").read_text()
+    assert "**Partial**" in partial and "## video W4A6" in partial
+    assert json.loads((tmp_path / "results.partial.json").read_text())["meta"]["complete"] is False
+    assert not list(tmp_path.glob(".*.tmp"))
