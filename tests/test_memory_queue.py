@@ -136,6 +136,46 @@ def test_all_gather_without_distributed_is_local_write():
     assert torch.equal(out, v) and torch.equal(q.feats[1, :3], v)
 
 
+def test_one_collective_gather_with_a_count_bound_writes_what_two_do():
+    """``max_count`` packs each call's count and step in front of its vectors: one gather instead of
+    two, the same queue and the same returned vectors (here a fake 2-rank gather, ranks with different
+    counts and steps, some at the same step as another rank, fifo and a slot overflowing)."""
+    g = torch.Generator().manual_seed(0)
+    mine = [F.normalize(torch.randn(k, 5, generator=g), dim=-1) for k in (3, 0, 4, 2)]
+    other = [F.normalize(torch.randn(k, 5, generator=g), dim=-1) for k in (4, 4, 1, 3)]
+    steps_mine, steps_other = [1, 0, 2, 1], [1, 2, 0, 1]
+    calls = []
+
+    def fake_gather(t):  # this rank is rank 0; rank 1 packs its own calls the same way
+        calls.append(t.shape)
+        if t.dtype == torch.long:  # the counts and steps
+            o = torch.tensor([[v.shape[0], s] for v, s in zip(other, steps_other)])
+        elif t.dim() == 3:  # the vectors padded to the largest count
+            o = torch.zeros_like(t)
+            for i, v in enumerate(other):
+                o[i, : len(v)] = v
+        else:  # packed: [count, step, vectors padded to max_count]
+            o = torch.zeros_like(t)
+            for i, (v, s) in enumerate(zip(other, steps_other)):
+                o[i, :2] = torch.tensor([len(v), s])
+                o[i, 2 : 2 + v.numel()] = v.reshape(-1)
+        return torch.stack([t, o])
+
+    two, one = (TimeAwarePixelQueue(num_steps=3, pixels_per_step=6, refresh="fifo") for _ in range(2))
+    out_two = two.all_gather_many_(mine, steps_mine, gather_fn=fake_gather)
+    assert len(calls) == 2
+    out_one = one.all_gather_many_(mine, steps_mine, gather_fn=fake_gather, max_count=4)
+    assert len(calls) == 3 and calls[-1] == (4, 2 + 4 * 5)
+    for a, b in zip(out_two, out_one):
+        assert torch.equal(a, b)
+    for (name, a), b in zip(two.named_buffers(), one.buffers()):
+        assert torch.equal(a, b), name
+    # slot 1: 3 + 4 > 6, each rank keeps 3, then 2 + 3; slot 2: 4 + 4 in a ring of 6; slot 0: 0, then 1
+    assert one.valid.sum(dim=1).tolist() == [1, 6, 6] and one.num_writes.item() == 6 + 4 + 4 + 1 + 5
+    with pytest.raises(ValueError, match=r"\(4, 5\) exceed max_count 3"):
+        one.all_gather_many_(mine, steps_mine, gather_fn=fake_gather, max_count=3)
+
+
 def _reference_writes(num_steps: int, p: int, refresh: str, writes) -> dict:
     """The queue's buffers after ``writes`` (``(vectors, step)`` in order), worked out entry by entry
     from the documented gate (replace: empty the slot, fill 0..k-1; fifo: ring from ptr; k > P: last P)."""
@@ -258,7 +298,12 @@ def _gloo_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> No
         for i, step in enumerate(steps):
             one.enqueue_and_sync(feats[i : i + 1], step)
         many.enqueue_many_and_sync(feats, steps)
-        torch.save({"one": one.queue.state_dict(), "many": many.queue.state_dict()}, Path(out_dir) / f"many{rank}.pt")
+        # the callback's gather (one collective, counts bounded by num) against the unbounded two
+        two = TimeAwarePixelQueue(num_steps=3, pixels_per_step=8, refresh="fifo")
+        draws = MemoryQueue(num_steps=3, pixels_per_step=8, refresh="fifo", seed=0)
+        two.all_gather_many_(list(draws.queue.select_pixels(feats, generator=draws.generator, per_sample=True)), steps)
+        torch.save({"one": one.queue.state_dict(), "many": many.queue.state_dict(), "two": two.state_dict()},
+                   Path(out_dir) / f"many{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -290,6 +335,7 @@ def test_two_process_gloo_all_gather_keeps_queues_identical(tmp_path):
     for k, v in m0["one"].items():
         if isinstance(v, torch.Tensor):
             assert torch.equal(v, m0["many"][k]) and torch.equal(v, m1["many"][k]) and torch.equal(v, m1["one"][k]), k
+            assert torch.equal(v, m0["two"][k]) and torch.equal(v, m1["two"][k]), k
     assert m0["one"]["valid"].sum(dim=1).tolist() == [8, 8, 8]
 
 

@@ -196,8 +196,9 @@ class MemoryQueue(Callback):
     ) -> list[Tensor]:
         """``enqueue_and_sync(features[i], steps[i])`` for i = 0, 1, ... (e.g. each sample of a batch at
         its own step): the same pixels drawn and the same writes in the same order, with one gather of
-        all of them (two collectives and one host sync under DDP instead of that per call). A tensor
-        ``features`` stands for its rows ``features[i : i + 1]``. Collective: every rank, same count."""
+        all of them (one collective and one host sync under DDP instead of two collectives and a few syncs
+        per call). A tensor ``features`` stands for its rows ``features[i : i + 1]``. Collective: every
+        rank, the same number of calls and the same ``num``."""
         if len(features) != len(steps):
             raise ValueError(f"enqueue_many_and_sync: {len(features)} features for {len(steps)} steps")
         if not len(steps):
@@ -215,7 +216,8 @@ class MemoryQueue(Callback):
         gather_fn = None
         if world > 1 and self._trainer is not None and self._pl_module is not None:
             gather_fn = self._pl_module.all_gather
-        return self.queue.all_gather_many_(vectors, steps, gather_fn=gather_fn)
+        # every rank draws at most num pixels per call (num is the same everywhere): one collective
+        return self.queue.all_gather_many_(vectors, steps, gather_fn=gather_fn, max_count=num)
 
     def sample(self, num: int, mode: Literal["time_wise", "uniform"] = "time_wise", generator=None):
         """Shortcut for ``queue.sample`` with this callback's generator."""

@@ -371,10 +371,17 @@ class TimeAwarePixelQueue(nn.Module):
         steps: Sequence[int],
         gather_fn: GatherFn | None = None,
         group=None,
+        max_count: int | None = None,
     ) -> list[Tensor]:
         """``all_gather_(vectors[i], steps[i])`` for i = 0, 1, ... in one go: the same writes in the same
-        order, with two collectives and one host sync in all instead of two collectives and a few syncs
-        per call (a batch's samples, each at its own step). Every rank passes the same number of calls.
+        order, with one host sync in all instead of a few per call (a batch's samples, each at its own
+        step). Every rank passes the same number of calls.
+
+        The ranks' vector counts are not known to each other, so by default a first collective gathers
+        each call's count and step, and a second the vectors padded to the largest count. ``max_count``,
+        a bound on every call's count that every rank passes alike (e.g. the number of pixels drawn per
+        sample), saves the first: each call's count and step travel in front of its vectors, padded to
+        the bound, in one collective (as floating point, exact for integers below 2**24).
 
         Returns:
             Per call, the gathered vectors concatenated in rank order.
@@ -396,18 +403,38 @@ class TimeAwarePixelQueue(nn.Module):
                 return _dist_gather(t, group)
 
         first = vectors[0]
-        meta = torch.tensor([[v.shape[0], s] for v, s in zip(vectors, steps)], dtype=torch.long, device=first.device)
-        metas = gather_fn(meta)
-        if metas.dim() == 2:  # world size 1
-            metas = metas.unsqueeze(0)
-        metas = metas.tolist()  # [rank][call] = [count, step]: the one host sync
-        kmax = max(count for rank in metas for count, _ in rank)
-        padded = first.new_zeros(len(vectors), kmax, first.shape[1])
-        for i, v in enumerate(vectors):
-            padded[i, : v.shape[0]] = v
-        gathered = gather_fn(padded)
-        if gathered.dim() == 3:
-            gathered = gathered.unsqueeze(0)
+        dim = first.shape[1]
+        if max_count is None:  # two collectives: the counts and steps, then the vectors padded to the largest count
+            meta = torch.tensor([[v.shape[0], s] for v, s in zip(vectors, steps)], dtype=torch.long, device=first.device)
+            metas = gather_fn(meta)
+            if metas.dim() == 2:  # world size 1
+                metas = metas.unsqueeze(0)
+            metas = metas.tolist()  # [rank][call] = [count, step]: the one host sync
+            kmax = max(count for rank in metas for count, _ in rank)
+            padded = first.new_zeros(len(vectors), kmax, dim)
+            for i, v in enumerate(vectors):
+                padded[i, : v.shape[0]] = v
+            gathered = gather_fn(padded)
+            if gathered.dim() == 3:
+                gathered = gathered.unsqueeze(0)
+        else:  # one collective: row i = [count, step, vectors padded to max_count]
+            max_count = int(max_count)
+            for v in vectors:
+                if v.shape[0] > max_count:
+                    raise ValueError(f"all_gather_many_: {v.shape[0]} vectors of shape {tuple(v.shape)} exceed max_count {max_count}")
+            if max(max_count, *steps) >= 2**24:
+                raise ValueError(f"all_gather_many_: max_count {max_count} or a step index >= 2**24 is not exact as a float")
+            dtype = torch.promote_types(first.dtype, torch.float32)
+            packed = first.new_zeros(len(vectors), 2 + max_count * dim, dtype=dtype)
+            packed[:, :2] = host_to_device(torch.tensor([[v.shape[0], s] for v, s in zip(vectors, steps)], dtype=dtype),
+                                           first.device)
+            for i, v in enumerate(vectors):
+                packed[i, 2 : 2 + v.numel()] = v.reshape(-1)
+            gathered = gather_fn(packed)
+            if gathered.dim() == 2:  # world size 1
+                gathered = gathered.unsqueeze(0)
+            metas = gathered[..., :2].long().tolist()  # [rank][call] = [count, step]: the one host sync
+            gathered = gathered[..., 2:].reshape(*gathered.shape[:2], max_count, dim).to(first.dtype)
         out, writes, write_steps = [], [], []
         for i in range(len(vectors)):  # each call's writes, in call order, as separate all_gather_ calls make them
             per_rank = [gathered[r, i, : metas[r][i][0]] for r in range(len(metas))]
