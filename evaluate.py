@@ -9,6 +9,7 @@ import sys
 
 from jsonargparse import ArgumentParser
 
+from mpq_lightning.cli import run_script
 from mpq_lightning.evaluation import EvalConfig, evaluate
 
 
@@ -27,4 +28,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

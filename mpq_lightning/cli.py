@@ -18,10 +18,11 @@
 """
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -323,3 +324,34 @@ def main(argv: list[str] | None = None, default_subcommand: str = "fit") -> MPQC
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     sys.argv = [sys.argv[0]] + argv  # LightningCLI reads sys.argv; passing args too makes it warn
     return MPQCLI()
+
+
+#: what our own checks raise with a message written for the user: a bad config key, file, tensor shape
+#: or checkpoint (ValueError and its subclasses, FileNotFoundError, ...), a non-finite loss
+#: (FloatingPointError), a setting this machine or strategy cannot run (RuntimeError, NotImplementedError)
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, FloatingPointError, NotImplementedError,
+               RuntimeError)
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def _raised_here(error: BaseException) -> bool:
+    """Whether ``error`` was raised by this package's own code (its innermost frame is in it)."""
+    tb, where = error.__traceback__, None
+    while tb is not None:
+        where, tb = tb.tb_frame.f_code.co_filename, tb.tb_next
+    return where is not None and Path(where).resolve().is_relative_to(_PACKAGE)
+
+
+def run_script(entry: Callable[[], Any]) -> None:
+    """Run a script's ``main``. An error our own checks raise (one of ``USER_ERRORS``, raised in this
+    package: its message names the config key, file or shape) is printed as one line on stderr and the
+    script exits with status 1; ``MPQ_TRACEBACK=1`` shows the traceback instead. Anything else (an
+    error raised inside torch, Lightning, ...: possibly a bug) keeps its traceback."""
+    try:
+        entry()
+    except USER_ERRORS as error:
+        if os.environ.get("MPQ_TRACEBACK", "") not in ("", "0") or not _raised_here(error):
+            raise
+        print(f"{Path(sys.argv[0]).name}: error: {type(error).__name__}: {error}\n"
+              "(set MPQ_TRACEBACK=1 to see the traceback)", file=sys.stderr)
+        raise SystemExit(1) from None
