@@ -2,6 +2,7 @@
 
     python benchmarks/methods_table.py                 # full table (W4A6, W3A6, W2A4; both teachers)
     python benchmarks/methods_table.py --smoke         # tiny budgets: W3A6, both teachers, 2 methods (CI)
+    python benchmarks/methods_table.py --resume        # keep the tables of <out>/results.partial.json, run the rest
 
 Rows: FP, naive PTQ (min-max, no training), EfficientDM, MPQ-DM, Q-VDiT, MPQ-DMv2, ours; plus an
 ablation adding each MPQ-DMv2 / Q-VDiT component to the EfficientDM base one at a time (W3A6, video).
@@ -9,13 +10,18 @@ Same seeds, same step budget, same trajectory cache for every method of a teache
 configs/default.yaml and configs/digits_unet_w3a6.yaml with per-method overrides). Metrics
 (mpq_lightning.compare): Fréchet distance to held-out real data in our feature network's space,
 class consistency, PSNR/SSIM vs the FP teacher from the same noise, temporal consistency (video).
-The script writes the markdown and plots itself from the runs.
+The script writes the markdown and plots itself from the runs. Every finished table goes to
+``<out>/<name>.partial.{md,json}`` at once; ``--resume`` takes the tables of that file (same mode,
+steps and samples) as they are and runs only the others, so a full run (hours on 2 cores) can be
+spread over several sittings. Each table's date and git commit are recorded (``meta.tables``) and
+printed in the markdown.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -172,6 +178,10 @@ def write_markdown(results: dict, meta: dict, out: Path, plots: dict[str, str] |
              "psnr/ssim vs the FP teacher's samples from the same noise; temporal_consistency: consecutive-frame "
              f"feature cosine (video). Wall time of the whole run: {meta['wall_s']} s. Regenerate with "
              f"`python benchmarks/methods_table.py{ {'smoke': ' --smoke', 'probes': ' --probes'}.get(meta['mode'], '') }`.", ""]
+    if meta.get("tables"):
+        lines[-1:-1] = ["", "Each table's date and code (git commit; `+dirty`: with uncommitted changes): " + "; ".join(
+            f"{k}: {t.get('date')}, {t.get('commit') or 'commit not recorded'}"
+            + (f", {t['table_s']} s" if t.get("table_s") is not None else "") for k, t in meta["tables"].items()) + "."]
     if meta.get("complete") is False:
         lines[-1:-1] = ["", f"**Partial**: the tables this run had finished after {meta['wall_s']} s; the last complete "
                             "run's results are in the file of the same name without `.partial`."]
@@ -224,6 +234,9 @@ def main() -> None:
     ap.add_argument("--root", default=str(REPO / "checkpoints" / "methods_table"))
     ap.add_argument("--teachers", nargs="+", default=list(TEACHERS))
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS))
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the finished tables of <out>/<name>.partial.json (an interrupted run of the same "
+                         "mode, steps and samples) and run only the others")
     args = ap.parse_args()
     root, out = Path(args.root), Path(args.out)
     methods, ablation = METHODS, ABLATION
@@ -238,12 +251,20 @@ def main() -> None:
     mode = "smoke" if args.smoke else "probes" if args.probes else "full"
     name = "results_smoke" if args.smoke else "results_probes" if args.probes else "results"
     out.mkdir(parents=True, exist_ok=True)
+    kept, tables = (load_partial(out / f"{name}.partial.json", mode, steps, samples) if args.resume else ({}, {}))
+    commit = git_commit()
 
     def table(key: str, *a) -> None:
-        results[key] = table_rows(*a)
+        if key in kept:
+            results[key] = kept[key]
+            print(f"[{key}] kept from {name}.partial.json ({tables[key]})", flush=True)
+        else:
+            start = time.time()
+            results[key] = table_rows(*a)
+            tables[key] = {"date": time.strftime("%Y-%m-%d"), "commit": commit, "table_s": round(time.time() - start)}
         # every finished table goes to <name>.partial.{md,json} at once, so a run cut short keeps them;
         # the previous complete results stay as they are until this run has all its tables
-        write(results, out, f"{name}.partial", _meta(mode, steps, samples, t0, complete=False))
+        write(results, out, f"{name}.partial", _meta(mode, steps, samples, t0, complete=False, tables=tables))
 
     if args.probes:
         methods, ablation, teachers = {}, {}, []
@@ -257,7 +278,7 @@ def main() -> None:
     if ablation and "video" in teachers:
         table("ablation video W3A6", "video", "W3A6", ablation, steps, samples, root,
               data_args_of("video", args.cache_dir, num_trajectories))
-    meta = _meta(mode, steps, samples, t0, complete=True)
+    meta = _meta(mode, steps, samples, t0, complete=True, tables=tables)
     plots = write(results, out, name, meta)
     for suffix in (".md", ".json"):
         (out / f"{name}.partial{suffix}").unlink(missing_ok=True)
@@ -266,10 +287,40 @@ def main() -> None:
     print(f"wrote {out / (name + '.md')} and {len(plots)} plots in {meta['wall_s']} s")
 
 
-def _meta(mode: str, steps: int, samples: int, t0: float, complete: bool) -> dict:
-    return {"mode": mode, "date": time.strftime("%Y-%m-%d"), "steps": steps, "samples": samples,
+def _meta(mode: str, steps: int, samples: int, t0: float, complete: bool, tables: dict | None = None) -> dict:
+    meta = {"mode": mode, "date": time.strftime("%Y-%m-%d"), "steps": steps, "samples": samples,
             "device": "CPU" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
             "wall_s": round(time.time() - t0), "complete": complete}
+    if tables:
+        meta["tables"] = dict(tables)
+    return meta
+
+
+def git_commit() -> str | None:
+    """The repository's short commit, ``+dirty`` when the package, benchmarks or configs differ from it."""
+    try:
+        def git(*a: str) -> str:
+            return subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True, check=True).stdout.strip()
+
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", "mpq_lightning", "benchmarks", "configs")
+        return git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def load_partial(path: Path, mode: str, steps: int, samples: int) -> tuple[dict, dict]:
+    """The finished tables of an interrupted run (``--resume``) and their provenance (date, commit;
+    a file written before commits were recorded gives its run's date and ``commit: None``). Refuses a
+    missing file or one from another mode, step budget or sample count, naming it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: {path} does not exist (no interrupted run to resume)")
+    data = json.loads(path.read_text())
+    meta = data.get("meta", {})
+    for key, want in (("mode", mode), ("steps", steps), ("samples", samples)):
+        if meta.get(key) != want:
+            raise ValueError(f"--resume: {path} has meta.{key} = {meta.get(key)!r}, this run {want!r}")
+    tables = meta.get("tables") or {}
+    return data["results"], {k: tables.get(k, {"date": meta.get("date"), "commit": None}) for k in data["results"]}
 
 
 def write(results: dict, out: Path, name: str, meta: dict) -> dict[str, str]:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -55,3 +57,32 @@ def test_a_partial_write_keeps_the_last_complete_results(tmp_path):
     assert "**Partial**" in partial and "## video W4A6" in partial
     assert json.loads((tmp_path / "results.partial.json").read_text())["meta"]["complete"] is False
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_resume_keeps_the_partial_tables_and_records_where_each_came_from(tmp_path, monkeypatch):
+    """``--resume`` takes the finished tables of <name>.partial.json as they are (here all of the smoke
+    run's, so nothing trains) and writes the complete files with each table's date and commit; a
+    partial file of another step budget, or none, is refused by name."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import methods_table as mt
+
+    rows = {"FP": {"fd_real": 10.0}, "naive PTQ": {"fd_real": 30.0, "psnr_vs_fp": 20.0}, "ours": {"fd_real": 15.0}}
+    keys = ["video W3A6", "image W3A6", "ablation video W3A6"]
+    tables = {"video W3A6": {"date": "2026-11-26", "commit": "abc1234", "table_s": 5}}
+    mt.write({k: rows for k in keys}, tmp_path, "results_smoke.partial",
+             mt._meta("smoke", 2, 8, 0.0, complete=False, tables=tables))  # two tables without a recorded commit
+    monkeypatch.setattr(mt, "table_rows", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained a kept table")))
+    monkeypatch.setattr(sys, "argv", ["methods_table.py", "--smoke", "--resume", "--out", str(tmp_path)])
+    mt.main()
+    data = json.loads((tmp_path / "results_smoke.json").read_text())
+    assert data["meta"]["complete"] and list(data["results"]) == keys and all(data["results"][k] == rows for k in keys)
+    assert data["meta"]["tables"]["video W3A6"] == tables["video W3A6"]
+    assert data["meta"]["tables"]["image W3A6"]["commit"] is None
+    md = (tmp_path / "results_smoke.md").read_text()
+    assert "video W3A6: 2026-11-26, abc1234, 5 s" in md and "image W3A6: " in md and "commit not recorded" in md
+    assert not list(tmp_path.glob("*partial*"))
+    mt.write({"video W3A6": rows}, tmp_path, "results.partial", mt._meta("full", 100, 128, 0.0, complete=False))
+    with pytest.raises(ValueError, match=r"meta.steps = 100, this run 200"):
+        mt.load_partial(tmp_path / "results.partial.json", "full", 200, 128)
+    with pytest.raises(FileNotFoundError, match="--resume: .*nothing.json does not exist"):
+        mt.load_partial(tmp_path / "nothing.json", "full", 200, 128)
