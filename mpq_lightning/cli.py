@@ -346,11 +346,12 @@ def run_script(entry: Callable[[], Any]) -> None:
     """Run a script's ``main``. An error our own checks raise (one of ``USER_ERRORS``, raised in this
     package: its message names the config key, file or shape) is printed as one line on stderr and the
     script exits with status 1; ``MPQ_TRACEBACK=1`` shows the traceback instead. Anything else (an
-    error raised inside torch, Lightning, ...: possibly a bug) keeps its traceback."""
+    error raised inside torch, Lightning, ..., or one of ours without a message: possibly a bug)
+    keeps its traceback."""
     try:
         entry()
     except USER_ERRORS as error:
-        if os.environ.get("MPQ_TRACEBACK", "") not in ("", "0") or not _raised_here(error):
+        if os.environ.get("MPQ_TRACEBACK", "") not in ("", "0") or not _raised_here(error) or not str(error):
             raise
         print(f"{Path(sys.argv[0]).name}: error: {type(error).__name__}: {error}\n"
               "(set MPQ_TRACEBACK=1 to see the traceback)", file=sys.stderr)

@@ -674,6 +674,10 @@ def test_scripts_print_our_errors_in_one_line_and_keep_other_tracebacks(tmp_path
     assert exit_.value.code == 1 and "ValueError: step_index must be in [0, 2), got 5" in capsys.readouterr().err
     with pytest.raises(RuntimeError, match="size of tensor a"):
         run_script(lambda: torch.zeros(2) + torch.zeros(3))
+    from mpq_lightning.quant.layers import QuantLayer
+
+    with pytest.raises(NotImplementedError):  # ours, but no message: an abstract method reached, a bug
+        run_script(lambda: QuantLayer.to_module(None))
 
 
 def test_bad_quant_config_names_key(workdir):
