@@ -1196,4 +1196,6 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    from mpq_lightning.cli import run_script  # a refusal (e.g. a cache of another teacher) as one line
+
+    run_script(main)
