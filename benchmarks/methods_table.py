@@ -176,10 +176,11 @@ def write_markdown(results: dict, meta: dict, out: Path, plots: dict[str, str] |
              "for every method of a teacher. fd_real: Fréchet distance to held-out real data in our feature net's "
              "space (lower is better); class_consistency: share of samples our classifier assigns to their class; "
              "psnr/ssim vs the FP teacher's samples from the same noise; temporal_consistency: consecutive-frame "
-             f"feature cosine (video). Wall time of the whole run: {meta['wall_s']} s. Regenerate with "
+             f"feature cosine (video). Wall time of the {'last sitting' if meta.get('resumed') else 'whole run'}: "
+             f"{meta['wall_s']} s. Regenerate with "
              f"`python benchmarks/methods_table.py{ {'smoke': ' --smoke', 'probes': ' --probes'}.get(meta['mode'], '') }`.", ""]
     if meta.get("tables"):
-        lines[-1:-1] = ["", "Each table's date and code (git commit; `+dirty`: with uncommitted changes): " + "; ".join(
+        lines[-1:-1] = ["", "Each table's date, code and wall time (git commit; `+dirty`: with uncommitted changes): " + "; ".join(
             f"{k}: {t.get('date')}, {t.get('commit') or 'commit not recorded'}"
             + (f", {t['table_s']} s" if t.get("table_s") is not None else "") for k, t in meta["tables"].items()) + "."]
     if meta.get("complete") is False:
@@ -264,7 +265,8 @@ def main() -> None:
             tables[key] = {"date": time.strftime("%Y-%m-%d"), "commit": commit, "table_s": round(time.time() - start)}
         # every finished table goes to <name>.partial.{md,json} at once, so a run cut short keeps them;
         # the previous complete results stay as they are until this run has all its tables
-        write(results, out, f"{name}.partial", _meta(mode, steps, samples, t0, complete=False, tables=tables))
+        write(results, out, f"{name}.partial", _meta(mode, steps, samples, t0, complete=False, tables=tables,
+                                                     resumed=args.resume))
 
     if args.probes:
         methods, ablation, teachers = {}, {}, []
@@ -278,7 +280,7 @@ def main() -> None:
     if ablation and "video" in teachers:
         table("ablation video W3A6", "video", "W3A6", ablation, steps, samples, root,
               data_args_of("video", args.cache_dir, num_trajectories))
-    meta = _meta(mode, steps, samples, t0, complete=True, tables=tables)
+    meta = _meta(mode, steps, samples, t0, complete=True, tables=tables, resumed=args.resume)
     plots = write(results, out, name, meta)
     for suffix in (".md", ".json"):
         (out / f"{name}.partial{suffix}").unlink(missing_ok=True)
@@ -287,12 +289,15 @@ def main() -> None:
     print(f"wrote {out / (name + '.md')} and {len(plots)} plots in {meta['wall_s']} s")
 
 
-def _meta(mode: str, steps: int, samples: int, t0: float, complete: bool, tables: dict | None = None) -> dict:
+def _meta(mode: str, steps: int, samples: int, t0: float, complete: bool, tables: dict | None = None,
+          resumed: bool = False) -> dict:
     meta = {"mode": mode, "date": time.strftime("%Y-%m-%d"), "steps": steps, "samples": samples,
             "device": "CPU" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
             "wall_s": round(time.time() - t0), "complete": complete}
     if tables:
         meta["tables"] = dict(tables)
+    if resumed:  # wall_s is this sitting's; the tables' own times are in meta.tables
+        meta["resumed"] = True
     return meta
 
 

@@ -80,6 +80,7 @@ def test_resume_keeps_the_partial_tables_and_records_where_each_came_from(tmp_pa
     assert data["meta"]["tables"]["image W3A6"]["commit"] is None
     md = (tmp_path / "results_smoke.md").read_text()
     assert "video W3A6: 2026-11-26, abc1234, 5 s" in md and "image W3A6: " in md and "commit not recorded" in md
+    assert data["meta"]["resumed"] and "Wall time of the last sitting" in md
     assert not list(tmp_path.glob("*partial*"))
     mt.write({"video W3A6": rows}, tmp_path, "results.partial", mt._meta("full", 100, 128, 0.0, complete=False))
     with pytest.raises(ValueError, match=r"meta.steps = 100, this run 200"):
