@@ -16,6 +16,9 @@ For each model (the tiny STDiT and a mid-size STDiT) it times these training ste
   with ``compile_mode="reduce-overhead"``: the compiled graphs replayed as CUDA graphs on a GPU);
   ``model_per_tensor`` / ``model_flat`` (``model`` with ``optim.flat_params`` false / true: torch's
   AdamW over each tensor / over one flat tensor per group; the default is flat on a CPU only);
+  ``model_compiled_autograd`` (``model`` with the whole step, backward included, run under torch's
+  compiled autograd, a private torch API: tried for the per-tensor gradient accumulation, not a
+  QATModule option);
 * the same eager QAT step with every quantizer switched off (teacher forward, LoRA student, losses,
   AdamW): the floor that no eager quantizer speed-up can go below.
 Every step is warmed up first (compilation happens there); ``<step>_first_step_s`` is its first call,
@@ -113,6 +116,9 @@ MODES = {  # QAT step variants: (key, QuantConfig.compile_quantizers, QATModule.
     "model_per_tensor": ("qat_compiled_model_per_tensor", False, "model", "default", False),
     "model_flat": ("qat_compiled_model_flat", False, "model", "default", True),
     "blocks": ("qat_compiled_blocks", False, "blocks", "default", None),
+    # ``model`` with the backward traced too (torch's compiled autograd): its 234 AccumulateGrad nodes fold
+    # into the compiled backward graph
+    "model_compiled_autograd": ("qat_compiled_model_compiled_autograd", False, "model", "default", None),
     "cudagraphs": ("qat_cudagraphs", False, "model", "reduce-overhead", None),
 }
 
@@ -205,6 +211,8 @@ def bench(name: str, kwargs: dict, batch: int, repeats: int, device, modes: list
         compile_model = compile_scope is not None
         module, qopt, qat_step = qat_setup(name, kwargs, b, device, compile_quantizers, compile_scope, compile_mode,
                                            compile_options if compile_scope is not None else None, flat_params)
+        if mode == "model_compiled_autograd":
+            qat_step = _under_compiled_autograd(qat_step)
         modules[key] = (module, qopt)
         row_optimizers[key] = type(qopt).__name__
         quant_on = partial(set_quant_state, module.student.backbone, True, True)
@@ -236,6 +244,8 @@ def bench(name: str, kwargs: dict, batch: int, repeats: int, device, modes: list
         row["fp_phases_s"] = loss_backward_optimizer(
             lambda: (fp(b["x_t"], b["t"], b["cond"], None) - target).pow(2).mean(), fp_opt, repeats, device)
         for key, (module, qopt) in modules.items():
+            if key.endswith("_compiled_autograd"):  # its phases would run without compiled autograd
+                continue
             set_quant_state(module.student.backbone, True, True)
             row[f"{key}_phases_s"] = phase_times(module, qopt, b, repeats, device)
     return row
@@ -275,6 +285,16 @@ def qat_setup(name: str, kwargs: dict, b: dict, device, compile_quantizers: bool
     return module, qopt, qat_step
 
 
+def _under_compiled_autograd(step):
+    """``step`` with its backward traced and compiled by torch's compiled autograd (private API)."""
+    from torch._dynamo import compiled_autograd
+
+    def run():
+        with compiled_autograd._enable(torch.compile(dynamic=False)):
+            step()
+    return run
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -288,7 +308,8 @@ def main() -> None:
                     help="comma-separated QAT step variants: eager, quantizers (compile_quantizers), model (compile_model), "
                          "blocks (compile_model with compile_scope blocks), cudagraphs (compile_model with "
                          "compile_mode reduce-overhead: CUDA graphs on a GPU), model_per_tensor / model_flat "
-                         "(model with optim.flat_params false / true)")
+                         "(model with optim.flat_params false / true), model_compiled_autograd (model, backward "
+                         "compiled by torch's compiled autograd)")
     ap.add_argument("--compile-cache", default=None,
                     help="inductor's cache folder (TORCHINDUCTOR_CACHE_DIR); default: a fresh one, so compiles are cold")
     ap.add_argument("--compile-options", type=json.loads, default=None,
@@ -323,6 +344,7 @@ def main() -> None:
                         for k, label in (("qat", "QAT eager"), ("qat_compiled", "QAT compiled quantizers"),
                                          ("qat_compiled_model", "QAT compiled model"),
                                          ("qat_compiled_blocks", "QAT compiled blocks"),
+                                         ("qat_compiled_model_compiled_autograd", "QAT compiled model and autograd"),
                                          ("qat_cudagraphs", "QAT compiled model with CUDA graphs"),
                                          ("no_quantizers", "same step, quantizers off")) if k + "_step_s" in r)
         if "fp_compiled_step_s" in r:

@@ -80,17 +80,19 @@ class MPQCLI(LightningCLI):
                               "save_top_k": -1, "filename": "step{step:06d}", "auto_insert_metric_name": False,
                               "enable_version_counter": False},
             "LearningRateMonitor": {"logging_interval": "step"},
-            "RichProgressBar": {},
+            "StepRichProgressBar": {},
         }
-        if cfg.trainer.enable_progress_bar is False:
-            defaults.pop("RichProgressBar")
+        # no bar with the bar off, and none beside the user's own (Lightning refuses two)
+        if cfg.trainer.enable_progress_bar is False or any(n.endswith("ProgressBar") for n in names):
+            defaults.pop("StepRichProgressBar")
         if cfg.trainer.logger is False:  # Lightning refuses a learning-rate monitor with nothing to log to
             defaults.pop("LearningRateMonitor")
         if "ModelCheckpoint" in names:  # the user's own checkpoint callback replaces ours
             defaults.pop("RunCheckpoint")
         for name, init in defaults.items():
             if name not in names:
-                package = "mpq_lightning.callbacks" if name == "RunCheckpoint" else "lightning.pytorch.callbacks"
+                package = "mpq_lightning.callbacks" if name in ("RunCheckpoint", "StepRichProgressBar") \
+                    else "lightning.pytorch.callbacks"
                 callbacks.append({"class_path": f"{package}.{name}", "init_args": init})
         for name in ("PerTimestepError", "SampleLogger"):
             if name == "SampleLogger" and not cfg.log_samples:
@@ -320,6 +322,8 @@ def main(argv: list[str] | None = None, default_subcommand: str = "fit") -> MPQC
     warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
     # a data module without held-out trajectories returns [] from val_dataloader (Lightning's "no validation")
     warnings.filterwarnings("ignore", message=r"Total length of `list` across ranks is zero")
+    # Lightning 2.6's own pytree helper under torch >= 2.10: nothing a user can act on
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     # the run folder is checked by _check_run_folder (TensorBoard's events are written there first)
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     sys.argv = [sys.argv[0]] + argv  # LightningCLI reads sys.argv; passing args too makes it warn

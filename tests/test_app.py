@@ -681,6 +681,21 @@ def test_scripts_print_our_errors_in_one_line_and_keep_other_tracebacks(tmp_path
         run_script(lambda: QuantLayer.to_module(None))
 
 
+def test_progress_bar_of_a_step_bounded_run_and_a_users_own_bar(workdir):
+    """The default bar reads `Epoch 0`, not Lightning's `Epoch 0/-2`, in a run bounded by max_steps
+    alone; a progress bar of the user's own replaces it (Lightning refuses two)."""
+    from mpq_lightning.callbacks import StepRichProgressBar
+
+    args = ["--config", TINY, "--log_samples", "false", "--trainer.enable_model_summary", "false",
+            "--trainer.max_steps", "1"]
+    cli = main([*args, "--run_name", "bar"])
+    bar = cli.trainer.progress_bar_callback
+    assert isinstance(bar, StepRichProgressBar) and cli.trainer.max_epochs == -1
+    assert bar._get_train_description(0).strip() == "Epoch 0"
+    cli = main([*args, "--run_name", "bar_tqdm", "--trainer.callbacks+=lightning.pytorch.callbacks.TQDMProgressBar"])
+    assert type(cli.trainer.progress_bar_callback).__name__ == "TQDMProgressBar"
+
+
 def test_bad_quant_config_names_key(workdir):
     with pytest.raises(ValueError, match="QuantConfig.w_bits"):
         fit("--model.quant.w_bits", "12", run="bad")

@@ -519,3 +519,15 @@ def test_fsdp_ranks_all_gather_parameters_around_calls_outside_the_forward(monke
                           contextlib.nullcontext)  # DDP / single device: nothing to gather
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("bound, description", [({"max_steps": 5}, "Epoch 0"), ({"max_epochs": 3}, "Epoch 0/2")])
+def test_progress_bar_description(bound, description):
+    """Lightning's Rich bar reads `Epoch 0/-2` in a run bounded by max_steps alone (max_epochs -1);
+    ours drops the bound there and keeps Lightning's `Epoch 0/2` where there is one."""
+    from mpq_lightning.callbacks import StepRichProgressBar
+
+    bar = StepRichProgressBar()
+    trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[bar], **bound)
+    bar.setup(trainer, None, "fit")
+    assert bar._get_train_description(0).strip() == description
