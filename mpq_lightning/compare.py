@@ -103,16 +103,23 @@ def compare(models: dict[str, Any], teacher, spec: SamplerSpec, n: int = 64, see
     return rows
 
 
+#: the metrics of ``quality`` in print order, with which way is better
+METRICS = {"fd_real": "lower", "class_consistency": "higher", "psnr_vs_fp": "higher", "ssim_vs_fp": "higher",
+           "temporal_consistency": "near FP"}
+
+
 def print_rows(rows: dict[str, dict], title: str) -> None:
+    """``rows`` (model -> metric -> value) as a Rich table, one row per metric and one column per
+    model, so that it fits an 80-column terminal."""
     from rich.console import Console
     from rich.table import Table
 
-    cols = sorted({k for r in rows.values() for k in r}, key=["fd_real", "class_consistency", "psnr_vs_fp",
-                  "ssim_vs_fp", "temporal_consistency"].index)
+    metrics = sorted({k for r in rows.values() for k in r}, key=list(METRICS).index)
     table = Table(title=title)
-    table.add_column("model")
-    for c in cols:
-        table.add_column(c)
-    for name, r in rows.items():
-        table.add_row(name, *[f"{r[c]:.4g}" if c in r else "-" for c in cols])
+    table.add_column("metric", no_wrap=True)
+    table.add_column("better", no_wrap=True)
+    for name in rows:
+        table.add_column(name, justify="right", no_wrap=True)
+    for m in metrics:
+        table.add_row(m, METRICS[m], *[f"{r[m]:.4g}" if m in r else "-" for r in rows.values()])
     Console().print(table)

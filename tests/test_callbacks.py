@@ -531,3 +531,21 @@ def test_progress_bar_description(bound, description):
     trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[bar], **bound)
     bar.setup(trainer, None, "fit")
     assert bar._get_train_description(0).strip() == description
+
+
+def test_final_report_table_fits_80_columns(capsys, monkeypatch):
+    """One row per metric, one column per model: nothing truncated on an 80-column terminal, a
+    metric a model lacks shown as '-', and each metric says which way is better."""
+    from mpq_lightning.compare import print_rows
+
+    monkeypatch.setenv("COLUMNS", "80")
+    row = {"fd_real": 219.0, "class_consistency": 0.1875, "psnr_vs_fp": 20.86, "ssim_vs_fp": 0.7176,
+           "temporal_consistency": 0.4081}
+    fp = {k: v for k, v in row.items() if not k.endswith("_vs_fp")}
+    print_rows({"FP": fp, "naive PTQ": row, "trained (ours)": row}, "W3A6")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines and max(len(x) for x in lines) <= 80 and "…" not in "".join(lines)
+    body = {x.split("│")[1].strip(): [c.strip() for c in x.split("│")[2:-1]] for x in lines if x.startswith("│")}
+    assert body["psnr_vs_fp"] == ["higher", "-", "20.86", "20.86"]
+    assert body["fd_real"] == ["lower", "219", "219", "219"]
+    assert list(body) == ["fd_real", "class_consistency", "psnr_vs_fp", "ssim_vs_fp", "temporal_consistency"]
