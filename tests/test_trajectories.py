@@ -136,6 +136,46 @@ def test_interrupted_generation_resumes_to_the_same_manifest(cache, teacher, tmp
     assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == sorted(p.name for p in path.iterdir())
 
 
+def test_progress_counts_every_teacher_call_and_a_resumed_run_only_what_is_left(cache, teacher, tmp_path, capsys):
+    """on_progress ticks once per teacher call, from 0 to the total of this rank's remaining
+    trajectory batches times the sampler steps; resumed, it counts only the unfinished shards; a
+    complete cache reports nothing. cache_progress draws rank 0's calls only."""
+    from mpq_lightning.data.trajectories import cache_progress
+
+    _, recipe = cache
+    calls, written = [], []
+    teacher_calls = []
+    handle = teacher.register_forward_hook(lambda *_: teacher_calls.append(1))
+
+    def crash_after_first(index: int, shard: Path) -> None:
+        written.append(index)
+        if len(written) == 1:
+            raise KeyboardInterrupt
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ensure_cache(recipe, teacher, tmp_path, on_shard_written=crash_after_first,
+                         on_progress=lambda *a: calls.append(a))
+        # 3 trajectories in shards of 2, batches of 2: shard 0 one batch, shard 1 one batch; 4 steps each
+        assert calls[0] == (0, 0, 8) and calls[-1] == (0, 4, 8) and len(calls) == 5 and len(teacher_calls) == 4
+        calls.clear()
+        ensure_cache(recipe, teacher, tmp_path, on_progress=lambda *a: calls.append(a))
+        assert calls == [(0, i, 4) for i in range(5)] and len(teacher_calls) == 8
+        calls.clear()
+        ensure_cache(recipe, teacher, tmp_path, on_progress=lambda *a: calls.append(a))
+        assert calls == []
+    finally:
+        handle.remove()
+    capsys.readouterr()
+    with cache_progress("somewhere") as report:
+        report(1, 0, 4), report(1, 4, 4)
+    assert "somewhere" not in capsys.readouterr().out
+    with cache_progress("somewhere") as report:
+        report(0, 0, 4), report(0, 4, 4)
+    out = capsys.readouterr().out
+    assert "trajectory cache somewhere" in out and "4/4" in out
+
+
 def test_other_teacher_scheduler_or_recipe_is_refused(cache, teacher):
     path, recipe = cache
     other = make_teacher()

@@ -43,6 +43,7 @@ __all__ = [
     "ShardWriter",
     "TrajectoryCache",
     "TrajectoryRecipe",
+    "cache_progress",
     "ensure_cache",
     "load_condition_file",
     "main",
@@ -774,6 +775,7 @@ def ensure_cache(
     *,
     distributed: bool = True,
     on_shard_written: Callable[[int, Path], None] | None = None,
+    on_progress: Callable[[int, int, int], None] | None = None,
 ) -> Path:
     """Return `root/<recipe.name>`, generating or finishing the cache first.
 
@@ -787,7 +789,10 @@ def ensure_cache(
     jobs wait), checks the cache and writes the incomplete manifest; rank r generates shards r, r + W, ...;
     rank 0 writes the final manifest after all ranks are done, then releases the lock. From
     Lightning's `prepare_data` (local rank 0 only) pass distributed=False. `on_shard_written(index,
-    path)` is called after each shard (progress, tests).
+    path)` is called after each shard (tests). `on_progress(rank, done, total)` is called on every
+    rank that samples, first with done = 0, then after each teacher call: `total` counts the sampler
+    steps of this rank's trajectory batches still to generate (see `cache_progress`). Nothing is
+    called for a complete cache.
     """
     cfg_rows = 2 if _guidance(recipe, denoiser) != 1.0 else 1
     table, source = _conditions(recipe, denoiser, cfg_rows == 2)
@@ -845,13 +850,25 @@ def ensure_cache(
             return directory
 
         def generate() -> None:  # rank r: shards r, r + W, ...
+            todo = [i for i in range(rank, header["structure"]["num_shards"], world) if not writer.done(i)]
+            batch = header["recipe"]["batch_size"]  # progress: one tick per teacher call of a trajectory batch
+            total = header["recipe"]["num_inference_steps"] * sum(
+                -(-(b - a) // batch) for a, b in (shard_trajectories(header["structure"], i) for i in todo))
+            done = 0
+
+            def on_step() -> None:
+                nonlocal done
+                done += 1
+                on_progress(rank, done, total)
+
             was_training = denoiser.training
             denoiser.eval()
             try:
-                for index in range(rank, header["structure"]["num_shards"], world):
-                    if writer.done(index):
-                        continue
-                    writer.write(index, _generate_shard(denoiser, header, table, index))
+                if on_progress is not None:
+                    on_progress(rank, 0, total)
+                for index in todo:
+                    writer.write(index, _generate_shard(denoiser, header, table, index,
+                                                        on_step if on_progress is not None else None))
                     if on_shard_written is not None:
                         on_shard_written(index, directory / shard_name(index))
             finally:
@@ -862,11 +879,42 @@ def ensure_cache(
     return directory
 
 
+@contextmanager
+def cache_progress(directory: str | Path) -> Iterator[Callable[[int, int, int], None]]:
+    """An ``on_progress`` for :func:`ensure_cache` that shows rank 0's generation as a Rich progress
+    bar (teacher calls done / to do, elapsed and remaining time); other ranks and a complete cache
+    show nothing."""
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    progress: Progress | None = None
+    task = None
+
+    def report(rank: int, done: int, total: int) -> None:
+        nonlocal progress, task
+        if rank != 0:
+            return
+        if progress is None:
+            progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("teacher calls"), TimeElapsedColumn(), TimeRemainingColumn())
+            progress.start()
+            task = progress.add_task(f"trajectory cache {directory}", total=total)
+        progress.update(task, completed=done)
+
+    try:
+        yield report
+    finally:
+        if progress is not None:
+            progress.stop()
+
+
 @torch.no_grad()
 def _generate_shard(
-    denoiser: Denoiser, header: Mapping[str, Any], table: Mapping[str, torch.Tensor], index: int
+    denoiser: Denoiser, header: Mapping[str, Any], table: Mapping[str, torch.Tensor], index: int,
+    on_step: Callable[[], None] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Sample the trajectories of shard `index` in batches and lay the kept steps out as samples."""
+    """Sample the trajectories of shard `index` in batches and lay the kept steps out as samples
+    (`on_step()` after each teacher call)."""
     recipe, structure = header["recipe"], header["structure"]
     device = next(denoiser.parameters()).device
     dtype = next(denoiser.parameters()).dtype
@@ -885,7 +933,7 @@ def _generate_shard(
         rows = trajectories % structure["num_conditions"]
         cond = _table_rows(table, "cond.", rows, device) or None
         uncond = _table_rows(table, "uncond.", rows, device) if cfg else None
-        steps = _record_steps(denoiser, recipe, noise, cond, uncond, set(kept), start)
+        steps = _record_steps(denoiser, recipe, noise, cond, uncond, set(kept), start, on_step)
         n, k = len(trajectories), len(kept)
         x = torch.stack([s["x_t"][:n] for s in steps], 1)  # [n, K, ...]
         part = {
@@ -919,6 +967,7 @@ def _record_steps(
     uncond: dict[str, torch.Tensor] | None,
     kept: set[int],
     first_trajectory: int,
+    on_step: Callable[[], None] | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """Run `sample` once; per kept step, the denoiser's input x_t (captured by a forward hook, i.e. after
     scale_model_input), its raw output for every row, and the timestep (from the recorder)."""
@@ -932,6 +981,8 @@ def _record_steps(
         call["x_t"] = args[0] if args else kwargs["x_t"]
         call["output"] = output
         call["count"] += 1
+        if on_step is not None:
+            on_step()
 
     def recorder(*, step_index: int, t: torch.Tensor, **_: Any) -> None:
         if step_index in kept:
@@ -1188,7 +1239,8 @@ def main(argv: list[str] | None = None) -> Path:
     device = cfg.device or (f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
     denoiser = build(cfg.model, **cfg.model_kwargs).to(device)
-    path = ensure_cache(recipe, denoiser, cfg.root)
+    with cache_progress(Path(cfg.root) / recipe.name) as report:
+        path = ensure_cache(recipe, denoiser, cfg.root, on_progress=report)
     if int(os.environ.get("RANK", "0")) == 0:
         manifest = json.loads((path / MANIFEST).read_text())
         print(f"{path}: {manifest['structure']['num_samples']} samples in {manifest['structure']['num_shards']} shards")
