@@ -141,6 +141,20 @@ class MPQCLI(LightningCLI):
         if cfg.overwrite_run:
             _clear_run_folder(self._run_dir)  # only now: every check above and the cache succeeded
 
+    def after_fit(self) -> None:
+        """Where the run is and what to do with it next (global rank 0)."""
+        if self.trainer.global_rank != 0:
+            return
+        from rich.console import Console
+
+        run = self._run_dir
+        Console().print(
+            f"[bold]Run folder[/]: {run} (config.yaml, last.ckpt, TensorBoard events)\n"
+            f"  tensorboard --logdir {run.parent}\n"
+            f"  python evaluate.py --config {run / 'config.yaml'}\n"
+            f"  python -m mpq_lightning.export --config {run / 'config.yaml'} --ckpt_path last --out exported/",
+            highlight=False, soft_wrap=True)
+
 
 def deepspeed_strategy(name: str):
     """Lightning's registered DeepSpeed strategy ``name`` (``deepspeed_stage_2``, ...) with frozen

@@ -681,7 +681,7 @@ def test_scripts_print_our_errors_in_one_line_and_keep_other_tracebacks(tmp_path
         run_script(lambda: QuantLayer.to_module(None))
 
 
-def test_progress_bar_of_a_step_bounded_run_and_a_users_own_bar(workdir):
+def test_progress_bar_of_a_step_bounded_run_and_a_users_own_bar(workdir, capsys):
     """The default bar reads `Epoch 0`, not Lightning's `Epoch 0/-2`, in a run bounded by max_steps
     alone; a progress bar of the user's own replaces it (Lightning refuses two)."""
     from mpq_lightning.callbacks import StepRichProgressBar
@@ -692,6 +692,9 @@ def test_progress_bar_of_a_step_bounded_run_and_a_users_own_bar(workdir):
     bar = cli.trainer.progress_bar_callback
     assert isinstance(bar, StepRichProgressBar) and cli.trainer.max_epochs == -1
     assert bar._get_train_description(0).strip() == "Epoch 0"
+    out = capsys.readouterr().out  # the run's folder and next commands, once training ended
+    assert f"python evaluate.py --config {Path('checkpoints') / 'bar' / 'config.yaml'}\n" in out
+    assert (workdir / "checkpoints" / "bar" / "config.yaml").is_file()
     cli = main([*args, "--run_name", "bar_tqdm", "--trainer.callbacks+=lightning.pytorch.callbacks.TQDMProgressBar"])
     assert type(cli.trainer.progress_bar_callback).__name__ == "TQDMProgressBar"
 
