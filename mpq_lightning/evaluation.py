@@ -356,14 +356,16 @@ def print_table(metrics: dict[str, Any]) -> None:
     from rich.table import Table
 
     table = Table(title="evaluation")
-    table.add_column("metric")
-    table.add_column("value")
+    table.add_column("metric", no_wrap=True)
+    table.add_column("value", overflow="fold")  # paths wrap whole rather than end in "…"
     for k, v in metrics.items():
         if k == "step_error":
             worst = max(range(len(v)), key=v.__getitem__)
             table.add_row("step_error (mean / worst step)", f"{sum(v) / len(v):.5g} / step {worst}: {v[worst]:.5g}")
         elif isinstance(v, float):
             table.add_row(k, f"{v:.5g}")
+        elif isinstance(v, (list, tuple)):
+            table.add_row(k, ", ".join(map(str, v)))
         else:
             table.add_row(k, str(v))
     Console().print(table)

@@ -549,3 +549,16 @@ def test_final_report_table_fits_80_columns(capsys, monkeypatch):
     assert body["psnr_vs_fp"] == ["higher", "-", "20.86", "20.86"]
     assert body["fd_real"] == ["lower", "219", "219", "219"]
     assert list(body) == ["fd_real", "class_consistency", "psnr_vs_fp", "ssim_vs_fp", "temporal_consistency"]
+
+
+def test_evaluation_table_folds_long_values_at_80_columns(capsys, monkeypatch):
+    """evaluate.py's table: a long checkpoint path wraps whole (no '…'), lists print as plain text."""
+    from mpq_lightning.evaluation import print_table
+
+    monkeypatch.setenv("COLUMNS", "80")
+    path = "checkpoints/a_rather_long_run_name_for_this_table/step000100.ckpt"
+    print_table({"step_error": [0.1, 0.3, 0.2], "checkpoint": path, "files": ["grid.png", "videos.gif"]})
+    lines = capsys.readouterr().out.splitlines()
+    assert max(len(x) for x in lines) <= 80 and "…" not in "".join(lines)
+    values = "".join(x.split("│")[2].strip() for x in lines if x.startswith("│"))
+    assert path in values and "grid.png, videos.gif" in values and "step 1: 0.3" in values

@@ -173,7 +173,8 @@ def test_progress_counts_every_teacher_call_and_a_resumed_run_only_what_is_left(
     with cache_progress("somewhere") as report:
         report(0, 0, 4), report(0, 4, 4)
     out = capsys.readouterr().out
-    assert "trajectory cache somewhere" in out and "4/4" in out
+    assert "trajectory cache somewhere" in out and "teacher calls" in out and "4/4" in out
+    assert max(len(line) for line in out.splitlines()) <= 80
 
 
 def test_other_teacher_scheduler_or_recipe_is_refused(cache, teacher):

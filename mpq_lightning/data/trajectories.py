@@ -896,9 +896,10 @@ def cache_progress(directory: str | Path) -> Iterator[Callable[[int, int, int], 
             return
         if progress is None:
             progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("teacher calls"), TimeElapsedColumn(), TimeRemainingColumn())
+                                TimeElapsedColumn(), TimeRemainingColumn())
+            progress.console.print(f"Generating the trajectory cache {directory} with the teacher", highlight=False)
             progress.start()
-            task = progress.add_task(f"trajectory cache {directory}", total=total)
+            task = progress.add_task("teacher calls", total=total)
         progress.update(task, completed=done)
 
     try:
