@@ -142,18 +142,22 @@ class MPQCLI(LightningCLI):
             _clear_run_folder(self._run_dir)  # only now: every check above and the cache succeeded
 
     def after_fit(self) -> None:
-        """Where the run is and what to do with it next (global rank 0)."""
+        """Where the run is and what to do with it next (global rank 0; a failed or interrupted fit
+        exits before this)."""
         if self.trainer.global_rank != 0:
             return
         from rich.console import Console
 
-        run = self._run_dir
-        Console().print(
-            f"[bold]Run folder[/]: {run} (config.yaml, last.ckpt, TensorBoard events)\n"
-            f"  tensorboard --logdir {run.parent}\n"
-            f"  python evaluate.py --config {run / 'config.yaml'}\n"
-            f"  python -m mpq_lightning.export --config {run / 'config.yaml'} --ckpt_path last --out exported/",
-            highlight=False, soft_wrap=True)
+        run, config = self._run_dir, self._run_dir / "config.yaml"
+        events = any(run.glob("events.out.tfevents.*"))
+        held = [n for n in ("config.yaml", "last.ckpt") if (run / n).exists()] + ["TensorBoard events"] * events
+        lines = [f"[bold]Run folder[/]: {run} ({', '.join(held) or 'empty'})"]
+        if events:
+            lines.append(f"  tensorboard --logdir {run.parent}")
+        if (run / "last.ckpt").exists():  # (a checkpoint callback of the user's own may save elsewhere)
+            lines += [f"  python evaluate.py --config {config}",
+                      f"  python -m mpq_lightning.export --config {config} --ckpt_path last --out exported/"]
+        Console().print("\n".join(lines), highlight=False, soft_wrap=True)
 
 
 def deepspeed_strategy(name: str):

@@ -694,6 +694,7 @@ def test_progress_bar_of_a_step_bounded_run_and_a_users_own_bar(workdir, capsys)
     assert bar._get_train_description(0).strip() == "Epoch 0"
     out = capsys.readouterr().out  # the run's folder and next commands, once training ended
     assert f"python evaluate.py --config {Path('checkpoints') / 'bar' / 'config.yaml'}\n" in out
+    assert "(config.yaml, last.ckpt, TensorBoard events)" in out and "tensorboard --logdir checkpoints\n" in out
     assert (workdir / "checkpoints" / "bar" / "config.yaml").is_file()
     cli = main([*args, "--run_name", "bar_tqdm", "--trainer.callbacks+=lightning.pytorch.callbacks.TQDMProgressBar"])
     assert type(cli.trainer.progress_bar_callback).__name__ == "TQDMProgressBar"
