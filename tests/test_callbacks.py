@@ -562,3 +562,22 @@ def test_evaluation_table_folds_long_values_at_80_columns(capsys, monkeypatch):
     assert max(len(x) for x in lines) <= 80 and "…" not in "".join(lines)
     values = "".join(x.split("│")[2].strip() for x in lines if x.startswith("│"))
     assert path in values and "grid.png, videos.gif" in values and "step 1: 0.3" in values
+
+
+@pytest.mark.parametrize("max_steps, global_step, processed, accumulate, batches, total", [
+    (100, 0, 0, 1, 1000, 100),     # a fresh run: the steps to take
+    (102, 101, 101, 1, 1000, 102),  # resumed at step 100 of one epoch, one batch later: Lightning's total was 1
+    (100, 50, 101, 2, 1000, 200),   # two micro-batches a step, mid-window: 101 done, 99 to go
+    (500, 400, 0, 1, 60, 60),       # a later epoch of 60 batches: its length
+])
+def test_progress_bar_total_of_a_step_bounded_run(max_steps, global_step, processed, accumulate, batches, total):
+    """The bar counts the batch index within the epoch; its total must end where max_steps does,
+    also in a run resumed mid-epoch (Lightning's reads `102/1` there)."""
+    from mpq_lightning.callbacks import StepRichProgressBar
+
+    bar = StepRichProgressBar()
+    progress = SimpleNamespace(current=SimpleNamespace(processed=processed))
+    bar._trainer = SimpleNamespace(
+        max_epochs=-1, max_steps=max_steps, global_step=global_step, accumulate_grad_batches=accumulate,
+        num_training_batches=batches, fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))
+    assert bar.total_train_batches == total
