@@ -32,6 +32,7 @@ from torch import Tensor
 
 from .callbacks.samples import map_to_trained_entries
 from .checks import check_numbers
+from .files import ordinary_permissions
 from .data.trajectories import MANIFEST
 from .models.sampling import _cat_cond, guide, make_scheduler, sample
 from .models.vae import decode_latents, load_vae, vae_class
@@ -412,9 +413,7 @@ def evaluate(config: str, ckpt_path: str = "last", eval_cfg: EvalConfig | None =
     try:
         metrics["files"] = write_media(gen, tmp) + ["metrics.json"]
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's folder is private (0700); the result is an ordinary folder
+        ordinary_permissions(tmp)  # mkdtemp's folder is private (0700); the result is an ordinary folder
         _check_output_folder(target)  # nothing else appeared there while sampling
         if target.exists():
             shutil.rmtree(target)

@@ -391,6 +391,19 @@ def small_export(tmp_path):
     return export_quantized(model, tmp_path / "small"), fp, model
 
 
+def test_export_folder_and_files_have_ordinary_permissions(small_export):
+    """The export is built in a mkdtemp folder (0700) and safetensors writes 0600 files: after the
+    rename every reader of a shared machine sees an ordinary folder (0777 / 0666 less the umask)."""
+    out = small_export[0]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+    files = sorted(p.name for p in out.iterdir())
+    assert "model.safetensors" in files and "manifest.json" in files
+    for path in out.iterdir():
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path.name
+
+
 def test_uninitialised_quantizers_refused_naming_layer(tmp_path):
     fp = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4))
     model = quantize_model(copy.deepcopy(fp), QuantConfig(w_bits=3, a_bits=8))

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..files import ordinary_permissions
 from .layers import LoRA, fold_corrections, QuantConv1d, QuantConv2d, QuantConv3d, QuantLayer, QuantLinear
 from .mixed import FZRMQQuantizer, MixedQuantizerBase, OMQQuantizer
 from .quantizers import DynamicTokenQuantizer, TimestepActQuantizer, UniformQuantizer, _rows_view
@@ -659,6 +660,7 @@ def export_quantized(
         (tmp / QUANT_MAP_FILE).write_text(json.dumps(quant_map, indent=1))
         (tmp / MODEL_FILE).write_text(json.dumps(description, indent=1))
         write_manifest(tmp)
+        ordinary_permissions(tmp)  # mkdtemp's folder and save_file's weights are private (0700 / 0600)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
             os.rename(out, old)
