@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None, default_subcommand: str = "fit") -> MPQC
         argv = ["--config", str(DEFAULT_CONFIG), *argv]
         if argv[2:3] and argv[2] in SUBCOMMANDS:  # `python train.py fit ...`: the subcommand comes first
             argv = [argv[2], *argv[:2], *argv[3:]]
-    if argv[0] not in SUBCOMMANDS + ("-h", "--help"):
+    if argv[0] not in SUBCOMMANDS:  # `python train.py --help` too: the options of what train.py runs
         argv = [default_subcommand] + argv
     # distillation runs both backbones in eval mode on purpose (QATModule.train)
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")

@@ -681,6 +681,17 @@ def test_scripts_print_our_errors_in_one_line_and_keep_other_tracebacks(tmp_path
         run_script(lambda: QuantLayer.to_module(None))
 
 
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_lists_the_training_options(flag, capsys):
+    """`python train.py --help` describes what `python train.py` runs (fit), not LightningCLI's list of
+    subcommands."""
+    with pytest.raises(SystemExit) as exit_:
+        main([flag])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0
+    assert "--model.quant.w_bits" in out and "--ckpt_path" in out and "--run_name" in out
+
+
 def test_progress_bar_of_a_step_bounded_run_and_a_users_own_bar(workdir, capsys):
     """The default bar reads `Epoch 0`, not Lightning's `Epoch 0/-2`, in a run bounded by max_steps
     alone; a progress bar of the user's own replaces it (Lightning refuses two)."""
