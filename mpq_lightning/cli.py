@@ -75,12 +75,14 @@ class MPQCLI(LightningCLI):
             }
         callbacks = list(cfg.trainer.callbacks or [])
         names = {_class_name(c) for c in callbacks}
-        defaults = {
-            "RunCheckpoint": {"dirpath": str(run), "save_last": True, "every_n_train_steps": cfg.checkpoint_every_n_steps,
-                              "save_top_k": -1, "filename": "step{step:06d}", "auto_insert_metric_name": False,
-                              "enable_version_counter": False},
-            "LearningRateMonitor": {"logging_interval": "step"},
-            "StepRichProgressBar": {},
+        ours, lightning = "mpq_lightning.callbacks", "lightning.pytorch.callbacks"
+        defaults = {  # class name: (module, init args)
+            "RunCheckpoint": (ours, {"dirpath": str(run), "save_last": True,
+                                     "every_n_train_steps": cfg.checkpoint_every_n_steps, "save_top_k": -1,
+                                     "filename": "step{step:06d}", "auto_insert_metric_name": False,
+                                     "enable_version_counter": False}),
+            "LearningRateMonitor": (lightning, {"logging_interval": "step"}),
+            "StepRichProgressBar": (ours, {}),
         }
         # no bar with the bar off, and none beside the user's own (Lightning refuses two)
         if cfg.trainer.enable_progress_bar is False or any(n.endswith("ProgressBar") for n in names):
@@ -89,11 +91,9 @@ class MPQCLI(LightningCLI):
             defaults.pop("LearningRateMonitor")
         if "ModelCheckpoint" in names:  # the user's own checkpoint callback replaces ours
             defaults.pop("RunCheckpoint")
-        for name, init in defaults.items():
+        for name, (module, init) in defaults.items():
             if name not in names:
-                package = "mpq_lightning.callbacks" if name in ("RunCheckpoint", "StepRichProgressBar") \
-                    else "lightning.pytorch.callbacks"
-                callbacks.append({"class_path": f"{package}.{name}", "init_args": init})
+                callbacks.append({"class_path": f"{module}.{name}", "init_args": init})
         for name in ("PerTimestepError", "SampleLogger"):
             if name == "SampleLogger" and not cfg.log_samples:
                 continue

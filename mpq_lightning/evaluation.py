@@ -32,8 +32,8 @@ from torch import Tensor
 
 from .callbacks.samples import map_to_trained_entries
 from .checks import check_numbers
-from .files import ordinary_permissions
 from .data.trajectories import MANIFEST
+from .files import ordinary_permissions
 from .models.sampling import _cat_cond, guide, make_scheduler, sample
 from .models.vae import decode_latents, load_vae, vae_class
 from .quant import set_quant_state

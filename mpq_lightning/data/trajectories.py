@@ -854,21 +854,19 @@ def ensure_cache(
             batch = header["recipe"]["batch_size"]  # progress: one tick per teacher call of a trajectory batch
             total = header["recipe"]["num_inference_steps"] * sum(
                 -(-(b - a) // batch) for a, b in (shard_trajectories(header["structure"], i) for i in todo))
-            done = 0
+            report, done = on_progress or (lambda *_: None), 0
 
             def on_step() -> None:
                 nonlocal done
                 done += 1
-                on_progress(rank, done, total)
+                report(rank, done, total)
 
             was_training = denoiser.training
             denoiser.eval()
             try:
-                if on_progress is not None:
-                    on_progress(rank, 0, total)
+                report(rank, 0, total)
                 for index in todo:
-                    writer.write(index, _generate_shard(denoiser, header, table, index,
-                                                        on_step if on_progress is not None else None))
+                    writer.write(index, _generate_shard(denoiser, header, table, index, on_step))
                     if on_shard_written is not None:
                         on_shard_written(index, directory / shard_name(index))
             finally:
