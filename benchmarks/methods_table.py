@@ -116,8 +116,10 @@ _TRAINED: dict[tuple, tuple] = {}
 _SCOPES: dict[tuple, dict] = {}
 
 
-def data_args_of(teacher: str, cache_dir: str | None, num_trajectories: int | None) -> list[str]:
-    """Overrides moving a teacher's trajectory cache under ``cache_dir`` (and shrinking it for smoke runs).
+def data_args_of(teacher: str, cache_dir: str | None, num_trajectories: int | None,
+                 calib_batches: int | None = None) -> list[str]:
+    """Overrides moving a teacher's trajectory cache under ``cache_dir`` (and shrinking it and the
+    calibration for smoke runs).
     Every cached trajectory trains: the table's rows compare methods, not validation (the embedded
     default holds four out for its own validation)."""
     out = ["--data.init_args.val_trajectories", "null"]
@@ -126,6 +128,8 @@ def data_args_of(teacher: str, cache_dir: str | None, num_trajectories: int | No
         out += ["--data.init_args.cache", str(Path(cache_dir) / name)]
     if num_trajectories:
         out += ["--data.init_args.recipe.num_trajectories", str(num_trajectories)]
+    if calib_batches:
+        out += ["--model.calib.num_batches", str(calib_batches)]
     return out
 
 
@@ -242,11 +246,12 @@ def main() -> None:
     root, out = Path(args.root), Path(args.out)
     methods, ablation = METHODS, ABLATION
     teachers, settings, steps, samples = args.teachers, args.settings, args.steps, args.samples
-    num_trajectories = None
+    num_trajectories, calib_batches = None, None
     if args.smoke:
         methods = {k: METHODS[k] for k in ("EfficientDM", "ours")}
         ablation = {k: ABLATION[k] for k in ("base (EfficientDM)", "+ MTRD", "+ TMD (= ours)")}
         teachers, settings, steps, samples, num_trajectories = list(TEACHERS), ["W3A6"], 2, 8, 10
+        calib_batches = 2  # of 8: calibration (forwards and the per-step Lp range searches) was most of a run
     results = {}
     t0 = time.time()
     mode = "smoke" if args.smoke else "probes" if args.probes else "full"
@@ -272,14 +277,14 @@ def main() -> None:
         methods, ablation, teachers = {}, {}, []
         for (teacher, setting), probe in PROBES.items():
             table(f"probe {teacher} {setting}", teacher, setting, probe, steps, samples, root,
-                  data_args_of(teacher, args.cache_dir, None))
+                  data_args_of(teacher, args.cache_dir, None, calib_batches))
     for teacher in teachers:
-        data_args = data_args_of(teacher, args.cache_dir, num_trajectories)
+        data_args = data_args_of(teacher, args.cache_dir, num_trajectories, calib_batches)
         for setting in settings:
             table(f"{teacher} {setting}", teacher, setting, methods, steps, samples, root, data_args)
     if ablation and "video" in teachers:
         table("ablation video W3A6", "video", "W3A6", ablation, steps, samples, root,
-              data_args_of("video", args.cache_dir, num_trajectories))
+              data_args_of("video", args.cache_dir, num_trajectories, calib_batches))
     meta = _meta(mode, steps, samples, t0, complete=True, tables=tables, resumed=args.resume)
     plots = write(results, out, name, meta)
     for suffix in (".md", ".json"):

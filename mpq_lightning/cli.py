@@ -18,6 +18,7 @@
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import warnings
@@ -324,6 +325,14 @@ def _has_callback(name: str) -> bool:
     return hasattr(callbacks, name)
 
 
+#: where Lightning's rank-zero info lines go (lightning_utilities logs through whichever imported last)
+_LIGHTNING_INFO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+
+
+def _no_cloud_logger_tip(record: logging.LogRecord) -> bool:
+    return "litlogger" not in str(record.msg)
+
+
 def main(argv: list[str] | None = None, default_subcommand: str = "fit") -> MPQCLI:
     """Entry point of ``train.py``: inserts the ``fit`` subcommand when none is given."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -344,6 +353,8 @@ def main(argv: list[str] | None = None, default_subcommand: str = "fit") -> MPQC
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     # the run folder is checked by _check_run_folder (TensorBoard's events are written there first)
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    for name in _LIGHTNING_INFO_LOGGERS:  # Lightning's advertisement for its cloud logger, at every fit
+        logging.getLogger(name).addFilter(_no_cloud_logger_tip)  # (the same function again adds nothing)
     sys.argv = [sys.argv[0]] + argv  # LightningCLI reads sys.argv; passing args too makes it warn
     return MPQCLI()
 

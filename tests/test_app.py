@@ -692,10 +692,15 @@ def test_help_lists_the_training_options(flag, capsys):
     assert "--model.quant.w_bits" in out and "--ckpt_path" in out and "--run_name" in out
 
 
-def test_progress_bar_of_a_step_bounded_run_and_a_users_own_bar(workdir, capsys):
+def test_progress_bar_of_a_step_bounded_run_and_a_users_own_bar(workdir, capsys, caplog):
     """The default bar reads `Epoch 0`, not Lightning's `Epoch 0/-2`, in a run bounded by max_steps
-    alone; a progress bar of the user's own replaces it (Lightning refuses two)."""
+    alone; a progress bar of the user's own replaces it (Lightning refuses two). Lightning's info lines
+    reach the user, less its advertisement for its cloud logger."""
+    import logging
+
     from mpq_lightning.callbacks import StepRichProgressBar
+
+    caplog.set_level(logging.INFO)
 
     args = ["--config", TINY, "--log_samples", "false", "--trainer.enable_model_summary", "false",
             "--trainer.max_steps", "1"]
@@ -707,6 +712,7 @@ def test_progress_bar_of_a_step_bounded_run_and_a_users_own_bar(workdir, capsys)
     assert f"python evaluate.py --config {Path('checkpoints') / 'bar' / 'config.yaml'}\n" in out
     assert "(config.yaml, last.ckpt, TensorBoard events)" in out and "tensorboard --logdir checkpoints\n" in out
     assert (workdir / "checkpoints" / "bar" / "config.yaml").is_file()
+    assert "`Trainer.fit` stopped: `max_steps=1` reached." in caplog.text and "litlogger" not in caplog.text
     cli = main([*args, "--run_name", "bar_tqdm", "--trainer.callbacks+=lightning.pytorch.callbacks.TQDMProgressBar"])
     assert type(cli.trainer.progress_bar_callback).__name__ == "TQDMProgressBar"
 

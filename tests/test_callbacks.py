@@ -448,8 +448,35 @@ def test_final_report_takes_part_in_the_log_dir_broadcast_on_every_rank():
             Trainer.reads += 1
             return None
 
-    FinalReport().on_fit_end(Trainer(), pl_module=None)
+    report = FinalReport()
+    report.on_train_start(Trainer(), pl_module=None)  # a fit that trained
+    report.on_fit_end(Trainer(), pl_module=None)
     assert Trainer.reads == 1
+
+
+@pytest.mark.parametrize("has_report", [True, False])
+def test_final_report_of_a_fit_that_trained_nothing_keeps_the_runs_report(tmp_path, capsys, has_report):
+    """Resuming a finished run (a requeued job) trains nothing: the run's report.json is kept, not
+    sampled again (minutes on a real model); a run without one (its report failed) gets it."""
+    from mpq_lightning.callbacks import FinalReport
+
+    broadcasts, reported = [], []
+    strategy = SimpleNamespace(broadcast=lambda obj, src: broadcasts.append(obj) or obj, model=nn.Linear(2, 2))
+    trainer = SimpleNamespace(log_dir=str(tmp_path), is_global_zero=True, global_step=4, max_steps=4,
+                              strategy=strategy)
+    if has_report:
+        (tmp_path / "report.json").write_text("{}")
+    report = FinalReport()
+    report._report = lambda *args: reported.append(args)
+    report.on_fit_start(trainer, None)  # no on_train_start: Lightning skipped the training loop
+    report.on_fit_end(trainer, None)
+    assert broadcasts == [has_report] and len(reported) == (not has_report)
+    assert ("report.json is kept" in capsys.readouterr().out) == has_report
+    assert (tmp_path / "report.json").exists() == has_report
+    report.on_fit_start(trainer, None)
+    report.on_train_start(trainer, None)  # a fit that trained: reported again whatever the folder holds
+    report.on_fit_end(trainer, None)
+    assert len(reported) == 1 + (not has_report) and len(broadcasts) == 1
 
 
 def test_sample_logger_maps_sampling_steps_to_trained_entries_of_the_nearest_timestep():
@@ -509,7 +536,9 @@ def test_fsdp_ranks_all_gather_parameters_around_calls_outside_the_forward(monke
         trainer = SimpleNamespace(strategy=strategy, global_step=4, is_global_zero=False, log_dir=None)
         logger = SampleLogger(every_n_steps=2)
         logger.on_train_batch_end(trainer, None, None, None, 0)  # rank 1 of 2: gathers, does not sample
-        FinalReport().on_fit_end(trainer, pl_module=None)
+        report = FinalReport()
+        report.on_train_start(trainer, None)
+        report.on_fit_end(trainer, pl_module=None)
         assert calls == [("enter", False), ("exit", False)] * 2
         calls.clear()
         with full_parameters(trainer, writeback=True):

@@ -3,6 +3,8 @@
 Samples all three from the same noise with the training sampler, computes the digits metrics of
 ``mpq_lightning.compare`` (Fréchet distance to held-out real data, class consistency, PSNR/SSIM vs
 FP, temporal consistency), prints a rich table and writes ``<run>/report.json``. Rank zero only.
+A fit that trained nothing (a finished run resumed, e.g. a requeued job) keeps the run's
+``report.json`` rather than sampling it again; it writes one only where the run has none.
 """
 from __future__ import annotations
 
@@ -23,6 +25,14 @@ class FinalReport(Callback):
     def __init__(self, num_samples: int = 64, seed: int = 1234) -> None:
         self.num_samples, self.seed = num_samples, seed
         self.rows: dict | None = None
+        self._trained = False
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._trained = False
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Lightning skips the whole training loop (this hook too) when the restored step is at max_steps
+        self._trained = True
 
     def _spec(self, trainer, pl_module) -> SamplerSpec:
         dm = trainer.datamodule
@@ -38,9 +48,21 @@ class FinalReport(Callback):
         log_dir = trainer.log_dir  # a broadcast under DDP: every rank takes part before rank 0 goes on alone
         # the run folder whatever the logger (without one, log_dir is the shared root of every run)
         log_dir = getattr(getattr(trainer, "checkpoint_callback", None), "dirpath", None) or log_dir
+        if not self._trained and self._kept_report(trainer, log_dir):
+            return
         with full_parameters(trainer):  # FSDP: every rank gathers the parameters, rank zero samples
             if trainer.is_global_zero:
                 self._report(trainer, pl_module, log_dir)
+
+    def _kept_report(self, trainer, log_dir) -> bool:
+        """Nothing was trained in this fit: keep the run's report where it has one (every rank takes
+        part in the broadcast of rank zero's answer, before anyone gathers parameters)."""
+        path = Path(log_dir, "report.json") if log_dir else None
+        kept = trainer.strategy.broadcast(bool(trainer.is_global_zero and path and path.is_file()), src=0)
+        if kept and trainer.is_global_zero:
+            print(f"Nothing trained in this fit (at step {trainer.global_step}, trainer.max_steps {trainer.max_steps}): "
+                  f"the run's {path} is kept; raise --trainer.max_steps to train on")
+        return kept
 
     def _report(self, trainer, pl_module, log_dir) -> None:
         dm = trainer.datamodule  # calibration data for naive PTQ, without moving the training position
