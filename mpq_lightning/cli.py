@@ -351,6 +351,9 @@ def main(argv: list[str] | None = None, default_subcommand: str = "fit") -> MPQC
     warnings.filterwarnings("ignore", message=r"Total length of `list` across ranks is zero")
     # Lightning 2.6's own pytree helper under torch >= 2.10: nothing a user can act on
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    # ... and its all_gather (the memory queue's gather under DDP), through torch's deprecated autograd collective
+    warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated",
+                            category=FutureWarning)
     # the run folder is checked by _check_run_folder (TensorBoard's events are written there first)
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     for name in _LIGHTNING_INFO_LOGGERS:  # Lightning's advertisement for its cloud logger, at every fit
