@@ -40,6 +40,7 @@ class MPQCLI(LightningCLI):
     """Our CLI: QATModule + any LightningDataModule, run folders named by ``run_name``."""
 
     def __init__(self, *args, **kwargs) -> None:
+        quiet_lightning()
         kwargs.setdefault("save_config_callback", RunConfigCallback)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf"} if _has_omegaconf() else {})
@@ -333,17 +334,9 @@ def _no_cloud_logger_tip(record: logging.LogRecord) -> bool:
     return "litlogger" not in str(record.msg)
 
 
-def main(argv: list[str] | None = None, default_subcommand: str = "fit") -> MPQCLI:
-    """Entry point of ``train.py``: inserts the ``fit`` subcommand when none is given."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    # the embedded default (shipped Moving-Digits teacher, our method at W3A6) unless a config is given:
-    # `python train.py` runs it, `python train.py --trainer.max_steps 5` overrides it
-    if not any(a in ("-c", "--config", "-h", "--help") or a.startswith("--config=") for a in argv):
-        argv = ["--config", str(DEFAULT_CONFIG), *argv]
-        if argv[2:3] and argv[2] in SUBCOMMANDS:  # `python train.py fit ...`: the subcommand comes first
-            argv = [argv[2], *argv[:2], *argv[3:]]
-    if argv[0] not in SUBCOMMANDS:  # `python train.py --help` too: the options of what train.py runs
-        argv = [default_subcommand] + argv
+def quiet_lightning() -> None:
+    """Silence what Lightning and torch print that is not the user's to act on (every MPQCLI: train.py,
+    evaluate.py, export). Idempotent."""
     # distillation runs both backbones in eval mode on purpose (QATModule.train)
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
@@ -356,8 +349,21 @@ def main(argv: list[str] | None = None, default_subcommand: str = "fit") -> MPQC
                             category=FutureWarning)
     # the run folder is checked by _check_run_folder (TensorBoard's events are written there first)
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-    for name in _LIGHTNING_INFO_LOGGERS:  # Lightning's advertisement for its cloud logger, at every fit
+    for name in _LIGHTNING_INFO_LOGGERS:  # Lightning's advertisement for its cloud logger, at every Trainer
         logging.getLogger(name).addFilter(_no_cloud_logger_tip)  # (the same function again adds nothing)
+
+
+def main(argv: list[str] | None = None, default_subcommand: str = "fit") -> MPQCLI:
+    """Entry point of ``train.py``: inserts the ``fit`` subcommand when none is given."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # the embedded default (shipped Moving-Digits teacher, our method at W3A6) unless a config is given:
+    # `python train.py` runs it, `python train.py --trainer.max_steps 5` overrides it
+    if not any(a in ("-c", "--config", "-h", "--help") or a.startswith("--config=") for a in argv):
+        argv = ["--config", str(DEFAULT_CONFIG), *argv]
+        if argv[2:3] and argv[2] in SUBCOMMANDS:  # `python train.py fit ...`: the subcommand comes first
+            argv = [argv[2], *argv[:2], *argv[3:]]
+    if argv[0] not in SUBCOMMANDS:  # `python train.py --help` too: the options of what train.py runs
+        argv = [default_subcommand] + argv
     sys.argv = [sys.argv[0]] + argv  # LightningCLI reads sys.argv; passing args too makes it warn
     return MPQCLI()
 

@@ -92,6 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, help="seed the run's teacher was built under (without --config)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     ap.add_argument("--report", action="store_true", help="print the size report (alone: of an existing export)")
+    ap.add_argument("--layers", action="store_true", help="with --report: one row per layer")
     args = ap.parse_args(argv)
     try:
         if args.ckpt_path is None:
@@ -102,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             out = export_quantized(module, args.out, fp_dtype=args.fp_dtype, overwrite=args.overwrite)
             print(f"exported {module.model_name} to {out}")
         if args.report:
-            print_export_report(export_report(args.out))
+            print_export_report(export_report(args.out), layers=args.layers)
     except (FileExistsError, FileNotFoundError, ExportFormatError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

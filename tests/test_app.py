@@ -546,11 +546,15 @@ def _evaluate_script():
     return module.main
 
 
-def test_evaluate_script_output_folder_overrides_and_trainer(full_run, workdir):
+def test_evaluate_script_output_folder_overrides_and_trainer(full_run, workdir, caplog):
     """evaluate.py never replaces a folder holding anything but an earlier evaluation; arguments after
     `--` override the run's config (a moved cache); the training machine's trainer section (GPUs,
-    strategy) plays no part."""
+    strategy) plays no part; Lightning's cloud-logger advertisement is not printed."""
+    import logging
+
     import yaml
+
+    caplog.set_level(logging.INFO)
 
     evaluate_main = _evaluate_script()
     config = workdir / "checkpoints" / "full" / "config.yaml"
@@ -581,6 +585,7 @@ def test_evaluate_script_output_folder_overrides_and_trainer(full_run, workdir):
     assert oct((workdir / "ev").stat().st_mode & 0o777) != oct(0o700)  # an ordinary folder, not mkdtemp's
     again = evaluate_main(["--config", str(config), "--out", str(workdir / "ev"), "--eval.num_samples", "2"])
     assert again["num_samples"] == 2  # an earlier evaluation's folder is replaced
+    assert "GPU available" in caplog.text and "litlogger" not in caplog.text
     (workdir / "ev" / "my_notes.txt").write_text("mine")  # ... but not once it holds something else
     with pytest.raises(FileExistsError, match=r"ev holds files that are not an earlier evaluation's \(my_notes.txt\)"):
         evaluate_main(["--config", str(config), "--out", str(workdir / "ev"), "--eval.num_samples", "2"])

@@ -515,3 +515,36 @@ def test_dynamic_token_layout_survives_export():
     # a quant map written before these fields pools the leading axis, as such exports did
     legacy = {k: v for k, v in entry.items() if k not in ("token_layout", "num_frames", "tokens_per_frame")}
     assert build_act_quantizer(legacy).token_layout is None
+
+
+@pytest.mark.parametrize("layers", [False, True])
+def test_size_report_fits_80_columns_and_adds_up(tmp_path, layers):
+    """``--report`` prints one row per weight format and bit setting (``--layers``: per layer) within
+    80 columns, nothing cut; the rows add up to the report's totals."""
+    from rich.console import Console
+
+    from mpq_lightning.models.stdit import STDIT_KEEP_FP
+    from mpq_lightning.quant.export import print_export_report
+
+    cfg = QuantConfig(w_bits=3, a_bits=6, num_steps=2, keep_fp=STDIT_KEEP_FP, w_quantizer="fzrmq", **FAST,
+                      bit_map={"blocks.*.mlp.fc*": {"w": 8, "a": 8, "w_quantizer": "uniform"}})
+    student, _ = _student("tiny-stdit", cfg, steps=2)
+    report = export_report(export_quantized(student, tmp_path / "e", model_name="tiny-stdit"))
+    console = Console(width=80, record=True)
+    print_export_report(report, layers=layers, console=console)
+    text = console.export_text()
+    assert max(map(len, text.splitlines())) <= 80 and "…" not in text
+    lines = [line.split() for line in text.splitlines()]
+    rows = [cells for cells in lines if len(cells) >= 6 and cells[-4].isdigit()] if layers else \
+        [[c for c in cells if c != "│"] for cells in lines if cells[:1] == ["│"]]
+    weights = [int(cells[-4]) for cells in rows]
+    assert sum(weights) == report["totals"]["quantized_weights"]
+    if layers:  # every layer, names without the common backbone. prefix, never folded onto a second line
+        assert [cells[0] for cells in rows] == [r["name"].removeprefix("backbone.") for r in report["layers"]]
+    else:
+        residuals = [sum(1 for n in r["residual_rows"] if n) for r in report["layers"]]
+        assert {(cells[0], cells[1]) for cells in rows} == {  # FZ-RMQ's 2-bit base + its binary residual branches
+            (r["format"], "/".join(map(str, r["bits"])) + (f"+{k}" if k else "")) for r, k in zip(report["layers"], residuals)}
+        assert ("uniform", "8") in {(cells[0], cells[1]) for cells in rows} and max(residuals) >= 1
+        assert sum(int(cells[2]) for cells in rows) == len(report["layers"])
+    assert f"{report['totals']['layers']} quantized layers" in text

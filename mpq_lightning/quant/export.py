@@ -946,31 +946,53 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.3f}"
 
 
-def print_export_report(report: dict, max_layers: int | None = 40) -> None:
-    """Rich table of :func:`export_report` (the first ``max_layers`` layers, then the totals)."""
+def _bits_label(row: dict) -> str:
+    """``2``, ``2/4`` (mixed segments), ``2+1`` (with one non-empty binary residual branch), ``fp``."""
+    bits = "/".join(map(str, row["bits"])) or "fp"
+    residuals = sum(1 for n in row.get("residual_rows", []) if n)
+    return f"{bits}+{residuals}" if residuals else bits
+
+
+def print_export_report(report: dict, layers: bool = False, console=None) -> None:
+    """:func:`export_report` for a terminal of 80 columns: one row per weight format and bit setting
+    (``layers=True``: one per layer), then the totals by role. Every number is in the report dict."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"export {report['folder']}")
-    for col in ("layer", "format", "bits", "weights", "codes KiB", "w-meta KiB", "a-meta KiB", "side KiB",
-                "bits/w", "bits/w +meta"):
-        table.add_column(col, justify="left" if col in ("layer", "format") else "right")
-    layers = report["layers"] if max_layers is None else report["layers"][:max_layers]
-    for r in layers:
-        table.add_row(r["name"], r["format"], "/".join(map(str, r["bits"])) or "fp", str(r["numel"]),
-                      f"{r['codes_bytes'] / 1024:.1f}", f"{r['wmeta_bytes'] / 1024:.2f}", f"{r['ameta_bytes'] / 1024:.2f}",
-                      f"{r['side_bytes'] / 1024:.2f}", f"{r['bits_per_weight']:.3f}", f"{r['bits_per_weight_with_metadata']:.3f}")
-    if len(layers) < len(report["layers"]):
-        table.add_row(f"... {len(report['layers']) - len(layers)} more", "", "", "", "", "", "", "", "", "")
+    console = console or Console()
+    rows = report["layers"]
+    prefix = "backbone." if rows and all(r["name"].startswith("backbone.") for r in rows) else ""
+    groups: dict[tuple[str, ...], list[dict]] = {}
+    for r in rows:
+        key = (r["name"][len(prefix):], r["format"]) if layers else (r["format"], _bits_label(r))
+        groups.setdefault(key, []).append(r)
+    title = f"{prefix}<layer>" if layers and prefix else "each layer" if layers else "by weight format and bits"
+    # one row per layer: long names (blocks.27.cross_attn.kv_linear), so no vertical rules between columns
+    table = Table(title=f"export {report['folder']}: {title}",
+                  **({"box": box.SIMPLE_HEAD, "pad_edge": False, "collapse_padding": True} if layers else {}))
+    for col in ("layer", "format") if layers else ("format", "bits", "layers"):
+        table.add_column(col, justify="right" if col == "layers" else "left", overflow="fold")
+    for col in ("weights", "bits/w", "+ meta", "KiB"):
+        table.add_column(col, justify="right")
+    for key, members in groups.items():
+        numel = sum(r["numel"] for r in members)
+        codes, wmeta = sum(r["codes_bytes"] for r in members), sum(r["wmeta_bytes"] for r in members)
+        kib = sum(r["codes_bytes"] + r["wmeta_bytes"] + r["ameta_bytes"] + r["side_bytes"] for r in members) / 1024
+        names = list(key) if layers else [*key, str(len(members))]
+        table.add_row(*names, str(numel), f"{8 * codes / numel:.3f}", f"{8 * (codes + wmeta) / numel:.3f}", f"{kib:.1f}")
+    console.print(table)
     t = report["totals"]
-    table.caption = (
-        f"{t['layers']} quantized layers, {t['quantized_weights']} weights: {t['bits_per_weight']:.3f} bits/w "
-        f"({t['bits_per_weight_with_metadata']:.3f} with metadata), {_mib(t['quantized_bytes'])} MiB vs "
-        f"{_mib(t['quantized_bf16_bytes'])} MiB bf16 ({t['quantized_vs_bf16']:.4f}x)\n"
-        f"disk {_mib(t['disk_bytes'])} MiB = codes {_mib(t['codes_bytes'])} + weight meta {_mib(t['wmeta_bytes'])} + "
-        f"act meta {_mib(t['ameta_bytes'])} + FP side {_mib(t['side_bytes'])} + FP params {_mib(t['fp_bytes'])} "
-        f"({report['fp_dtype']}) + headers/JSON {_mib(t['header_and_json_bytes'])}; bf16 model "
-        f"{_mib(t['bf16_model_bytes'])} MiB ({t['disk_vs_bf16']:.4f}x); metadata share "
-        f"{100 * t['metadata_share_of_quantized']:.2f}% of quantized layers"
-    )
-    Console(width=max(Console().width, 150)).print(table)
+    console.print(
+        f"{t['layers']} quantized layers, {t['quantized_weights']} weights: {t['bits_per_weight']:.3f} bits/w, "
+        f"{t['bits_per_weight_with_metadata']:.3f} with their metadata (bits: per segment, a/b mixed, +n binary "
+        f"residual branches; bits/w: codes; + meta: with the weights' steps and zero points; KiB: codes, weight "
+        f"and activation metadata, FP side branches)\n"
+        f"quantized weights {_mib(t['quantized_bytes'])} MiB vs {_mib(t['quantized_bf16_bytes'])} MiB in bf16 "
+        f"({t['quantized_vs_bf16']:.4f}x)\n"
+        f"on disk {_mib(t['disk_bytes'])} MiB vs the bf16 model's {_mib(t['bf16_model_bytes'])} MiB "
+        f"({t['disk_vs_bf16']:.4f}x): codes {_mib(t['codes_bytes'])}, weight metadata {_mib(t['wmeta_bytes'])}, "
+        f"activation metadata {_mib(t['ameta_bytes'])}, FP side branches {_mib(t['side_bytes'])}, FP parameters "
+        f"{_mib(t['fp_bytes'])} ({report['fp_dtype']}), headers and JSON {_mib(t['header_and_json_bytes'])}; "
+        f"metadata {100 * t['metadata_share_of_quantized']:.2f}% of the quantized layers",
+        highlight=False)
