@@ -29,6 +29,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from .files import read_checkpoint
 from .module import ZERO3_REFUSAL, QATModule
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -123,7 +124,7 @@ class MPQCLI(LightningCLI):
         cfg = self.config[self.subcommand]
         ckpt = _resolve_ckpt_path(self.trainer, cfg.ckpt_path)
         if ckpt is not None and ckpt.is_file():  # (a DeepSpeed checkpoint folder is checked during the restore)
-            checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+            checkpoint = read_checkpoint(ckpt, mmap=True)
             self.model.check_checkpoint(checkpoint, source=str(ckpt))
             self.model.check_optimizer_state(checkpoint, source=str(ckpt))
             check_resume = getattr(self.datamodule, "check_resume", None)

@@ -33,7 +33,7 @@ from torch import Tensor
 from .callbacks.samples import map_to_trained_entries
 from .checks import check_numbers
 from .data.trajectories import MANIFEST
-from .files import ordinary_permissions
+from .files import ordinary_permissions, read_checkpoint
 from .models.sampling import _cat_cond, guide, make_scheduler, sample
 from .models.vae import decode_latents, load_vae, vae_class
 from .quant import set_quant_state
@@ -137,7 +137,7 @@ def load_run(config: str, ckpt_path: str = "last", overrides: list[str] | None =
     finally:
         sys.argv = argv
     module, datamodule = cli.model, cli.datamodule
-    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)  # our own Lightning checkpoint
+    checkpoint = read_checkpoint(ckpt)  # our own Lightning checkpoint
     module.check_checkpoint(checkpoint, source=str(ckpt))  # names the file; on_load_checkpoint checks again
     module.on_load_checkpoint(checkpoint)
     module.load_state_dict(checkpoint["state_dict"], strict=True)

@@ -20,6 +20,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Sequence
 
+from .files import read_checkpoint
 from .quant.export import FP_DTYPES, ExportFormatError, export_quantized, export_report, print_export_report
 
 
@@ -48,24 +49,24 @@ def load_qat_module(config: str | Path | None, ckpt_path: str | Path, seed: int 
     hparams when ``config`` is None) under the run's seed (``config``'s ``seed_everything``, else
     ``seed``), then the checkpoint restored strictly."""
     import lightning as L
-    import torch
     import yaml
 
     from .module import CalibConfig, LossConfig, OptimConfig, QATModule
     from .quant import QuantConfig
 
+    if config is not None and not Path(config).is_file():
+        raise FileNotFoundError(f"config {str(config)!r} does not exist")
     ckpt_path = Path(ckpt_path)
     if config is not None and str(ckpt_path) == "last":
         ckpt_path = Path(config).parent / "last.ckpt"
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"checkpoint {str(ckpt_path)!r} does not exist")
+    ckpt = read_checkpoint(ckpt_path, mmap=True)  # a Lightning checkpoint (hparams objects), read before any build
     if config is None:
         if seed is not None:
             L.seed_everything(seed, verbose=False)
         return QATModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=False).eval()
     config = Path(config)
-    if not config.is_file():
-        raise FileNotFoundError(f"config {str(config)!r} does not exist")
     raw = yaml.safe_load(config.read_text()) or {}
     args = _init_args(raw.get("model", raw))
     run_seed = raw.get("seed_everything", seed)
@@ -75,7 +76,6 @@ def load_qat_module(config: str | Path | None, ckpt_path: str | Path, seed: int 
         if key in args:
             args[key] = _dataclass(cls, args[key])
     module = QATModule(**args)
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # a Lightning checkpoint (hparams objects)
     module.on_load_checkpoint(ckpt)
     module.load_state_dict(ckpt["state_dict"], strict=True)
     return module.eval()

@@ -16,3 +16,33 @@ def ordinary_permissions(folder: str | Path) -> None:
     os.chmod(folder, 0o777 & ~umask)
     for path in folder.rglob("*"):
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def read_torch_file(path: str | os.PathLike, what: str, **load_kwargs):
+    """``torch.load(path, map_location="cpu", **load_kwargs)``, refusing a file torch cannot read (a
+    truncated or corrupted copy, a file of another format) with an error that names ``what`` and the
+    file instead of torch's own, which names neither. ``mmap=True`` falls back to a plain read for a
+    file in torch's legacy (non-zip) format, which cannot be memory-mapped."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", **load_kwargs)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, UnicodeDecodeError) as error:
+        if load_kwargs.get("mmap") and "mmap can only be used" in str(error):
+            return read_torch_file(path, what, **{**load_kwargs, "mmap": False})
+        first = str(error).strip().splitlines()[0].split(". ")[0] if str(error).strip() else ""  # torch's first sentence
+        reason = f"{type(error).__name__}: {first[:200]}" if first else type(error).__name__
+        raise ValueError(f"{what} {os.fspath(path)} cannot be read by torch.load ({reason}): a truncated or "
+                         "corrupted copy, or not a file that torch.save wrote") from error
+
+
+def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
+    """A Lightning checkpoint file (a dict with a ``state_dict``), or an error naming the file."""
+    checkpoint = read_torch_file(path, "checkpoint", weights_only=False, mmap=mmap)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        found = f"keys {sorted(map(str, checkpoint))[:8]}" if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ValueError(f"checkpoint {os.fspath(path)} is not a Lightning checkpoint (no 'state_dict'; it holds "
+                         f"{found}): pass a run's last.ckpt or another checkpoint that training saved")
+    return checkpoint

@@ -4,6 +4,7 @@ import copy
 import math
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -544,6 +545,37 @@ def _evaluate_script():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.main
+
+
+def test_unreadable_checkpoints_and_weights_are_refused_naming_the_file(full_run, workdir, capsys):
+    """A truncated copy of a checkpoint, a file of another format and a torch file that is not a
+    Lightning checkpoint: train.py, evaluate.py and the exporter each name the file (torch's own error
+    names neither), before any file is written; a corrupted teacher weights file likewise."""
+    from mpq_lightning.export import main as export_main
+
+    last = workdir / "checkpoints" / "full" / "last.ckpt"
+    bad = workdir / "bad"
+    bad.mkdir()
+    (bad / "truncated.ckpt").write_bytes(last.read_bytes()[:100_000])
+    (bad / "text.ckpt").write_text("not a checkpoint")
+    torch.save(torch.zeros(3), bad / "tensor.ckpt")
+    config = str(workdir / "checkpoints" / "full" / "config.yaml")
+    for name, message in [("truncated.ckpt", "cannot be read by torch.load \\(RuntimeError: PytorchStreamReader failed"),
+                          ("text.ckpt", "cannot be read by torch.load"),
+                          ("tensor.ckpt", "is not a Lightning checkpoint \\(no 'state_dict'; it holds Tensor\\)")]:
+        path = bad / name
+        pattern = f"checkpoint {path} {message}"
+        with pytest.raises(ValueError, match=pattern):
+            fit("--ckpt_path", str(path), run="unreadable")
+        assert not (workdir / "checkpoints" / "unreadable").exists()
+        with pytest.raises(ValueError, match=pattern):
+            _evaluate_script()(["--config", config, "--ckpt_path", str(path), "--out", str(workdir / "ev_bad")])
+        assert not (workdir / "ev_bad").exists()
+        assert export_main(["--config", config, "--ckpt_path", str(path), "--out", str(workdir / "ex_bad")]) == 1
+        assert re.search(pattern, capsys.readouterr().err) and not (workdir / "ex_bad").exists()
+    with pytest.raises(ValueError, match=f"weights file {bad / 'text.ckpt'} cannot be read by torch.load"):
+        fit("--model.model_kwargs", f'{{"ckpt_path": "{bad / "text.ckpt"}"}}', run="unreadable")
+    assert not (workdir / "checkpoints" / "unreadable").exists()
 
 
 def test_evaluate_script_output_folder_overrides_and_trainer(full_run, workdir, caplog):

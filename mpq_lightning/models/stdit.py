@@ -27,6 +27,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from einops import rearrange
 
+from ..files import read_torch_file
 from ..quant.quantizers import observed_rows
 
 __all__ = [
@@ -707,7 +708,7 @@ def _read_checkpoint(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> 
         from safetensors.torch import load_file
 
         return _unwrap(load_file(path, device="cpu"))
-    return _unwrap(torch.load(path, map_location="cpu", weights_only=True))
+    return _unwrap(read_torch_file(path, "weights file", weights_only=True))
 
 
 def _listing(title: str, items: list[str]) -> str:
