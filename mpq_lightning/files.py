@@ -38,6 +38,21 @@ def read_torch_file(path: str | os.PathLike, what: str, **load_kwargs):
                          "corrupted copy, or not a file that torch.save wrote") from error
 
 
+def read_tensor_file(path: str | os.PathLike, what: str, **load_kwargs):
+    """A ``.safetensors`` file's tensors (on the CPU), else :func:`read_torch_file`; either way a file
+    that cannot be read is refused naming ``what`` and the file."""
+    if not os.fspath(path).endswith(".safetensors"):
+        return read_torch_file(path, what, **load_kwargs)
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(os.fspath(path), device="cpu")
+    except SafetensorError as error:
+        raise ValueError(f"{what} {os.fspath(path)} cannot be read as safetensors ({error}): a truncated or "
+                         "corrupted copy, or not a safetensors file") from error
+
+
 def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
     """A Lightning checkpoint file (a dict with a ``state_dict``), or an error naming the file."""
     checkpoint = read_torch_file(path, "checkpoint", weights_only=False, mmap=mmap)

@@ -389,3 +389,21 @@ def test_xl2_meta_matches_official_layout() -> None:
     for key, shape in shapes.items():
         assert tuple(sd[key].shape) == shape, key
     assert (net.num_frames, net.tokens_per_frame, stdit_feature_site(net)) == (16, 1024, "blocks.27")
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_unreadable_weights_file_is_refused_naming_it(tmp_path, suffix):
+    """A truncated download of the official weights (either format): an error naming the file, and
+    the model is left as it was."""
+    from safetensors.torch import save_file
+
+    model = tiny_stdit()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    whole = tmp_path / f"whole{suffix}"
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    torch.save(state, whole) if suffix == ".pth" else save_file(state, str(whole))
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(ValueError, match=f"weights file {re.escape(str(cut))} cannot be read"):
+        load_official_checkpoint(model, cut)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -562,3 +562,18 @@ def test_a_lock_error_on_rank_0_is_raised_on_every_rank(tmp_path):
     mp.spawn(_lock_error_worker, args=(str(tmp_path), port), nprocs=2)
     assert (tmp_path / "rank0.txt").read_text().startswith(("FileExistsError", "NotADirectoryError"))
     assert (tmp_path / "rank1.txt").read_text().startswith("CacheError: rank 0 could not take the generation lock")
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_unreadable_condition_file_is_refused_naming_it(tmp_path, suffix):
+    """A truncated copy of a precomputed text-embeddings file: a CacheError naming the file."""
+    from mpq_lightning.data.trajectories import load_condition_file
+
+    table = {"y": torch.randn(4, 8, 16), "mask": torch.ones(4, 8, dtype=torch.long)}
+    whole = tmp_path / f"whole{suffix}"
+    torch.save(table, whole) if suffix == ".pt" else safetensors.torch.save_file(table, str(whole))
+    assert torch.equal(load_condition_file(whole)["y"], table["y"])
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(CacheError, match=f"condition file {re.escape(str(cut))} cannot be read"):
+        load_condition_file(cut)

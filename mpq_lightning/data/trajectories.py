@@ -34,6 +34,7 @@ import safetensors.torch
 import torch
 import torch.distributed as dist
 
+from mpq_lightning.files import read_tensor_file
 from mpq_lightning.models.registry import Denoiser, random_cond
 from mpq_lightning.models.sampling import make_scheduler, sample
 
@@ -427,9 +428,10 @@ def load_condition_file(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CacheError(f"{path}: condition file does not exist")
-    if path.suffix == ".safetensors":
-        return safetensors.torch.load_file(str(path))
-    table = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        table = read_tensor_file(path, "condition file", weights_only=True)
+    except ValueError as error:
+        raise CacheError(str(error)) from error
     if not isinstance(table, dict) or not all(isinstance(v, torch.Tensor) for v in table.values()):
         raise CacheError(f"{path}: expected a dict of tensors")
     return table

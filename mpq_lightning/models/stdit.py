@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from einops import rearrange
 
-from ..files import read_torch_file
+from ..files import read_tensor_file
 from ..quant.quantizers import observed_rows
 
 __all__ = [
@@ -703,12 +703,7 @@ def _unwrap(obj: object) -> dict[str, torch.Tensor]:
 def _read_checkpoint(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if isinstance(source, Mapping):
         return _unwrap(source)
-    path = os.fspath(source)
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return _unwrap(load_file(path, device="cpu"))
-    return _unwrap(read_torch_file(path, "weights file", weights_only=True))
+    return _unwrap(read_tensor_file(source, "weights file", weights_only=True))
 
 
 def _listing(title: str, items: list[str]) -> str:
