@@ -18,6 +18,21 @@ def ordinary_permissions(folder: str | Path) -> None:
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, fsync, then ``os.replace``: readers (and a
+    run killed half-way) see the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def read_torch_file(path: str | os.PathLike, what: str, **load_kwargs):
     """``torch.load(path, map_location="cpu", **load_kwargs)``, refusing a file torch cannot read (a
     truncated or corrupted copy, a file of another format) with an error that names ``what`` and the

@@ -16,6 +16,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
 
 from ..compare import SamplerSpec, compare, naive_ptq, print_rows
+from ..files import atomic_write
 from ..models.sampling import make_scheduler
 from ..quant import set_quant_state
 from .samples import map_to_trained_entries
@@ -84,4 +85,4 @@ class FinalReport(Callback):
         self.rows = compare(models, pl_module.teacher, spec, self.num_samples, self.seed)
         print_rows(self.rows, f"{pl_module.model_name}: W{q.w_bits}A{q.a_bits}, {self.num_samples} samples")
         if log_dir:
-            Path(log_dir, "report.json").write_text(json.dumps(self.rows, indent=2))
+            atomic_write(Path(log_dir, "report.json"), json.dumps(self.rows, indent=2).encode())  # never half a file

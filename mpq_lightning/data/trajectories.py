@@ -34,7 +34,7 @@ import safetensors.torch
 import torch
 import torch.distributed as dist
 
-from mpq_lightning.files import read_tensor_file
+from mpq_lightning.files import atomic_write, read_tensor_file
 from mpq_lightning.models.registry import Denoiser, random_cond
 from mpq_lightning.models.sampling import make_scheduler, sample
 
@@ -243,18 +243,8 @@ def mix_seed(*values: int) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temp file next to `path`, fsync, then os.replace: readers see old or new, never half."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _write_json(path: Path, value: Any) -> None:
-    _atomic_write(path, (json.dumps(value, indent=1, sort_keys=True) + "\n").encode())
+    atomic_write(path, (json.dumps(value, indent=1, sort_keys=True) + "\n").encode())
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -711,7 +701,7 @@ class ShardWriter:
         for stale in [*self.directory.glob(".*.tmp-*"), *(self.directory / PROGRESS).glob(".*.tmp-*")]:
             stale.unlink(missing_ok=True)
         data = safetensors.torch.save(dict(conditions), metadata={"format": FORMAT})
-        _atomic_write(self.directory / CONDITIONS, data)
+        atomic_write(self.directory / CONDITIONS, data)
         record = {"file": CONDITIONS, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         record["keys"] = {k: {"shape": list(v.shape), "dtype": _dtype_name(v.dtype)} for k, v in conditions.items()}
         self.header["conditions_file"] = record
@@ -737,7 +727,7 @@ class ShardWriter:
         samples = (b - a) * len(structure["kept_steps"]) * len(structure["branches"])
         check_tensors(path, tensors, self.header["tensors"], samples, b - a)
         data = safetensors.torch.save({k: v.contiguous() for k, v in tensors.items()}, metadata={"format": FORMAT})
-        _atomic_write(path, data)
+        atomic_write(path, data)
         record = {
             "file": path.name,
             "bytes": len(data),

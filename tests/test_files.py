@@ -1,0 +1,38 @@
+"""File helpers shared by the writers and readers of run artefacts (mpq_lightning/files.py)."""
+import os
+
+import pytest
+import torch
+
+from mpq_lightning.files import atomic_write, read_checkpoint, read_tensor_file
+
+
+def test_atomic_write_replaces_whole_or_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "report.json"
+    atomic_write(path, b"old")
+    atomic_write(path, b"new")
+    assert path.read_bytes() == b"new"
+
+    def fail(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", fail)  # killed between writing and renaming
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, b"half")
+    assert path.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+def test_readers_name_the_file_and_keep_torch_s_reason(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save({"state_dict": {"w": torch.ones(2)}}, good)
+    assert torch.equal(read_checkpoint(good, mmap=True)["state_dict"]["w"], torch.ones(2))
+    legacy = tmp_path / "legacy.pt"  # torch's pre-zip format cannot be memory-mapped: read plainly
+    torch.save({"state_dict": {}}, legacy, _use_new_zipfile_serialization=False)
+    assert read_checkpoint(legacy, mmap=True) == {"state_dict": {}}
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match=f"embeddings {empty} cannot be read by torch.load \\(EOFError"):
+        read_tensor_file(empty, "embeddings", weights_only=True)
+    torch.save({"ema": {}}, tmp_path / "weights.pt")
+    with pytest.raises(ValueError, match=r"is not a Lightning checkpoint \(no 'state_dict'; it holds keys \['ema'\]\)"):
+        read_checkpoint(tmp_path / "weights.pt")
