@@ -47,6 +47,12 @@ def read_torch_file(path: str | os.PathLike, what: str, **load_kwargs):
     except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, UnicodeDecodeError) as error:
         if load_kwargs.get("mmap") and "mmap can only be used" in str(error):
             return read_torch_file(path, what, **{**load_kwargs, "mmap": False})
+        if "Weights only load failed" in str(error):  # an intact file holding more than tensors
+            why = next((line.strip() for line in str(error).splitlines() if "WeightsUnpickler error" in line), "")
+            raise ValueError(f"{what} {os.fspath(path)} holds objects other than tensors, which torch.load(weights_only="
+                             f"True) does not unpickle ({why[:300]}); if you trust the file, save its tensors alone "
+                             f"(torch.save(torch.load(path, weights_only=False)[key], new_path)) and point to that"
+                             ) from error
         first = str(error).strip().splitlines()[0].split(". ")[0] if str(error).strip() else ""  # torch's first sentence
         reason = f"{type(error).__name__}: {first[:200]}" if first else type(error).__name__
         raise ValueError(f"{what} {os.fspath(path)} cannot be read by torch.load ({reason}): a truncated or "

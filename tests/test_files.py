@@ -36,3 +36,17 @@ def test_readers_name_the_file_and_keep_torch_s_reason(tmp_path):
     torch.save({"ema": {}}, tmp_path / "weights.pt")
     with pytest.raises(ValueError, match=r"is not a Lightning checkpoint \(no 'state_dict'; it holds keys \['ema'\]\)"):
         read_checkpoint(tmp_path / "weights.pt")
+
+
+def test_an_intact_file_holding_more_than_tensors_is_not_called_corrupted(tmp_path):
+    """weights_only=True refuses pickled objects (here an argparse.Namespace beside the weights): the
+    error names the file and the object, and says how to keep the tensors alone."""
+    import argparse
+
+    path = tmp_path / "official.pth"
+    torch.save({"model": {"w": torch.ones(2)}, "args": argparse.Namespace(lr=1)}, path)
+    with pytest.raises(ValueError) as error:
+        read_tensor_file(path, "weights file", weights_only=True)
+    message = str(error.value)
+    assert f"weights file {path} holds objects other than tensors" in message and "argparse.Namespace" in message
+    assert "corrupted" not in message
