@@ -45,15 +45,16 @@ def read_torch_file(path: str | os.PathLike, what: str, **load_kwargs):
     try:
         return torch.load(path, map_location="cpu", **load_kwargs)
     except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, UnicodeDecodeError) as error:
-        if load_kwargs.get("mmap") and "mmap can only be used" in str(error):
+        text = str(error).strip()
+        if load_kwargs.get("mmap") and "mmap can only be used" in text:
             return read_torch_file(path, what, **{**load_kwargs, "mmap": False})
-        if "Weights only load failed" in str(error):  # an intact file holding more than tensors
-            why = next((line.strip() for line in str(error).splitlines() if "WeightsUnpickler error" in line), "")
-            raise ValueError(f"{what} {os.fspath(path)} holds objects other than tensors, which torch.load(weights_only="
-                             f"True) does not unpickle ({why[:300]}); if you trust the file, save its tensors alone "
-                             f"(torch.save(torch.load(path, weights_only=False)[key], new_path)) and point to that"
-                             ) from error
-        first = str(error).strip().splitlines()[0].split(". ")[0] if str(error).strip() else ""  # torch's first sentence
+        if "Unsupported global" in text:  # an intact file holding more than tensors (weights_only's refusal)
+            why = next(line.strip().split(". ")[0] for line in text.splitlines() if "Unsupported global" in line)
+            raise ValueError(f"{what} {os.fspath(path)} holds objects other than tensors, which torch.load("
+                             f"weights_only=True) does not unpickle ({why[:300]}); if you trust the file, save its "
+                             "tensors alone (torch.save(torch.load(path, weights_only=False)[key], new_path)) and "
+                             "point to that") from error
+        first = text.splitlines()[0].split(". ")[0] if text else ""  # torch's first sentence
         reason = f"{type(error).__name__}: {first[:200]}" if first else type(error).__name__
         raise ValueError(f"{what} {os.fspath(path)} cannot be read by torch.load ({reason}): a truncated or "
                          "corrupted copy, or not a file that torch.save wrote") from error
@@ -78,7 +79,8 @@ def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
     """A Lightning checkpoint file (a dict with a ``state_dict``), or an error naming the file."""
     checkpoint = read_torch_file(path, "checkpoint", weights_only=False, mmap=mmap)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        found = f"keys {sorted(map(str, checkpoint))[:8]}" if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        found = (f"keys {sorted(map(str, checkpoint))[:8]}" if isinstance(checkpoint, dict)
+                 else type(checkpoint).__name__)
         raise ValueError(f"checkpoint {os.fspath(path)} is not a Lightning checkpoint (no 'state_dict'; it holds "
                          f"{found}): pass a run's last.ckpt or another checkpoint that training saved")
     return checkpoint
