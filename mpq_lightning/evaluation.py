@@ -30,7 +30,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from .callbacks.samples import map_to_trained_entries
+from .callbacks.samples import make_grid, map_to_trained_entries
 from .checks import check_numbers
 from .data.trajectories import MANIFEST
 from .files import ordinary_permissions, read_checkpoint
@@ -304,29 +304,34 @@ def compute_metrics(gen: dict[str, Any], teacher, feature: str) -> dict[str, Any
     return out
 
 
-def _to_uint8(x: Tensor) -> Tensor:
+def _to_unit(x: Tensor) -> Tensor:
+    """Samples to [0, 1]: pixels in [-1, 1] as they are, anything else (latents) by its own range."""
     lo, hi = (-1.0, 1.0) if x.min() >= -1.5 and x.max() <= 1.5 else (float(x.min()), float(x.max()))
-    return ((x.clamp(lo, hi) - lo) / max(hi - lo, 1e-8) * 255).round().to(torch.uint8)
+    return (x.clamp(lo, hi) - lo) / max(hi - lo, 1e-8)
+
+
+def _png_image(grid: Tensor):
+    from PIL import Image
+
+    array = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()  # C H W -> H W C
+    return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
 
 
 def write_media(gen: dict[str, Any], folder: Path) -> list[str]:
-    """grid.png (teacher row over student row) and, for videos, videos.gif (the same grid per frame)."""
-    from PIL import Image
-
+    """grid.png (teacher row over student row; for videos, a teacher / student row pair per sample with
+    the frames across) and, for videos, videos.gif (the image grid per frame). Small samples are
+    enlarged (``make_grid``'s nearest-neighbour factor), tiles separated by white borders."""
     t, s = gen["teacher"][:, :3].float(), gen["student"][:, :3].float()
-    both = _to_uint8(torch.stack([t, s]))  # [2, N, C, (F,) H, W]
+    both = _to_unit(torch.stack([t, s]))  # [2, N, C, (F,) H, W], one range for teacher and student
     if both.shape[2] == 2:
         both = torch.cat([both, both[:, :, :1]], 2)
-    written = []
     if both.dim() == 5:  # images
-        grid = rearrange(both, "r n c h w -> (r h) (n w) c")
-        Image.fromarray(grid.squeeze(-1).numpy() if grid.shape[-1] == 1 else grid.numpy()).save(folder / "grid.png")
+        _png_image(make_grid(both)).save(folder / "grid.png")
         return ["grid.png"]
-    frames = rearrange(both, "r n c f h w -> f (r h) (n w) c")
-    still = rearrange(both, "r n c f h w -> (r n h) (f w) c")
-    Image.fromarray(still.squeeze(-1).numpy() if still.shape[-1] == 1 else still.numpy()).save(folder / "grid.png")
+    written = []
+    _png_image(make_grid(rearrange(both, "r n c f h w -> (n r) f c h w"))).save(folder / "grid.png")
     written.append("grid.png")
-    pics = [Image.fromarray(f.squeeze(-1).numpy() if f.shape[-1] == 1 else f.numpy()) for f in frames]
+    pics = [_png_image(make_grid(frame)) for frame in rearrange(both, "r n c f h w -> f r n c h w")]
     pics[0].save(folder / "videos.gif", save_all=True, append_images=pics[1:], duration=250, loop=0)
     written.append("videos.gif")
     return written

@@ -971,9 +971,11 @@ def test_evaluate_decodes_with_eval_vae_before_metrics(full_run, workdir, monkey
     assert not out.exists()
     metrics = E.evaluate(str(run / "config.yaml"), "last", E.EvalConfig(num_samples=2, vae=str(workdir / "vae")), str(out))
     assert metrics["sample_space"].startswith("pixels (AutoencoderKL") and metrics["latent_mse_student_vs_teacher"] > 0
-    # grid: (teacher, student) x 2 samples of 16-pixel frames down, 4 frames across; RGB
-    assert Image.open(out / "grid.png").size == (4 * 16, 2 * 2 * 16) and Image.open(out / "grid.png").mode == "RGB"
-    assert Image.open(out / "videos.gif").size == (2 * 16, 2 * 16)
+    # grid: (teacher, student) x 2 samples of 16-pixel frames down, 4 frames across; RGB; each frame
+    # enlarged 4x to 64 pixels, with 2-pixel borders
+    tile = 4 * 16 + 2 * 2
+    assert Image.open(out / "grid.png").size == (4 * tile, 2 * 2 * tile) and Image.open(out / "grid.png").mode == "RGB"
+    assert Image.open(out / "videos.gif").size == (2 * tile, 2 * tile)
 
 
 def test_checkpoint_file_is_a_small_fraction_of_the_fp_model(workdir):
@@ -1107,7 +1109,7 @@ def test_deepspeed_zero3_is_refused_by_name_before_anything_is_built(workdir):
 
 def test_sample_logger_decodes_with_a_vae(workdir):
     """``SampleLogger(vae=...)`` logs pixels: with a 2x autoencoder the 8x8 latent frames become 16x16
-    (4 frames a row, 2-pixel borders); a missing folder is refused by key before anything is built."""
+    (4 frames a row, shown 4x enlarged with 2-pixel borders); a missing folder is refused by key before anything is built."""
     import json
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -1121,7 +1123,8 @@ def test_sample_logger_decodes_with_a_vae(workdir):
     acc = EventAccumulator(str(workdir / "checkpoints" / "samples_vae"), size_guidance={"images": 0})
     acc.Reload()
     frames = acc.Images("samples/frames")[-1]
-    assert (frames.width, frames.height) == (4 * (16 + 4), 2 * 2 * (16 + 4))  # rows: 2 teacher + 2 student
+    # rows: 2 teacher + 2 student; each 16-pixel frame enlarged 4x for the viewer
+    assert (frames.width, frames.height) == (4 * (64 + 4), 2 * 2 * (64 + 4))
     callback["init_args"]["vae"] = str(workdir / "no_vae")
     with pytest.raises(FileNotFoundError, match=r"trainer.callbacks\[\d\].init_args.vae: .*no_vae does not exist"):
         fit("--trainer.max_steps", "1", f"--trainer.callbacks+={json.dumps(callback)}", run="samples_no_vae")

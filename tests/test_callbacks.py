@@ -348,9 +348,15 @@ def test_grid_and_latent_mapping():
     img = latents_to_images(x)
     assert img.shape == (2, 3, 3, 3) and img[0, :, 0, 0].tolist() == [0.0, 0.0, 0.5]
     assert latents_to_images(x[:, :1]).shape[1] == 1 and latents_to_images(x[:, :2]).shape[1] == 1
-    grid = make_grid(torch.rand(2, 4, 3, 5, 6), pad=1)
+    images = torch.rand(2, 4, 3, 5, 6)
+    grid = make_grid(images, pad=1, min_side=1)
     assert grid.shape == (3, 2 * 7, 4 * 8)
-    assert (grid[:, 0] == 1).all()
+    assert (grid[:, 0] == 1).all() and torch.equal(grid[:, 1:6, 1:7], images[0, 0])
+    big = make_grid(images, pad=1)  # 5-pixel sides: enlarged 13x (65 >= 64), every pixel a 13 x 13 block
+    assert big.shape == (3, 2 * (65 + 2), 4 * (78 + 2))
+    tile = big[:, 1:66, 1:79]
+    assert torch.equal(tile, images[0, 0].repeat_interleave(13, -2).repeat_interleave(13, -1))
+    assert make_grid(torch.rand(1, 1, 1, 64, 70), pad=0).shape == (1, 64, 70)  # large enough: as it is
 
 
 def test_step_index_map():
@@ -391,7 +397,7 @@ def test_fit_logs_image_samples(tmp_path):
     acc = read_events(tmp_path)
     images = acc.Images("samples/teacher_student")
     assert [im.step for im in images] == [2, 4]  # step 4 is also the end of training: logged once
-    assert (images[0].height, images[0].width) == (2 * 12, 3 * 12)
+    assert (images[0].height, images[0].width) == (2 * 68, 3 * 68)  # 8x8 samples enlarged 8x, 2-pixel borders
     assert "samples/mse" in acc.Tags()["scalars"] and acc.Scalars("samples/mse")[0].value > 0
     assert all(module.student_modes) and not module.teacher.training
 
@@ -406,7 +412,7 @@ def test_fit_logs_video_samples(tmp_path):
     assert [v.step for v in video] == [0, 4]
     assert video[0].encoded_image_string[:3] in (b"GIF", b"\x89PN")
     frames = acc.Images("samples/frames")[0]
-    assert (frames.height, frames.width) == (2 * 2 * 12, 3 * 12)  # rows: 2 teacher + 2 student; cols: 3 frames
+    assert (frames.height, frames.width) == (2 * 2 * 68, 3 * 68)  # rows: 2 teacher + 2 student; cols: 3 frames
 
 
 def test_text_model_without_conditions_is_skipped(tmp_path):

@@ -71,10 +71,16 @@ def latents_to_images(x: Tensor) -> Tensor:
     return ((x.detach().float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
-def make_grid(images: Tensor, pad: int = 2, value: float = 1.0) -> Tensor:
-    """Rows × columns of images [R, N, C, H, W] → one image [C, R·(H+2p), N·(W+2p)] (``value`` borders)."""
+def make_grid(images: Tensor, pad: int = 2, value: float = 1.0, min_side: int = 64) -> Tensor:
+    """Rows × columns of images [R, N, C, H, W] → one image [C, R·(kH+2p), N·(kW+2p)] (``value``
+    borders). Small images are enlarged by the integer factor k (nearest neighbour: every pixel a
+    k × k block) that brings their shorter side to at least ``min_side``: 8 × 8 digits become 64 × 64
+    tiles that a viewer shows at a readable size; images as large as that keep k = 1."""
     if images.ndim != 5:
         raise ValueError(f"make_grid expects [rows, cols, C, H, W], got {tuple(images.shape)}")
+    k = max(1, -(-min_side // max(1, min(images.shape[-2:]))))
+    if k > 1:
+        images = images.repeat_interleave(k, dim=-2).repeat_interleave(k, dim=-1)
     if pad:
         images = torch.nn.functional.pad(images, (pad, pad, pad, pad), value=value)
     return rearrange(images, "r n c h w -> c (r h) (n w)")
