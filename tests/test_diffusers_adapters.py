@@ -223,3 +223,11 @@ def test_bad_folders(tmp_path):
     with pytest.raises(ValueError, match="either path= .* or config="):
         build("unet2d", path=tmp_path / "unet", config={})
     assert build("unet2d", path=tmp_path).latent_shape == (3, 8, 8)
+    weights = tmp_path / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # an interrupted copy: diffusers' OSError, named by folder
+    with pytest.raises(ValueError, match=r"UNet2DModel cannot be loaded from '.*unet' \(its weights file missing or "
+                                         r"truncated\?\): Unable to load weights"):
+        build("unet2d", path=tmp_path)
+    weights.unlink()
+    with pytest.raises(ValueError, match=r"UNet2DModel cannot be loaded from '.*unet' .*no file named"):
+        build("unet2d", path=tmp_path)

@@ -562,7 +562,13 @@ def load_diffusers_model(
     found = json.loads(config_file.read_text()).get("_class_name")
     if found != cls.__name__:
         raise ValueError(f"{str(config_file)!r} describes a {found}, expected a {cls.__name__}")
-    model = cls.from_pretrained(folder, subfolder=subfolder, torch_dtype=torch_dtype)
+    try:
+        model = cls.from_pretrained(folder, subfolder=subfolder, torch_dtype=torch_dtype)
+    except (OSError, ValueError, RuntimeError) as err:  # diffusers': a missing or truncated weights file, ...
+        where = folder / subfolder if subfolder else folder
+        raise ValueError(f"{cls.__name__} cannot be loaded from {str(where)!r} (its weights file missing or "
+                         f"truncated?): {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}"
+                         ) from err
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
     scheduler = None
     if scheduler_file.is_file():
