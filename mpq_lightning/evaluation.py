@@ -41,20 +41,32 @@ from .quant import set_quant_state
 
 @dataclass
 class EvalConfig:
+    """What evaluate.py samples and how it measures it.
+
+    Args:
+        num_samples: samples drawn with the student and with the teacher, from the same fixed-seed noise
+        seed: seed of the noise (one generator per sample, so results do not depend on batch_size)
+        num_inference_steps: sampler steps; null: the trajectory cache's (the quantizer tables' steps)
+        guidance_scale: classifier-free guidance; null: the cache recipe's, else the teacher's default
+        feature: network of the Fréchet distance: auto | digits-image | digits-video | none |
+            package.module:factory (factory() returns an nn.Module mapping samples in [0, 1] to [N, D])
+        batch_size: samples per sampling batch (memory only: the samples do not depend on it)
+        device: auto (cuda when available, else cpu) or any torch device string
+        vae: local diffusers autoencoder folder (config.json + weights) that decodes both sample sets to
+            pixels before the metrics and media, e.g. sd-vae-ft-ema for OpenSora v1.0, Latte and DiT;
+            null: measure what the denoiser produces (latents for the real models)
+        vae_scaling_factor: latent scaling to undo; null: the autoencoder config's scaling_factor (and
+            shift_factor); set it where the config lacks the teacher's (1.0 for an LDM VQ-f4 saved without)
+    """
+
     num_samples: int = 16
     seed: int = 1234
-    num_inference_steps: int | None = None  # None: the trajectory cache's (= the quantizer tables')
-    guidance_scale: float | None = None  # None: the cache recipe's, else the teacher's default
-    # auto | digits-image | digits-video | none | "package.module:factory" (your feature network:
-    # factory() returns an nn.Module mapping samples in [0, 1] to [N, D] features)
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
     feature: str = "auto"
     batch_size: int = 16
-    device: str = "auto"  # auto: cuda when available, else cpu | any torch device string
-    # a local diffusers autoencoder folder (config.json + weights) to decode samples to pixels before
-    # metrics and media, e.g. stabilityai/sd-vae-ft-ema for OpenSora v1.0, Latte and DiT; None: latents
+    device: str = "auto"
     vae: str | None = None
-    # None: the autoencoder config's scaling_factor (and shift_factor); set it where the config lacks
-    # the one the teacher was trained with (e.g. 1.0 for an LDM VQ-f4 first stage saved without it)
     vae_scaling_factor: float | None = None
 
     def __post_init__(self) -> None:

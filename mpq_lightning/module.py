@@ -80,9 +80,28 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW parameter groups as the recipes need them (EfficientDM §2.6, Q-VDiT §6.3)."""
+    """AdamW parameter groups as the recipes need them (EfficientDM §2.6, Q-VDiT §6.3).
 
-    lora_lr: float | None = None  # None: scale-aware per layer, mean(Δ_w) / lora_lr_div (EfficientDM)
+    Args:
+        lora_lr: learning rate of every LoRA adapter; null: EfficientDM's scale-aware rate per layer,
+            mean |weight step| / lora_lr_div
+        lora_lr_div: divisor of the scale-aware LoRA rate (lora_lr null)
+        w_scale_lr: learning rate of the weight quantizers' parameters (steps, zero points)
+        a_scale_lr: learning rate of the activation quantizers' parameters (TALSQ per-step tables)
+        tqe_lr: learning rate of Q-VDiT's token-aware estimator (TQE corrections)
+        residual_lr: learning rate of FZ-RMQ's binary residual scales
+        other_lr: learning rate of any other trainable student parameter
+        weight_decay: AdamW weight decay, every group
+        schedule: learning-rate schedule after warm-up: linear (decay to 0) | cosine | constant
+        warmup_steps: linear warm-up steps
+        fused: AdamW implementation: true = torch's fused kernel per group, false = foreach, null = fused
+            when every trainable tensor is floating point on CPU or CUDA
+        flat_params: one contiguous tensor per parameter group, stepped at once (the parameters become
+            its views); null = on a CPU unless the strategy keeps the parameters' storage (FSDP,
+            DeepSpeed), off on a GPU; false = AdamW over each tensor
+    """
+
+    lora_lr: float | None = None
     lora_lr_div: float = 2500.0
     w_scale_lr: float = 1e-6
     a_scale_lr: float = 5e-4
@@ -90,14 +109,9 @@ class OptimConfig:
     residual_lr: float = 1e-6
     other_lr: float = 1e-5
     weight_decay: float = 0.01
-    schedule: str = "linear"  # linear decay to 0 | cosine | constant
+    schedule: str = "linear"
     warmup_steps: int = 0
-    # AdamW implementation: True = one fused kernel per group (torch's fused AdamW), False = foreach,
-    # None = fused when every trainable tensor is floating point on CPU or CUDA
     fused: bool | None = None
-    # one contiguous tensor per parameter group, stepped at once (mpq_lightning.optim.FlatAdamW): the
-    # parameters become views of it. None = on a CPU, unless the strategy keeps the parameters'
-    # storage itself (FSDP, DeepSpeed); off on a GPU until measured there; False = AdamW over each tensor
     flat_params: bool | None = None
 
     def __post_init__(self) -> None:
@@ -110,11 +124,18 @@ class OptimConfig:
 
 @dataclass
 class CalibConfig:
-    """Quantizer initialisation from the first batches of the training stream (once, in setup)."""
+    """Quantizer initialisation from the first batches of the training stream (once, in setup).
+
+    Args:
+        num_batches: batches of the data module's calibration stream that initialise the quantizers
+        smooth_momentum: moved to quant.smooth_momentum (kept so that saved configs parse; must be null)
+        train_act_quant: train with activation quantization on (EfficientDM, MPQ-DM); false keeps
+            activations in FP during training (Q-VDiT); sampling for evaluation quantizes them
+    """
 
     num_batches: int = 4
-    smooth_momentum: float | None = None  # moved to quant.smooth_momentum; kept so saved configs parse
-    train_act_quant: bool = True  # EfficientDM trains with activation quantization; Q-VDiT does not
+    smooth_momentum: float | None = None
+    train_act_quant: bool = True
 
     def __post_init__(self) -> None:
         check_numbers("model.calib", vars(self), counts=("num_batches",))

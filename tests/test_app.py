@@ -727,6 +727,18 @@ def test_help_lists_the_training_options(flag, capsys):
     out = capsys.readouterr().out
     assert exit_.value.code == 0
     assert "--model.quant.w_bits" in out and "--ckpt_path" in out and "--run_name" in out
+    assert "learning rate of the weight quantizers" in out  # the config dataclasses' documented keys
+
+
+def test_evaluate_help_documents_every_option(capsys):
+    from mpq_lightning.evaluation import EvalConfig
+
+    with pytest.raises(SystemExit) as exit_:
+        _evaluate_script()(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert exit_.value.code == 0 and "What evaluate.py samples and how it measures it" in out
+    for name in EvalConfig.__dataclass_fields__:  # each option has its own line of help before its type
+        assert re.search(rf"--eval\.{name} \S+ [a-z].*?\(type: ", out), name
 
 
 def test_progress_bar_of_a_step_bounded_run_and_a_users_own_bar(workdir, capsys, caplog):
