@@ -39,18 +39,44 @@ from .quant.functional import check_compile_support
 
 @dataclass
 class LossConfig:
-    """Which distillation terms are on and their weights (mpqdm.md §2.5, §3.8, §4.3; qvdit.md §5)."""
+    """Which distillation terms are on and their weights (mpqdm.md §2.5, §3.8, §4.3; qvdit.md §5).
+
+    Args:
+        mse_weight: weight of the ε-MSE between student and teacher outputs
+        mse_reduction: sum (EfficientDM, MPQ-DM) | mean (Q-VDiT)
+        trd: MPQ-DM's time-smoothed relation distillation on the feature site
+        trd_weight: weight of TRD
+        trd_window: consecutive sampler steps smoothed over; > 1 needs an ordered step stream
+            (OnTheFlyDataModule)
+        trd_tau: TRD softmax temperature
+        trd_detach_student: no gradient through the student's relation (the release); false: gradient
+        trd_chunk_size: rows of the pixel-similarity matrix per block (memory only, same result); null: all
+        trd_anchors: random query pixels per step (memory option, not in the release); null: all
+        mtrd: MPQ-DMv2's memory-based relation distillation against the time-aware pixel queue (the
+            MemoryQueue callback is added for it)
+        mtrd_weight: weight of MTRD
+        mtrd_tau_c: contrast temperature of the cosine similarities
+        mtrd_tau_kd: distillation temperature (the loss is multiplied by its square)
+        mtrd_anchors: current pixels used as queries; null: all
+        mtrd_memory_samples: queue entries drawn per step
+        mtrd_sampling: time_wise (an equal share from every filled step slot, the v2 figure) | uniform
+        mtrd_pixels_per_step: capacity of each sampler step's slot in the queue
+        tmd: Q-VDiT's temporal maintenance distillation (frame-relation KL on the output; video only)
+        tmd_weight: weight of TMD (Q-VDiT: 100 with mean reduction)
+        tmd_tau: TMD softmax temperature
+        tmd_legacy_reshape: reproduce the release's channel-major reshape (qvdit.md §5.3)
+    """
 
     mse_weight: float = 1.0
-    mse_reduction: str = "sum"  # EfficientDM / MPQ-DM use a sum-reduced ε-MSE
-    trd: bool = False  # MPQ-DM time-smoothed relation distillation on the feature site
+    mse_reduction: str = "sum"
+    trd: bool = False
     trd_weight: float = 100.0
-    trd_window: int = 1  # > 1 needs an ordered step stream (on-the-fly trajectories)
+    trd_window: int = 1
     trd_tau: float = 1.0
-    trd_detach_student: bool = False  # True reproduces the release (no gradient)
+    trd_detach_student: bool = False
     trd_chunk_size: int | None = None
     trd_anchors: int | None = None
-    mtrd: bool = False  # MPQ-DMv2 memory-based relation distillation (needs the MemoryQueue callback)
+    mtrd: bool = False
     mtrd_weight: float = 0.1
     mtrd_tau_c: float = 0.1
     mtrd_tau_kd: float = 1.0
@@ -58,7 +84,7 @@ class LossConfig:
     mtrd_memory_samples: int = 1024
     mtrd_sampling: str = "time_wise"
     mtrd_pixels_per_step: int = 64
-    tmd: bool = False  # Q-VDiT temporal maintenance distillation on the output (video only)
+    tmd: bool = False
     tmd_weight: float = 1.0
     tmd_tau: float = 1.0
     tmd_legacy_reshape: bool = False

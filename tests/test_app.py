@@ -727,7 +727,22 @@ def test_help_lists_the_training_options(flag, capsys):
     out = capsys.readouterr().out
     assert exit_.value.code == 0
     assert "--model.quant.w_bits" in out and "--ckpt_path" in out and "--run_name" in out
-    assert "learning rate of the weight quantizers" in out  # the config dataclasses' documented keys
+    # every key of the model's config dataclasses has its help (their docstrings, read by jsonargparse)
+    from mpq_lightning.module import CalibConfig, LossConfig, OptimConfig
+    from mpq_lightning.quant import QuantConfig
+
+    for group, cls in (("quant", QuantConfig), ("loss", LossConfig), ("optim", OptimConfig), ("calib", CalibConfig)):
+        for name in cls.__dataclass_fields__:
+            assert _help_of(out, f"--model.{group}.{name}"), f"model.{group}.{name} has no help"
+
+
+def _help_of(out: str, option: str) -> str:
+    """The help text of ``option`` in an argparse help output (its options list, not the usage line),
+    without its metavars, alternative forms and the type/default note jsonargparse appends."""
+    options = " ".join(out.split("\n\n", 1)[1].split())
+    found = re.search(rf"{re.escape(option)}[ ,+](.*?)\(type: ", options)
+    metavar = re.compile(r"[A-Z_]+|\[ITEM,\.\.\.\],?|\{true,false\},?|--\S+,?")
+    return " ".join(t for t in found.group(1).split() if not metavar.fullmatch(t)) if found else ""
 
 
 def test_evaluate_help_documents_every_option(capsys):
@@ -735,10 +750,10 @@ def test_evaluate_help_documents_every_option(capsys):
 
     with pytest.raises(SystemExit) as exit_:
         _evaluate_script()(["--help"])
-    out = " ".join(capsys.readouterr().out.split())
-    assert exit_.value.code == 0 and "What evaluate.py samples and how it measures it" in out
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and "What evaluate.py samples and how it measures it" in " ".join(out.split())
     for name in EvalConfig.__dataclass_fields__:  # each option has its own line of help before its type
-        assert re.search(rf"--eval\.{name} \S+ [a-z].*?\(type: ", out), name
+        assert _help_of(out, f"--eval.{name}"), name
 
 
 def test_progress_bar_of_a_step_bounded_run_and_a_users_own_bar(workdir, capsys, caplog):

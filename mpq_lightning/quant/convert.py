@@ -52,7 +52,65 @@ def _check_bits(value, key: str, allow_none: bool) -> None:
 
 @dataclass
 class QuantConfig:
-    """What to quantize and how. Every field is a YAML-friendly scalar, list or dict."""
+    """What to quantize and how. Every field is a YAML-friendly scalar, list or dict.
+
+    Args:
+        w_bits: weight bits (2-8); null: weights stay FP
+        a_bits: activation bits (2-8); null: activations stay FP
+        w_symmetric: symmetric weight range (no zero point)
+        a_symmetric: symmetric activation range
+        w_granularity: one weight step per tensor | channel | group (of w_group_size inputs)
+        w_group_size: inputs per group with w_granularity group
+        w_init: weight range init: minmax | lp (EfficientDM's range shrink scored by mean |x - Q(x)|^2.4) |
+            grid (Q-VDiT's grid search of the squared error)
+        a_init: activation range init from the calibration batches: minmax | lp | grid
+        a_quantizer: timestep (TALSQ: a step and zero point per sampler step) | dynamic_token (Q-VDiT:
+            per-token min-max at run time) | static (one per layer) | null (activations FP)
+        a_token_share_batch: dynamic_token: pool each token position over the batch, as the Q-VDiT release
+            computes it (results then depend on the batch composition); false: each sample on its own
+        num_steps: sampler steps, i.e. entries of the timestep activation tables
+        learn_w_scale: train the weight steps
+        learn_w_zero_point: train the weight zero points
+        learn_a_scale: train the activation steps
+        learn_a_zero_point: train the activation zero points
+        lsq_grad_scale: scale the step gradients by LSQ's 1 / sqrt(N * qmax)
+        include: fnmatch patterns of the layers (dotted module names) to consider
+        exclude: patterns of layers left out (not quantized)
+        keep_fp: patterns of layers kept in FP (the papers' FP-layer lists; reported apart from exclude)
+        bit_map: per-pattern overrides, e.g. {"blocks.*.mlp.fc*": {"w": 8, "a": 8, "w_quantizer": "uniform"}}
+            (keys w, a, lora_rank, w_quantizer, tqe)
+        layer_types: module types to quantize: linear | conv1d | conv2d | conv3d
+        lora_rank: rank of each quantized layer's LoRA adapter; 0: none
+        lora_init: kaiming_zero (EfficientDM: A Kaiming, B zero) | svd_weight_error | svd_output_error
+            (OOLRI: from the SVD of the quantization error, of the weights or of the layer's outputs)
+        lora_param: efficientdm (conv A k x k, B 1 x 1) | per_position (the MPQ-DM release: B per kernel
+            position)
+        lora_placement: merged (B A added to the weight before its quantizer) | fp_branch (an FP side branch)
+        lora_quantized_base: the adapter trains on a frozen Q(W) base (OOLRI) instead of the FP weight
+        lora_exclude: patterns of quantized layers without an adapter
+        smooth_alpha: SmoothQuant migration strength in [0, 1]; null: off
+        smooth_momentum: SmoothQuant channel maxima: null = running max (MPQ-DM), else an EMA with this
+            momentum (the Q-VDiT release, 0.95)
+        strict_patterns: refuse a pattern of include / exclude / keep_fp / lora_exclude / bit_map that
+            matches no layer
+        w_quantizer: uniform | omq (MPQ-DM's outlier-aware mixed precision) | fzrmq (MPQ-DMv2's Z-order
+            residual mixed quantization)
+        omq_group_frac: OMQ / FZ-RMQ split granularity g = floor(Cout * omq_group_frac)
+        omq_search: paper (split sizes up to Cout / 2) | release (split sizes 0 or g)
+        omq_search_init: the fits the split search scores: null = w_init (the quantizer then used) |
+            minmax (the MPQ-DM release) | lp | grid
+        fzrmq_layout: figure (the MPQ-DMv2 framework figure) | proposal (the earlier spec)
+        fzrmq_base_fit: joint (base step fitted for base + residuals) | greedy (base alone)
+        oolri_damp: svd_output_error damping: H + damp * mean(diag H) * I
+        oolri_refit_quantizer: after OOLRI, re-fit the weight quantizer on the adapted weight
+        calib_max_rows: calibration-input statistics for OOLRI: a Gram matrix where d_in <= this, else a
+            reservoir of this many input rows
+        calib_stats_device: device that holds those statistics
+        tqe: Q-VDiT's token-aware quantization estimator (low-rank and per-frame error correction)
+        tqe_rank: rank of TQE's correction
+        tqe_frame_scale: temporal (the release: 1 + m on temporal attention) | all (the paper: m) | none
+        compile_quantizers: torch.compile the element-wise quantizer math (same values, faster)
+    """
 
     w_bits: int | None = 4
     a_bits: int | None = 8
@@ -63,8 +121,6 @@ class QuantConfig:
     w_init: str = "lp"
     a_init: str = "lp"
     a_quantizer: str | None = "timestep"
-    # dynamic_token: False = each sample's tokens on their own; True = each token position pooled over
-    # the batch, as the Q-VDiT release computes it (results then depend on the batch composition)
     a_token_share_batch: bool = False
     num_steps: int = 1
     learn_w_scale: bool = True
@@ -87,23 +143,21 @@ class QuantConfig:
     smooth_momentum: float | None = None
     strict_patterns: bool = True
     # -- the papers' methods (each off by default) ---------------------------------------------
-    w_quantizer: str = "uniform"  # uniform | omq (MPQ-DM) | fzrmq (MPQ-DMv2)
-    omq_group_frac: float = 0.1  # g = floor(Cout * omq_group_frac), split sizes k in {0, g, 2g, ...}
-    omq_search: str = "paper"  # paper: k <= Cout/2 | release: k in {0, g}; OMQ and FZ-RMQ
-    # the class fits the split search scores: None = w_init (the quantizer then used) | minmax (the
-    # MPQ-DM release: min-max fits for the search, the chosen classes then fitted with w_init) | lp | grid
+    w_quantizer: str = "uniform"
+    omq_group_frac: float = 0.1
+    omq_search: str = "paper"
     omq_search_init: str | None = None
-    fzrmq_layout: str = "figure"  # figure (papers_extra.md §1.1) | proposal (mpqdm.md §4.1)
-    fzrmq_base_fit: str = "joint"  # joint: base step fitted for base + residuals | greedy: base alone
-    oolri_damp: float = 0.01  # svd_output_error: H + damp * mean(diag H) * I
-    oolri_refit_quantizer: bool = False  # after OOLRI, re-fit the weight quantizer on (Q(W) + BA) s
-    calib_max_rows: int = 2048  # calibration-input statistics: Gram if d <= this, else a row reservoir
+    fzrmq_layout: str = "figure"
+    fzrmq_base_fit: str = "joint"
+    oolri_damp: float = 0.01
+    oolri_refit_quantizer: bool = False
+    calib_max_rows: int = 2048
     calib_stats_device: str = "cpu"
-    tqe: bool = False  # Q-VDiT token-aware quantization estimator
+    tqe: bool = False
     tqe_rank: int = 1
-    tqe_frame_scale: str = "temporal"  # temporal (release, 1 + m) | all (paper, m) | none
+    tqe_frame_scale: str = "temporal"
     # -- speed ----------------------------------------------------------------------------------
-    compile_quantizers: bool = False  # torch.compile the element-wise quantizer math (same values)
+    compile_quantizers: bool = False
 
     def __post_init__(self) -> None:
         _check_bits(self.w_bits, "w_bits", allow_none=True)
