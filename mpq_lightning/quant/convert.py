@@ -55,8 +55,8 @@ class QuantConfig:
     """What to quantize and how. Every field is a YAML-friendly scalar, list or dict.
 
     Args:
-        w_bits: weight bits (2-8); null: weights stay FP
-        a_bits: activation bits (2-8); null: activations stay FP
+        w_bits: weight bits (1-8); null: weights stay FP
+        a_bits: activation bits (1-8); null: activations stay FP
         w_symmetric: symmetric weight range (no zero point)
         a_symmetric: symmetric activation range
         w_granularity: one weight step per tensor | channel | group (of w_group_size inputs)
@@ -103,8 +103,8 @@ class QuantConfig:
         fzrmq_base_fit: joint (base step fitted for base + residuals) | greedy (base alone)
         oolri_damp: svd_output_error damping: H + damp * mean(diag H) * I
         oolri_refit_quantizer: after OOLRI, re-fit the weight quantizer on the adapted weight
-        calib_max_rows: calibration-input statistics for OOLRI: a Gram matrix where d_in <= this, else a
-            reservoir of this many input rows
+        calib_max_rows: calibration-input statistics (for the OMQ / FZ-RMQ split search and output-aware
+            OOLRI): a Gram matrix where d_in <= this, else a reservoir of this many input rows
         calib_stats_device: device that holds those statistics
         tqe: Q-VDiT's token-aware quantization estimator (low-rank and per-frame error correction)
         tqe_rank: rank of TQE's correction
