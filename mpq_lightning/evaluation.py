@@ -30,7 +30,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from .callbacks.samples import make_grid, map_to_trained_entries
+from .callbacks.samples import make_grid, map_to_trained_entries, to_uint8
 from .checks import check_numbers
 from .data.trajectories import MANIFEST
 from .files import ordinary_permissions, read_checkpoint
@@ -325,7 +325,7 @@ def _to_unit(x: Tensor) -> Tensor:
 def _png_image(grid: Tensor):
     from PIL import Image
 
-    array = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()  # C H W -> H W C
+    array = to_uint8(grid).permute(1, 2, 0).numpy()  # C H W -> H W C
     return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
 
 

@@ -1,4 +1,5 @@
-"""File-system helpers shared by the writers of run artefacts."""
+"""File-system helpers shared by the writers and readers of run artefacts: permissions, atomic
+writes, and reading checkpoints / weights / condition files with errors that name the file."""
 from __future__ import annotations
 
 import os

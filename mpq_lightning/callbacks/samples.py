@@ -55,7 +55,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-__all__ = ["SampleLogger", "latents_to_images", "make_grid"]
+__all__ = ["SampleLogger", "latents_to_images", "make_grid", "to_uint8"]
 
 
 # -------------------------------------------------------------------------------------------------
@@ -86,7 +86,8 @@ def make_grid(images: Tensor, pad: int = 2, value: float = 1.0, min_side: int = 
     return rearrange(images, "r n c h w -> c (r h) (n w)")
 
 
-def _to_uint8(x: Tensor) -> Tensor:
+def to_uint8(x: Tensor) -> Tensor:
+    """Images in [0, 1] to 8-bit values (clamped, rounded)."""
     return (x.float().clamp(0, 1) * 255).round().to(torch.uint8)
 
 
@@ -95,7 +96,7 @@ def _gif_summary(tag: str, frames: Tensor, fps: int):
     from PIL import Image
     from tensorboard.compat.proto.summary_pb2 import Summary
 
-    arr = _to_uint8(frames).permute(0, 2, 3, 1).cpu().numpy()  # T H W C
+    arr = to_uint8(frames).permute(0, 2, 3, 1).cpu().numpy()  # T H W C
     t, h, w, c = arr.shape
     pics = [Image.fromarray(a[..., 0] if c == 1 else a, mode="L" if c == 1 else "RGB") for a in arr]
     buf = io.BytesIO()
