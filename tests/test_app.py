@@ -1371,11 +1371,14 @@ def test_deepspeed_gets_the_micro_batch_size_our_batch_yielding_loaders_hide():
         assert s.config["train_micro_batch_size_per_gpu"] == 5
 
 
-def test_a_module_cast_to_bf16_calibrates_from_fp32_batches_and_trains():
+@pytest.mark.parametrize("cast", ["module", "parameters"])
+def test_a_module_cast_to_bf16_calibrates_from_fp32_batches_and_trains(cast):
     """DeepSpeed under bf16-mixed casts every parameter to bf16 before ``on_fit_start`` (its engine;
     quantizer steps included, with fp32 master copies in its optimiser) and converts only the batches of
-    its own forward. Calibration reads fp32 batches from the data module: it must run on that module,
-    and a training step on a converted batch then gives finite losses and gradients."""
+    its own forward. Before DeepSpeed 0.18 it cast the whole module; since then the parameters only,
+    its fp32 buffers (STDiT's positional embeddings) stay fp32 (seen on the H100 with 0.19.8: a dtype
+    error in the timestep embedder). Calibration reads fp32 batches from the data module: it must run on
+    that module, and a training step on a converted batch then gives finite losses and gradients."""
     from types import SimpleNamespace
 
     from mpq_lightning.callbacks.memory_queue import MemoryQueue
@@ -1390,7 +1393,12 @@ def test_a_module_cast_to_bf16_calibrates_from_fp32_batches_and_trains():
     g = torch.Generator().manual_seed(0)
     batch = {"x_t": torch.randn(2, *d.latent_shape, generator=g), "t": torch.tensor([10, 500]),
              "step_index": torch.tensor([1, 5]), "cond": {"y": torch.randn(2, 1, *d.cond_spec["y"].shape[1:], generator=g)}}
-    module.to(torch.bfloat16)
+    if cast == "module":
+        module.to(torch.bfloat16)
+    else:
+        for p in module.parameters():
+            p.data = p.data.to(torch.bfloat16)
+        assert module.teacher.backbone.pos_embed.dtype == torch.float32
     module.calibrate_from(SimpleNamespace(train_dataloader=lambda: [batch, batch]))
     set_quant_state(module.student.backbone, True, True)
     MemoryQueue(num_steps=10, pixels_per_step=16).attach(module)

@@ -517,18 +517,19 @@ class STDiT(nn.Module):
         self._check_inputs(x, timestep, y)
         key_mask = self._key_mask(mask, x.shape[0], y.shape[2])
         # the weights' dtype: upstream casts to ``dtype`` and sets the weights alike; a strategy that casts
-        # the whole module (DeepSpeed under bf16-mixed) leaves ``dtype`` behind
+        # the module's parameters (DeepSpeed under bf16-mixed; since DeepSpeed 0.18 its fp32 buffers stay
+        # fp32) leaves ``dtype`` behind, so the buffers added to activations follow the weights too
         dtype = self.x_embedder.proj.weight.dtype
         x, timestep, y = x.to(dtype), timestep.to(dtype), y.to(dtype)
 
         x = rearrange(self.x_embedder(x), "b (f s) c -> b f s c", f=self.num_temporal, s=self.num_spatial)
-        x = rearrange(x + self.pos_embed, "b f s c -> b (f s) c")
-        t = self.t_embedder(timestep, dtype=x.dtype)  # [B, C]
+        x = rearrange(x + self.pos_embed.to(dtype), "b f s c -> b (f s) c")
+        t = self.t_embedder(timestep, dtype=dtype)  # [B, C]
         t0 = self.t_block(t)  # [B, 6C]
         y = self.y_embedder(y, self.training).squeeze(1)  # [B, L, C]
 
         for i, block in enumerate(self.blocks):
-            tpe = self.pos_embed_temporal if i == 0 else None
+            tpe = self.pos_embed_temporal.to(dtype) if i == 0 else None
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = (self.grad_checkpointing_func or _checkpoint)(block, x, y, t0, key_mask, tpe)
             else:
