@@ -567,3 +567,28 @@ def test_trd_relates_the_pixels_of_each_sample_on_latte():
     per_position = 100.0 * relation_kl(f_s, f_t, channel_dim=-1)
     torch.testing.assert_close(losses["trd"], per_sample)
     assert not torch.allclose(losses["trd"], per_position)
+
+
+@pytest.mark.parametrize("refresh", ["replace", "fifo"])
+def test_writes_assign_no_python_scalar_through_an_index(refresh):
+    """``t[idx] = 0`` hands the scalar to ``index_put_`` as a host tensor, copied to the device first:
+    on the H100 each such line was one host sync per training step (benchmarks/host_syncs.py counted
+    five in the queue's write). The writes use ``index_fill_`` and device-made values instead; this
+    records every ``index_put_`` of a write and refuses a 0-dim value."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    scalars = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func._overloadpacket in (torch.ops.aten.index_put_, torch.ops.aten.index_put, torch.ops.aten._index_put_impl_):
+                if args[2].dim() == 0:
+                    scalars.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    q = TimeAwarePixelQueue(num_steps=3, pixels_per_step=4, refresh=refresh)
+    g = torch.Generator().manual_seed(0)
+    with Record():
+        for _ in range(3):
+            q.write_many_([torch.randn(3, 2, generator=g), torch.randn(5, 2, generator=g)], [0, 2])
+    assert q.valid.any() and not scalars, scalars

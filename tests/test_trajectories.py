@@ -458,6 +458,12 @@ def test_a_condition_file_that_does_not_fit_the_teacher_is_refused_before_writin
     safetensors.torch.save_file({"y": torch.randn(2, 1, 8, 32), "null.y": torch.randn(1, 1, 4, 32)}, str(prompts))
     with pytest.raises(CacheError, match=r"the null \(unconditional\) rows do not fit .*got \[2, 1, 4, 32\]"):
         ensure_cache(make_recipe(prompts), teacher, tmp_path / "data")
+    # a keep-mask row of zeros (NaN attention): refused here, on the host, since a GPU forward does not
+    # check it (the check would make the host wait for the device every forward)
+    safetensors.torch.save_file({"y": torch.randn(3, 1, 8, 32), "mask": torch.tensor([[1] * 8, [0] * 8, [1] + [0] * 7])},
+                                str(prompts))
+    with pytest.raises(CacheError, match=r"the cond rows do not fit .*cond\['mask'\]: rows \[1\] keep no token"):
+        ensure_cache(make_recipe(prompts), teacher, tmp_path / "data")
     assert not (tmp_path / "data").exists()
     ensure_cache(make_recipe(write_prompts(prompts)), teacher, tmp_path / "data")  # the corrected file
 

@@ -305,13 +305,15 @@ class TimeAwarePixelQueue(nn.Module):
         flat = host_to_device(flat, self.feats.device)
         m, e, t = len(at_slot), len(gone), len(slots)
         at_slot, at_pos, row, gone, touched, new_ptr, count = flat.split([m, m, m, e, t, t, t])
+        # no Python scalar assigned through an index: ``t[i] = 0`` copies the scalar from host memory
+        # first, which on a GPU makes the host wait (one sync each, counted by benchmarks/host_syncs.py)
         if e:
-            self.feats[gone] = 0
-            self.valid[gone] = False
-            self.step_tags[gone] = -1
-            self.write_order[gone] = -1
+            self.feats.index_fill_(0, gone, 0)
+            self.valid.index_fill_(0, gone, False)
+            self.step_tags.index_fill_(0, gone, -1)
+            self.write_order.index_fill_(0, gone, -1)
         self.feats[at_slot, at_pos] = torch.cat(kept).to(device=self.feats.device, dtype=self.feats.dtype)[row]
-        self.valid[at_slot, at_pos] = True
+        self.valid[at_slot, at_pos] = torch.ones_like(at_slot, dtype=torch.bool)
         self.step_tags[at_slot, at_pos] = at_slot
         self.write_order[at_slot, at_pos] = self.num_writes + row
         self.num_writes += rows

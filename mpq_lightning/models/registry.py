@@ -281,6 +281,12 @@ class Denoiser(nn.Module):
                 raise ValueError(f"cond[{key!r}] must be an integer tensor (labels), got {value.dtype}")
             if spec.dtype == "float" and not value.is_floating_point():
                 raise ValueError(f"cond[{key!r}] must be a floating-point tensor, got {value.dtype}")
+            # a keep-mask row of zeros leaves attention nothing to attend (NaN); checked on the host only
+            # (condition files, CPU forwards): on a GPU the check would make the host wait every forward
+            if spec.dtype == "mask" and value.device.type == "cpu" and value.numel() and not bool((value != 0).any(-1).all()):
+                rows = torch.nonzero(~(value != 0).any(-1)).flatten().tolist()
+                raise ValueError(f"cond[{key!r}]: rows {rows[:10]} keep no token (all zeros); every mask row "
+                                 "needs at least one kept token")
         return cond
 
 

@@ -599,7 +599,9 @@ class STDiT(nn.Module):
                 f"mask must be [B', L] with B' dividing B = {batch} and L = {length}; got shape {_fmt(mask.shape)}"
             )
         keep = mask.repeat(batch // mask.shape[0], 1) != 0
-        if not torch.compiler.is_compiling() and not bool(keep.any(dim=1).all()):  # eager forwards only
+        # eager forwards of host tensors only: on a GPU the check would make the host wait for the device
+        # every forward; the data module's masks were checked on the host (Denoiser._check_cond)
+        if keep.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(keep.any(dim=1).all()):
             raise ValueError("every mask row needs at least one kept text token (mask row with all zeros)")
         return keep
 
