@@ -18,6 +18,7 @@
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import sys
@@ -173,7 +174,12 @@ def deepspeed_strategy(name: str):
     if name not in StrategyRegistry:
         return name  # Lightning names the valid strategies
     init = {**StrategyRegistry[name]["init_params"], "exclude_frozen_parameters": True}
-    return {"class_path": "lightning.pytorch.strategies.DeepSpeedStrategy", "init_args": init}
+    strategy = {"class_path": "lightning.pytorch.strategies.DeepSpeedStrategy", "init_args": init}
+    _refuse_zero3(strategy)
+    if importlib.util.find_spec("deepspeed") is None:  # (else jsonargparse's traceback, before any work)
+        raise ValueError(f"trainer.strategy {name}: DeepSpeed is not installed; pip install -e \".[deepspeed]\" "
+                         "(on a machine with CUDA), or use trainer.strategy ddp or fsdp")
+    return strategy
 
 
 def _refuse_zero3(strategy) -> None:

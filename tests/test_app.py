@@ -477,9 +477,17 @@ def test_final_checkpoint_survives_a_failing_end_of_training_callback(workdir):
     assert torch.load(run / "last.ckpt", weights_only=False)["global_step"] == 3
 
 
-def test_deepspeed_strategies_leave_frozen_weights_out_of_checkpoints():
+def test_deepspeed_strategies_leave_frozen_weights_out_of_checkpoints(monkeypatch):
+    import importlib.util
+
     from mpq_lightning.cli import deepspeed_strategy
 
+    with monkeypatch.context() as patch:  # deepspeed is not installed here: the key is named, no traceback
+        patch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else object())
+        with pytest.raises(ValueError, match=r"trainer.strategy deepspeed_stage_2: DeepSpeed is not installed; "
+                                             r"pip install -e \"\.\[deepspeed\]\""):
+            deepspeed_strategy("deepspeed_stage_2")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())  # as if installed
     assert deepspeed_strategy("deepspeed_stage_2") == {
         "class_path": "lightning.pytorch.strategies.DeepSpeedStrategy",
         "init_args": {"stage": 2, "exclude_frozen_parameters": True}}
