@@ -17,10 +17,15 @@ run() { local t=$1 name=$2; shift 2; if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *"
         ( set -o pipefail; timeout -s ABRT -k 10 "$t" "$@" 2>&1 | while IFS= read -r l; do printf '%(%T)T %s\n' -1 "$l"; done ) > /tmp/$name.log; local rc=$?
         cat /tmp/$name.log >> "$OUT/all.log"; echo "rc=$rc $name $(date +%T)" | tee -a "$OUT/summary.txt"; tail -4 /tmp/$name.log; }
 T="--config configs/tiny/stdit_w3a6.yaml --trainer.accelerator gpu --trainer.devices 1 --log_samples false --trainer.enable_progress_bar false"
-# most wanted first: DeepSpeed (its two fixes from the H100 run are unverified there), the host syncs left in a
-# training step (expected: none counted; benchmarks/host_syncs.py), the compiled fit that did
-# not exit (with inductor's compile-worker pool and without it), the mid-size step time; then the checks that
-# passed on the H100 (FSDP fit + resume, DDP). $OUT/summary.txt grows check by check if a call is cut short;
+# most wanted first: DeepSpeed (its third fix, STDiT's buffers under DeepSpeed 0.19's parameter-only cast, is
+# unverified there), the host syncs left in a training step (7 on 2026-11-27, fixed since: expected none;
+# benchmarks/host_syncs.py), the mid-size step time (the GPU ratio target), CUDA graphs, the compiled fit that did
+# not exit (with inductor's compile-worker pool and without it); then the checks that passed on the H100 (FSDP
+# fit + resume, DDP). A session's device time (900 s, a start of about 170 s included) holds the first six or so.
+# The wheels in .whl/ (not in the repo): diffusers, jsonargparse (+ docstring_parser, typeshed_client),
+# importlib_metadata, lightning; .whl/deepspeed/: deepspeed (pip wheel --no-deps --no-build-isolation with
+# DS_BUILD_OPS=0 from its sdist), pydantic + pydantic_core (cp312), annotated_types, typing_inspection,
+# typing_extensions, hjson. $OUT/summary.txt grows check by check if a call is cut short;
 # each output line carries its time, to tell a slow compile from a hang at exit; the compiled fits also print
 # every thread's stack every 30 s (benchmarks/run_with_stacks.py: SIGABRT printed nothing there on the H100)
 # one wheel at a time: the binary ones exist for cp310 / cp311 / cp312 and only the matching one installs
@@ -33,14 +38,14 @@ if [ -d /tmp/site_ds/deepspeed ]; then
   run 100 fit_deepspeed2_32 env PYTHONPATH=/tmp/site_ds:$PYTHONPATH DS_BUILD_OPS=0 python3 train.py $T --trainer.max_steps 2 --run_name gpu_ds32 --trainer.strategy deepspeed_stage_2 --trainer.precision 32-true
 fi
 run 90 host_syncs python3 benchmarks/host_syncs.py --modes eager --out "$OUT/host_syncs_cuda.json"
+# mid-stdit with compile_scope blocks: the whole-model compile of its QAT step did not finish in 300 s on the H100
+run 300 step_time_cuda_mid python3 benchmarks/step_time.py --device cuda ${STEP_ARGS:---models mid-stdit --modes blocks --repeats 10} --out "$OUT/step_time_cuda.json"
 # CUDA graphs (compile_mode reduce-overhead), never run on a GPU yet: a fit through the app, then the tiny step time
 # (with model_flat: optim.flat_params true, off by default on a GPU until this says whether it pays there)
 run 150 fit_cudagraphs python3 benchmarks/run_with_stacks.py 30 train.py $T --trainer.max_steps 4 --run_name gpu_cg --model.compile_model true --model.compile_mode reduce-overhead
 run 200 step_time_cuda_tiny_cudagraphs python3 benchmarks/step_time.py --device cuda --models tiny-stdit --modes model,cudagraphs,model_flat --repeats 20 --out "$OUT/step_time_cuda_tiny.json"
 run 120 fit_bf16_compiled_model python3 benchmarks/run_with_stacks.py 30 train.py $T --trainer.max_steps 4 --run_name gpu_bfcm --trainer.precision bf16-mixed --model.compile_model true
 run 120 fit_bf16_compiled_model_1thread env TORCHINDUCTOR_COMPILE_THREADS=1 python3 benchmarks/run_with_stacks.py 30 train.py $T --trainer.max_steps 4 --run_name gpu_bfcm1 --trainer.precision bf16-mixed --model.compile_model true
-# mid-stdit with compile_scope blocks: the whole-model compile of its QAT step did not finish in 300 s on the H100
-run 300 step_time_cuda_mid python3 benchmarks/step_time.py --device cuda ${STEP_ARGS:---models mid-stdit --modes blocks --repeats 10} --out "$OUT/step_time_cuda.json"
 run 90 fit_fsdp_bf16 python3 train.py $T --trainer.max_steps 2 --checkpoint_every_n_steps 2 --run_name gpu_fsdp --trainer.strategy fsdp --trainer.precision bf16-mixed
 run 90 resume_fsdp_bf16 python3 train.py $T --trainer.max_steps 4 --checkpoint_every_n_steps 2 --run_name gpu_fsdp --trainer.strategy fsdp --trainer.precision bf16-mixed --ckpt_path last
 run 90 evaluate_fsdp_run python3 evaluate.py --config checkpoints/gpu_fsdp/config.yaml --eval.num_samples 4 --eval.device cuda
