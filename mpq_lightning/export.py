@@ -105,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.report:
             print_export_report(export_report(args.out), layers=args.layers)
     except (FileExistsError, FileNotFoundError, ExportFormatError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{ap.prog}: error: {e}", file=sys.stderr)  # as argparse prints its own
         return 1
     return 0
 

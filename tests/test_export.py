@@ -361,7 +361,8 @@ def test_cli_config_and_checkpoint(tmp_path, capsys):
     b = ["--ckpt_path", str(run / "last.ckpt"), "--out", str(tmp_path / "b")]
     assert main(b) == 0
     assert main(b) == 1
-    assert "already exists" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("python -m mpq_lightning.export: error: ") and "already exists" in err
     assert main(b + ["--overwrite"]) == 0
 
     set_quant_state(den.backbone, True, True)
