@@ -218,7 +218,8 @@ def test_corrupt_byte_fails_the_checksum(copy):
         TrajectoryCache(copy, verify="full")
     lazy = TrajectoryCache(copy, verify="open")  # sizes only at open; the checksum at load
     lazy.load_shard(0)
-    with pytest.raises(CacheError, match=f"{re.escape(str(shard))}: sha256"):
+    with pytest.raises(CacheError, match=f"{re.escape(str(shard))}: sha256 .*delete it\\); a run with the cache's "
+                                         "recipe .* regenerates missing"):  # what to do, also mid-training
         lazy.load_shard(1)
     with pytest.raises(CacheError, match=f"{re.escape(str(shard))}: sha256"):  # through the DataModule, never skipped
         list(TrajectoryDataModule(str(copy), batch_size=2).train_dataloader())

@@ -1118,11 +1118,12 @@ class TrajectoryCache:
         try:
             data = path.read_bytes()
         except FileNotFoundError as err:
-            raise CacheError(f"{path}: missing shard listed in {self.directory / MANIFEST}") from err
+            raise CacheError(f"{path}: missing shard listed in {self.directory / MANIFEST}{_REPAIR}") from err
         if len(data) != record["bytes"]:
-            raise CacheError(f"{path}: {len(data)} bytes, the manifest says {record['bytes']} (truncated or rewritten)")
+            raise CacheError(f"{path}: {len(data)} bytes, the manifest says {record['bytes']} (truncated or rewritten)"
+                             f"{_REPAIR}")
         if self.verify != "size" and hashlib.sha256(data).hexdigest() != record["sha256"]:
-            raise CacheError(f"{path}: sha256 does not match the manifest (corrupt shard)")
+            raise CacheError(f"{path}: sha256 does not match the manifest (corrupt shard; delete it){_REPAIR}")
         try:
             tensors = safetensors.torch.load(data)
         except Exception as err:
