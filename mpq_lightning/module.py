@@ -244,6 +244,11 @@ class _FeatureHook:
 # ---------------------------------------------------------------------------------------------
 
 
+def _drop_teacher_keys(module: "QATModule", state_dict: dict, prefix: str, local_metadata) -> None:
+    for k in [k for k in state_dict if k.startswith(f"{prefix}teacher.") or k.removeprefix(prefix) in module._fp_keys]:
+        del state_dict[k]
+
+
 def fill_deepspeed_micro_batch(strategy, datamodule) -> None:
     """Set DeepSpeed's ``train_micro_batch_size_per_gpu`` from ``datamodule.batch_size`` (1 without
     one) when its config lacks it; any other strategy is left alone."""
@@ -425,8 +430,44 @@ class QATModule(L.LightningModule):
         (for its throughput logging and batch bookkeeping); Lightning reads it off the dataloader's
         ``batch_sampler``, which our loaders do not have (they yield whole batches,
         ``batch_size=None``), so it is taken from the data module's ``batch_size`` here unless the
-        strategy's config sets ``train_micro_batch_size_per_gpu`` itself."""
+        strategy's config sets ``train_micro_batch_size_per_gpu`` itself. DeepSpeed's engine also
+        saves the module's state dict itself (``on_save_checkpoint`` does not see it) and leaves out
+        only frozen *parameters*: the teacher's buffers would stay, so under DeepSpeed the module's
+        state dict drops what ``on_save_checkpoint`` drops (:meth:`leave_teacher_out_of_state_dicts`)."""
         fill_deepspeed_micro_batch(self.trainer.strategy, self.trainer.datamodule)
+        if type(self.trainer.strategy).__name__ == "DeepSpeedStrategy":
+            self.leave_teacher_out_of_state_dicts()
+
+    def leave_teacher_out_of_state_dicts(self) -> None:
+        """From now on ``state_dict()`` leaves out the teacher and the student's frozen FP weights (the
+        keys ``on_save_checkpoint`` strips; a load restores them from the teacher), and checkpoints
+        carry the student's other frozen parameters as ``mpq_frozen_params``: DeepSpeed's
+        ``exclude_frozen_parameters`` (which keeps the teacher's weights out) drops every parameter
+        without a gradient, calibrated ones included (weight zero points when
+        ``quant.learn_w_zero_point`` is false), and a resume does not calibrate again. Idempotent."""
+        if getattr(self, "_teacher_out_hook", None) is None:
+            self._teacher_out_hook = self.register_state_dict_post_hook(_drop_teacher_keys)
+
+    def frozen_student_state(self) -> dict[str, Tensor]:
+        """The student's parameters without a gradient that are not FP weights (calibrated quantizer
+        state such as frozen zero points), on the CPU, by their names in this module."""
+        return {n: p.detach().cpu().clone() for n, p in self.named_parameters()
+                if not p.requires_grad and not n.startswith("teacher.") and n not in self._fp_keys}
+
+    def load_frozen_student_state(self, state: dict[str, Tensor], source: str = "checkpoint") -> None:
+        """Copy :meth:`frozen_student_state` back, refusing a set of names that is not this module's."""
+        mine = dict(self.named_parameters())
+        want = set(self.frozen_student_state())
+        if set(state) != want:
+            missing, unexpected = sorted(want - set(state)), sorted(set(state) - want)
+            raise ValueError(f"{source}: mpq_frozen_params does not fit this model: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        with torch.no_grad():
+            for n, v in state.items():
+                if tuple(v.shape) != tuple(mine[n].shape):
+                    raise ValueError(f"{source}: mpq_frozen_params[{n!r}] has shape {list(v.shape)}, "
+                                     f"the model {list(mine[n].shape)}")
+                mine[n].copy_(v)
 
     def on_fit_start(self) -> None:
         """Calibrate once, on the device, after any checkpoint restore (a restore marks the module
@@ -910,6 +951,8 @@ class QATModule(L.LightningModule):
             raise FloatingPointError(f"not saving a checkpoint at global step {self.global_step}: non-finite values "
                                      f"in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}; the last good checkpoint is kept")
         checkpoint["mpq_identity"] = self._identity()
+        if getattr(self, "_teacher_out_hook", None) is not None:  # DeepSpeed: see leave_teacher_out_of_state_dicts
+            checkpoint["mpq_frozen_params"] = self.frozen_student_state()
         if self._step_fill is not None:
             # the live parameters (what DeepSpeed's engine saves; under FSDP the gathered ones, written
             # back; every rank is here) and the state dict collected before this hook (a copy under FSDP)
@@ -986,6 +1029,8 @@ class QATModule(L.LightningModule):
                 raise ValueError(f"checkpoint state_dict does not fit this model: missing keys {missing[:5]}"
                                  f"{' ...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
                                  f"{' ...' if len(unexpected) > 5 else ''}")
+        if checkpoint.get("mpq_frozen_params") is not None:  # DeepSpeed: loaded its module states before this
+            self.load_frozen_student_state(checkpoint["mpq_frozen_params"])
         pending = checkpoint.get("mpq_trd_pending")
         if self.trd is not None:
             self.trd.reset()

@@ -1379,6 +1379,59 @@ def test_deepspeed_gets_the_micro_batch_size_our_batch_yielding_loaders_hide():
         assert s.config["train_micro_batch_size_per_gpu"] == 5
 
 
+def test_under_deepspeed_checkpoints_leave_the_teacher_out_and_keep_the_frozen_calibrated_state():
+    """DeepSpeed's engine saves ``module.state_dict()`` minus every parameter without a gradient
+    (engine.module_state_dict with exclude_frozen_parameters, 0.19.8), bypassing ``on_save_checkpoint``:
+    the teacher's buffers (STDiT's positional embeddings, null caption) would stay, and the student's
+    calibrated frozen parameters (weight zero points) would be lost, a resume not calibrating again.
+    Under DeepSpeed the state dict drops what a Lightning checkpoint drops, and the checkpoint's own
+    entries (DeepSpeed's client state) carry the frozen student state back."""
+    from types import SimpleNamespace
+
+    from mpq_lightning.module import CalibConfig, LossConfig, OptimConfig, QATModule
+    from mpq_lightning.quant import QuantConfig
+
+    def make():
+        torch.manual_seed(0)
+        return QATModule("tiny-stdit", {}, QuantConfig(w_bits=3, a_bits=6, num_steps=10, lora_rank=2), True,
+                         LossConfig(), OptimConfig(), CalibConfig(num_batches=1))
+
+    module = make()
+    full = module.state_dict()
+    assert any(k.startswith("teacher.") and k.endswith("pos_embed") for k in full)  # a teacher buffer
+    DeepSpeedStrategy = type("DeepSpeedStrategy", (), {"config": {"train_micro_batch_size_per_gpu": 2}})
+    module._trainer = SimpleNamespace(strategy=DeepSpeedStrategy(), datamodule=None)
+    module.setup("fit")
+    module.setup("fit")  # idempotent
+
+    def deepspeed_saves(m):  # what DeepSpeed's exclude_frozen_parameters leaves of the state dict
+        sd = m.state_dict()
+        for n, p in m.named_parameters():
+            if not p.requires_grad:
+                sd.pop(n, None)
+        return sd
+
+    sd = deepspeed_saves(module)
+    assert sd and not [k for k in sd if k.startswith("teacher.") or k in module._fp_keys]
+    frozen = module.frozen_student_state()
+    assert any(k.endswith("weight_quantizer.zero_point") for k in frozen) and not set(frozen) & set(sd)
+    assert set(sd) | set(frozen) == {k for k in full if not k.startswith("teacher.") and k not in module._fp_keys}
+    with torch.no_grad():  # "calibrated" and "trained" state, different from a fresh module's
+        for n, p in module.student.named_parameters():
+            if f"student.{n}" not in module._fp_keys:
+                p.add_(0.5)
+    sd, frozen = deepspeed_saves(module), module.frozen_student_state()
+    fresh = make()
+    result = fresh.load_state_dict(sd, strict=False)  # DeepSpeed loads with the module's strict_loading (False)
+    assert not result.unexpected_keys
+    fresh.load_frozen_student_state(frozen)  # on_load_checkpoint, from the client state
+    for (n, a), b in zip(module.student.named_parameters(), fresh.student.parameters()):
+        assert torch.equal(a, b), n
+    with pytest.raises(ValueError, match=r"mpq_frozen_params does not fit this model: missing \['student\."):
+        fresh.load_frozen_student_state(dict(list(frozen.items())[1:]))
+    assert set(make().state_dict()) == set(full)  # without DeepSpeed: the whole state, as before
+
+
 @pytest.mark.parametrize("cast", ["module", "parameters"])
 def test_a_module_cast_to_bf16_calibrates_from_fp32_batches_and_trains(cast):
     """DeepSpeed under bf16-mixed casts every parameter to bf16 before ``on_fit_start`` (its engine;
