@@ -117,7 +117,7 @@ def feature_factory(spec: str):
 
 def resolve_checkpoint(config_path: Path, ckpt_path: str) -> Path:
     path = config_path.parent / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
-    if not path.is_file():
+    if not path.exists():  # a file, or a DeepSpeed checkpoint folder
         raise FileNotFoundError(f"checkpoint {path} does not exist (ckpt_path={ckpt_path!r}, run {config_path.parent})")
     return path
 

@@ -59,8 +59,10 @@ def load_qat_module(config: str | Path | None, ckpt_path: str | Path, seed: int 
     ckpt_path = Path(ckpt_path)
     if config is not None and str(ckpt_path) == "last":
         ckpt_path = Path(config).parent / "last.ckpt"
-    if not ckpt_path.is_file():
+    if not ckpt_path.exists():  # a file, or a DeepSpeed checkpoint folder
         raise FileNotFoundError(f"checkpoint {str(ckpt_path)!r} does not exist")
+    if config is None and ckpt_path.is_dir():
+        raise ValueError(f"checkpoint {str(ckpt_path)!r} is a folder (DeepSpeed): pass the run's --config with it")
     ckpt = read_checkpoint(ckpt_path, mmap=True)  # a Lightning checkpoint (hparams objects), read before any build
     if config is None:
         if seed is not None:

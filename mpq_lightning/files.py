@@ -2,6 +2,7 @@
 writes, and reading checkpoints / weights / condition files with errors that name the file."""
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -77,7 +78,10 @@ def read_tensor_file(path: str | os.PathLike, what: str, **load_kwargs):
 
 
 def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
-    """A Lightning checkpoint file (a dict with a ``state_dict``), or an error naming the file."""
+    """A Lightning checkpoint file (a dict with a ``state_dict``), or an error naming the file. A
+    DeepSpeed checkpoint folder is read through :func:`read_deepspeed_checkpoint`."""
+    if Path(path).is_dir():
+        return read_deepspeed_checkpoint(path)
     checkpoint = read_torch_file(path, "checkpoint", weights_only=False, mmap=mmap)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         found = (f"keys {sorted(map(str, checkpoint))[:8]}" if isinstance(checkpoint, dict)
@@ -85,3 +89,29 @@ def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
         raise ValueError(f"checkpoint {os.fspath(path)} is not a Lightning checkpoint (no 'state_dict'; it holds "
                          f"{found}): pass a run's last.ckpt or another checkpoint that training saved")
     return checkpoint
+
+
+def read_deepspeed_checkpoint(path: str | os.PathLike) -> dict:
+    """A DeepSpeed checkpoint folder (what ``trainer.strategy deepspeed_stage_2`` saves as ``last.ckpt/``)
+    as a Lightning checkpoint dict: Lightning's ``convert_zero_checkpoint_to_fp32_state_dict`` gathers the
+    fp32 master weights from the ZeRO shards and keeps the checkpoint's own entries (``mpq_identity``,
+    ``mpq_frozen_params``, ...). Needs DeepSpeed installed; without it the error says how to convert the
+    folder where it is."""
+    import contextlib
+    import io
+    import tempfile
+
+    folder = Path(path)
+    if not (folder / "latest").is_file():
+        raise ValueError(f"checkpoint {os.fspath(path)} is a folder but not a DeepSpeed checkpoint (no 'latest' file "
+                         "in it): pass a checkpoint file, or the folder DeepSpeed saved")
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ValueError(
+            f"checkpoint {os.fspath(path)} is a DeepSpeed checkpoint folder, and reading it needs DeepSpeed "
+            "(pip install -e \".[deepspeed]\"); or convert it once where DeepSpeed is installed: python -c \"from "
+            "lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict as c; "
+            f"c('{os.fspath(path)}', '{os.fspath(path).rstrip('/')}.fp32')\" and pass that file")
+    from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
+        return convert_zero_checkpoint_to_fp32_state_dict(folder, Path(tmp) / "fp32.ckpt")

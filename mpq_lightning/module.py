@@ -1019,7 +1019,11 @@ class QATModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.check_checkpoint(checkpoint)
         sd = checkpoint.get("state_dict")
+        frozen = checkpoint.get("mpq_frozen_params")  # a DeepSpeed checkpoint's (leave_teacher_out_of_state_dicts)
         if sd is not None:  # FSDP loads module states inside the strategy, before this hook (non-strictly)
+            if frozen is not None:  # a DeepSpeed folder read as one dict (files.read_deepspeed_checkpoint)
+                self.load_frozen_student_state(frozen)
+                sd.update({k: v for k, v in frozen.items() if k not in sd})
             own = self.state_dict()
             for k, v in own.items():  # teacher and frozen FP weights come from the teacher
                 if k not in sd and (k.startswith("teacher.") or k in self._fp_keys):
@@ -1029,8 +1033,8 @@ class QATModule(L.LightningModule):
                 raise ValueError(f"checkpoint state_dict does not fit this model: missing keys {missing[:5]}"
                                  f"{' ...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
                                  f"{' ...' if len(unexpected) > 5 else ''}")
-        if checkpoint.get("mpq_frozen_params") is not None:  # DeepSpeed: loaded its module states before this
-            self.load_frozen_student_state(checkpoint["mpq_frozen_params"])
+        elif frozen is not None:  # DeepSpeed's restore: it loaded its module states before this hook
+            self.load_frozen_student_state(frozen)
         pending = checkpoint.get("mpq_trd_pending")
         if self.trd is not None:
             self.trd.reset()

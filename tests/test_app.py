@@ -1429,6 +1429,14 @@ def test_under_deepspeed_checkpoints_leave_the_teacher_out_and_keep_the_frozen_c
         assert torch.equal(a, b), n
     with pytest.raises(ValueError, match=r"mpq_frozen_params does not fit this model: missing \['student\."):
         fresh.load_frozen_student_state(dict(list(frozen.items())[1:]))
+    # evaluate.py / the exporter read a DeepSpeed folder as one dict (Lightning's ZeRO-to-fp32 conversion:
+    # the trainable parameters and buffers DeepSpeed saved, plus the checkpoint's own entries)
+    ckpt = {"state_dict": dict(sd), "mpq_identity": module._identity(), "mpq_frozen_params": frozen}
+    other = make()
+    other.on_load_checkpoint(ckpt)
+    other.load_state_dict(ckpt["state_dict"], strict=True)
+    for (n, a), b in zip(module.student.named_parameters(), other.student.parameters()):
+        assert torch.equal(a, b), n
     assert set(make().state_dict()) == set(full)  # without DeepSpeed: the whole state, as before
 
 
@@ -1508,3 +1516,46 @@ def test_quant_config_refuses_token_pooling_without_the_dynamic_quantizer_and_ig
                        QuantConfig(w_bits=4, a_bits=8, num_steps=2, smooth_alpha=0.5, smooth_momentum=0.95))
     identity = module._identity()
     module.check_checkpoint({"mpq_identity": {**identity, "quant": {**identity["quant"], "smooth_momentum": None}}})
+
+
+def test_a_deepspeed_checkpoint_folder_is_read_through_lightnings_conversion_or_refused_saying_how(tmp_path,
+                                                                                                  monkeypatch):
+    """evaluate.py and the exporter take a DeepSpeed run's ``last.ckpt/`` folder: with DeepSpeed installed
+    through Lightning's ZeRO-to-fp32 conversion (stood in for here: DeepSpeed is not installed), without
+    it an error naming the folder and the one-line conversion; a folder of something else is refused."""
+    import importlib.util
+    import sys
+    from types import ModuleType
+
+    from mpq_lightning.evaluation import resolve_checkpoint
+    from mpq_lightning.files import read_checkpoint
+
+    folder = tmp_path / "run" / "last.ckpt"
+    (folder / "checkpoint").mkdir(parents=True)
+    (tmp_path / "run" / "config.yaml").write_text("{}")
+    assert resolve_checkpoint(tmp_path / "run" / "config.yaml", "last") == folder
+    with pytest.raises(ValueError, match=r"is a folder but not a DeepSpeed checkpoint \(no 'latest' file"):
+        read_checkpoint(folder)
+    (folder / "latest").write_text("checkpoint")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real_find_spec(name, *a))
+    with pytest.raises(ValueError, match=rf"{re.escape(str(folder))} is a DeepSpeed checkpoint folder, and reading it "
+                                         r"needs DeepSpeed .*convert_zero_checkpoint_to_fp32_state_dict"):
+        read_checkpoint(folder)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
+    seen = []
+
+    def convert(checkpoint_dir, output_file, tag=None):
+        seen.append((Path(checkpoint_dir), Path(output_file).parent.exists()))
+        print(f"Saving fp32 state dict to {output_file}")  # as Lightning's does: kept off our output
+        return {"state_dict": {"student.x": torch.zeros(1)}, "mpq_identity": {}}
+
+    stand_in = ModuleType("lightning.pytorch.utilities.deepspeed")
+    stand_in.convert_zero_checkpoint_to_fp32_state_dict = convert
+    monkeypatch.setitem(sys.modules, "lightning.pytorch.utilities.deepspeed", stand_in)
+    assert read_checkpoint(folder)["state_dict"]["student.x"].shape == (1,)
+    assert seen == [(folder, True)]
+    from mpq_lightning.export import load_qat_module
+
+    with pytest.raises(ValueError, match=r"is a folder \(DeepSpeed\): pass the run's --config with it"):
+        load_qat_module(None, folder)
