@@ -30,7 +30,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from .files import read_checkpoint
+from .files import read_checkpoint, read_deepspeed_client_state
 from .module import ZERO3_REFUSAL, QATModule
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -124,8 +124,12 @@ class MPQCLI(LightningCLI):
         self.model.use_flat_params(self.trainer)  # refuses model.optim.flat_params true under FSDP / DeepSpeed
         cfg = self.config[self.subcommand]
         ckpt = _resolve_ckpt_path(self.trainer, cfg.ckpt_path)
-        if ckpt is not None and ckpt.is_file():  # (a DeepSpeed checkpoint folder is checked during the restore)
-            checkpoint = read_checkpoint(ckpt, mmap=True)
+        # FSDP and DeepSpeed restore after on_fit_start, where trainer.ckpt_path is not set yet: tell the
+        # module, so that it does not calibrate a student the restore then overwrites
+        self.model.resuming = ckpt is not None and ckpt.exists()
+        if ckpt is not None and ckpt.exists():
+            # a DeepSpeed checkpoint folder: its own entries, without gathering the shards
+            checkpoint = read_checkpoint(ckpt, mmap=True) if ckpt.is_file() else read_deepspeed_client_state(ckpt)
             self.model.check_checkpoint(checkpoint, source=str(ckpt))
             self.model.check_optimizer_state(checkpoint, source=str(ckpt))
             check_resume = getattr(self.datamodule, "check_resume", None)

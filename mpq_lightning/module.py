@@ -374,6 +374,7 @@ class QATModule(L.LightningModule):
         if loss.tmd and not teacher.is_video:
             raise ValueError(f"loss.tmd needs a video backbone; {model!r} is an image model")
         self._calibrated = False
+        self.resuming = False  #: set by MPQCLI when fit restores a checkpoint (see on_fit_start)
         self._step_fill: Tensor | None = None  # see untrained_step_fill
         self._loss_finite: Tensor | None = None  # since the last optimiser step, see check_finite
         self._loss_terms: dict[str, Tensor] | None = None
@@ -462,22 +463,25 @@ class QATModule(L.LightningModule):
             missing, unexpected = sorted(want - set(state)), sorted(set(state) - want)
             raise ValueError(f"{source}: mpq_frozen_params does not fit this model: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
-        with torch.no_grad():
-            for n, v in state.items():
-                if tuple(v.shape) != tuple(mine[n].shape):
-                    raise ValueError(f"{source}: mpq_frozen_params[{n!r}] has shape {list(v.shape)}, "
-                                     f"the model {list(mine[n].shape)}")
-                mine[n].copy_(v)
+        for n, v in state.items():
+            if tuple(v.shape) != tuple(mine[n].shape):
+                raise ValueError(f"{source}: mpq_frozen_params[{n!r}] has shape {list(v.shape)}, "
+                                 f"the model {list(mine[n].shape)}")
+        # through load_state_dict: its post-hooks rebuild what derives from these (OOLRI's quantized
+        # base weight from its frozen quantizer), which DeepSpeed's own load computed before them
+        self.load_state_dict(state, strict=False)
 
     def on_fit_start(self) -> None:
         """Calibrate once, on the device, after any checkpoint restore (a restore marks the module
-        calibrated, so resuming never re-initialises quantizers; strategies that restore after this
-        hook, FSDP and DeepSpeed, have ``trainer.ckpt_path`` set instead). Under DDP every rank
-        calibrates on its own shard, then rank 0's state is broadcast so all ranks start identical."""
+        calibrated, so resuming never re-initialises quantizers). FSDP and DeepSpeed restore after this
+        hook, before ``trainer.ckpt_path`` is set (Lightning 2.6): ``MPQCLI`` sets ``resuming`` for
+        them; a ``trainer.fit(ckpt_path=...)`` of one's own under those strategies calibrates and the
+        restore then overwrites it. Under DDP every rank calibrates on its own shard, then rank 0's
+        state is broadcast so all ranks start identical."""
         self.check_compile_settings(self.trainer)
         self.check_strategy(self.trainer)
         self.check_data(self.trainer.datamodule)
-        if not self._calibrated and self.trainer.ckpt_path is None:
+        if not self._calibrated and self.trainer.ckpt_path is None and not self.resuming:
             with full_parameters(self.trainer, writeback=True):  # FSDP: calibrate the gathered parameters
                 self.calibrate_from(self.trainer.datamodule)
                 if self.trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -1391,12 +1391,20 @@ def test_under_deepspeed_checkpoints_leave_the_teacher_out_and_keep_the_frozen_c
     from mpq_lightning.module import CalibConfig, LossConfig, OptimConfig, QATModule
     from mpq_lightning.quant import QuantConfig
 
+    from mpq_lightning.quant import set_quant_state
+
     def make():
         torch.manual_seed(0)
-        return QATModule("tiny-stdit", {}, QuantConfig(w_bits=3, a_bits=6, num_steps=10, lora_rank=2), True,
-                         LossConfig(), OptimConfig(), CalibConfig(num_batches=1))
+        quant = QuantConfig(w_bits=3, a_bits=6, num_steps=10, w_quantizer="fzrmq", lora_rank=2,
+                            lora_init="svd_weight_error", lora_quantized_base=True)
+        return QATModule("tiny-stdit", {}, quant, True, LossConfig(), OptimConfig(), CalibConfig(num_batches=1))
 
     module = make()
+    d = module.teacher
+    g = torch.Generator().manual_seed(0)
+    batch = {"x_t": torch.randn(2, *d.latent_shape, generator=g), "t": torch.tensor([10, 500]),
+             "step_index": torch.tensor([1, 5]), "cond": {"y": torch.randn(2, 1, *d.cond_spec["y"].shape[1:], generator=g)}}
+    module.calibrate_from(SimpleNamespace(train_dataloader=lambda: [batch]))
     full = module.state_dict()
     assert any(k.startswith("teacher.") and k.endswith("pos_embed") for k in full)  # a teacher buffer
     DeepSpeedStrategy = type("DeepSpeedStrategy", (), {"config": {"train_micro_batch_size_per_gpu": 2}})
@@ -1416,9 +1424,9 @@ def test_under_deepspeed_checkpoints_leave_the_teacher_out_and_keep_the_frozen_c
     frozen = module.frozen_student_state()
     assert any(k.endswith("weight_quantizer.zero_point") for k in frozen) and not set(frozen) & set(sd)
     assert set(sd) | set(frozen) == {k for k in full if not k.startswith("teacher.") and k not in module._fp_keys}
-    with torch.no_grad():  # "calibrated" and "trained" state, different from a fresh module's
+    with torch.no_grad():  # "trained" state; the frozen one is calibrated: both differ from a fresh module's
         for n, p in module.student.named_parameters():
-            if f"student.{n}" not in module._fp_keys:
+            if p.requires_grad:
                 p.add_(0.5)
     sd, frozen = deepspeed_saves(module), module.frozen_student_state()
     fresh = make()
@@ -1427,6 +1435,13 @@ def test_under_deepspeed_checkpoints_leave_the_teacher_out_and_keep_the_frozen_c
     fresh.load_frozen_student_state(frozen)  # on_load_checkpoint, from the client state
     for (n, a), b in zip(module.student.named_parameters(), fresh.student.parameters()):
         assert torch.equal(a, b), n
+    # and what derives from them: OOLRI's quantized base weight (a cache rebuilt on load) from its frozen
+    # quantizer, which DeepSpeed's load saw uncalibrated; the quantized student computes the same
+    for m in (module, fresh):
+        set_quant_state(m.student.backbone, True, True)
+    with torch.no_grad():
+        out = [m.student(batch["x_t"], batch["t"], batch["cond"], batch["step_index"]) for m in (module, fresh)]
+    assert torch.equal(out[0], out[1])
     with pytest.raises(ValueError, match=r"mpq_frozen_params does not fit this model: missing \['student\."):
         fresh.load_frozen_student_state(dict(list(frozen.items())[1:]))
     # evaluate.py / the exporter read a DeepSpeed folder as one dict (Lightning's ZeRO-to-fp32 conversion:
@@ -1537,6 +1552,13 @@ def test_a_deepspeed_checkpoint_folder_is_read_through_lightnings_conversion_or_
     with pytest.raises(ValueError, match=r"is a folder but not a DeepSpeed checkpoint \(no 'latest' file"):
         read_checkpoint(folder)
     (folder / "latest").write_text("checkpoint")
+    with pytest.raises(ValueError, match=r"no \*model_states.pt in .* not fully written"):
+        read_checkpoint(folder)
+    torch.save({"module": {"student.x": torch.zeros(1)}, "ds_version": "0.19.8", "mpq_identity": {"model": "m"},
+                "global_step": 2}, folder / "checkpoint" / "mp_rank_00_model_states.pt")
+    from mpq_lightning.files import read_deepspeed_client_state
+
+    assert read_deepspeed_client_state(folder) == {"mpq_identity": {"model": "m"}, "global_step": 2}  # resume checks
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real_find_spec(name, *a))
     with pytest.raises(ValueError, match=rf"{re.escape(str(folder))} is a DeepSpeed checkpoint folder, and reading it "
