@@ -155,6 +155,7 @@ def test_resume_is_exact(full_run, workdir):
     assert stopped.trainer.global_step == 2
     resumed = fit("--trainer.max_steps", "4", "--checkpoint_every_n_steps", "2", "--ckpt_path", "last", run="half")
     assert resumed.trainer.global_step == 4
+    assert resumed.model.resuming and not full_run.model.resuming  # MPQCLI's mark (see on_fit_start)
     a, b = _student_state(full_run), _student_state(resumed)
     assert a.keys() == b.keys()
     for k in a:
@@ -910,8 +911,10 @@ def test_rank_sync_rebuilds_state_derived_caches():
 
 
 def test_calibration_waits_for_a_restore_that_comes_after_fit_start():
-    """FSDP and DeepSpeed restore a checkpoint after ``on_fit_start``: with a checkpoint to restore,
-    the quantizers are not calibrated first (the restore sets them); without one they are."""
+    """FSDP and DeepSpeed restore a checkpoint after ``on_fit_start``, and Lightning 2.6 sets
+    ``trainer.ckpt_path`` only at that restore (seen with DeepSpeed on a CPU,
+    benchmarks/deepspeed_cpu_check.py): ``MPQCLI`` marks the module ``resuming``. With a checkpoint to
+    restore the quantizers are not calibrated first (the restore sets them); without one they are."""
     from mpq_lightning.module import QATModule
 
     class Trainer:  # what on_fit_start reads
@@ -920,7 +923,12 @@ def test_calibration_waits_for_a_restore_that_comes_after_fit_start():
 
     module = QATModule("tiny-stdit", {"config": {"depth": 1}})
     module.trainer = Trainer()
-    module.trainer.ckpt_path = "run/last.ckpt"
+    module.trainer.ckpt_path = None
+    module.resuming = True  # as MPQCLI.before_fit sets it for --ckpt_path
+    module.on_fit_start()
+    assert not module._calibrated
+    module.resuming = False
+    module.trainer.ckpt_path = "run/last.ckpt"  # a restore Lightning announced
     module.on_fit_start()
     assert not module._calibrated
     module.trainer.ckpt_path = None
