@@ -127,7 +127,7 @@ class MPQCLI(LightningCLI):
         # FSDP and DeepSpeed restore after on_fit_start, where trainer.ckpt_path is not set yet: tell the
         # module, so that it does not calibrate a student the restore then overwrites
         self.model.resuming = ckpt is not None and ckpt.exists()
-        if ckpt is not None and ckpt.exists():
+        if self.model.resuming:
             # a DeepSpeed checkpoint folder: its own entries, without gathering the shards
             checkpoint = read_checkpoint(ckpt, mmap=True) if ckpt.is_file() else read_deepspeed_client_state(ckpt)
             self.model.check_checkpoint(checkpoint, source=str(ckpt))

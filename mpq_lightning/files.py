@@ -102,7 +102,7 @@ def read_deepspeed_checkpoint(path: str | os.PathLike) -> dict:
     import tempfile
 
     folder = Path(path)
-    read_deepspeed_client_state(folder)  # a DeepSpeed folder at all, fully written
+    _deepspeed_model_states(folder)  # a DeepSpeed folder at all, fully written
     if importlib.util.find_spec("deepspeed") is None:
         raise ValueError(
             f"checkpoint {os.fspath(path)} is a DeepSpeed checkpoint folder, and reading it needs DeepSpeed "
@@ -115,21 +115,26 @@ def read_deepspeed_checkpoint(path: str | os.PathLike) -> dict:
         return convert_zero_checkpoint_to_fp32_state_dict(folder, Path(tmp) / "fp32.ckpt")
 
 
-def read_deepspeed_client_state(path: str | os.PathLike) -> dict:
-    """The entries of a DeepSpeed checkpoint folder that are not DeepSpeed's own (``mpq_identity``, the data
-    module's position, ...), read from its model-states file without gathering the ZeRO shards and
-    without DeepSpeed: enough to judge a resume before anything is built."""
-    folder = Path(path)
+def _deepspeed_model_states(folder: Path) -> Path:
+    """The model-states file of DeepSpeed checkpoint folder ``folder`` (its ``latest`` tag's), or an
+    error naming the folder."""
     latest = folder / "latest"
     if not latest.is_file():
-        raise ValueError(f"checkpoint {os.fspath(path)} is a folder but not a DeepSpeed checkpoint (no 'latest' file "
+        raise ValueError(f"checkpoint {folder} is a folder but not a DeepSpeed checkpoint (no 'latest' file "
                          "in it): pass a checkpoint file, or the folder DeepSpeed saved")
     tag = latest.read_text().strip()
     files = sorted((folder / tag).glob("*model_states.pt"))
     if not files:
-        raise ValueError(f"checkpoint {os.fspath(path)}: no *model_states.pt in {folder / tag} (a DeepSpeed "
+        raise ValueError(f"checkpoint {folder}: no *model_states.pt in {folder / tag} (a DeepSpeed "
                          "checkpoint folder that was not fully written)")
-    state = read_torch_file(files[0], "checkpoint", weights_only=False, mmap=True)
+    return files[0]
+
+
+def read_deepspeed_client_state(path: str | os.PathLike) -> dict:
+    """The entries of a DeepSpeed checkpoint folder that are not DeepSpeed's own (``mpq_identity``, the data
+    module's position, ...), read from its model-states file without gathering the ZeRO shards and
+    without DeepSpeed: enough to judge a resume before anything is built."""
+    state = read_torch_file(_deepspeed_model_states(Path(path)), "checkpoint", weights_only=False, mmap=True)
     own = ("module", "optimizer", "lr_scheduler", "buffer_names", "param_shapes", "frozen_param_shapes",
            "frozen_param_fragments", "shared_params", "ds_config", "ds_version")
     return {k: v for k, v in state.items() if k not in own}

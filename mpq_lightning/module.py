@@ -245,7 +245,7 @@ class _FeatureHook:
 
 
 def _drop_teacher_keys(module: "QATModule", state_dict: dict, prefix: str, local_metadata) -> None:
-    for k in [k for k in state_dict if k.startswith(f"{prefix}teacher.") or k.removeprefix(prefix) in module._fp_keys]:
+    for k in [k for k in state_dict if k.startswith(prefix) and module.from_teacher(k.removeprefix(prefix))]:
         del state_dict[k]
 
 
@@ -449,16 +449,23 @@ class QATModule(L.LightningModule):
         if getattr(self, "_teacher_out_hook", None) is None:
             self._teacher_out_hook = self.register_state_dict_post_hook(_drop_teacher_keys)
 
+    def from_teacher(self, key: str) -> bool:
+        """Whether state-dict entry ``key`` comes from the teacher on a load (the teacher itself and the
+        student's frozen FP weights), so that checkpoints leave it out."""
+        return key.startswith("teacher.") or key in self._fp_keys
+
+    def _frozen_student_params(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.named_parameters() if not p.requires_grad and not self.from_teacher(n)}
+
     def frozen_student_state(self) -> dict[str, Tensor]:
         """The student's parameters without a gradient that are not FP weights (calibrated quantizer
         state such as frozen zero points), on the CPU, by their names in this module."""
-        return {n: p.detach().cpu().clone() for n, p in self.named_parameters()
-                if not p.requires_grad and not n.startswith("teacher.") and n not in self._fp_keys}
+        return {n: p.detach().cpu().clone() for n, p in self._frozen_student_params().items()}
 
-    def load_frozen_student_state(self, state: dict[str, Tensor], source: str = "checkpoint") -> None:
-        """Copy :meth:`frozen_student_state` back, refusing a set of names that is not this module's."""
-        mine = dict(self.named_parameters())
-        want = set(self.frozen_student_state())
+    def check_frozen_student_state(self, state: dict[str, Tensor], source: str = "checkpoint") -> None:
+        """Refuse a :meth:`frozen_student_state` whose names or shapes are not this module's."""
+        mine = self._frozen_student_params()
+        want = set(mine)
         if set(state) != want:
             missing, unexpected = sorted(want - set(state)), sorted(set(state) - want)
             raise ValueError(f"{source}: mpq_frozen_params does not fit this model: missing {missing[:5]}, "
@@ -467,6 +474,10 @@ class QATModule(L.LightningModule):
             if tuple(v.shape) != tuple(mine[n].shape):
                 raise ValueError(f"{source}: mpq_frozen_params[{n!r}] has shape {list(v.shape)}, "
                                  f"the model {list(mine[n].shape)}")
+
+    def load_frozen_student_state(self, state: dict[str, Tensor], source: str = "checkpoint") -> None:
+        """Copy :meth:`frozen_student_state` back (checked by :meth:`check_frozen_student_state`)."""
+        self.check_frozen_student_state(state, source)
         # through load_state_dict: its post-hooks rebuild what derives from these (OOLRI's quantized
         # base weight from its frozen quantizer), which DeepSpeed's own load computed before them
         self.load_state_dict(state, strict=False)
@@ -946,7 +957,7 @@ class QATModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         sd = checkpoint["state_dict"]
-        for k in [k for k in sd if k.startswith("teacher.") or k in self._fp_keys]:
+        for k in [k for k in sd if self.from_teacher(k)]:
             del sd[k]
         bad = [k for k, v in sd.items() if type(v) is torch.Tensor and v.is_floating_point() and not bool(v.isfinite().all())]
         if self._trainer is not None and self.trainer.world_size > 1:
@@ -1026,11 +1037,11 @@ class QATModule(L.LightningModule):
         frozen = checkpoint.get("mpq_frozen_params")  # a DeepSpeed checkpoint's (leave_teacher_out_of_state_dicts)
         if sd is not None:  # FSDP loads module states inside the strategy, before this hook (non-strictly)
             if frozen is not None:  # a DeepSpeed folder read as one dict (files.read_deepspeed_checkpoint)
-                self.load_frozen_student_state(frozen)
+                self.check_frozen_student_state(frozen)  # loaded with sd by the caller
                 sd.update({k: v for k, v in frozen.items() if k not in sd})
             own = self.state_dict()
             for k, v in own.items():  # teacher and frozen FP weights come from the teacher
-                if k not in sd and (k.startswith("teacher.") or k in self._fp_keys):
+                if k not in sd and self.from_teacher(k):
                     sd[k] = v
             missing, unexpected = [k for k in own if k not in sd], [k for k in sd if k not in own]
             if missing or unexpected:  # our own strictness: Lightning loads with strict_loading = False

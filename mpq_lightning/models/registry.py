@@ -283,8 +283,9 @@ class Denoiser(nn.Module):
                 raise ValueError(f"cond[{key!r}] must be a floating-point tensor, got {value.dtype}")
             # a keep-mask row of zeros leaves attention nothing to attend (NaN); checked on the host only
             # (condition files, CPU forwards): on a GPU the check would make the host wait every forward
-            if spec.dtype == "mask" and value.device.type == "cpu" and value.numel() and not bool((value != 0).any(-1).all()):
-                rows = torch.nonzero(~(value != 0).any(-1)).flatten().tolist()
+            empty = ~(value != 0).any(-1) if spec.dtype == "mask" and value.device.type == "cpu" else None
+            if empty is not None and bool(empty.any()):
+                rows = torch.nonzero(empty).flatten().tolist()
                 raise ValueError(f"cond[{key!r}]: rows {rows[:10]} keep no token (all zeros); every mask row "
                                  "needs at least one kept token")
         return cond
