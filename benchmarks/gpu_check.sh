@@ -35,6 +35,7 @@ if [ -d /tmp/site_ds/deepspeed ]; then
   run 100 fit_deepspeed2_bf16 env PYTHONPATH=/tmp/site_ds:$PYTHONPATH DS_BUILD_OPS=0 python3 train.py $T --trainer.max_steps 2 --checkpoint_every_n_steps 2 --run_name gpu_ds --trainer.strategy deepspeed_stage_2 --trainer.precision bf16-mixed
   run 30 deepspeed_ckpt_no_frozen env PYTHONPATH=/tmp/site_ds:$PYTHONPATH python3 -c "import glob, torch; f = glob.glob('checkpoints/gpu_ds/last.ckpt/checkpoint/*model_states.pt')[0]; st = torch.load(f, weights_only=False, map_location='cpu'); sd = st['module']; bad = [k for k in sd if k.startswith('teacher.')]; fz = st.get('mpq_frozen_params') or {}; print(len(sd), 'module keys,', len(bad), 'teacher keys,', len(fz), 'frozen student params'); assert sd and not bad and fz"
   run 100 resume_deepspeed2_bf16 env PYTHONPATH=/tmp/site_ds:$PYTHONPATH DS_BUILD_OPS=0 python3 train.py $T --trainer.max_steps 4 --checkpoint_every_n_steps 2 --run_name gpu_ds --trainer.strategy deepspeed_stage_2 --trainer.precision bf16-mixed --ckpt_path last
+  run 90 evaluate_deepspeed_run env PYTHONPATH=/tmp/site_ds:$PYTHONPATH python3 evaluate.py --config checkpoints/gpu_ds/config.yaml --eval.num_samples 4 --eval.device cuda
   run 100 fit_deepspeed2_32 env PYTHONPATH=/tmp/site_ds:$PYTHONPATH DS_BUILD_OPS=0 python3 train.py $T --trainer.max_steps 2 --run_name gpu_ds32 --trainer.strategy deepspeed_stage_2 --trainer.precision 32-true
 fi
 run 90 host_syncs python3 benchmarks/host_syncs.py --modes eager --out "$OUT/host_syncs_cuda.json"

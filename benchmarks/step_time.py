@@ -13,7 +13,8 @@ For each model (the tiny STDiT and a mid-size STDiT) it times these training ste
   of the element-wise quantizer math); ``model`` (``QATModule(compile_model=True)``: student and
   teacher backbones compiled whole); ``blocks`` (the same with ``compile_scope="blocks"``: each
   transformer block compiled, blocks alike sharing a graph, the rest eager); ``cudagraphs`` (``model``
-  with ``compile_mode="reduce-overhead"``: the compiled graphs replayed as CUDA graphs on a GPU);
+  with ``compile_mode="reduce-overhead"``: the compiled graphs replayed as CUDA graphs on a GPU;
+  ``blocks_cudagraphs``: ``blocks`` likewise);
   ``model_per_tensor`` / ``model_flat`` (``model`` with ``optim.flat_params`` false / true: torch's
   AdamW over each tensor / over one flat tensor per group; the default is flat on a CPU only);
   ``model_compiled_autograd`` (``model`` with the whole step, backward included, run under torch's
@@ -120,6 +121,7 @@ MODES = {  # QAT step variants: (key, QuantConfig.compile_quantizers, QATModule.
     # into the compiled backward graph
     "model_compiled_autograd": ("qat_compiled_model_compiled_autograd", False, "model", "default", None),
     "cudagraphs": ("qat_cudagraphs", False, "model", "reduce-overhead", None),
+    "blocks_cudagraphs": ("qat_cudagraphs_blocks", False, "blocks", "reduce-overhead", None),
 }
 
 
@@ -271,11 +273,14 @@ def qat_setup(name: str, kwargs: dict, b: dict, device, compile_quantizers: bool
     queue = MemoryQueue(num_steps=10, pixels_per_step=64)
     queue.attach(module)
     qopt = module.build_optimizer()  # the module's own AdamW (fused where available)
+    module.mark_cudagraph_step()  # a first CUDA-graph step, as the app's first training / validation step marks
     with torch.no_grad():
-        b["teacher_output"] = module.teacher(b["x_t"], b["t"], b["cond"], b["step_index"])
+        # a copy: a compiled teacher replayed as a CUDA graph (mode cudagraphs) writes its next output
+        # into the same memory, and this cached target is read at every step (the app's comes from the cache)
+        b["teacher_output"] = module.teacher(b["x_t"], b["t"], b["cond"], b["step_index"]).clone()
 
     def qat_step():
-        module._mark_cudagraph_step()  # as training_step does
+        module.mark_cudagraph_step()  # as training_step does
         losses = module.compute_losses(b)
         total = sum(losses.values())
         qopt.zero_grad(set_to_none=True)
@@ -307,7 +312,7 @@ def main() -> None:
     ap.add_argument("--modes", default="eager,quantizers,model",
                     help="comma-separated QAT step variants: eager, quantizers (compile_quantizers), model (compile_model), "
                          "blocks (compile_model with compile_scope blocks), cudagraphs (compile_model with "
-                         "compile_mode reduce-overhead: CUDA graphs on a GPU), model_per_tensor / model_flat "
+                         "compile_mode reduce-overhead: CUDA graphs on a GPU), blocks_cudagraphs (blocks likewise), model_per_tensor / model_flat "
                          "(model with optim.flat_params false / true), model_compiled_autograd (model, backward "
                          "compiled by torch's compiled autograd)")
     ap.add_argument("--compile-cache", default=None,
@@ -341,12 +346,8 @@ def main() -> None:
     for r in rows:
         qat = ", ".join(f"{label} {r[k + '_step_s'] * 1e3:.1f} ms (ratio {r[k + '_ratio']:.2f}, "
                         f"quartiles {r[k + '_ratio_q1_q3'][0]:.2f}-{r[k + '_ratio_q1_q3'][1]:.2f})"
-                        for k, label in (("qat", "QAT eager"), ("qat_compiled", "QAT compiled quantizers"),
-                                         ("qat_compiled_model", "QAT compiled model"),
-                                         ("qat_compiled_blocks", "QAT compiled blocks"),
-                                         ("qat_compiled_model_compiled_autograd", "QAT compiled model and autograd"),
-                                         ("qat_cudagraphs", "QAT compiled model with CUDA graphs"),
-                                         ("no_quantizers", "same step, quantizers off")) if k + "_step_s" in r)
+                        for k, label in [(key, f"QAT {mode}") for mode, (key, *_) in MODES.items()]
+                        + [("no_quantizers", "same step, quantizers off")] if k + "_step_s" in r)
         if "fp_compiled_step_s" in r:
             qat += (f", FP compiled {r['fp_compiled_step_s'] * 1e3:.1f} ms (compiled QAT / compiled FP "
                     f"{r['qat_compiled_model_ratio_vs_fp_compiled']:.2f})")

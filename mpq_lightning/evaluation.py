@@ -18,6 +18,7 @@ still reported. Runs on ``eval.device``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -144,10 +145,18 @@ def load_run(config: str, ckpt_path: str = "last", overrides: list[str] | None =
     import sys
 
     argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when it sees both args and sys.argv
+    # the CLI's Trainer is a placeholder (sampling runs on eval.device): its report of the devices it
+    # does not use ("GPU available: True (cuda), used: False", "GPU available but not used") misled
+    report = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = report.level
+    report.setLevel(logging.WARNING)
     try:
-        cli = MPQCLI(args=["--config", yaml.safe_dump(resolved), *(overrides or [])], run=False)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"GPU available but not used")
+            cli = MPQCLI(args=["--config", yaml.safe_dump(resolved), *(overrides or [])], run=False)
     finally:
         sys.argv = argv
+        report.setLevel(level)
     module, datamodule = cli.model, cli.datamodule
     checkpoint = read_checkpoint(ckpt)  # our own Lightning checkpoint
     module.check_checkpoint(checkpoint, source=str(ckpt))  # names the file; on_load_checkpoint checks again

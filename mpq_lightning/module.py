@@ -322,7 +322,7 @@ class QATModule(L.LightningModule):
         self.save_hyperparameters()
         self.model_name, self.loss_cfg, self.optim_cfg, self.calib_cfg = model, loss, optim, calib
         self.compile_model, self.compile_scope, self.compile_mode = compile_model, compile_scope, compile_mode
-        # settled here, not in every step's _mark_cudagraph_step
+        # settled here, not in every step's mark_cudagraph_step
         self._replays_cudagraphs = bool(compile_model and self.inductor_options().get("triton.cudagraphs"))
         teacher = build(model, **(model_kwargs or {}))
         if use_model_defaults:
@@ -608,10 +608,14 @@ class QATModule(L.LightningModule):
 
         return {**torch._inductor.list_mode_options(self.compile_mode), **self.compile_options}
 
-    def _mark_cudagraph_step(self) -> None:
+    def mark_cudagraph_step(self) -> None:
         """A new step for CUDA-graph replay (``compile_mode`` reduce-overhead / max-autotune, or
         ``triton.cudagraphs`` in ``compile_options``): the previous step's graph outputs may be
-        overwritten from here on (none is read after its step)."""
+        overwritten from here on (none is read after its step). Training and validation steps call it,
+        and ``SampleLogger`` before each sampling run: until a first mark, torch's CUDA-graph trees
+        start a new generation at every no-grad call of a compiled unit, and with ``compile_scope
+        blocks`` (one graph shared by the blocks) a block's replay then overwrote the previous block's
+        output (benchmarks/step_time.py's teacher forward on an H200, 2026-11-28)."""
         if self._replays_cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
 
@@ -765,7 +769,7 @@ class QATModule(L.LightningModule):
         return losses
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        self._mark_cudagraph_step()
+        self.mark_cudagraph_step()
         losses = self.compute_losses(batch)
         loss = sum(losses.values())
         # judged with the gradients in on_before_optimizer_step: one host sync per step, before any update
@@ -825,7 +829,7 @@ class QATModule(L.LightningModule):
         validation (and Lightning's sanity check, which repeats on resume) does not move the random
         stream training draws from, so runs with and without it, or resumed, train alike."""
         devices = [self.device] if self.device.type == "cuda" else []
-        self._mark_cudagraph_step()
+        self.mark_cudagraph_step()
         with torch.random.fork_rng(devices=devices):
             losses = self.compute_losses(batch, training=False)
         bs = batch["x_t"].shape[0]

@@ -391,6 +391,21 @@ def test_generate_same_noise_and_restores_modes():
     assert not torch.equal(SampleLogger(num_samples=3, seed=1).generate(module)[0], teacher)
 
 
+def test_each_sampling_run_marks_a_cuda_graph_step_first():
+    """With CUDA-graph replay, a sampling run that began before any step mark would have torch start a
+    new generation at every no-grad call of a compiled unit (one block's replay overwrote the previous
+    block's output on an H200): SampleLogger marks a step before the teacher's run and the student's."""
+    module = FakeQAT(image_denoiser())
+    events = []
+    module.mark_cudagraph_step = lambda: events.append("mark")
+    for name in ("teacher", "student"):
+        getattr(module, name).register_forward_pre_hook(lambda m, a, name=name: events.append(name))
+    SampleLogger(num_samples=2, guidance_scale=1.0).generate(module)
+    calls = [e for i, e in enumerate(events) if i == 0 or e != events[i - 1]]  # runs of forwards collapsed
+    assert calls == ["mark", "teacher", "mark", "student"]
+    assert events.count("teacher") == events.count("student") == NUM_STEPS  # the quantizers' step table
+
+
 def test_fit_logs_image_samples(tmp_path):
     sampler = SampleLogger(every_n_steps=2, num_samples=3, guidance_scale=2.0)
     trainer, module = fit(tmp_path, image_denoiser(), [PerTimestepError(), sampler])

@@ -334,7 +334,7 @@ def test_compile_mode_and_options_reach_torch_compile_and_cuda_graphs_mark_each_
                            compile_mode=mode, compile_options=options)
         module.compile_backbones()
         assert seen == [want] * 4  # two blocks in each of the two backbones
-        module._mark_cudagraph_step()
+        module.mark_cudagraph_step()
         assert len(marks) == graphs
 
 

@@ -419,6 +419,8 @@ class SampleLogger(Callback):
         with torch.random.fork_rng(devices=fork_devices), _eval_mode(teacher, student), _train_quant_state(pl_module):
             for model in (teacher, model_student):
                 gen = torch.Generator(device=device).manual_seed(self.seed + 1)
+                if callable(mark := getattr(pl_module, "mark_cudagraph_step", None)):
+                    mark()  # each sampling run is its own CUDA-graph step (QATModule.mark_cudagraph_step)
                 with forward_ctx():
                     out = sample(model, make_sched(), noise, cond=cond or None, uncond=uncond, guidance_scale=scale,
                                  num_inference_steps=steps, generator=gen, eta=self.eta)
