@@ -18,6 +18,7 @@
 """
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import logging
 import os
@@ -29,6 +30,7 @@ from typing import Any, Callable, Literal, Optional
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.strategies import DeepSpeedStrategy as _LightningDeepSpeedStrategy
 
 from .files import read_checkpoint, read_deepspeed_client_state
 from .module import ZERO3_REFUSAL, QATModule
@@ -168,6 +170,26 @@ class MPQCLI(LightningCLI):
         Console().print("\n".join(lines), highlight=False, soft_wrap=True)
 
 
+def _destroy_process_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+class DeepSpeedStrategy(_LightningDeepSpeedStrategy):
+    """Lightning's DeepSpeed strategy with its NCCL process group destroyed at exit, as Lightning's
+    own set-up does for DDP and FSDP (``_init_dist_connection``). DeepSpeed creates the group itself,
+    and torch warned at the end of every DeepSpeed run ("destroy_process_group() was not called
+    before program exit, which can leak resources"; seen on an H200)."""
+
+    _exit_hook = False
+
+    def _init_deepspeed_distributed(self) -> None:
+        super()._init_deepspeed_distributed()
+        if self._process_group_backend == "nccl" and not DeepSpeedStrategy._exit_hook:
+            DeepSpeedStrategy._exit_hook = True
+            atexit.register(_destroy_process_group)
+
+
 def deepspeed_strategy(name: str):
     """Lightning's registered DeepSpeed strategy ``name`` (``deepspeed_stage_2``, ...) with frozen
     parameters left out of its checkpoints: DeepSpeed saves module states itself, so without this the
@@ -178,7 +200,7 @@ def deepspeed_strategy(name: str):
     if name not in StrategyRegistry:
         return name  # Lightning names the valid strategies
     init = {**StrategyRegistry[name]["init_params"], "exclude_frozen_parameters": True}
-    strategy = {"class_path": "lightning.pytorch.strategies.DeepSpeedStrategy", "init_args": init}
+    strategy = {"class_path": "mpq_lightning.cli.DeepSpeedStrategy", "init_args": init}
     _refuse_zero3(strategy)
     if importlib.util.find_spec("deepspeed") is None:  # (else jsonargparse's traceback, before any work)
         raise ValueError(f"trainer.strategy {name}: DeepSpeed is not installed; pip install -e \".[deepspeed]\" "

@@ -490,11 +490,44 @@ def test_deepspeed_strategies_leave_frozen_weights_out_of_checkpoints(monkeypatc
             deepspeed_strategy("deepspeed_stage_2")
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())  # as if installed
     assert deepspeed_strategy("deepspeed_stage_2") == {
-        "class_path": "lightning.pytorch.strategies.DeepSpeedStrategy",
+        "class_path": "mpq_lightning.cli.DeepSpeedStrategy",
         "init_args": {"stage": 2, "exclude_frozen_parameters": True}}
     assert deepspeed_strategy("deepspeed_stage_2_offload")["init_args"] == {
         "stage": 2, "offload_optimizer": True, "exclude_frozen_parameters": True}
     assert deepspeed_strategy("deepspeed_stage_9") == "deepspeed_stage_9"
+
+
+def test_deepspeed_strategy_destroys_its_nccl_process_group_at_exit(monkeypatch, tmp_path):
+    """DeepSpeed creates the process group itself (Lightning registers the exit hook only for the groups
+    it creates): ours registers, once, a hook that destroys the group, for NCCL as Lightning does."""
+    import atexit
+
+    import torch.distributed as dist
+    from lightning.pytorch.strategies import DeepSpeedStrategy as LightningDeepSpeed
+
+    from mpq_lightning import cli
+
+    hooks, backend = [], {}
+    monkeypatch.setattr(atexit, "register", hooks.append)
+    monkeypatch.setattr(cli.DeepSpeedStrategy, "_exit_hook", False)
+    monkeypatch.setattr(LightningDeepSpeed, "_init_deepspeed_distributed",
+                        lambda self: setattr(self, "_process_group_backend", backend["name"]))
+    strategy = cli.DeepSpeedStrategy.__new__(cli.DeepSpeedStrategy)  # (its __init__ needs deepspeed installed)
+    backend["name"] = "gloo"
+    strategy._init_deepspeed_distributed()
+    assert hooks == []  # gloo: torch does not warn, and Lightning registers nothing either
+    backend["name"] = "nccl"
+    strategy._init_deepspeed_distributed()
+    strategy._init_deepspeed_distributed()  # a second fit in the same process: still one hook
+    assert hooks == [cli._destroy_process_group]
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        hooks[0]()
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    hooks[0]()  # nothing to destroy: no error
 
 
 def test_eval_config_bad_input_names_the_key():
