@@ -29,9 +29,9 @@ T="--config configs/tiny/stdit_w3a6.yaml --trainer.accelerator gpu --trainer.dev
 # typing_extensions, hjson. $OUT/summary.txt grows check by check if a call is cut short;
 # each output line carries its time, to tell a slow compile from a hang at exit; the compiled fits also print
 # every thread's stack every 30 s (benchmarks/run_with_stacks.py: SIGABRT printed nothing there on the H100)
-run 200 step_time_cuda_tiny_cudagraphs python3 benchmarks/step_time.py --device cuda --models tiny-stdit --modes cudagraphs,blocks_cudagraphs,model --repeats 20 --out "$OUT/step_time_cuda_tiny.json"
+run 200 step_time_cuda_tiny_cudagraphs python3 benchmarks/step_time.py --device cuda --models tiny-stdit --modes cudagraphs,blocks_cudagraphs,model --repeats 20 --profile 3 --out "$OUT/step_time_cuda_tiny.json"
 run 150 fit_cudagraphs_blocks_samples python3 benchmarks/run_with_stacks.py 30 train.py $T --config benchmarks/gpu_samples_at_start.yaml --trainer.max_steps 4 --run_name gpu_cgb --model.compile_model true --model.compile_scope blocks --model.compile_mode reduce-overhead
-run 200 step_time_cuda_mid_cudagraphs python3 benchmarks/step_time.py --device cuda --models mid-stdit --modes blocks_cudagraphs --repeats 10 --out "$OUT/step_time_cuda_mid_cudagraphs.json"
+run 260 step_time_cuda_mid_cudagraphs python3 benchmarks/step_time.py --device cuda --models mid-stdit --modes blocks_cudagraphs,blocks --repeats 10 --profile 3 --out "$OUT/step_time_cuda_mid_cudagraphs.json"
 # one wheel at a time: the binary ones exist for cp310 / cp311 / cp312 and only the matching one installs
 for w in .whl/deepspeed/*.whl; do python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site_ds "$w" > /dev/null 2>&1; done
 if [ -d /tmp/site_ds/deepspeed ]; then

@@ -1,7 +1,7 @@
 """Training-step time: our full method (QATModule) vs the same backbone's plain FP training step.
 
     python benchmarks/step_time.py [--device cpu|cuda] [--repeats 20] [--threads N] [--modes eager,quantizers,model]
-                                   [--breakdown] [--models tiny-stdit,mid-stdit] [--compile-cache DIR]
+                                   [--breakdown] [--profile N] [--models tiny-stdit,mid-stdit] [--compile-cache DIR]
                                    [--compile-options '{"cpp_wrapper": true}']
 
 For each model (the tiny STDiT and a mid-size STDiT) it times these training steps:
@@ -31,7 +31,9 @@ median of the per-round ratios to the eager FP step of the same round (``_q1_q3`
 The compiled-model step is also given against the compiled FP step. ``--breakdown`` also times the
 parts of each QAT step on their own, afterwards (frozen-teacher forward, student forward,
 ``compute_losses`` = both forwards + losses + memory-queue writes, backward, optimiser; medians) and
-writes them as ``<mode>_phases_s``, the eager FP step's as ``fp_phases_s``.
+writes them as ``<mode>_phases_s``, the eager FP step's as ``fp_phases_s``. ``--profile N`` runs every
+step N more times under torch.profiler (``profile_steps``: host-dispatched aten ops, and on a GPU kernel
+launches and GPU busy time per step, to tell a launch-bound step from a compute-bound one).
 Writes benchmarks/results/step_time_<device>.json. Targets (issue 7): ratio <= 1.6 on CPU, <= 1.3 on
 GPU.
 """
@@ -182,7 +184,7 @@ def paired_ratio(num: list[float], den: list[float]) -> tuple[float, list[float]
 
 
 def bench(name: str, kwargs: dict, batch: int, repeats: int, device, modes: list[str], breakdown: bool = False,
-          fresh_cache: bool = True, compile_options: dict | None = None) -> dict:
+          fresh_cache: bool = True, compile_options: dict | None = None, profile: int = 0) -> dict:
     # -- FP training step (fused AdamW where torch has it, as QATModule uses by default) --------
     fp = build(name.replace("mid-stdit", "tiny-stdit"), **kwargs).to(device)
     b = batch_for(fp, batch, device)
@@ -250,7 +252,56 @@ def bench(name: str, kwargs: dict, batch: int, repeats: int, device, modes: list
                 continue
             set_quant_state(module.student.backbone, True, True)
             row[f"{key}_phases_s"] = phase_times(module, qopt, b, repeats, device)
+    if profile:
+        row["profile"] = profile_steps(steps, device, profile)
     return row
+
+
+def _outermost_aten(event) -> bool:
+    """An aten call with no aten call around it (``x @ w`` counts once, not as matmul, mm, ...)."""
+    if not event.name.startswith("aten::"):
+        return False
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::"):
+            return False
+        parent = parent.cpu_parent
+    return True
+
+
+def profile_steps(steps: dict, device, n: int, top: int = 12) -> dict:
+    """Each step of ``steps`` (name: (prepare, step), warmed up) under torch.profiler for ``n`` calls, per
+    call: ``wall_s``; ``aten_ops`` (aten calls not made inside another aten call: the ops the host
+    dispatched, from Python, autograd or a compiled graph's wrapper); on a GPU ``kernels``
+    (kernel launches) and ``gpu_busy_s`` (the kernels' summed time: far below ``wall_s`` means the host,
+    not the GPU, sets the pace); ``top``: the ops with the most self time (device time on a GPU, CPU
+    time on a CPU) as [name, calls, seconds] per call."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    out = {}
+    for name, (prepare, step) in steps.items():
+        prepare()
+        with profile(activities=activities) as prof:
+            t0 = time.perf_counter()
+            for _ in range(n):
+                step()
+            if cuda:
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - t0
+        events = prof.events()
+        row = {"wall_s": wall / n, "aten_ops": sum(map(_outermost_aten, events)) / n}
+        if cuda:
+            kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+            row["kernels"] = len(kernels) / n
+            row["gpu_busy_s"] = sum(e.device_time_total for e in kernels) * 1e-6 / n
+        self_time = (lambda a: a.self_device_time_total) if cuda else (lambda a: a.self_cpu_time_total)
+        averages = sorted(prof.key_averages(), key=self_time, reverse=True)[:top]
+        row["top"] = [[a.key, a.count / n, self_time(a) * 1e-6 / n] for a in averages]
+        out[name] = row
+    return out
 
 
 def qat_setup(name: str, kwargs: dict, b: dict, device, compile_quantizers: bool, compile_scope: str | None,
@@ -309,6 +360,9 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {list(MODELS)}")
     ap.add_argument("--breakdown", action="store_true", help="also time each phase of the QAT step (<mode>_phases_s)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="also run each step N times under torch.profiler: aten ops, kernel launches and GPU busy "
+                         "time per step, and the top ops (row['profile'])")
     ap.add_argument("--modes", default="eager,quantizers,model",
                     help="comma-separated QAT step variants: eager, quantizers (compile_quantizers), model (compile_model), "
                          "blocks (compile_model with compile_scope blocks), cudagraphs (compile_model with "
@@ -341,7 +395,8 @@ def main() -> None:
     rows = info["rows"]
     for n in models:  # written after each model, so a run cut short keeps the rows it finished
         rows.append(bench(n, MODELS[n], args.batch, args.repeats, device, modes, args.breakdown,
-                          fresh_cache=args.compile_cache is None, compile_options=args.compile_options))
+                          fresh_cache=args.compile_cache is None, compile_options=args.compile_options,
+                          profile=args.profile))
         out.write_text(json.dumps(info, indent=2))
     for r in rows:
         qat = ", ".join(f"{label} {r[k + '_step_s'] * 1e3:.1f} ms (ratio {r[k + '_ratio']:.2f}, "
@@ -353,6 +408,9 @@ def main() -> None:
                     f"{r['qat_compiled_model_ratio_vs_fp_compiled']:.2f})")
         print(f"{r['model']:>10} ({r['params'] / 1e6:.2f} M params, batch {r['batch']}, {r['rounds']} rounds): "
               f"FP {r['fp_step_s'] * 1e3:.1f} ms, {qat}")
+        for k, p in r.get("profile", {}).items():
+            print(f"{'':>10} {k} profile: {p['wall_s'] * 1e3:.1f} ms, {p['aten_ops']:.0f} aten ops"
+                  + (f", {p['kernels']:.0f} kernels, GPU busy {p['gpu_busy_s'] * 1e3:.1f} ms" if "kernels" in p else ""))
         for k in [k for k in r if k.endswith("_phases_s")]:
             print(f"{'':>10} {k[:-len('_phases_s')]} phases: " + ", ".join(f"{p} {v * 1e3:.1f} ms" for p, v in r[k].items()))
     print(f"-> {out}")

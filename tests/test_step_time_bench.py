@@ -62,3 +62,17 @@ def test_rounds_rotate_the_order(monkeypatch):
     steps = {n: (lambda: None, (lambda n=n: order.append(n))) for n in "abc"}
     st.interleaved(steps, 3, torch.device("cpu"))
     assert order == list("abc") + list("bca") + list("cab")
+
+
+def test_profile_counts_a_steps_ops_per_call():
+    """--profile's counts are per call of the step: a step of three adds and one matmul, profiled over
+    two calls, has 4 aten ops, with the adds' 3 calls per step in its table of top ops."""
+    st = _step_time()
+    x, w = torch.randn(64, 64), torch.randn(64, 64)
+    prepared = []
+    steps = {"s": (lambda: prepared.append(1), lambda: [x + 1.0 for _ in range(3)] + [x @ w])}
+    row = st.profile_steps(steps, torch.device("cpu"), n=2)["s"]
+    assert prepared == [1]  # the step's prepare runs once before it is profiled
+    assert row["aten_ops"] == 4 and "kernels" not in row and row["wall_s"] > 0
+    calls = {name: count for name, count, seconds in row["top"]}
+    assert calls["aten::add"] == 3 and calls["aten::mm"] == 1
