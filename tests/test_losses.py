@@ -151,6 +151,22 @@ def test_trd_window_averaging_matches_release():
     torch.testing.assert_close(second, expected, rtol=1e-10, atol=1e-10)
 
 
+def test_trd_buffers_the_values_a_step_had_when_its_memory_is_reused():
+    """A window's earlier features are the values they had at their step, even when the memory they came
+    in is overwritten before the window closes (a CUDA-graph replay writes the next step's outputs there)."""
+    s1, s2 = _feat(2, 6, 4, 4, seed=1), _feat(2, 6, 4, 4, seed=2)
+    t1, t2 = _feat(2, 6, 4, 4, seed=3), _feat(2, 6, 4, 4, seed=4)
+    expected = TimeSmoothedRelationLoss(window=2)
+    expected(s1.clone(), t1.clone())
+    want = expected(s2, t2)
+    for grad_mode in ("current_only", "accumulate"):
+        trd = TimeSmoothedRelationLoss(window=2, grad_mode=grad_mode)
+        out_s, out_t = s1.clone(), t1.clone()  # the producer's output memory
+        trd(out_s, out_t)
+        out_s.copy_(s2), out_t.copy_(t2)  # ... reused by the next step
+        torch.testing.assert_close(trd(out_s, out_t), want, rtol=1e-10, atol=1e-10)
+
+
 def test_trd_zero_when_equal_positive_otherwise():
     trd = TimeSmoothedRelationLoss(window=2)
     f1, f2 = _feat(2, 6, 4, 4, seed=1), _feat(2, 6, 4, 4, seed=2)

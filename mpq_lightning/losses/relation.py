@@ -313,8 +313,12 @@ class TimeSmoothedRelationLoss(nn.Module):
             )
         closes = len(self._student_buf) + 1 == self.window
         live = not self.detach_student and (closes or self.grad_mode == "accumulate")
-        self._student_buf.append(f_student if live else f_student.detach())
-        self._teacher_buf.append(f_teacher.detach())
+        f_s, f_t = (f_student if live else f_student.detach()), f_teacher.detach()
+        if not closes:  # kept past this call: a copy, since the producer may reuse the memory (a compiled
+            # backbone replayed as a CUDA graph writes its next step's outputs over this step's)
+            f_s, f_t = f_s.clone(), f_t.clone()
+        self._student_buf.append(f_s)
+        self._teacher_buf.append(f_t)
         self.window_closed = closes
         if not closes:
             return f_student.new_zeros((), dtype=torch.float32)
