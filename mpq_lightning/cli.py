@@ -285,6 +285,18 @@ def _clear_run_folder(run: Path) -> None:
                 path.unlink(missing_ok=True)
 
 
+def _keep_none_kwarg() -> dict[str, bool]:
+    """jsonargparse's "write keys whose value is None" switch: ``skip_unset`` from 4.49 on, where
+    ``skip_none`` is deprecated (removed in 5.0), ``skip_none`` before."""
+    from importlib.metadata import version
+
+    major, minor = (int(p) for p in version("jsonargparse").split(".")[:2])
+    return {"skip_unset": False} if (major, minor) >= (4, 49) else {"skip_none": False}
+
+
+_KEEP_NONE = _keep_none_kwarg()
+
+
 class RunConfigCallback(SaveConfigCallback):
     """Saves the resolved config as ``checkpoints/<run_name>/config.yaml`` whatever the logger:
     Lightning's callback writes into the logger's folder, which without a logger is the shared root."""
@@ -295,8 +307,8 @@ class RunConfigCallback(SaveConfigCallback):
         if trainer.is_global_zero:
             run = _run_folder(self.config)
             run.mkdir(parents=True, exist_ok=True)
-            self.parser.save(self.config, str(run / self.config_filename), skip_none=False, overwrite=True,
-                             multifile=self.multifile)
+            self.parser.save(self.config, str(run / self.config_filename), overwrite=True, multifile=self.multifile,
+                             **_KEEP_NONE)
             self.save_config(trainer, pl_module, stage)
             self.already_saved = True
         self.already_saved = trainer.strategy.broadcast(self.already_saved)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -39,20 +39,51 @@ def real_reference(teacher, n: int = 256) -> torch.Tensor | None:
     return None
 
 
-@torch.no_grad()
-def generate(denoiser, spec: SamplerSpec, n: int, seed: int = 1234, batch: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` class-conditional samples (labels i % 10) from fixed seeds, and their labels."""
+def conditions(denoiser, n: int, datamodule=None) -> tuple[dict | None, dict | None, torch.Tensor]:
+    """``(cond, uncond, labels)`` of ``n`` samples: class models get labels ``i % 10`` (the digits'
+    classes, modulo the model's class count); text models the data module's ``sample_conditions(n)``
+    (the cache's prompts; ``uncond`` None: the model's null condition); unconditional models none."""
     labels = torch.arange(n) % 10
+    kind = denoiser.cond_kind
+    if kind == "none":
+        return None, None, labels
+    if kind == "class":
+        key = next((k for k, s in denoiser.cond_spec.items() if s.dtype == "long"), "class_labels")
+        config = getattr(denoiser.backbone, "config", None)
+        classes = next((getattr(config, a) for a in ("num_embeds_ada_norm", "num_class_embeds")
+                        if getattr(config, a, None)), None)
+        return {key: labels % int(classes) if classes else labels}, None, labels
+    fn = getattr(datamodule, "sample_conditions", None)
+    if not callable(fn):
+        raise ValueError(f"{type(denoiser).__name__} takes {kind} conditions: sampling it needs a data module with "
+                         f"sample_conditions(n), got {type(datamodule).__name__}")
+    cond, uncond = fn(n)
+    return dict(cond), (dict(uncond) if uncond is not None else None), labels
+
+
+@torch.no_grad()
+def generate(denoiser, spec: SamplerSpec, n: int, seed: int = 1234, batch: int = 32,
+             new_step: Callable[[], None] | None = None, datamodule=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` samples from fixed seeds, and their labels (``conditions``; text models take their
+    conditions from ``datamodule``).
+
+    ``new_step`` (``QATModule.mark_cudagraph_step``) is called before each batch's sampling run, so
+    that a backbone replayed as CUDA graphs replays the graphs of the previous run's denoiser calls
+    rather than recording a new one at every call of the whole report."""
+    cond, uncond, labels = conditions(denoiser, n, datamodule)
+    scale = 1.0 if denoiser.cond_kind == "none" else spec.guidance_scale  # nothing to guide
     device = next(denoiser.parameters()).device
+    rows = lambda table, idx: {k: v[idx].to(device) for k, v in table.items()} if table else None  # noqa: E731
     outs = []
     for start in range(0, n, batch):
         idx = torch.arange(start, min(n, start + batch))
         noise = torch.stack([torch.randn(denoiser.latent_shape, generator=torch.Generator().manual_seed(seed + int(i)))
                              for i in idx]).to(device)
-        cond = {"class_labels": labels[idx].to(device)} if denoiser.cond_kind == "class" else None
         sched = make_scheduler(spec.scheduler, **(spec.scheduler_config or {}))
-        outs.append(sample(denoiser, sched, noise, cond, None, spec.guidance_scale, spec.num_inference_steps,
-                           generator=torch.Generator(device).manual_seed(seed + 7 + start)).cpu())
+        if new_step is not None:
+            new_step()
+        outs.append(sample(denoiser, sched, noise, rows(cond, idx), rows(uncond, idx), scale,
+                           spec.num_inference_steps, generator=torch.Generator(device).manual_seed(seed + 7 + start)).cpu())
     return torch.cat(outs), labels
 
 
@@ -92,13 +123,15 @@ def naive_ptq(teacher, quant: QuantConfig, calib_batches: list[dict]) -> nn.Modu
     return student
 
 
-def compare(models: dict[str, Any], teacher, spec: SamplerSpec, n: int = 64, seed: int = 1234) -> dict[str, dict]:
-    """Metrics of every model (FP teacher first) sampling from the same noise."""
+def compare(models: dict[str, Any], teacher, spec: SamplerSpec, n: int = 64, seed: int = 1234,
+            new_step: Callable[[], None] | None = None, datamodule=None) -> dict[str, dict]:
+    """Metrics of every model (FP teacher first) sampling from the same noise and conditions
+    (``new_step``, ``datamodule``: see ``generate``)."""
     real = real_reference(teacher)
-    fp, labels = generate(teacher, spec, n, seed)
+    fp, labels = generate(teacher, spec, n, seed, new_step=new_step, datamodule=datamodule)
     rows = {"FP": quality(fp, labels, None, real, teacher.is_video)}
     for name, model in models.items():
-        samples, _ = generate(model, spec, n, seed)
+        samples, _ = generate(model, spec, n, seed, new_step=new_step, datamodule=datamodule)
         rows[name] = quality(samples, labels, fp, real, teacher.is_video)
     return rows
 

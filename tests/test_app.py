@@ -3,6 +3,7 @@ bad input. Every run happens in a temporary working directory (caches and runs a
 import copy
 import math
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -720,6 +721,20 @@ def test_logger_false_means_no_logger(workdir):
     assert not list(run.glob("events.out.tfevents.*"))
     assert "run_name: no_logger" in (run / "config.yaml").read_text()  # beside the run, not in checkpoints/
     assert not (workdir / "checkpoints" / "config.yaml").exists()
+
+
+def test_final_report_compares_any_model(workdir):
+    """FinalReport (the digits configs' end-of-fit FP / naive PTQ / trained table) on a text-conditioned
+    model: the prompts come from the trajectory cache (it raised a KeyError on the missing prompt
+    embedding once training had ended); metrics need no real data there: PSNR / SSIM vs FP, temporal
+    consistency."""
+    report = '{"class_path": "mpq_lightning.callbacks.FinalReport", "init_args": {"num_samples": 2}}'
+    fit("--trainer.max_steps", "1", f"--trainer.callbacks+={report}", run="report")
+    rows = json.loads((workdir / "checkpoints" / "report" / "report.json").read_text())
+    assert list(rows) == ["FP", "naive PTQ", "trained (ours)"]
+    for name in ("naive PTQ", "trained (ours)"):
+        assert math.isfinite(rows[name]["psnr_vs_fp"]) and 0 < rows[name]["ssim_vs_fp"] <= 1
+    assert all(math.isfinite(row["temporal_consistency"]) for row in rows.values())
 
 
 def test_missing_files_refused_before_building(workdir):

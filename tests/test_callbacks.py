@@ -406,6 +406,62 @@ def test_each_sampling_run_marks_a_cuda_graph_step_first():
     assert events.count("teacher") == events.count("student") == NUM_STEPS  # the quantizers' step table
 
 
+def test_final_report_marks_a_cuda_graph_step_before_each_sampling_run():
+    """FinalReport's comparison samples in batches, teacher first: a mark before each batch's run (as in
+    SampleLogger), so a student replayed as CUDA graphs replays the previous run's graphs rather than
+    recording one per denoiser call of the whole report."""
+    from mpq_lightning.compare import SamplerSpec, compare
+
+    module = FakeQAT(image_denoiser())
+    events = []
+    for name in ("teacher", "student"):
+        getattr(module, name).register_forward_pre_hook(lambda m, a, name=name: events.append(name))
+    spec = SamplerSpec("ddim", SCHED["config"], num_inference_steps=2, guidance_scale=1.0)
+    rows = compare({"student": module.student}, module.teacher, spec, n=5, seed=0,
+                   new_step=lambda: events.append("mark"))
+    assert set(rows) == {"FP", "student"}
+    calls = [e for i, e in enumerate(events) if i == 0 or e != events[i - 1]]
+    assert calls == ["mark", "teacher", "mark", "student"]
+    assert events.count("teacher") == events.count("student") == 2
+    events.clear()
+    compare({"student": module.student}, module.teacher, spec, n=5, seed=0)  # no mark asked: none made
+    assert "mark" not in events
+    events.clear()
+    from mpq_lightning.compare import generate
+
+    generate(module.student, spec, n=5, seed=0, batch=2, new_step=lambda: events.append("mark"))
+    assert [e for i, e in enumerate(events) if i == 0 or e != events[i - 1]] == ["mark", "student"] * 3
+
+
+def test_comparison_samples_text_models_with_the_data_modules_conditions():
+    """A text model (OpenSora, Latte, ...) in FinalReport's comparison: every model samples from the same
+    condition rows of ``sample_conditions``, batch by batch; without such a data module, a clear error
+    (it was a KeyError on the missing prompt embedding after training)."""
+    from mpq_lightning.compare import SamplerSpec, compare, generate
+
+    module = FakeQAT(video_denoiser())
+    table = {"y": torch.randn(5, 2, 6, generator=torch.Generator().manual_seed(3))}
+    null = {"y": torch.zeros(5, 2, 6)}
+    seen = {"teacher": [], "student": []}
+    for name in seen:
+        getattr(module, name).register_forward_pre_hook(
+            lambda m, args, name=name: seen[name].append(args[2]["y"].clone()))
+
+    class TextData:
+        def sample_conditions(self, n):
+            return {k: v[:n] for k, v in table.items()}, {k: v[:n] for k, v in null.items()}
+
+    spec = SamplerSpec("ddim", SCHED["config"], num_inference_steps=2, guidance_scale=2.0)
+    rows = compare({"student": module.student}, module.teacher, spec, n=5, seed=0, datamodule=TextData())
+    assert math.isfinite(rows["student"]["psnr_vs_fp"]) and "temporal_consistency" in rows["FP"]
+    for name, calls in seen.items():
+        assert len(calls) == 2  # one batch of 5, 2 steps, conditional and null rows batched together
+        assert torch.equal(calls[0][:5], table["y"]), name  # the data module's rows, in order
+        assert torch.equal(calls[0][5:], null["y"])
+    with pytest.raises(ValueError, match="sample_conditions"):
+        generate(module.student, spec, n=2)
+
+
 def test_fit_logs_image_samples(tmp_path):
     sampler = SampleLogger(every_n_steps=2, num_samples=3, guidance_scale=2.0)
     trainer, module = fit(tmp_path, image_denoiser(), [PerTimestepError(), sampler])

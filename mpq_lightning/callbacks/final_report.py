@@ -1,8 +1,10 @@
 """FinalReport: at the end of fitting, FP vs naive PTQ vs the trained student, side by side.
 
-Samples all three from the same noise with the training sampler, computes the digits metrics of
-``mpq_lightning.compare`` (Fréchet distance to held-out real data, class consistency, PSNR/SSIM vs
-FP, temporal consistency), prints a rich table and writes ``<run>/report.json``. Rank zero only.
+Samples all three from the same noise and conditions with the training sampler (text models: the
+data module's ``sample_conditions``), computes the metrics of ``mpq_lightning.compare`` (PSNR/SSIM
+vs FP, temporal consistency of videos; for the shipped digits teachers also Fréchet distance to
+held-out real data and class consistency), prints a rich table and writes ``<run>/report.json``.
+Each sampling run is its own CUDA-graph step (``QATModule.mark_cudagraph_step``). Rank zero only.
 A fit that trained nothing (a finished run resumed, e.g. a requeued job) keeps the run's
 ``report.json`` rather than sampling it again; it writes one only where the run has none.
 """
@@ -82,7 +84,9 @@ class FinalReport(Callback):
         # both sample step i with the activation-table entry trained nearest its timestep
         models = {name: map_to_trained_entries(model, dm, sampler, spec.num_inference_steps, table_steps)[0]
                   for name, model in (("naive PTQ", ptq), ("trained (ours)", pl_module.student))}
-        self.rows = compare(models, pl_module.teacher, spec, self.num_samples, self.seed)
+        # each sampling run its own CUDA-graph step, as in SampleLogger (QATModule.mark_cudagraph_step)
+        self.rows = compare(models, pl_module.teacher, spec, self.num_samples, self.seed,
+                            new_step=getattr(pl_module, "mark_cudagraph_step", None), datamodule=dm)
         print_rows(self.rows, f"{pl_module.model_name}: W{q.w_bits}A{q.a_bits}, {self.num_samples} samples")
         if log_dir:
             atomic_write(Path(log_dir, "report.json"), json.dumps(self.rows, indent=2).encode())  # never half a file
