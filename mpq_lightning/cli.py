@@ -35,7 +35,8 @@ from lightning.pytorch.strategies import DeepSpeedStrategy as _LightningDeepSpee
 from .files import read_checkpoint, read_deepspeed_client_state
 from .module import ZERO3_REFUSAL, QATModule
 
-SUBCOMMANDS = ("fit", "validate", "test", "predict")
+SUBCOMMANDS = ("fit", "validate")  # train.py's; Lightning's test / predict need steps this module has not
+_NOT_OURS = ("test", "predict")
 DEFAULT_ROOT = "checkpoints"
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 
@@ -49,6 +50,12 @@ class MPQCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf"} if _has_omegaconf() else {})
         super().__init__(QATModule, LightningDataModule, *args, subclass_mode_data=True, **kwargs)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """``fit`` (the default) and ``validate`` (the validation losses of a checkpoint, or of the
+        calibrated, untrained student): the module has no test or predict step."""
+        return {k: v for k, v in LightningCLI.subcommands().items() if k in SUBCOMMANDS}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--run_name", type=str, default="default", help="run folder under checkpoints/")
@@ -74,11 +81,14 @@ class MPQCLI(LightningCLI):
         run = _run_folder(cfg)
         if cfg.get("matmul_precision"):
             torch.set_float32_matmul_precision(cfg.matmul_precision)
+        fit_logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                      "init_args": {"save_dir": str(run.parent), "name": run.name, "version": ""}}
         if cfg.trainer.logger is None or cfg.trainer.logger is True:  # False: no logger, as Lightning
-            cfg.trainer.logger = {
-                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": str(run.parent), "name": run.name, "version": ""},
-            }
+            cfg.trainer.logger = fit_logger
+        if self.subcommand == "validate" and _same_logger(cfg.trainer.logger, fit_logger):
+            # beside the run's own events, not into them (Lightning logs a validation at step 0)
+            cfg.trainer.logger = {"class_path": fit_logger["class_path"],
+                                  "init_args": {"save_dir": str(run), "name": VALIDATE_DIR, "version": ""}}
         callbacks = list(cfg.trainer.callbacks or [])
         names = {_class_name(c) for c in callbacks}
         ours, lightning = "mpq_lightning.callbacks", "lightning.pytorch.callbacks"
@@ -150,6 +160,38 @@ class MPQCLI(LightningCLI):
             prepare(self.model.teacher.to(self.trainer.strategy.root_device))
         if cfg.overwrite_run:
             _clear_run_folder(self._run_dir)  # only now: every check above and the cache succeeded
+
+    def before_validate(self) -> None:
+        """``train.py validate``: checked like a fit, before anything is computed: held-out trajectories
+        to validate on, the checkpoint's model and bit setting (``--ckpt_path``; ``last`` must exist);
+        a missing trajectory cache is generated. Writes nothing into the run folder but
+        ``validate/`` (TensorBoard events); ``config.yaml`` stays the fit's."""
+        if getattr(self.datamodule, "has_validation", True) is False:
+            raise ValueError("validate: the data module holds out no trajectories to validate on; set "
+                             "data.init_args.val_trajectories (indices of the cache's trajectories, e.g. [3])")
+        self.model.check_compile_settings(self.trainer)
+        cfg = self.config[self.subcommand]
+        run = _run_folder(cfg)
+        if cfg.ckpt_path is None and (run / "last.ckpt").is_file():
+            # validating a run means its latest checkpoint (LightningCLI passes config_init's on)
+            cfg.ckpt_path = self.config_init[self.subcommand].ckpt_path = "last"
+        ckpt = _resolve_ckpt_path(self.trainer, cfg.ckpt_path)
+        if ckpt is None and cfg.ckpt_path is not None:
+            raise FileNotFoundError(f"validate --ckpt_path {cfg.ckpt_path}: run folder {run} has no such checkpoint")
+        if self.trainer.global_rank == 0:
+            what = f"checkpoint {ckpt}" if ckpt is not None else f"the calibrated, untrained student ({run} holds no last.ckpt)"
+            print(f"validate: {what}")
+        if ckpt is not None:
+            checkpoint = read_checkpoint(ckpt, mmap=True) if ckpt.is_file() else read_deepspeed_client_state(ckpt)
+            self.model.check_checkpoint(checkpoint, source=str(ckpt))
+        self.model.check_data(self.datamodule)
+        if getattr(self.datamodule, "on_layout_change", None) == "refuse":
+            # the restore also restores the training position, which validation never reads: another
+            # world size or batch size than the fit's is no reason to refuse
+            self.datamodule.on_layout_change = "next_epoch"
+        prepare = getattr(self.datamodule, "prepare_cache", None)
+        if callable(prepare):
+            prepare(self.model.teacher.to(self.trainer.strategy.root_device))
 
     def after_fit(self) -> None:
         """Where the run is and what to do with it next (global rank 0; a failed or interrupted fit
@@ -224,9 +266,20 @@ def _refuse_zero3(strategy) -> None:
 
 #: what a run writes into its folder (``checkpoints/<run_name>/``); ``*.ckpt`` may be DeepSpeed folders
 RUN_FILES = ("*.ckpt", "config.yaml", "hparams.yaml", "events.out.tfevents.*", "report.json", "eval")
+#: ``train.py validate``'s TensorBoard folder inside a run folder: it does not make a folder an earlier
+#: run's (a validation of the untrained student may come first), ``--overwrite_run`` clears it
+VALIDATE_DIR = "validate"
 
 #: ``--ckpt_path`` values that Lightning resolves to a checkpoint of this run's own folder
 _RESUME_NAMES = ("last", "best")
+
+
+def _same_logger(logger, default: dict) -> bool:
+    """Whether a config's ``trainer.logger`` is ``default`` (a run's saved config holds the one fit used)."""
+    if not hasattr(logger, "get") or logger.get("class_path") != default["class_path"]:
+        return False
+    args = logger.get("init_args") or {}
+    return all(str(args.get(k)) == str(v) for k, v in default["init_args"].items())
 
 
 def _run_folder(cfg) -> Path:
@@ -277,7 +330,7 @@ def _clear_run_folder(run: Path) -> None:
     rank of a torchrun job does this at once, so a file another rank removed first is no error."""
     import shutil
 
-    for pattern in RUN_FILES:
+    for pattern in (*RUN_FILES, VALIDATE_DIR):
         for path in run.glob(pattern):
             if path.is_dir():  # eval/ and DeepSpeed checkpoint folders
                 shutil.rmtree(path, ignore_errors=True)
@@ -302,7 +355,7 @@ class RunConfigCallback(SaveConfigCallback):
     Lightning's callback writes into the logger's folder, which without a logger is the shared root."""
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if self.already_saved:
+        if self.already_saved or stage != "fit":  # validate leaves the fit's config.yaml as it is
             return
         if trainer.is_global_zero:
             run = _run_folder(self.config)
@@ -405,8 +458,11 @@ def main(argv: list[str] | None = None, default_subcommand: str = "fit") -> MPQC
     # `python train.py` runs it, `python train.py --trainer.max_steps 5` overrides it
     if not any(a in ("-c", "--config", "-h", "--help") or a.startswith("--config=") for a in argv):
         argv = ["--config", str(DEFAULT_CONFIG), *argv]
-        if argv[2:3] and argv[2] in SUBCOMMANDS:  # `python train.py fit ...`: the subcommand comes first
+        if argv[2:3] and argv[2] in (*SUBCOMMANDS, *_NOT_OURS):  # `train.py fit ...`: subcommand first
             argv = [argv[2], *argv[:2], *argv[3:]]
+    if argv[0] in _NOT_OURS:
+        raise ValueError(f"train.py {argv[0]}: train.py runs fit (the default) and validate; evaluate a run with "
+                         "python evaluate.py --config <run>/config.yaml")
     if argv[0] not in SUBCOMMANDS:  # `python train.py --help` too: the options of what train.py runs
         argv = [default_subcommand] + argv
     sys.argv = [sys.argv[0]] + argv  # LightningCLI reads sys.argv; passing args too makes it warn

@@ -489,6 +489,19 @@ class QATModule(L.LightningModule):
         them; a ``trainer.fit(ckpt_path=...)`` of one's own under those strategies calibrates and the
         restore then overwrites it. Under DDP every rank calibrates on its own shard, then rank 0's
         state is broadcast so all ranks start identical."""
+        self.start_run()
+
+    def on_validation_start(self) -> None:
+        """``trainer.validate`` (``train.py validate``) on its own: the start of fitting's preparation,
+        after the checkpoint restore, which every strategy does before this hook there. Without a
+        checkpoint the student is calibrated, so validation measures the initialised, untrained
+        student; with one, its quantizers are switched on (they were left off: validation measured
+        the FP student with its LoRA once)."""
+        if self.trainer.state.fn == "validate":
+            self.start_run()
+
+    def start_run(self) -> None:
+        """What each fit or stand-alone validation does before its first step (see ``on_fit_start``)."""
         self.check_compile_settings(self.trainer)
         self.check_strategy(self.trainer)
         self.check_data(self.trainer.datamodule)

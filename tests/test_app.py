@@ -121,6 +121,46 @@ def test_validation_logs_every_term_on_held_out_trajectories_and_leaves_training
     assert any(t.startswith("timestep_error_val/step_") for t in scalars)
 
 
+def test_validate_subcommand_measures_the_quantized_student(workdir, capsys):
+    """``train.py validate --config <run>/config.yaml`` validates the run's last checkpoint and gives the
+    losses the fit logged at that step: the quantizers on, as in training (after a restore they were
+    left off, so validate measured the FP student with its LoRA). The run's config.yaml stays the fit's,
+    the events go to ``<run>/validate/``. Without a checkpoint it validates the calibrated, untrained
+    student (it reported 0.0: the uncalibrated student, quantizers off, is the teacher)."""
+    from mpq_lightning.quant import QuantLayer
+
+    val = ["--data.init_args.val_trajectories", "[3]"]
+    cli = fit("--trainer.max_steps", "2", "--trainer.val_check_interval", "2", *val, run="validated")
+    logged = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
+    assert {"val/loss", "val/mse", "val/mtrd", "val/tmd"} <= set(logged)
+    run = workdir / "checkpoints" / "validated"
+    config = (run / "config.yaml").read_bytes()
+    capsys.readouterr()
+    again = main(["validate", "--config", str(run / "config.yaml"), *QUIET])
+    assert f"validate: checkpoint {run / 'last.ckpt'}" in capsys.readouterr().out
+    got = {k: float(v) for k, v in again.trainer.callback_metrics.items() if k.startswith("val/")}
+    assert got.keys() == logged.keys()
+    assert all(abs(got[k] - logged[k]) <= 1e-6 * abs(logged[k]) for k in got), (got, logged)
+    layers = [m for m in again.model.student.modules() if isinstance(m, QuantLayer)]
+    assert layers and all(m.weight_quant for m in layers)
+    assert (run / "config.yaml").read_bytes() == config
+    assert list((run / "validate").glob("events.out.tfevents.*"))
+
+    fresh = main(["validate", "--config", TINY, "--run_name", "validated_fresh", *QUIET, *val])
+    assert "the calibrated, untrained student" in capsys.readouterr().out
+    assert fresh.model._calibrated and all(
+        m.weight_quant for m in fresh.model.student.modules() if isinstance(m, QuantLayer))
+    assert float(fresh.trainer.callback_metrics["val/mse"]) > 0
+    assert not list((workdir / "checkpoints" / "validated_fresh").glob("*.ckpt"))
+
+    with pytest.raises(ValueError, match=r"data.init_args.val_trajectories"):
+        main(["validate", "--config", TINY, "--run_name", "validated_none", *QUIET])
+    with pytest.raises(FileNotFoundError, match="validated_fresh has no such checkpoint"):
+        main(["validate", "--config", TINY, "--run_name", "validated_fresh", "--ckpt_path", "last", *QUIET, *val])
+    with pytest.raises(ValueError, match="train.py runs fit .* and validate; evaluate a run with"):
+        main(["test", "--config", TINY])
+
+
 def test_on_the_fly_validation_keeps_the_time_smoothing_window_of_training(workdir):
     """On the on-the-fly stream (MPQ-DM recipe: TRD over a window of 2 consecutive steps), validation
     between two steps of one window leaves the window alone: the student equals the run without

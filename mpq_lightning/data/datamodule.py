@@ -519,6 +519,11 @@ class TrajectoryDataModule(L.LightningDataModule):
         touching the training loader or its checkpointed position."""
         return self._make_loader(0, 0)
 
+    @property
+    def has_validation(self) -> bool:
+        """Whether ``val_dataloader`` serves anything (``val_trajectories`` set)."""
+        return bool(self.options["val_trajectories"])
+
     def val_dataloader(self) -> DataLoader | list:
         """The held-out trajectories (``val_trajectories``), unshuffled and split between ranks like
         training (without ``drop_last`` the last rank's share wraps around to the common length);
@@ -851,6 +856,11 @@ class OnTheFlyDataModule(L.LightningDataModule):
             raise RuntimeError("OnTheFlyDataModule needs the teacher: call prepare_cache(teacher) before fitting")
         return TeacherForcedTrajectories(self.teacher, self.cond, self.uncond, seed=seed,
                                          random_conditions=False, **{**self.stream_args, **overrides})
+
+    @property
+    def has_validation(self) -> bool:
+        """Whether ``val_dataloader`` serves anything (``val_trajectories`` set)."""
+        return bool(self.val_trajectories)
 
     def val_dataloader(self) -> "_FromTheStart | list":
         """``val_trajectories`` held-out trajectories (their own seeds), the same ones at every
