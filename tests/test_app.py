@@ -777,6 +777,22 @@ def test_final_report_compares_any_model(workdir):
     assert all(math.isfinite(row["temporal_consistency"]) for row in rows.values())
 
 
+def test_fast_dev_run_leaves_no_run_behind(workdir):
+    """``--trainer.fast_dev_run true`` (one batch, for debugging) writes nothing into the run folder:
+    Lightning's ModelCheckpoint saved ``last.ckpt`` at train end even then (and a real run of the same
+    name was then refused as an earlier run's folder), FinalReport prints its table but writes no
+    report.json, and SampleLogger leaves fast_dev_run's stand-in logger alone (it crashed writing a gif
+    through it)."""
+    report = '{"class_path": "mpq_lightning.callbacks.FinalReport", "init_args": {"num_samples": 2}}'
+    cli = main(["--config", TINY, "--run_name", "debug", "--trainer.fast_dev_run", "true", "--log_samples", "true",
+                "--trainer.enable_progress_bar", "false", f"--trainer.callbacks+={report}"])
+    assert cli.trainer.global_step == 1
+    run = workdir / "checkpoints" / "debug"
+    assert not run.exists() or not any(run.iterdir()), list(run.iterdir())
+    fit("--trainer.max_steps", "1", run="debug")  # the same run name trains for real afterwards
+    assert (run / "last.ckpt").is_file()
+
+
 def test_missing_files_refused_before_building(workdir):
     with pytest.raises(FileNotFoundError, match="data.init_args.recipe.cond_path: /no/such/t5.safetensors"):
         fit("--data.init_args.recipe.cond_path", "/no/such/t5.safetensors", run="bad")

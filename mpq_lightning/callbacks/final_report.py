@@ -88,5 +88,5 @@ class FinalReport(Callback):
         self.rows = compare(models, pl_module.teacher, spec, self.num_samples, self.seed,
                             new_step=getattr(pl_module, "mark_cudagraph_step", None), datamodule=dm)
         print_rows(self.rows, f"{pl_module.model_name}: W{q.w_bits}A{q.a_bits}, {self.num_samples} samples")
-        if log_dir:
+        if log_dir and not trainer.fast_dev_run:  # a debugging run leaves the run folder alone
             atomic_write(Path(log_dir, "report.json"), json.dumps(self.rows, indent=2).encode())  # never half a file

@@ -7,7 +7,7 @@ would use an older student. This callback saves the final step when training end
 stopped by an exception keeps its last good checkpoint untouched), and already at the batch that
 reaches ``max_steps`` or ends the last of ``max_epochs``: Lightning runs checkpoint callbacks after the others, so a failing
 end-of-training callback (sampling out of memory) would otherwise lose the steps since the last
-periodic checkpoint.
+periodic checkpoint. ``fast_dev_run`` saves nothing, as Lightning documents for it.
 """
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ class RunCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.fast_dev_run:  # Lightning's own on_train_end saves `last` even then (2.6)
+            return
         super().on_train_end(trainer, pl_module)
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

@@ -52,6 +52,7 @@ import torch
 from einops import rearrange
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers.logger import DummyLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
@@ -301,7 +302,9 @@ class SampleLogger(Callback):
                 self._log_samples(trainer, pl_module, step)
 
     def _log_samples(self, trainer, pl_module, step: int) -> None:
-        writers = [lg.experiment for lg in trainer.loggers if hasattr(getattr(lg, "experiment", None), "add_image")]
+        # (fast_dev_run's DummyLogger answers every attribute with a no-op returning None: not a writer)
+        writers = [lg.experiment for lg in trainer.loggers
+                   if not isinstance(lg, DummyLogger) and hasattr(getattr(lg, "experiment", None), "add_image")]
         if not writers:
             self._warn_once("logger", "SampleLogger: no logger with add_image (e.g. TensorBoardLogger); not sampling")
             return
