@@ -258,6 +258,12 @@ def _batches(x: torch.Tensor, batch_size: int):
         yield x[i : i + batch_size]
 
 
+#: every metric here is computed by the calling process alone: FinalReport runs them on rank zero
+#: while the other ranks wait, so torchmetrics' default gather across the process group at compute
+#: would wait for ranks that never come (a 2-process DDP fit of the default config crashed there)
+LOCAL = {"sync_on_compute": False, "dist_sync_on_step": False}
+
+
 @torch.no_grad()
 def class_consistency(
     samples: torch.Tensor,
@@ -294,7 +300,7 @@ def frechet_distance(
     torchmetrics' ``FrechetInceptionDistance(feature=feature_net, normalize=True)``. Needs ≥ 2 samples each."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    fid = FrechetInceptionDistance(feature=feature_net, normalize=True)
+    fid = FrechetInceptionDistance(feature=feature_net, normalize=True, **LOCAL)
     fid = fid.to(real.device)
     for b in _batches(real, batch_size):
         fid.update(_to_unit(b, value_range), real=True)
@@ -325,8 +331,8 @@ def psnr_ssim(
     if student.shape != teacher.shape:
         raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} differ in shape")
     s, t = _frames(_to_unit(student, value_range)), _frames(_to_unit(teacher, value_range))
-    psnr = PeakSignalNoiseRatio(data_range=1.0, reduction="elementwise_mean", dim=(1, 2, 3))
-    ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
+    psnr = PeakSignalNoiseRatio(data_range=1.0, reduction="elementwise_mean", dim=(1, 2, 3), **LOCAL)
+    ssim = StructuralSimilarityIndexMeasure(data_range=1.0, **LOCAL)
     return {"psnr": float(psnr(s, t)), "ssim": float(ssim(s, t))}
 
 

@@ -175,3 +175,28 @@ def test_temporal_consistency_orders_real_above_scrambled(videos):
     assert frame_difference(static) == 0 < frame_difference(held) < frame_difference(mixed)
     # custom features: the video classifier's (time-pooled) features of single frames are not defined; use any map
     assert temporal_consistency(held, feature_fn=lambda f: f.flatten(1)) > 0
+
+
+def test_metrics_are_computed_by_the_calling_process_alone(images, tmp_path, monkeypatch):
+    """FinalReport computes them on rank zero while the other ranks wait: torchmetrics' default gather
+    across the process group at compute waited for ranks that never came (a 2-process DDP fit of the
+    default config crashed there). Inside a process group, no metric here gathers."""
+    import torch.distributed as dist
+    import torchmetrics.metric
+
+    def gather(*args, **kwargs):
+        raise AssertionError("a metric gathered across the process group")
+
+    monkeypatch.setattr(torchmetrics.metric, "gather_all_tensors", gather)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        x = images["heldout"][0][:16]
+        assert math.isfinite(frechet_distance(x[:8], x[8:], ImageFeatureNet()))
+        assert psnr_ssim(x[8:], x[:8])["ssim"] < 1
+        with pytest.raises(AssertionError, match="gathered"):  # what torchmetrics does by default here
+            fid = FrechetInceptionDistance(feature=ImageFeatureNet(), normalize=True)
+            fid.update((x[:8] + 1) / 2, real=True)
+            fid.update((x[8:] + 1) / 2, real=False)
+            fid.compute()
+    finally:
+        dist.destroy_process_group()
