@@ -132,6 +132,7 @@ class MPQCLI(LightningCLI):
 
     def before_fit(self) -> None:
         # every check before the trajectory cache is built or a file (config.yaml included) is written
+        self.model.check_precision(self.trainer)
         self.model.check_compile_settings(self.trainer)
         self.model.use_flat_params(self.trainer)  # refuses model.optim.flat_params true under FSDP / DeepSpeed
         cfg = self.config[self.subcommand]
@@ -169,6 +170,7 @@ class MPQCLI(LightningCLI):
         if getattr(self.datamodule, "has_validation", True) is False:
             raise ValueError("validate: the data module holds out no trajectories to validate on; set "
                              "data.init_args.val_trajectories (indices of the cache's trajectories, e.g. [3])")
+        self.model.check_precision(self.trainer)
         self.model.check_compile_settings(self.trainer)
         cfg = self.config[self.subcommand]
         run = _run_folder(cfg)

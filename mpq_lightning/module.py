@@ -502,6 +502,7 @@ class QATModule(L.LightningModule):
 
     def start_run(self) -> None:
         """What each fit or stand-alone validation does before its first step (see ``on_fit_start``)."""
+        self.check_precision(self.trainer)
         self.check_compile_settings(self.trainer)
         self.check_strategy(self.trainer)
         self.check_data(self.trainer.datamodule)
@@ -674,6 +675,17 @@ class QATModule(L.LightningModule):
                 f"model.quant.num_steps={q.num_steps} but the training sampler has {steps} steps ({key}): the "
                 "activation step tables and the MTRD memory queue have one entry per sampler step; set both alike"
             )
+
+    @staticmethod
+    def check_precision(trainer: L.Trainer) -> None:
+        """Refuse ``16-true`` / ``bf16-true``: Lightning casts the whole module to 16 bits there, the
+        quantizers' step sizes, zero points and residual scales and the LoRA factors included (a
+        bf16 step size has 8 significant bits), while the quantizer math is meant to stay fp32."""
+        precision = str(trainer.precision)
+        if precision in ("16-true", "bf16-true"):
+            raise ValueError(f"trainer.precision {precision} casts the whole student to 16 bits, its quantizer step "
+                             "sizes and LoRA factors included; use bf16-mixed or 16-mixed (16-bit matmuls, quantizer "
+                             "math in fp32) or 32-true")
 
     def check_compile_settings(self, trainer: L.Trainer) -> None:
         """Refuse a compile switch this run cannot honour, naming the key: called by the CLI before

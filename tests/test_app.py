@@ -924,6 +924,15 @@ def test_compile_model_with_cpu_16_bit_refused_before_any_file(workdir):
     assert not (workdir / "checkpoints" / "bad_compile").exists()
 
 
+@pytest.mark.parametrize("precision", ["bf16-true", "16-true"])
+def test_true_16_bit_precision_refused_before_any_file(workdir, precision):
+    """``*-true`` 16-bit precisions cast the whole module, quantizer step sizes and LoRA included (a fit
+    ran with every quantizer parameter in bf16): refused by name, before the cache or run folder."""
+    with pytest.raises(ValueError, match=f"trainer.precision {precision} casts the whole student to 16 bits"):
+        fit("--trainer.precision", precision, run="bad_true16")
+    assert not (workdir / "checkpoints" / "bad_true16").exists()
+
+
 class _Batches:
     def __init__(self, batches) -> None:
         self.batches = batches
