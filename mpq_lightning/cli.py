@@ -15,6 +15,10 @@
   resume is checked against the model, bit setting and optimiser groups before anything is written
   (not even ``config.yaml``), and the config decides the model: a checkpoint's saved
   hyper-parameters never replace it. ``config.yaml`` is saved in the run folder whatever the logger.
+* ``python train.py validate --config <run>/config.yaml`` validates the run's ``last.ckpt`` (or
+  ``--ckpt_path``; without any checkpoint, the calibrated, untrained student) on the held-out
+  trajectories, logging into ``<run>/validate/`` and leaving the fit's ``config.yaml`` alone; ``test``
+  and ``predict`` are refused (``evaluate.py`` is the evaluation).
 """
 from __future__ import annotations
 
