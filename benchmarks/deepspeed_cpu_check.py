@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -114,6 +115,8 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     rows = []
     for name, extra in (("default", []), ("frozen_act_zero_points", ["--model.quant.learn_a_zero_point", "false"])):
+        for run in (f"{name}_full", f"{name}_half"):  # this script's own runs of an earlier call (the cache stays)
+            shutil.rmtree(workdir / "checkpoints" / run, ignore_errors=True)
         seconds = {"full": fit(workdir, f"{name}_full", extra), "half": fit(workdir, f"{name}_half", extra, stop=2)}
         stopped = read_deepspeed_client_state(workdir / "checkpoints" / f"{name}_half" / "last.ckpt")["global_step"]
         if stopped != 2:  # else the resume would train nothing and compare trivially
