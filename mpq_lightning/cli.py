@@ -136,6 +136,7 @@ class MPQCLI(LightningCLI):
 
     def before_fit(self) -> None:
         # every check before the trajectory cache is built or a file (config.yaml included) is written
+        _refuse_spawn(self.trainer)
         self.model.check_precision(self.trainer)
         self.model.check_compile_settings(self.trainer)
         self.model.use_flat_params(self.trainer)  # refuses model.optim.flat_params true under FSDP / DeepSpeed
@@ -174,6 +175,7 @@ class MPQCLI(LightningCLI):
         if getattr(self.datamodule, "has_validation", True) is False:
             raise ValueError("validate: the data module holds out no trajectories to validate on; set "
                              "data.init_args.val_trajectories (indices of the cache's trajectories, e.g. [3])")
+        _refuse_spawn(self.trainer)
         self.model.check_precision(self.trainer)
         self.model.check_compile_settings(self.trainer)
         cfg = self.config[self.subcommand]
@@ -268,6 +270,15 @@ def _refuse_zero3(strategy) -> None:
     class_path, init = str(get(strategy, "class_path") or ""), get(strategy, "init_args") or {}
     if class_path.endswith("DeepSpeedStrategy") and get(init, "stage") == 3:
         raise ValueError(ZERO3_REFUSAL)
+
+
+def _refuse_spawn(trainer) -> None:
+    """Refuse Lightning's spawn launcher (``ddp_spawn``): the module is pickled into fresh processes,
+    and in a 2-process CPU fit of the tiny STDiT a child died rebuilding a shared tensor ("unable to
+    resize file ... Invalid argument") while the parent waited for good (cause not found)."""
+    if getattr(trainer.strategy, "_start_method", None) == "spawn":
+        raise ValueError("trainer.strategy ddp_spawn is not supported: use ddp (Lightning's default for several "
+                         "devices), torchrun, or ddp_fork")
 
 
 #: what a run writes into its folder (``checkpoints/<run_name>/``); ``*.ckpt`` may be DeepSpeed folders

@@ -933,6 +933,14 @@ def test_true_16_bit_precision_refused_before_any_file(workdir, precision):
     assert not (workdir / "checkpoints" / "bad_true16").exists()
 
 
+def test_ddp_spawn_refused_before_any_file(workdir):
+    """``ddp_spawn`` pickles the module into fresh processes; a 2-process CPU fit of the tiny STDiT had a
+    child die rebuilding a shared tensor while the parent waited for good: refused by name up front."""
+    with pytest.raises(ValueError, match="trainer.strategy ddp_spawn is not supported: use ddp"):
+        fit("--trainer.devices", "2", "--trainer.strategy", "ddp_spawn", run="bad_spawn")
+    assert not (workdir / "checkpoints" / "bad_spawn").exists()
+
+
 class _Batches:
     def __init__(self, batches) -> None:
         self.batches = batches

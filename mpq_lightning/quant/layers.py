@@ -154,6 +154,11 @@ def fold_corrections(corrections: nn.ModuleDict, w: Tensor, x: Tensor) -> tuple[
     return w, branches
 
 
+def _refresh_base_weight(module: nn.Module, incompatible_keys) -> None:
+    """Load post-hook of a layer with a frozen quantized base (OOLRI): recompute ``base_weight``."""
+    module.refresh_base_weight()
+
+
 def build_weight_quantizer(spec: LayerSpec, weight_shape: torch.Size) -> nn.Module | None:
     if spec.w_bits is None:
         return None
@@ -227,7 +232,7 @@ class QuantLayer(nn.Module):
             if spec.lora_quantized_base and spec.w_bits is not None else None
         )
         if self.base_quantizer is not None:
-            self.register_load_state_dict_post_hook(lambda module, incompatible: module.refresh_base_weight())
+            self.register_load_state_dict_post_hook(_refresh_base_weight)  # a module function: picklable
         cin = self.weight.shape[1]
         self.register_buffer("smooth_scale", torch.ones(cin) if spec.smooth_alpha is not None else None)
         self.corrections = nn.ModuleDict()  # output corrections on the quantized input (TQE)
