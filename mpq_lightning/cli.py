@@ -136,9 +136,7 @@ class MPQCLI(LightningCLI):
 
     def before_fit(self) -> None:
         # every check before the trajectory cache is built or a file (config.yaml included) is written
-        _refuse_spawn(self.trainer)
-        self.model.check_precision(self.trainer)
-        self.model.check_compile_settings(self.trainer)
+        self._check_trainer()
         self.model.use_flat_params(self.trainer)  # refuses model.optim.flat_params true under FSDP / DeepSpeed
         cfg = self.config[self.subcommand]
         ckpt = _resolve_ckpt_path(self.trainer, cfg.ckpt_path)
@@ -146,9 +144,7 @@ class MPQCLI(LightningCLI):
         # module, so that it does not calibrate a student the restore then overwrites
         self.model.resuming = ckpt is not None and ckpt.exists()
         if self.model.resuming:
-            # a DeepSpeed checkpoint folder: its own entries, without gathering the shards
-            checkpoint = read_checkpoint(ckpt, mmap=True) if ckpt.is_file() else read_deepspeed_client_state(ckpt)
-            self.model.check_checkpoint(checkpoint, source=str(ckpt))
+            checkpoint = self._checked_checkpoint(ckpt)
             self.model.check_optimizer_state(checkpoint, source=str(ckpt))
             check_resume = getattr(self.datamodule, "check_resume", None)
             if callable(check_resume):  # the data position under this data layout (world size, batch size, ...)
@@ -158,12 +154,7 @@ class MPQCLI(LightningCLI):
         if cfg.overwrite_run and ckpt is not None and _inside(ckpt, self._run_dir):
             raise ValueError(f"--overwrite_run true with --ckpt_path {cfg.ckpt_path}: that resumes {ckpt} inside the run "
                              "folder the overwrite would delete; drop one of the two")
-        self.model.check_data(self.datamodule)
-        prepare = getattr(self.datamodule, "prepare_cache", None)
-        if callable(prepare):
-            # the teacher samples any missing trajectories on this rank's device (Lightning moves the
-            # whole module there later anyway), not on the CPU where it was built
-            prepare(self.model.teacher.to(self.trainer.strategy.root_device))
+        self._prepare_data()
         if cfg.overwrite_run:
             _clear_run_folder(self._run_dir)  # only now: every check above and the cache succeeded
 
@@ -175,9 +166,7 @@ class MPQCLI(LightningCLI):
         if getattr(self.datamodule, "has_validation", True) is False:
             raise ValueError("validate: the data module holds out no trajectories to validate on; set "
                              "data.init_args.val_trajectories (indices of the cache's trajectories, e.g. [3])")
-        _refuse_spawn(self.trainer)
-        self.model.check_precision(self.trainer)
-        self.model.check_compile_settings(self.trainer)
+        self._check_trainer()
         cfg = self.config[self.subcommand]
         run = _run_folder(cfg)
         if cfg.ckpt_path is None and (run / "last.ckpt").is_file():
@@ -190,13 +179,31 @@ class MPQCLI(LightningCLI):
             what = f"checkpoint {ckpt}" if ckpt is not None else f"the calibrated, untrained student ({run} holds no last.ckpt)"
             print(f"validate: {what}")
         if ckpt is not None:
-            checkpoint = read_checkpoint(ckpt, mmap=True) if ckpt.is_file() else read_deepspeed_client_state(ckpt)
-            self.model.check_checkpoint(checkpoint, source=str(ckpt))
-        self.model.check_data(self.datamodule)
+            self._checked_checkpoint(ckpt)
         if getattr(self.datamodule, "on_layout_change", None) == "refuse":
             # the restore also restores the training position, which validation never reads: another
             # world size or batch size than the fit's is no reason to refuse
             self.datamodule.on_layout_change = "next_epoch"
+        self._prepare_data()
+
+    def _check_trainer(self) -> None:
+        """The trainer settings this module cannot run under (launcher, precision, compile switches)."""
+        _refuse_spawn(self.trainer)
+        self.model.check_precision(self.trainer)
+        self.model.check_compile_settings(self.trainer)
+
+    def _checked_checkpoint(self, ckpt: Path) -> dict:
+        """``ckpt`` read (a DeepSpeed folder: its own entries, without gathering the shards) and checked
+        against this run's model and bit setting."""
+        checkpoint = read_checkpoint(ckpt, mmap=True) if ckpt.is_file() else read_deepspeed_client_state(ckpt)
+        self.model.check_checkpoint(checkpoint, source=str(ckpt))
+        return checkpoint
+
+    def _prepare_data(self) -> None:
+        """Check the data module against the model, then build any missing trajectories: the teacher
+        samples them on this rank's device (Lightning moves the whole module there later anyway), not
+        on the CPU where it was built."""
+        self.model.check_data(self.datamodule)
         prepare = getattr(self.datamodule, "prepare_cache", None)
         if callable(prepare):
             prepare(self.model.teacher.to(self.trainer.strategy.root_device))

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .models.sampling import make_scheduler, sample
+from .models.sampling import class_condition, make_scheduler, sample
 from .quant import QuantConfig, calibrate, quantize_model, set_quant_state, step_index_context
 
 
@@ -47,12 +47,8 @@ def conditions(denoiser, n: int, datamodule=None) -> tuple[dict | None, dict | N
     kind = denoiser.cond_kind
     if kind == "none":
         return None, None, labels
-    if kind == "class":
-        key = next((k for k, s in denoiser.cond_spec.items() if s.dtype == "long"), "class_labels")
-        config = getattr(denoiser.backbone, "config", None)
-        classes = next((getattr(config, a) for a in ("num_embeds_ada_norm", "num_class_embeds")
-                        if getattr(config, a, None)), None)
-        return {key: labels % int(classes) if classes else labels}, None, labels
+    if kind == "class" and (cond := class_condition(denoiser, labels)) is not None:
+        return cond, None, labels
     fn = getattr(datamodule, "sample_conditions", None)
     if not callable(fn):
         raise ValueError(f"{type(denoiser).__name__} takes {kind} conditions: sampling it needs a data module with "

@@ -347,23 +347,18 @@ class SampleLogger(Callback):
         return make, int(steps)
 
     def _conditions(self, teacher, datamodule, n: int, device) -> tuple[dict | None, dict | None] | None:
+        from mpq_lightning.models.sampling import class_condition
+
         kind = teacher.cond_kind
         if kind == "none":
             return {}, None
         if kind == "class":
-            key = next((k for k, s in teacher.cond_spec.items() if s.dtype == "long"), None)
-            if key is not None:
-                chosen = self.class_labels if self.class_labels is not None else list(range(n))
-                labels = torch.tensor(chosen, dtype=torch.long)
-                labels = labels[:n] if labels.numel() >= n else labels.repeat(-(-n // labels.numel()))[:n]
-                config = getattr(teacher.backbone, "config", None)
-                classes = next(
-                    (getattr(config, a) for a in ("num_embeds_ada_norm", "num_class_embeds") if getattr(config, a, None)),
-                    None,
-                )
-                if classes:
-                    labels = labels % int(classes)
-                return {key: labels.to(device)}, None
+            chosen = self.class_labels if self.class_labels is not None else list(range(n))
+            labels = torch.tensor(chosen, dtype=torch.long)
+            labels = labels[:n] if labels.numel() >= n else labels.repeat(-(-n // labels.numel()))[:n]
+            cond = class_condition(teacher, labels)
+            if cond is not None:
+                return move_data_to_device(cond, device), None
         fn = getattr(datamodule, "sample_conditions", None) if datamodule is not None else None
         if not callable(fn):
             self._warn_once(

@@ -52,6 +52,18 @@ IDDPM_CONFIG = dict(
 )
 
 
+def class_condition(denoiser: Denoiser, labels: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    """``{key: labels}`` for a class-conditional denoiser: its integer condition key, the labels taken
+    modulo the backbone's class count where its config has one; None when no key is an integer one."""
+    key = next((k for k, s in denoiser.cond_spec.items() if s.dtype == "long"), None)
+    if key is None:
+        return None
+    config = getattr(denoiser.backbone, "config", None)
+    classes = next((getattr(config, a) for a in ("num_embeds_ada_norm", "num_class_embeds") if getattr(config, a, None)),
+                   None)
+    return {key: labels % int(classes) if classes else labels}
+
+
 def make_scheduler(name: str, **config: Any) -> SchedulerMixin:
     """A diffusers scheduler by short name ("ddim", "ddpm", "iddpm", "iddpm-100", "dpm-solver", "unipc",
     "flow-match-euler") or class name ("CogVideoXDDIMScheduler"); `config` goes to its constructor.
