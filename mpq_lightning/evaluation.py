@@ -33,6 +33,7 @@ from torch import Tensor
 
 from .callbacks.samples import make_grid, map_to_trained_entries, to_uint8
 from .checks import check_numbers
+from .compare import conditions
 from .data.trajectories import MANIFEST
 from .files import ordinary_permissions, read_checkpoint
 from .models.sampling import _cat_cond, guide, make_scheduler, sample
@@ -171,19 +172,11 @@ def load_run(config: str, ckpt_path: str = "last", overrides: list[str] | None =
 
 
 def _conditions(module, datamodule, n: int) -> tuple[dict | None, dict | None, Tensor | None]:
-    teacher = module.teacher
-    if teacher.cond_kind == "class":
-        key = next(k for k, s in teacher.cond_spec.items() if s.dtype == "long")
-        config = getattr(teacher.backbone, "config", {})
-        classes = int(getattr(config, "num_class_embeds", None) or config.get("num_class_embeds", 10) or 10)
-        labels = torch.arange(n) % classes
-        return {key: labels}, None, labels
-    if teacher.cond_kind == "text":
-        if not hasattr(datamodule, "sample_conditions"):
-            raise ValueError("a text-conditional teacher needs a data module with sample_conditions(n)")
-        cond, uncond = datamodule.sample_conditions(n)
-        return cond, uncond, None
-    return None, None, None
+    """``compare.conditions`` (the final report's: digit labels ``i % 10`` reduced to the model's class
+    count, never its null class; text from the data module), with labels for class models only: they
+    are what class consistency is measured against."""
+    cond, uncond, labels = conditions(module.teacher, n, datamodule)
+    return cond, uncond, labels if module.teacher.cond_kind == "class" else None
 
 
 def _sampler_setup(module, datamodule, cfg: EvalConfig) -> tuple[str, dict, int, float]:
@@ -314,7 +307,7 @@ def compute_metrics(gen: dict[str, Any], teacher, feature: str) -> dict[str, Any
                       "samples; left out", stacklevel=2)
     if net is not None and s.shape[0] >= 2:
         out["frechet_distance_student_vs_teacher"] = M.frechet_distance(t, s, net, value_range=fd_range)
-        if gen["labels"] is not None:
+        if gen["labels"] is not None and choice in ("digits-image", "digits-video"):  # our digit classifiers
             clf = M.load_image_classifier() if choice == "digits-image" else M.load_video_classifier()
             kw = {} if choice == "digits-image" else {"head": "digit"}
             out["class_consistency_teacher"] = M.class_consistency(t, gen["labels"], clf, **kw)

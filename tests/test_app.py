@@ -607,6 +607,36 @@ def test_eval_feature_network_from_an_import_path():
     assert abs(fd[0]) < 1e-6 < fd[1] < fd[2]
 
 
+def test_evaluation_conditions_never_use_the_null_class():
+    """evaluate.py draws the final report's conditions: digit labels ``i % 10`` for class models, so the
+    Digits UNet (11 class embeddings, the last its null class) never samples its unconditional class as
+    a digit; labels (for class consistency) only for class models."""
+    from types import SimpleNamespace
+
+    from mpq_lightning.evaluation import _conditions
+    from mpq_lightning.models import build
+
+    teacher = build("digits-unet")
+    assert teacher.backbone.config.num_class_embeds == 11
+    cond, uncond, labels = _conditions(SimpleNamespace(teacher=teacher), None, 16)
+    assert torch.equal(labels, torch.arange(16) % 10) and torch.equal(cond["class_labels"], labels) and uncond is None
+    assert _conditions(SimpleNamespace(teacher=build("tiny-unet2d")), None, 4) == (None, None, None)
+
+
+def test_class_consistency_only_with_our_digit_classifiers():
+    """A user feature network on a class model gives its Fréchet distance but no class consistency: the
+    digit classifiers do not read other models' samples."""
+    from mpq_lightning.evaluation import compute_metrics
+    from mpq_lightning.models import build
+
+    teacher = build("tiny-dit")
+    samples = torch.rand(8, *teacher.latent_shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    gen = {"teacher": samples, "student": samples * 0.5, "labels": torch.arange(8) % 10, "step_error": [],
+           "scheduler": "ddim", "steps": 10, "guidance_scale": 1.0}
+    out = compute_metrics(gen, teacher, "app_probes:pooled_features")
+    assert out["frechet_distance_student_vs_teacher"] > 0 and not any("class_consistency" in k for k in out)
+
+
 def test_evaluate_never_generates_a_missing_cache(full_run, workdir):
     from mpq_lightning.evaluation import EvalConfig, evaluate
 
