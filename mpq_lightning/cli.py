@@ -36,6 +36,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.strategies import DeepSpeedStrategy as _LightningDeepSpeedStrategy
 
+from .checkpoint_io import use_atomic_checkpoints
 from .files import read_checkpoint, read_deepspeed_client_state
 from .module import ZERO3_REFUSAL, QATModule
 
@@ -137,6 +138,7 @@ class MPQCLI(LightningCLI):
     def before_fit(self) -> None:
         # every check before the trajectory cache is built or a file (config.yaml included) is written
         self._check_trainer()
+        use_atomic_checkpoints(self.trainer)  # a failed save keeps the previous last.ckpt
         self.model.use_flat_params(self.trainer)  # refuses model.optim.flat_params true under FSDP / DeepSpeed
         cfg = self.config[self.subcommand]
         ckpt = _resolve_ckpt_path(self.trainer, cfg.ckpt_path)

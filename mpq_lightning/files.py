@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
+from typing import Any, BinaryIO, Callable
 
 
 def ordinary_permissions(folder: str | Path) -> None:
@@ -20,14 +21,18 @@ def ordinary_permissions(folder: str | Path) -> None:
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
-def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, fsync, then ``os.replace``: readers (and a
-    run killed half-way) see the old file or the new one, never half of one."""
+def atomic_write(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], Any]) -> None:
+    """Write ``data`` (bytes, or a function that writes into the open file) to a temporary file beside
+    ``path``, fsync, then ``os.replace``: readers (and a run killed half-way) see the old file or the
+    new one, never half of one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -138,3 +143,4 @@ def read_deepspeed_client_state(path: str | os.PathLike) -> dict:
     own = ("module", "optimizer", "lr_scheduler", "buffer_names", "param_shapes", "frozen_param_shapes",
            "frozen_param_fragments", "shared_params", "ds_config", "ds_version")
     return {k: v for k, v in state.items() if k not in own}
+

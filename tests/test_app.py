@@ -58,6 +58,9 @@ def full_run(workdir):
 
 
 def test_checkpoint_has_no_teacher_and_is_small(full_run, workdir):
+    from mpq_lightning.checkpoint_io import AtomicCheckpointIO
+
+    assert isinstance(full_run.trainer.strategy.checkpoint_io, AtomicCheckpointIO)  # a failed save keeps the old
     ckpt = torch.load(workdir / "checkpoints" / "full" / "last.ckpt", weights_only=False)
     keys = list(ckpt["state_dict"])
     assert keys and not any(k.startswith("teacher.") for k in keys)

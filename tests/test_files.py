@@ -22,6 +22,49 @@ def test_atomic_write_replaces_whole_or_keeps_the_old_file(tmp_path, monkeypatch
     assert path.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["report.json"]
 
 
+def test_checkpoint_io_keeps_the_old_checkpoint_when_a_save_fails(tmp_path, monkeypatch):
+    """AtomicCheckpointIO writes beside the old checkpoint and renames: a save that dies half-way (full
+    disk, kill) leaves the old last.ckpt whole and no temporary file; a save replaces it, with the
+    permissions a plain write gives."""
+    import mpq_lightning.checkpoint_io as cio
+
+    io = cio.AtomicCheckpointIO()
+    path = tmp_path / "run" / "last.ckpt"
+    io.save_checkpoint({"global_step": 1, "w": torch.ones(1000)}, path)
+    io.save_checkpoint({"global_step": 2, "w": torch.full((1000,), 2.0)}, path)
+    assert io.load_checkpoint(path)["global_step"] == 2
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    real_save = torch.save
+
+    def dies_half_way(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        f.truncate(100)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cio.torch, "save", dies_half_way)
+    with pytest.raises(OSError, match="No space left"):
+        io.save_checkpoint({"global_step": 3, "w": torch.zeros(1000)}, path)
+    assert torch.equal(io.load_checkpoint(path)["w"], torch.full((1000,), 2.0))
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
+
+
+def test_the_cli_trainer_saves_checkpoints_atomically_and_keeps_a_users_io():
+    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+    from lightning.pytorch import Trainer
+
+    from mpq_lightning.checkpoint_io import AtomicCheckpointIO, use_atomic_checkpoints
+
+    class Mine(TorchCheckpointIO):
+        pass
+
+    default, own = (Trainer(accelerator="cpu", logger=False, plugins=p) for p in (None, [Mine()]))
+    for trainer in (default, own):
+        use_atomic_checkpoints(trainer)
+    assert type(default.strategy.checkpoint_io) is AtomicCheckpointIO and type(own.strategy.checkpoint_io) is Mine
+
+
 def test_readers_name_the_file_and_keep_torch_s_reason(tmp_path):
     good = tmp_path / "good.pt"
     torch.save({"state_dict": {"w": torch.ones(2)}}, good)
