@@ -124,6 +124,7 @@ class MPQCLI(LightningCLI):
         if isinstance(cfg.trainer.strategy, str) and cfg.trainer.strategy.startswith("deepspeed"):
             cfg.trainer.strategy = deepspeed_strategy(cfg.trainer.strategy)
         _refuse_zero3(cfg.trainer.strategy)
+        _match_torchrun(cfg.trainer)
         _check_paths(cfg)
         if self.subcommand == "fit":
             self._run_dir = run
@@ -288,6 +289,31 @@ def _refuse_spawn(trainer) -> None:
     if getattr(trainer.strategy, "_start_method", None) == "spawn":
         raise ValueError("trainer.strategy ddp_spawn is not supported: use ddp (Lightning's default for several "
                          "devices), torchrun, or ddp_fork")
+
+
+def _match_torchrun(trainer_cfg) -> None:
+    """Under ``torchrun`` (WORLD_SIZE > 1 processes) the trainer must run as those processes: Lightning
+    builds a single-device strategy for ``devices: 1, num_nodes: 1`` whatever the launcher, and every
+    process would train alone as rank 0 into the same run folder. That single-device setting (every
+    shipped config's) becomes torchrun's LOCAL_WORLD_SIZE devices on WORLD_SIZE / LOCAL_WORLD_SIZE
+    nodes; another count of devices that does not match is refused by key."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    world = int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    devices, nodes = trainer_cfg.devices, int(trainer_cfg.num_nodes or 1)
+    try:
+        count = int(devices)
+    except (TypeError, ValueError):  # "auto", a list of device ids: Lightning's own checks
+        return
+    if count == 1 and nodes == 1 and world % local == 0:
+        trainer_cfg.devices, trainer_cfg.num_nodes = local, world // local
+        if os.environ.get("RANK", "0") == "0":
+            print(f"torchrun started {world} processes: trainer.devices {local}, trainer.num_nodes {world // local}")
+    elif count > 0 and count * nodes != world:
+        raise ValueError(f"torchrun started {world} processes ({local} per node) but trainer.devices {devices} x "
+                         f"trainer.num_nodes {nodes} = {count * nodes}: set --trainer.devices {local} --trainer.num_nodes "
+                         f"{max(1, world // local)} (or leave both at 1)")
 
 
 #: what a run writes into its folder (``checkpoints/<run_name>/``); ``*.ckpt`` may be DeepSpeed folders

@@ -1133,6 +1133,43 @@ def test_torchrun_two_nodes_cpu(tmp_path):
     _ranks_agree(tmp_path / "ddp_probe")
 
 
+def test_torchrun_with_a_single_device_config_trains_one_run(tmp_path):
+    """``torchrun --nproc_per_node 2 train.py --config <devices: 1 config>`` (the README's command):
+    Lightning alone would build a single-device trainer in each process, two rank-0 runs into one
+    folder; the trainer takes torchrun's processes instead, and both ranks train one student."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+         str(30500 + os.getpid() % 1000), str(REPO / "train.py"), "--config", TINY, "--run_name", "torchrun", *QUIET,
+         "--trainer.max_steps", "2", "--data.init_args.drop_last", "true", "--trainer.callbacks+=app_probes.RankProbe"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "torchrun started 2 processes: trainer.devices 2, trainer.num_nodes 1" in proc.stdout
+    assert torch.load(tmp_path / "checkpoints" / "torchrun" / "last.ckpt", weights_only=False)["global_step"] == 2
+    _ranks_agree(tmp_path / "ddp_probe")
+
+
+def test_torchrun_world_size_must_match_the_trainer(monkeypatch):
+    from types import SimpleNamespace
+
+    from mpq_lightning.cli import _match_torchrun
+
+    cfg = SimpleNamespace(devices=1, num_nodes=1)
+    _match_torchrun(cfg)  # no torchrun: as configured
+    assert (cfg.devices, cfg.num_nodes) == (1, 1)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    _match_torchrun(cfg)
+    assert (cfg.devices, cfg.num_nodes) == (4, 2)
+    _match_torchrun(matching := SimpleNamespace(devices="4", num_nodes=2))
+    assert (matching.devices, matching.num_nodes) == ("4", 2)
+    with pytest.raises(ValueError, match=r"torchrun started 8 processes \(4 per node\) but trainer.devices 2 x "
+                                         r"trainer.num_nodes 1 = 2: set --trainer.devices 4 --trainer.num_nodes 2"):
+        _match_torchrun(SimpleNamespace(devices=2, num_nodes=1))
+
+
 def test_ddp_two_processes_cpu(workdir):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
     proc = subprocess.run(
