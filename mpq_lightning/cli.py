@@ -110,7 +110,8 @@ class MPQCLI(LightningCLI):
             defaults.pop("StepRichProgressBar")
         if cfg.trainer.logger is False:  # Lightning refuses a learning-rate monitor with nothing to log to
             defaults.pop("LearningRateMonitor")
-        if "ModelCheckpoint" in names:  # the user's own checkpoint callback replaces ours
+        # the user's own checkpoint callback replaces ours; with checkpointing off Lightning refuses any
+        if "ModelCheckpoint" in names or cfg.trainer.enable_checkpointing is False:
             defaults.pop("RunCheckpoint")
         for name, (module, init) in defaults.items():
             if name not in names:

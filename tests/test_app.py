@@ -929,6 +929,21 @@ def test_progress_bar_of_a_step_bounded_run_and_a_users_own_bar(workdir, capsys,
     assert type(cli.trainer.progress_bar_callback).__name__ == "TQDMProgressBar"
 
 
+def test_checkpointing_and_logging_switched_off(workdir, capsys):
+    """``--trainer.enable_checkpointing false`` trains without checkpoints (our RunCheckpoint is not added:
+    Lightning refused it) and says there is nothing to evaluate; ``--trainer.logger false`` keeps the
+    checkpoints and writes no events."""
+    cli = fit("--trainer.max_steps", "2", "--trainer.enable_checkpointing", "false", run="no_ckpt")
+    assert cli.trainer.global_step == 2 and not cli.trainer.checkpoint_callbacks
+    run = workdir / "checkpoints" / "no_ckpt"
+    assert not list(run.glob("*.ckpt")) and (run / "config.yaml").is_file() and list(run.glob("events.out.tfevents.*"))
+    out = capsys.readouterr().out
+    assert "evaluate.py" not in out and "(config.yaml, TensorBoard events)" in out
+    cli = fit("--trainer.max_steps", "2", "--trainer.logger", "false", run="no_logger")
+    run = workdir / "checkpoints" / "no_logger"
+    assert (run / "last.ckpt").is_file() and not list(run.glob("events.out.tfevents.*"))
+
+
 def test_bad_quant_config_names_key(workdir):
     with pytest.raises(ValueError, match="QuantConfig.w_bits"):
         fit("--model.quant.w_bits", "12", run="bad")
