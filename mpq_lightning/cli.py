@@ -110,8 +110,9 @@ class MPQCLI(LightningCLI):
             defaults.pop("StepRichProgressBar")
         if cfg.trainer.logger is False:  # Lightning refuses a learning-rate monitor with nothing to log to
             defaults.pop("LearningRateMonitor")
-        # the user's own checkpoint callback replaces ours; with checkpointing off Lightning refuses any
-        if "ModelCheckpoint" in names or cfg.trainer.enable_checkpointing is False:
+        # a checkpoint callback of the user's own (best by val/loss) saves beside ours, which keeps
+        # last.ckpt for --ckpt_path last and evaluate.py; with checkpointing off Lightning refuses any
+        if cfg.trainer.enable_checkpointing is False:
             defaults.pop("RunCheckpoint")
         for name, (module, init) in defaults.items():
             if name not in names:
@@ -318,7 +319,8 @@ def _match_torchrun(trainer_cfg) -> None:
 
 
 #: what a run writes into its folder (``checkpoints/<run_name>/``); ``*.ckpt`` may be DeepSpeed folders
-RUN_FILES = ("*.ckpt", "config.yaml", "hparams.yaml", "events.out.tfevents.*", "report.json", "eval")
+RUN_FILES = ("*.ckpt", "config.yaml", "hparams.yaml", "events.out.tfevents.*", "report.json", "eval",
+             "checkpoints")  # the last: where a ModelCheckpoint of the user's own without dirpath saves
 #: ``train.py validate``'s TensorBoard folder inside a run folder: it does not make a folder an earlier
 #: run's (a validation of the untrained student may come first), ``--overwrite_run`` clears it
 VALIDATE_DIR = "validate"

@@ -929,19 +929,31 @@ def test_progress_bar_of_a_step_bounded_run_and_a_users_own_bar(workdir, capsys,
     assert type(cli.trainer.progress_bar_callback).__name__ == "TQDMProgressBar"
 
 
-def test_checkpointing_and_logging_switched_off(workdir, capsys):
+def test_checkpointing_switched_off(workdir, capsys):
     """``--trainer.enable_checkpointing false`` trains without checkpoints (our RunCheckpoint is not added:
-    Lightning refused it) and says there is nothing to evaluate; ``--trainer.logger false`` keeps the
-    checkpoints and writes no events."""
-    cli = fit("--trainer.max_steps", "2", "--trainer.enable_checkpointing", "false", run="no_ckpt")
+    Lightning refused it) and says there is nothing to evaluate."""
+    cli = fit("--trainer.max_steps", "2", "--trainer.enable_checkpointing", "false", run="ckpt_off")
     assert cli.trainer.global_step == 2 and not cli.trainer.checkpoint_callbacks
-    run = workdir / "checkpoints" / "no_ckpt"
+    run = workdir / "checkpoints" / "ckpt_off"
     assert not list(run.glob("*.ckpt")) and (run / "config.yaml").is_file() and list(run.glob("events.out.tfevents.*"))
     out = capsys.readouterr().out
     assert "evaluate.py" not in out and "(config.yaml, TensorBoard events)" in out
-    cli = fit("--trainer.max_steps", "2", "--trainer.logger", "false", run="no_logger")
-    run = workdir / "checkpoints" / "no_logger"
-    assert (run / "last.ckpt").is_file() and not list(run.glob("events.out.tfevents.*"))
+
+
+def test_a_users_checkpoint_callback_saves_beside_last_ckpt(workdir):
+    """A ModelCheckpoint of the user's own (the best by val/loss) does not replace ours: ``last.ckpt``
+    is still written for ``--ckpt_path last`` and evaluate.py, and ``--overwrite_run`` clears the
+    user's ``checkpoints/`` folder with the rest."""
+    args = ("--trainer.max_steps", "4", "--data.init_args.val_trajectories", "[3]", "--trainer.val_check_interval", "2",
+            "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.monitor", "val/loss",
+            "--trainer.callbacks.save_top_k", "1", "--trainer.callbacks.every_n_train_steps", "2")
+    cli = fit(*args, run="own_ckpt")
+    run = workdir / "checkpoints" / "own_ckpt"
+    assert torch.load(run / "last.ckpt", weights_only=False)["global_step"] == 4
+    best = cli.trainer.checkpoint_callback.best_model_path  # the user's: first in the list
+    assert Path(best).resolve().parent == run / "checkpoints" and len(list((run / "checkpoints").glob("*.ckpt"))) == 1
+    fit(*args, "--overwrite_run", "true", "--trainer.callbacks.save_top_k", "0", run="own_ckpt")
+    assert not (run / "checkpoints").exists()
 
 
 def test_bad_quant_config_names_key(workdir):
