@@ -14,6 +14,9 @@ entry point, on ``configs/tiny/stdit_w3a6.yaml`` with ``trainer.strategy deepspe
 2. The same with ``quant.learn_a_zero_point false``, whose calibrated activation zero points are frozen
    parameters (DeepSpeed's ``exclude_frozen_parameters`` drops them from its module states).
 3. ``last.ckpt/``'s module states hold no teacher key, and ``mpq_frozen_params`` is there.
+4. ``validate``: a fit of 4 steps validating every 2 on a held-out trajectory, then ``train.py validate
+   --config <run>/config.yaml`` (the engine restores ``last.ckpt/``): the same ``val/loss`` as the
+   fit logged at step 4.
 
 Checkpoints are read back through ``mpq_lightning.files.read_checkpoint`` (Lightning's ZeRO-to-fp32
 conversion), as evaluate.py and the exporter read them. Writes benchmarks/results/deepspeed_cpu_check.json.
@@ -75,13 +78,45 @@ def fit(workdir: Path, run: str, extra: list[str], stop: int = 0, resume: bool =
             "--trainer.max_steps", "4", "--checkpoint_every_n_steps", "2", "--log_samples", "false",
             "--trainer.enable_progress_bar", "false", "--run_name", run, *extra,
             *(["--ckpt_path", "last"] if resume else [])]
+    return child(workdir, args, stop, what=f"fit {run}")
+
+
+def child(workdir: Path, args: list[str], stop: int = 0, what: str = "run") -> float:
+    """train.py with ``args`` in a patched child process; its wall time."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "DS_CHECK_STOP": str(stop),
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     start = time.perf_counter()
     done = subprocess.run([sys.executable, __file__, "--child", *args], cwd=workdir, env=env, capture_output=True, text=True)
     if done.returncode:
-        sys.exit(f"fit {run} failed (rc {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        sys.exit(f"{what} failed (rc {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     return time.perf_counter() - start
+
+
+def scalars(folder: Path, tag: str) -> dict[int, float]:
+    """``tag``'s values by step in the TensorBoard events of ``folder``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events.Reload()
+    return {e.step: e.value for e in events.Scalars(tag)} if tag in events.Tags()["scalars"] else {}
+
+
+def validate_case(workdir: Path) -> dict:
+    """``train.py validate`` of a DeepSpeed run (its ``last.ckpt/`` folder restored by the engine, no
+    calibration): its ``val/loss`` must be the one the fit logged at its last step."""
+    run = "validate_fit"
+    shutil.rmtree(workdir / "checkpoints" / run, ignore_errors=True)
+    val = ["--data.init_args.val_trajectories", "[3]", "--trainer.val_check_interval", "2"]
+    seconds = {"fit": fit(workdir, run, val)}
+    config = workdir / "checkpoints" / run / "config.yaml"
+    seconds["validate"] = child(workdir, ["validate", "--config", str(config), "--trainer.enable_progress_bar", "false"],
+                                what=f"validate {run}")
+    fitted = scalars(workdir / "checkpoints" / run, "val/loss")
+    validated = scalars(workdir / "checkpoints" / run / "validate", "val/loss")
+    row = {"case": "validate", "extra": val, "seconds": seconds, "fit_val_loss": fitted,
+           "validate_val_loss": list(validated.values())}
+    row["ok"] = bool(fitted) and len(validated) == 1 and abs(row["validate_val_loss"][0] - fitted[max(fitted)]) <= 1e-6
+    return row
 
 
 def compare(a: Path, b: Path) -> dict:
@@ -131,6 +166,8 @@ def main() -> None:
                      and row["teacher_keys_in_module_states"] == 0 and row["steps"] == [4, 4])
         rows.append(row)
         print(json.dumps(row), flush=True)
+    rows.append(validate_case(workdir))
+    print(json.dumps(rows[-1]), flush=True)
     import deepspeed as ds
     import lightning
 

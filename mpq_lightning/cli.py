@@ -174,7 +174,7 @@ class MPQCLI(LightningCLI):
         self._check_trainer()
         cfg = self.config[self.subcommand]
         run = _run_folder(cfg)
-        if cfg.ckpt_path is None and (run / "last.ckpt").is_file():
+        if cfg.ckpt_path is None and (run / "last.ckpt").exists():  # (a DeepSpeed run's is a folder)
             # validating a run means its latest checkpoint (LightningCLI passes config_init's on)
             cfg.ckpt_path = self.config_init[self.subcommand].ckpt_path = "last"
         ckpt = _resolve_ckpt_path(self.trainer, cfg.ckpt_path)

@@ -233,7 +233,14 @@ class _FeatureHook:
 
     def __init__(self, module: nn.Module) -> None:
         self.value: Tensor | None = None
-        self.handle = module.register_forward_hook(self._hook)
+        self.module, self.handle = module, None
+        self.attach()
+
+    def attach(self) -> None:
+        """Register the hook unless it is there: Lightning's DeepSpeed strategy strips every module's
+        hooks before a stand-alone validation (``remove_module_hooks``)."""
+        if self.handle is None or self.handle.id not in self.module._forward_hooks:
+            self.handle = self.module.register_forward_hook(self._hook)
 
     def _hook(self, module, args, output) -> None:
         self.value = output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
@@ -446,7 +453,8 @@ class QATModule(L.LightningModule):
         ``exclude_frozen_parameters`` (which keeps the teacher's weights out) drops every parameter
         without a gradient, calibrated ones included (weight zero points when
         ``quant.learn_w_zero_point`` is false), and a resume does not calibrate again. Idempotent."""
-        if getattr(self, "_teacher_out_hook", None) is None:
+        hook = getattr(self, "_teacher_out_hook", None)
+        if hook is None or hook.id not in self._state_dict_hooks:  # (stripped like the feature hooks)
             self._teacher_out_hook = self.register_state_dict_post_hook(_drop_teacher_keys)
 
     def from_teacher(self, key: str) -> bool:
@@ -502,6 +510,7 @@ class QATModule(L.LightningModule):
 
     def start_run(self) -> None:
         """What each fit or stand-alone validation does before its first step (see ``on_fit_start``)."""
+        self.reattach_hooks()
         self.check_precision(self.trainer)
         self.check_compile_settings(self.trainer)
         self.check_strategy(self.trainer)
@@ -520,6 +529,16 @@ class QATModule(L.LightningModule):
         set_quant_state(self.student.backbone, weight=True, act=self.calib_cfg.train_act_quant)
         if self.compile_model:  # after calibration, whose observers are data-dependent Python
             self.compile_backbones()
+
+    def reattach_hooks(self) -> None:
+        """The module's own hooks (relation-loss feature sites; under DeepSpeed the state-dict hook that
+        leaves the teacher out), registered again where a strategy removed them: Lightning's DeepSpeed
+        strategy strips every hook of the model before a stand-alone validation, and MTRD / TRD then
+        found no student features."""
+        self._feat_t.attach()
+        self._feat_s.attach()
+        if getattr(self, "_teacher_out_hook", None) is not None:
+            self.leave_teacher_out_of_state_dicts()
 
     def untrained_step_fill(self, datamodule) -> Tensor | None:
         """For each activation-table entry, the trained entry of the nearest training timestep, or None

@@ -1809,3 +1809,30 @@ def test_a_deepspeed_checkpoint_folder_is_read_through_lightnings_conversion_or_
 
     with pytest.raises(ValueError, match=r"is a folder \(DeepSpeed\): pass the run's --config with it"):
         load_qat_module(None, folder)
+
+
+def test_hooks_a_strategy_strips_are_registered_again():
+    """Lightning's DeepSpeed strategy strips every module hook before a stand-alone validation
+    (``remove_module_hooks``): the relation-loss feature sites then saw no student features and
+    ``train.py validate`` crashed in MTRD. ``start_run`` registers the module's hooks again (once)."""
+    from lightning.pytorch.strategies.deepspeed import remove_module_hooks
+
+    from mpq_lightning.models import random_cond
+
+    module = _tiny_module("fzrmq")
+    module.leave_teacher_out_of_state_dicts()  # as under DeepSpeed
+    t = module.teacher
+    batch = {"x_t": torch.randn(2, *t.latent_shape), "t": torch.tensor([900, 100]), "step_index": torch.tensor([0, 3]),
+             "cond": random_cond(t, 2, 0, length=6, num_classes=3)}
+    with torch.no_grad():
+        _, _, f_s, f_t = module._student_teacher(batch)
+        remove_module_hooks(module)
+        module._feat_s.value = module._feat_t.value = None
+        assert module._student_teacher(batch)[2:] == (None, None)  # what validation met
+        assert any(k.startswith("teacher.") for k in module.state_dict())
+        module.reattach_hooks()
+        module.reattach_hooks()
+        _, _, f_s2, f_t2 = module._student_teacher(batch)
+    assert torch.equal(f_s2, f_s) and torch.equal(f_t2, f_t)
+    assert len(module._feat_s.module._forward_hooks) == 1 and len(module._state_dict_hooks) == 1
+    assert not any(k.startswith("teacher.") for k in module.state_dict())
