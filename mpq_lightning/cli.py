@@ -37,7 +37,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.strategies import DeepSpeedStrategy as _LightningDeepSpeedStrategy
 
 from .checkpoint_io import use_atomic_checkpoints
-from .files import read_checkpoint, read_deepspeed_client_state
+from .files import atomic_write, read_checkpoint, read_deepspeed_client_state
 from .module import ZERO3_REFUSAL, QATModule
 
 SUBCOMMANDS = ("fit", "validate")  # train.py's; Lightning's test / predict need steps this module has not
@@ -415,8 +415,11 @@ class RunConfigCallback(SaveConfigCallback):
         if trainer.is_global_zero:
             run = _run_folder(self.config)
             run.mkdir(parents=True, exist_ok=True)
-            self.parser.save(self.config, str(run / self.config_filename), overwrite=True, multifile=self.multifile,
-                             **_KEEP_NONE)
+            target = run / self.config_filename
+            if self.multifile:  # sub-configs written as files of their own: jsonargparse's save
+                self.parser.save(self.config, str(target), overwrite=True, multifile=True, **_KEEP_NONE)
+            else:  # what save writes, written whole or not at all: a resume overwrites the run's config.yaml
+                atomic_write(target, self.parser.dump(self.config, **_KEEP_NONE).encode())
             self.save_config(trainer, pl_module, stage)
             self.already_saved = True
         self.already_saved = trainer.strategy.broadcast(self.already_saved)

@@ -1836,3 +1836,29 @@ def test_hooks_a_strategy_strips_are_registered_again():
     assert torch.equal(f_s2, f_s) and torch.equal(f_t2, f_t)
     assert len(module._feat_s.module._forward_hooks) == 1 and len(module._state_dict_hooks) == 1
     assert not any(k.startswith("teacher.") for k in module.state_dict())
+
+
+def test_a_failed_config_save_keeps_the_runs_config(workdir, monkeypatch):
+    """A resume writes config.yaml again; if that fails (a value that does not serialise, a full disk),
+    the run keeps its earlier config.yaml whole: evaluate.py, export and the next resume read it."""
+    from lightning.pytorch.cli import LightningArgumentParser
+
+    from mpq_lightning.cli import RunConfigCallback
+
+    fit("--trainer.max_steps", "2", run="cfg_kept")
+    config = workdir / "checkpoints" / "cfg_kept" / "config.yaml"
+    before = config.read_bytes()
+
+    def fails(*args, **kwargs):
+        raise TypeError("a value that does not serialise")
+
+    original = RunConfigCallback.setup
+
+    def setup(self, *args, **kwargs):  # the config's dump fails when it is saved, not while it is parsed
+        monkeypatch.setattr(LightningArgumentParser, "dump", fails)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(RunConfigCallback, "setup", setup)
+    with pytest.raises(TypeError, match="does not serialise"):
+        fit("--trainer.max_steps", "4", "--ckpt_path", "last", run="cfg_kept")
+    assert config.read_bytes() == before and b"max_steps: 2" in before
