@@ -193,7 +193,6 @@ class MPQCLI(LightningCLI):
 
     def _check_trainer(self) -> None:
         """The trainer settings this module cannot run under (launcher, precision, compile switches)."""
-        _refuse_spawn(self.trainer)
         self.model.check_precision(self.trainer)
         self.model.check_compile_settings(self.trainer)
 
@@ -282,15 +281,6 @@ def _refuse_zero3(strategy) -> None:
     class_path, init = str(get(strategy, "class_path") or ""), get(strategy, "init_args") or {}
     if class_path.endswith("DeepSpeedStrategy") and get(init, "stage") == 3:
         raise ValueError(ZERO3_REFUSAL)
-
-
-def _refuse_spawn(trainer) -> None:
-    """Refuse Lightning's spawn launcher (``ddp_spawn``): the module is pickled into fresh processes,
-    and in a 2-process CPU fit of the tiny STDiT a child died rebuilding a shared tensor ("unable to
-    resize file ... Invalid argument") while the parent waited for good (cause not found)."""
-    if getattr(trainer.strategy, "_start_method", None) == "spawn":
-        raise ValueError("trainer.strategy ddp_spawn is not supported: use ddp (Lightning's default for several "
-                         "devices), torchrun, or ddp_fork")
 
 
 def _match_torchrun(trainer_cfg) -> None:

@@ -18,6 +18,7 @@ import json
 import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
+from multiprocessing.reduction import ForkingPickler
 from typing import Any, Literal
 
 import lightning as L
@@ -226,6 +227,25 @@ def state_hash(module: nn.Module) -> str:
         h.update(str(tuple(v.shape)).encode())
         h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if v.numel() else b"")
     return h.hexdigest()[:16]
+
+
+def _rebuild_generator(device: str, state: bytes) -> torch.Generator:
+    generator = torch.Generator(device)
+    generator.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
+    return generator
+
+
+def _reduce_generator(generator: torch.Generator):
+    """How multiprocessing pickles a ``torch.Generator``: its state as bytes. Torch's own reduce makes
+    a temporary state tensor; pickled into a spawned process (Lightning's ``ddp_spawn``) under torch's
+    ``file_descriptor`` sharing strategy, that tensor travels as a file descriptor which is closed
+    when the pickling ends, before the child starts, and the child read whatever took the number (the
+    spawn pipe): "unable to resize file ... Invalid argument (22)", the parent waiting for good. The
+    relation losses and the memory queue hold generators."""
+    return _rebuild_generator, (str(generator.device), generator.get_state().numpy().tobytes())
+
+
+ForkingPickler.register(torch.Generator, _reduce_generator)
 
 
 class _FeatureHook:

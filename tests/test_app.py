@@ -993,12 +993,34 @@ def test_true_16_bit_precision_refused_before_any_file(workdir, precision):
     assert not (workdir / "checkpoints" / "bad_true16").exists()
 
 
-def test_ddp_spawn_refused_before_any_file(workdir):
-    """``ddp_spawn`` pickles the module into fresh processes; a 2-process CPU fit of the tiny STDiT had a
-    child die rebuilding a shared tensor while the parent waited for good: refused by name up front."""
-    with pytest.raises(ValueError, match="trainer.strategy ddp_spawn is not supported: use ddp"):
-        fit("--trainer.devices", "2", "--trainer.strategy", "ddp_spawn", run="bad_spawn")
-    assert not (workdir / "checkpoints" / "bad_spawn").exists()
+def test_generators_travel_to_spawned_processes_as_bytes():
+    """The module's generators pickle (for a spawned process) as their state's bytes: torch's own
+    reduce sent a temporary state tensor whose file descriptor was closed before the child started."""
+    import pickle
+    from multiprocessing.reduction import ForkingPickler
+
+    import mpq_lightning.module  # noqa: F401  (registers the reducer)
+
+    g = torch.Generator().manual_seed(7)
+    torch.rand(3, generator=g)
+    payload = bytes(ForkingPickler.dumps(g))
+    assert b"rebuild_storage" not in payload  # no shared tensor inside
+    copy = pickle.loads(payload)
+    assert torch.equal(torch.rand(5, generator=copy), torch.rand(5, generator=g))
+
+
+def test_ddp_spawn_two_processes_cpu(tmp_path):
+    """``--trainer.strategy ddp_spawn`` (the module and trainer pickled into fresh processes) trains
+    one student on both ranks, each on its own shard."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "--config", TINY, "--run_name", "spawn", *QUIET,
+         "--trainer.devices", "2", "--trainer.strategy", "ddp_spawn", "--trainer.max_steps", "2",
+         "--data.init_args.drop_last", "true", "--trainer.callbacks+=app_probes.RankProbe"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert torch.load(tmp_path / "checkpoints" / "spawn" / "last.ckpt", weights_only=False)["global_step"] == 2
+    _ranks_agree(tmp_path / "ddp_probe")
 
 
 class _Batches:
