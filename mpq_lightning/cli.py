@@ -192,7 +192,7 @@ class MPQCLI(LightningCLI):
         self._prepare_data()
 
     def _check_trainer(self) -> None:
-        """The trainer settings this module cannot run under (launcher, precision, compile switches)."""
+        """The trainer settings this module cannot run under (precision, compile switches)."""
         self.model.check_precision(self.trainer)
         self.model.check_compile_settings(self.trainer)
 
