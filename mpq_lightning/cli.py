@@ -542,8 +542,22 @@ def run_script(entry: Callable[[], Any]) -> None:
     try:
         entry()
     except USER_ERRORS as error:
-        if os.environ.get("MPQ_TRACEBACK", "") not in ("", "0") or not _raised_here(error) or not str(error):
+        ours = _our_check(error)
+        if os.environ.get("MPQ_TRACEBACK", "") not in ("", "0") or ours is None:
             raise
-        print(f"{Path(sys.argv[0]).name}: error: {type(error).__name__}: {error}\n"
+        print(f"{Path(sys.argv[0]).name}: error: {type(ours).__name__}: {ours}\n"
               "(set MPQ_TRACEBACK=1 to see the traceback)", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def _our_check(error: BaseException) -> BaseException | None:
+    """``error`` if one of our checks raised it, or the error of ours that it was raised from:
+    jsonargparse re-raises what a data module's ``__init__`` raised as its own "Does not validate
+    against any of the Union subtypes", with the class's whole config in the message."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, USER_ERRORS) and str(error) and _raised_here(error):
+            return error
+        error = error.__cause__
+    return None

@@ -864,6 +864,13 @@ def test_scripts_print_our_errors_in_one_line_and_keep_other_tracebacks(tmp_path
 
     with pytest.raises(NotImplementedError):  # ours, but no message: an abstract method reached, a bug
         run_script(lambda: QuantLayer.to_module(None))
+    # a data module's own check, which jsonargparse re-raises as its "Does not validate against any of
+    # the Union subtypes" with the whole data config: ours is the line printed
+    with pytest.raises(SystemExit):
+        run_script(lambda: main(["--config", TINY, "--data.init_args.cache", str(tmp_path / "elsewhere")]))
+    err = capsys.readouterr().err
+    assert err.splitlines()[0].endswith(": error: ValueError: recipe.name 'tiny_stdit_ddim10' must be the cache "
+                                        "directory's name 'elsewhere'") and "Union subtypes" not in err, err
 
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])
