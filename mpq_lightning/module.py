@@ -351,7 +351,12 @@ class QATModule(L.LightningModule):
         self.compile_model, self.compile_scope, self.compile_mode = compile_model, compile_scope, compile_mode
         # settled here, not in every step's mark_cudagraph_step
         self._replays_cudagraphs = bool(compile_model and self.inductor_options().get("triton.cudagraphs"))
-        teacher = build(model, **(model_kwargs or {}))
+        try:
+            teacher = build(model, **(model_kwargs or {}))
+        except TypeError as error:  # a misspelt argument of the model's builder or backbone config
+            if "unexpected keyword argument" not in str(error):
+                raise
+            raise TypeError(f"model.model_kwargs of model {model!r}: {error}") from error
         if use_model_defaults:
             quant = copy.deepcopy(quant)
             quant.keep_fp = list(dict.fromkeys(list(teacher.default_keep_fp) + list(quant.keep_fp)))

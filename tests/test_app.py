@@ -764,6 +764,12 @@ def test_unknown_model_name(workdir):
         fit("--model.model", "no-such-model", run="bad")
 
 
+def test_misspelt_model_argument_names_model_kwargs(workdir):
+    with pytest.raises(TypeError, match="model.model_kwargs of model 'tiny-stdit': .*unexpected keyword argument 'depthh'"):
+        fit("--model.model_kwargs", "{config: {depthh: 1}}", run="bad")
+    assert not (workdir / "checkpoints" / "bad").exists()
+
+
 def test_unknown_config_key(workdir, capsys):
     with pytest.raises(SystemExit):
         fit("--model.quant.w_bitz", "3", run="bad")
