@@ -969,6 +969,19 @@ def test_a_users_checkpoint_callback_saves_beside_last_ckpt(workdir):
     assert not (run / "checkpoints").exists()
 
 
+def test_progress_lines_where_the_output_is_no_terminal(workdir, capsys, monkeypatch):
+    """Under a batch system the output is a file, where Rich draws nothing until the run ends: the bar
+    prints a plain line every log_every_n_steps steps (here with no least interval) and at the end."""
+    from mpq_lightning.callbacks import StepRichProgressBar
+
+    monkeypatch.setattr(StepRichProgressBar, "line_every_s", 0.0)
+    main(["--config", TINY, "--log_samples", "false", "--trainer.enable_model_summary", "false", "--run_name", "lines",
+          "--trainer.max_steps", "4", "--trainer.log_every_n_steps", "2"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert [line.split(" · ")[0] for line in lines] == ["step 2/4 (50.0%)", "step 4/4 (100.0%)"], lines
+    assert "left" in lines[0] and "train/loss" in lines[1]
+
+
 def test_bad_quant_config_names_key(workdir):
     with pytest.raises(ValueError, match="QuantConfig.w_bits"):
         fit("--model.quant.w_bits", "12", run="bad")
