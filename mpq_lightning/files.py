@@ -143,4 +143,3 @@ def read_deepspeed_client_state(path: str | os.PathLike) -> dict:
     own = ("module", "optimizer", "lr_scheduler", "buffer_names", "param_shapes", "frozen_param_shapes",
            "frozen_param_fragments", "shared_params", "ds_config", "ds_version")
     return {k: v for k, v in state.items() if k not in own}
-

@@ -17,8 +17,8 @@ import hashlib
 import json
 import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from pathlib import Path
 from multiprocessing.reduction import ForkingPickler
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
