@@ -7,8 +7,10 @@ import os
 import re
 import socket
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import psutil
@@ -345,6 +347,14 @@ def test_resuming_mid_epoch_with_another_layout_is_refused(small):
     ]:
         with pytest.raises(ValueError, match=rf"middle of epoch 0 \(3 batches .*{re.escape(message)}\. .*resume with"):
             dm(**change).load_state_dict(state)
+    skipping = dm(world_size=1, on_layout_change="next_epoch")
+    with pytest.warns(UserWarning, match=r"layout changed mid-epoch \(world_size\); the rest of epoch 0 is skipped"):
+        skipping.load_state_dict(state)
+    quiet = dm(world_size=1, on_layout_change="next_epoch")  # `train.py validate` on another world size
+    quiet.trainer = SimpleNamespace(state=SimpleNamespace(fn="validate"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet.load_state_dict(state)
     same = dm(teacher_output=False)  # does not change the order
     same.load_state_dict(state)
     assert uids(same.train_dataloader()) == epoch0[3:]
