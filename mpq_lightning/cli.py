@@ -150,6 +150,8 @@ class MPQCLI(LightningCLI):
         self.model.resuming = ckpt is not None and ckpt.exists()
         if self.model.resuming:
             checkpoint = self._checked_checkpoint(ckpt)
+            if _inside(ckpt, self._run_dir):
+                _refuse_overwriting_later_checkpoints(self._run_dir, ckpt, int(checkpoint.get("global_step", 0)))
             self.model.check_optimizer_state(checkpoint, source=str(ckpt))
             check_resume = getattr(self.datamodule, "check_resume", None)
             if callable(check_resume):  # the data position under this data layout (world size, batch size, ...)
@@ -338,6 +340,26 @@ def _resumes_folder(ckpt_path) -> bool:
 
 def _inside(path, folder: Path) -> bool:
     return Path(path).resolve().is_relative_to(folder.resolve())
+
+
+def _refuse_overwriting_later_checkpoints(run: Path, ckpt: Path, step: int) -> None:
+    """Resuming an earlier checkpoint of a run inside its own folder would save over the run's later
+    checkpoints (the same step names, ``last.ckpt``) and its ``config.yaml``: refused, naming them."""
+    later = []
+    for path in sorted(run.glob("step*.ckpt")):
+        digits = path.name.removeprefix("step").removesuffix(".ckpt")
+        if digits.isdigit() and int(digits) > step and path.resolve() != ckpt.resolve():
+            later.append(path.name)
+    last = run / "last.ckpt"
+    if last.exists() and last.resolve() != ckpt.resolve():
+        state = read_checkpoint(last, mmap=True) if last.is_file() else read_deepspeed_client_state(last)
+        if int(state.get("global_step", 0)) > step:
+            later.append(f"last.ckpt (step {state['global_step']})")
+    if later:
+        raise FileExistsError(
+            f"--ckpt_path {ckpt} resumes at step {step}, but {run} holds later checkpoints this run would "
+            f"overwrite: {', '.join(later)}. Continue in a folder of its own (--run_name <new> with the same "
+            "--ckpt_path), or move those checkpoints away first")
 
 
 def _run_files(run: Path) -> list[str]:

@@ -290,6 +290,22 @@ def _digests(folder: Path) -> dict:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
+def test_resuming_an_earlier_checkpoint_never_overwrites_later_ones(workdir):
+    """Resuming step 2 of a run that reached step 4, inside its own folder, would save over
+    step000004.ckpt, last.ckpt and config.yaml: refused, naming them, before anything is written; the
+    same checkpoint continues in a folder of its own."""
+    args = ("--trainer.max_steps", "4", "--checkpoint_every_n_steps", "2")
+    fit(*args, run="branch")
+    run = workdir / "checkpoints" / "branch"
+    before = _digests(run)
+    with pytest.raises(FileExistsError, match=r"resumes at step 2, but .* holds later checkpoints this run would "
+                                              r"overwrite: step000004.ckpt, last.ckpt \(step 4\)"):
+        fit(*args, "--ckpt_path", str(run / "step000002.ckpt"), "--model.optim.lora_lr", "0.001", run="branch")
+    assert _digests(run) == before
+    other = fit(*args, "--ckpt_path", str(run / "step000002.ckpt"), "--model.optim.lora_lr", "0.001", run="branch_b")
+    assert other.trainer.global_step == 4 and _digests(run) == before
+
+
 def test_resume_with_other_bits_is_refused(full_run, workdir):
     run = workdir / "checkpoints" / "full"
     before = _digests(run)
