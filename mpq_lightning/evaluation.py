@@ -404,8 +404,10 @@ def evaluate(config: str, ckpt_path: str = "last", eval_cfg: EvalConfig | None =
     if cache_dir is not None and not (Path(cache_dir) / MANIFEST).is_file():
         # evaluation reads the sampler recipe and the conditions from the run's cache, and never
         # generates one (hours of teacher sampling for the real models)
-        msg = (f"the run's trajectory cache {cache_dir} does not exist: copy it from the training machine or "
-               "build it with `python -m mpq_lightning.data.trajectories`")
+        msg = (f"the run's trajectory cache {cache_dir} does not exist (relative paths are read from the "
+               f"current folder, {Path.cwd()}): run from the training folder, point to the cache with "
+               "`evaluate.py --config ... -- --data.init_args.cache <path>`, copy it from the training machine, "
+               "or build it with `python -m mpq_lightning.data.trajectories`")
         if module.teacher.cond_kind == "text":
             raise FileNotFoundError(msg + " (the text conditions come from it)")
         print(f"note: {msg}; using the teacher's default sampler")
