@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
 
@@ -22,8 +23,7 @@ from .files import atomic_write
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any = None) -> None:
-        protocol = get_filesystem(path).protocol
-        if storage_options is not None or "file" not in (protocol if isinstance(protocol, tuple) else (protocol,)):
+        if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
             return super().save_checkpoint(checkpoint, path, storage_options)
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda f: torch.save(checkpoint, f))

@@ -199,9 +199,8 @@ class MPQCLI(LightningCLI):
         self.model.check_compile_settings(self.trainer)
 
     def _checked_checkpoint(self, ckpt: Path) -> dict:
-        """``ckpt`` read (a DeepSpeed folder: its own entries, without gathering the shards) and checked
-        against this run's model and bit setting."""
-        checkpoint = read_checkpoint(ckpt, mmap=True) if ckpt.is_file() else read_deepspeed_client_state(ckpt)
+        """``ckpt`` read (:func:`_read_run_checkpoint`) and checked against this run's model and bit setting."""
+        checkpoint = _read_run_checkpoint(ckpt)
         self.model.check_checkpoint(checkpoint, source=str(ckpt))
         return checkpoint
 
@@ -342,6 +341,12 @@ def _inside(path, folder: Path) -> bool:
     return Path(path).resolve().is_relative_to(folder.resolve())
 
 
+def _read_run_checkpoint(path: Path) -> dict:
+    """A run's checkpoint file, or a DeepSpeed checkpoint folder's own entries (without gathering the
+    shards)."""
+    return read_checkpoint(path, mmap=True) if path.is_file() else read_deepspeed_client_state(path)
+
+
 def _refuse_overwriting_later_checkpoints(run: Path, ckpt: Path, step: int) -> None:
     """Resuming an earlier checkpoint of a run inside its own folder would save over the run's later
     checkpoints (the same step names, ``last.ckpt``) and its ``config.yaml``: refused, naming them."""
@@ -352,7 +357,7 @@ def _refuse_overwriting_later_checkpoints(run: Path, ckpt: Path, step: int) -> N
             later.append(path.name)
     last = run / "last.ckpt"
     if last.exists() and last.resolve() != ckpt.resolve():
-        state = read_checkpoint(last, mmap=True) if last.is_file() else read_deepspeed_client_state(last)
+        state = _read_run_checkpoint(last)
         if int(state.get("global_step", 0)) > step:
             later.append(f"last.ckpt (step {state['global_step']})")
     if later:

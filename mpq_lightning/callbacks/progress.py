@@ -30,7 +30,7 @@ class StepRichProgressBar(RichProgressBar):
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
         self._line_start = (time.monotonic(), trainer.global_step)
-        self._line_last = float("-inf")
+        self._line_last, self._line_step = float("-inf"), None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
@@ -41,9 +41,8 @@ class StepRichProgressBar(RichProgressBar):
         last = total is not None and step >= total > 0
         now = time.monotonic()
         every = max(1, trainer.log_every_n_steps or 1)
-        if not last and (step % every or now - self._line_last < self.line_every_s):
-            return
-        if not last and step == getattr(self, "_line_step", None):  # a step of several accumulated batches
+        # (one line per step: a step of several accumulated batches ends more than one batch)
+        if not last and (step % every or now - self._line_last < self.line_every_s or step == self._line_step):
             return
         self._line_last, self._line_step = now, step
         start_t, start_step = self._line_start

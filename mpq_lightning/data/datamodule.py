@@ -599,8 +599,8 @@ class TrajectoryDataModule(L.LightningDataModule):
         if batches >= self._saved_epoch_batches(saved):  # saved at the end of an epoch (older checkpoints)
             return {"epoch": epoch + 1, "batches": 0}
         if self.on_layout_change == "next_epoch":
-            state_fn = getattr(getattr(getattr(self, "trainer", None), "state", None), "fn", None)
-            if state_fn in (None, "fit"):  # a stand-alone validation restores the position but never trains
+            fn = self.trainer.state.fn if self.trainer is not None else None
+            if fn in (None, "fit"):  # a stand-alone validation restores the position but never trains
                 rank_zero_warn(f"TrajectoryDataModule: data layout changed mid-epoch ({', '.join(changed)}); the "
                                f"rest of epoch {epoch} is skipped and training continues with epoch {epoch + 1}")
             return {"epoch": epoch + 1, "batches": 0}
