@@ -26,6 +26,7 @@ import atexit
 import importlib.util
 import logging
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -35,6 +36,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.strategies import DeepSpeedStrategy as _LightningDeepSpeedStrategy
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .checkpoint_io import use_atomic_checkpoints
 from .files import atomic_write, read_checkpoint, read_deepspeed_client_state
@@ -565,9 +567,15 @@ def run_script(entry: Callable[[], Any]) -> None:
     package: its message names the config key, file or shape) is printed as one line on stderr and the
     script exits with status 1; ``MPQ_TRACEBACK=1`` shows the traceback instead. Anything else (an
     error raised inside torch, Lightning, ..., or one of ours without a message: possibly a bug)
-    keeps its traceback."""
+    keeps its traceback. A fit stopped by a signal (see ``RunCheckpoint``) exits with 128 + the
+    signal's number, never 0: Lightning's own ``SIGTERMException`` carries no status."""
     try:
         entry()
+    except SIGTERMException as stopped:
+        if stopped.code in (None, 0):
+            print(f"{Path(sys.argv[0]).name}: stopped by SIGTERM", file=sys.stderr)
+            raise SystemExit(128 + signal.SIGTERM) from None
+        raise
     except USER_ERRORS as error:
         ours = _our_check(error)
         if os.environ.get("MPQ_TRACEBACK", "") not in ("", "0") or ours is None:

@@ -92,3 +92,17 @@ class LrProbe(Callback):
         self.scheduler_base = dict(zip([g["name"] for g in trainer.optimizers[0].param_groups],
                                        trainer.lr_scheduler_configs[0].scheduler.base_lrs))
         self.want = {g["name"]: g["lr"] for g in pl_module.param_groups() if g["name"].startswith("lora:")}
+
+
+class SignalAt(Callback):
+    """Sends ``signum`` to this process at the end of batch ``batch`` (a scheduler preempting the job,
+    a Ctrl-C), on rank ``rank`` only (``kill`` of one process)."""
+
+    def __init__(self, batch: int, signum: int = 15, rank: int = 0) -> None:
+        self.batch, self.signum, self.rank = batch, signum, rank
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == self.batch and trainer.global_rank == self.rank:
+            import os
+
+            os.kill(os.getpid(), self.signum)

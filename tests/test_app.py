@@ -286,6 +286,103 @@ def test_resume_inside_a_trd_window_is_exact(workdir):
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
 
 
+def _signal_probe(batch: int, signum: int, rank: int = 0) -> str:
+    return ("--trainer.callbacks+={class_path: app_probes.SignalAt, init_args: {batch: %d, signum: %d, rank: %d}}"
+            % (batch, signum, rank))
+
+
+def test_sigterm_saves_the_step_it_stops_at_and_resumes_exactly(full_run, workdir):
+    """A SIGTERM (a scheduler preempting the job) after step 3 of 4, between the periodic checkpoints
+    of steps 2 and 4: the fit stops at the end of step 3 with exit status 143 (Lightning's own exits
+    with 0 and keeps only step 2), last.ckpt holds step 3, the signal handlers are given back, and
+    resuming with ``--ckpt_path last`` ends with the uninterrupted run's student and memory queue."""
+    import signal
+
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    args = ("--trainer.max_steps", "4", "--checkpoint_every_n_steps", "2")
+    sys.path.insert(0, str(Path(__file__).parent))
+    try:
+        with pytest.raises(SIGTERMException) as stopped:
+            fit(*args, _signal_probe(batch=2, signum=signal.SIGTERM), run="preempted")
+    finally:
+        sys.path.remove(str(Path(__file__).parent))
+    assert stopped.value.code == 143 and stopped.value.signum == signal.SIGTERM
+    assert {s: signal.getsignal(s) for s in handlers} == handlers
+    run = workdir / "checkpoints" / "preempted"
+    assert torch.load(run / "last.ckpt", weights_only=False)["global_step"] == 3
+    assert not (run / "step000004.ckpt").exists()
+    resumed = fit(*args, "--ckpt_path", "last", run="preempted")
+    assert resumed.trainer.global_step == 4
+    a, b = _student_state(full_run), _student_state(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+    torch.testing.assert_close(resumed.model.memory_queue.feats, full_run.model.memory_queue.feats, rtol=0, atol=1e-6)
+
+
+def test_ctrl_c_stops_at_the_end_of_the_optimiser_step_and_saves(workdir):
+    """A Ctrl-C inside a gradient-accumulation window (batch 3 of 2-batch steps: step 1 done, step 2
+    half) stops at the end of step 2, not mid-window, saves it and exits with 130."""
+    import signal
+
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    try:
+        with pytest.raises(SIGTERMException) as stopped:
+            fit("--trainer.max_steps", "4", "--checkpoint_every_n_steps", "4", "--trainer.accumulate_grad_batches", "2",
+                _signal_probe(batch=2, signum=signal.SIGINT), run="ctrl_c")
+    finally:
+        sys.path.remove(str(Path(__file__).parent))
+    assert stopped.value.code == 130
+    ckpt = torch.load(workdir / "checkpoints" / "ctrl_c" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 2 and ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["processed"] == 4
+
+
+def test_a_second_ctrl_c_stops_at_once_and_sigterm_never_does(monkeypatch):
+    """The stop handler: the first Ctrl-C asks for a stop at the step's end; the same press passed on
+    twice (a terminal and torchrun, within a second) changes nothing; a later one raises
+    KeyboardInterrupt (Lightning's immediate stop, no save). Repeated SIGTERMs only ask again."""
+    import signal
+
+    import mpq_lightning.callbacks.run_checkpoint as R
+
+    clock = [100.0]
+    monkeypatch.setattr(R.time, "monotonic", lambda: clock[0])
+    cb = R.RunCheckpoint()
+    cb._rank_zero = False
+    cb._ask_to_stop(signal.SIGINT, None)
+    assert cb._stop_signal == signal.SIGINT
+    clock[0] += 0.5
+    cb._ask_to_stop(signal.SIGINT, None)
+    clock[0] += 1.0
+    with pytest.raises(KeyboardInterrupt):
+        cb._ask_to_stop(signal.SIGINT, None)
+    term = R.RunCheckpoint()
+    term._rank_zero = False
+    for _ in range(3):
+        clock[0] += 5
+        term._ask_to_stop(signal.SIGTERM, None)
+    assert term._stop_signal == signal.SIGTERM
+
+
+def test_a_sigterm_stop_without_our_checkpoint_still_exits_non_zero(capsys):
+    """Lightning's own SIGTERMException (a SIGTERM before training, or with checkpointing off) carries
+    no status, which Python turns into 0: train.py exits with 143."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from mpq_lightning.cli import run_script
+
+    def preempted():
+        raise SIGTERMException
+
+    with pytest.raises(SystemExit) as exit_:
+        run_script(preempted)
+    assert exit_.value.code == 143 and "stopped by SIGTERM" in capsys.readouterr().err
+
+
 def _digests(folder: Path) -> dict:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
@@ -1277,6 +1374,22 @@ def test_ddp_two_processes_cpu(workdir):
     queue = next(v for k, v in ckpt["callbacks"].items() if k.startswith("MemoryQueue"))
     assert len(queue["generators"]) == 2 and not torch.equal(*queue["generators"])  # each rank's own pixels
     _ranks_agree(workdir / "ddp_probe")  # one student on both ranks, after calibration and training
+
+
+def test_ddp_a_sigterm_to_one_rank_stops_every_rank_at_the_same_step(workdir):
+    """``kill`` of rank 1 alone under 2-process DDP: both ranks stop after the same step (they agree
+    once per step), last.ckpt holds that step, and the job exits with 143."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "--config", TINY, "--run_name", "ddp_sigterm", *QUIET,
+         "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_steps", "6",
+         "--data.init_args.drop_last", "true", _signal_probe(batch=1, signum=15, rank=1)],
+        cwd=workdir, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    run = workdir / "checkpoints" / "ddp_sigterm"
+    assert f"SIGTERM: stopped after step 2: saved {run / 'last.ckpt'}" in proc.stdout
+    assert torch.load(run / "last.ckpt", weights_only=False)["global_step"] == 2
 
 
 def test_evaluate_decodes_with_eval_vae_before_metrics(full_run, workdir, monkeypatch):
