@@ -39,7 +39,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy as _LightningDeepSpee
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .checkpoint_io import use_atomic_checkpoints
-from .files import atomic_write, read_checkpoint, read_deepspeed_client_state
+from .files import RunLock, atomic_write, read_checkpoint, read_deepspeed_client_state
 from .module import ZERO3_REFUSAL, QATModule
 
 SUBCOMMANDS = ("fit", "validate")  # train.py's; Lightning's test / predict need steps this module has not
@@ -163,9 +163,20 @@ class MPQCLI(LightningCLI):
         if cfg.overwrite_run and ckpt is not None and _inside(ckpt, self._run_dir):
             raise ValueError(f"--overwrite_run true with --ckpt_path {cfg.ckpt_path}: that resumes {ckpt} inside the run "
                              "folder the overwrite would delete; drop one of the two")
+        if self.trainer.global_rank == 0:  # one training process per run folder, before it is written or cleared
+            self._run_lock = RunLock(self._run_dir)
+            self._run_lock.acquire()
         self._prepare_data()
         if cfg.overwrite_run:
             _clear_run_folder(self._run_dir)  # only now: every check above and the cache succeeded
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        finally:  # however the fit ended (the process's exit would drop the lock too; tests fit in-process)
+            lock = getattr(self, "_run_lock", None)
+            if lock is not None:
+                lock.release()
 
     def before_validate(self) -> None:
         """``train.py validate``: checked like a fit, before anything is computed: held-out trajectories

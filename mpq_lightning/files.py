@@ -143,3 +143,67 @@ def read_deepspeed_client_state(path: str | os.PathLike) -> dict:
     own = ("module", "optimizer", "lr_scheduler", "buffer_names", "param_shapes", "frozen_param_shapes",
            "frozen_param_fragments", "shared_params", "ds_config", "ds_version")
     return {k: v for k, v in state.items() if k not in own}
+
+
+class RunLock:
+    """An exclusive, non-blocking ``flock`` on ``<run>/.lock``, held by the one process that trains into
+    the run folder (global rank 0): a second ``train.py`` on the same run (the same command started
+    twice, a requeued job while the first still runs) is refused before it writes or deletes anything,
+    instead of both saving into one folder. The kernel drops the lock when the holder exits, however
+    it exits, so a crash leaves no stale lock (only the file, which the next holder takes over). A
+    release deletes the file while still holding the lock (and a folder the lock created, if that is
+    all it holds); whoever locked the deleted file meanwhile sees that the path no longer names it and
+    tries again, so two holders never coexist. ``flock`` on NFS is emulated with byte-range locks,
+    which Linux clients (NFSv4) share across machines; a file system without locks gets a warning."""
+
+    NAME = ".lock"
+
+    def __init__(self, run: str | os.PathLike) -> None:
+        self.run = Path(run)
+        self._fd: int | None = None
+        self._made_folder = False
+
+    def acquire(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            return
+        import socket
+        import time
+        import warnings
+
+        self._made_folder = not self.run.exists()
+        self.run.mkdir(parents=True, exist_ok=True)
+        path = self.run / self.NAME
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise FileExistsError(f"run folder {self.run} is being trained by {holder} (it holds {path}): wait "
+                                      "for it to finish, stop it, or choose another --run_name") from None
+            except OSError as error:  # a file system without locks (NFS mounted with nolock: ENOLCK)
+                os.close(fd)
+                warnings.warn(f"could not lock {path} ({error}): a second train.py on this run would not be refused",
+                              stacklevel=2)
+                return
+            try:
+                if os.path.samestat(os.fstat(fd), os.stat(path)):
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)  # locked a file its holder deleted on release: lock the one the path names now
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        (self.run / self.NAME).unlink(missing_ok=True)  # still locked: see the class's note
+        if self._made_folder and not any(self.run.iterdir()):
+            self.run.rmdir()  # a fit that failed before writing anything leaves no folder
+        os.close(self._fd)
+        self._fd = None

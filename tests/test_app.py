@@ -403,6 +403,28 @@ def test_resuming_an_earlier_checkpoint_never_overwrites_later_ones(workdir):
     assert other.trainer.global_step == 4 and _digests(run) == before
 
 
+def test_a_run_being_trained_is_refused_to_a_second_train_py(workdir):
+    """While one process trains a run (it holds the run's lock), a second train.py on that run is
+    refused before it writes or deletes anything: resuming it with --ckpt_path last, or starting it
+    afresh with --overwrite_run true. Once the first is done the run resumes as before."""
+    from mpq_lightning.files import RunLock
+
+    args = ("--trainer.max_steps", "2", "--checkpoint_every_n_steps", "2")
+    fit(*args, run="busy")
+    run = workdir / "checkpoints" / "busy"
+    lock = RunLock(run)
+    lock.acquire()  # as the first job would, in another process
+    before = _digests(run)
+    try:
+        for extra in (("--ckpt_path", "last", "--trainer.max_steps", "4"), ("--overwrite_run", "true")):
+            with pytest.raises(FileExistsError, match=rf"run folder checkpoints/busy is being trained by pid {os.getpid()} "):
+                fit(*args, *extra, run="busy")
+            assert _digests(run) == before
+    finally:
+        lock.release()
+    assert fit(*args, "--ckpt_path", "last", "--trainer.max_steps", "4", run="busy").trainer.global_step == 4
+
+
 def test_resume_with_other_bits_is_refused(full_run, workdir):
     run = workdir / "checkpoints" / "full"
     before = _digests(run)

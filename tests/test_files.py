@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from mpq_lightning.files import atomic_write, read_checkpoint, read_tensor_file
+from mpq_lightning.files import RunLock, atomic_write, read_checkpoint, read_tensor_file
 
 
 def test_atomic_write_replaces_whole_or_keeps_the_old_file(tmp_path, monkeypatch):
@@ -93,3 +93,79 @@ def test_an_intact_file_holding_more_than_tensors_is_not_called_corrupted(tmp_pa
     message = str(error.value)
     assert f"weights file {path} holds objects other than tensors" in message and "argparse.Namespace" in message
     assert "corrupted" not in message
+
+
+def test_run_lock_admits_one_holder_and_names_it(tmp_path):
+    """One holder at a time (flock: another process, or another open of the file in this one); the
+    refusal names the holder; released, the next one gets it. Released, the lock file is gone, and so
+    is a folder the lock created if nothing else was written; a holder that died leaves the file,
+    which the next one takes over."""
+    import socket
+    import subprocess
+    import sys
+
+    run = tmp_path / "checkpoints" / "r"
+    first = RunLock(run)
+    first.acquire()
+    with pytest.raises(FileExistsError, match=rf"run folder {run} is being trained by pid {os.getpid()} on "
+                                              rf"{socket.gethostname()}, since .*: wait for it"):
+        RunLock(run).acquire()
+    first.release()
+    assert not run.exists() and (tmp_path / "checkpoints").exists()
+    run.mkdir(parents=True)
+    (run / "last.ckpt").write_bytes(b"x")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from mpq_lightning.files import RunLock; "
+                               f"RunLock({str(run)!r}).acquire(); print('held', flush=True); sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(FileExistsError, match=rf"being trained by pid {holder.pid} "):
+            RunLock(run).acquire()
+    finally:
+        holder.communicate("", timeout=60)  # the holder exits: the kernel drops its lock
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "last.ckpt"]  # the dead holder's
+    again = RunLock(run)
+    again.acquire()
+    again.release()
+    assert sorted(p.name for p in run.iterdir()) == ["last.ckpt"]
+
+
+def test_run_lock_on_a_file_system_without_locks_warns_and_trains(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    lock = RunLock(tmp_path / "r")
+    with pytest.warns(UserWarning, match=r"could not lock .*r/.lock \(\[Errno 37\] No locks available\): a second"):
+        lock.acquire()
+    lock.release()
+
+
+def test_run_lock_taken_on_a_file_being_deleted_tries_the_path_again(tmp_path, monkeypatch):
+    """A release deletes the lock file while holding it; a process that opened that file just before
+    and locks it after the release holds a deleted file: it must notice and lock the path's new file,
+    or a third process could hold that one at the same time."""
+    import fcntl
+
+    run = tmp_path / "r"
+    run.mkdir()
+    real_flock, calls = fcntl.flock, []
+
+    def flock_after_a_release(fd, op):  # the first try: the file is deleted (and re-created) under us
+        if not calls:
+            (run / ".lock").unlink()
+            (run / ".lock").write_text("")
+        calls.append(fd)
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock_after_a_release)
+    lock = RunLock(run)
+    lock.acquire()
+    assert len(calls) == 2 and os.path.samestat(os.fstat(lock._fd), os.stat(run / ".lock"))
+    monkeypatch.setattr(fcntl, "flock", real_flock)
+    with pytest.raises(FileExistsError, match="is being trained by pid"):
+        RunLock(run).acquire()
+    lock.release()
