@@ -6,7 +6,7 @@ the temporary folder (a cluster's shared disk and a node's local /tmp; /dev/shm)
 onto the old ``last.ckpt``: a full disk, a preemption or a kill during it leaves neither the old
 checkpoint nor the new one. Here the checkpoint is written beside the old one and renamed over it
 (:func:`mpq_lightning.files.atomic_write`), without the in-memory copy. Remote paths (``s3://``)
-keep Lightning's way.
+keep Lightning's way. Under ``AsyncCheckpointIO`` the thread it saves in writes this way too.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 
 from .files import atomic_write
 
@@ -31,6 +32,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 def use_atomic_checkpoints(trainer) -> None:
     """Give ``trainer``'s strategy an :class:`AtomicCheckpointIO` where it has Lightning's default
-    ``TorchCheckpointIO`` (a checkpoint IO plugin of the user's own stays)."""
-    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+    ``TorchCheckpointIO``, also inside a wrapper (``AsyncCheckpointIO``, which saves in a thread
+    through the IO it wraps: Lightning's default unless the user gave one). A checkpoint IO plugin of
+    the user's own stays."""
+    io = trainer.strategy.checkpoint_io  # (Lightning puts its default inside an empty wrapper here)
+    if type(io) is TorchCheckpointIO:
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return
+    while isinstance(io, _WrappingCheckpointIO):
+        if type(io.checkpoint_io) is TorchCheckpointIO:
+            io._checkpoint_io = AtomicCheckpointIO()  # its setter only fills an empty wrapper
+            return
+        io = io.checkpoint_io

@@ -59,10 +59,17 @@ def test_the_cli_trainer_saves_checkpoints_atomically_and_keeps_a_users_io():
     class Mine(TorchCheckpointIO):
         pass
 
-    default, own = (Trainer(accelerator="cpu", logger=False, plugins=p) for p in (None, [Mine()]))
-    for trainer in (default, own):
+    from lightning.pytorch.plugins.io import AsyncCheckpointIO
+
+    default, own, threaded, threaded_own = (Trainer(accelerator="cpu", logger=False, plugins=p) for p in (
+        None, [Mine()], [AsyncCheckpointIO()], [AsyncCheckpointIO(Mine())]))
+    for trainer in (default, own, threaded, threaded_own):
         use_atomic_checkpoints(trainer)
     assert type(default.strategy.checkpoint_io) is AtomicCheckpointIO and type(own.strategy.checkpoint_io) is Mine
+    # AsyncCheckpointIO saves in its thread through the IO it wraps: ours in place of Lightning's default
+    assert type(threaded.strategy.checkpoint_io) is AsyncCheckpointIO
+    assert type(threaded.strategy.checkpoint_io.checkpoint_io) is AtomicCheckpointIO
+    assert type(threaded_own.strategy.checkpoint_io.checkpoint_io) is Mine
 
 
 def test_readers_name_the_file_and_keep_torch_s_reason(tmp_path):
