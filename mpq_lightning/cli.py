@@ -231,18 +231,24 @@ class MPQCLI(LightningCLI):
         exits before this)."""
         if self.trainer.global_rank != 0:
             return
-        from rich.console import Console
+        from shlex import quote
 
-        run, config = self._run_dir, self._run_dir / "config.yaml"
+        from rich.console import Console
+        from rich.markup import escape
+
+        run, config = self._run_dir, quote(str(self._run_dir / "config.yaml"))
         events = any(run.glob("events.out.tfevents.*"))
         held = [n for n in ("config.yaml", "last.ckpt") if (run / n).exists()] + ["TensorBoard events"] * events
-        lines = [f"[bold]Run folder[/]: {run} ({', '.join(held) or 'empty'})"]
+        lines = [f"{run} ({', '.join(held) or 'empty'})"]
         if events:
-            lines.append(f"  tensorboard --logdir {run.parent}")
+            lines.append(f"  tensorboard --logdir {quote(str(run.parent))}")
         if (run / "last.ckpt").exists():  # (a checkpoint callback of the user's own may save elsewhere)
-            lines += [f"  python evaluate.py --config {config}",
+            # commands to paste: paths quoted for the shell, evaluate.py where this train.py is
+            evaluate = Path(sys.argv[0]).with_name("evaluate.py")
+            evaluate = evaluate if evaluate.is_file() and evaluate.parent.resolve() != Path.cwd() else Path("evaluate.py")
+            lines += [f"  python {quote(str(evaluate))} --config {config}",
                       f"  python -m mpq_lightning.export --config {config} --ckpt_path last --out exported/"]
-        Console().print("\n".join(lines), highlight=False, soft_wrap=True)
+        Console().print("[bold]Run folder[/]: " + escape("\n".join(lines)), highlight=False, soft_wrap=True)
 
 
 def _destroy_process_group() -> None:

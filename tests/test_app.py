@@ -425,6 +425,20 @@ def test_a_run_being_trained_is_refused_to_a_second_train_py(workdir):
     assert fit(*args, "--ckpt_path", "last", "--trainer.max_steps", "4", run="busy").trainer.global_step == 4
 
 
+def test_the_printed_next_commands_work_for_any_run_name(workdir, capsys):
+    """The commands printed after a fit paste into a shell as they are: a run name with a space and
+    brackets (which Rich would read as markup) is quoted, and names the run's config."""
+    import shlex
+
+    fit("--trainer.max_steps", "1", run="exp/a [b]")
+    out = capsys.readouterr().out
+    assert "Run folder: checkpoints/exp/a [b] (config.yaml, last.ckpt, TensorBoard events)" in out
+    commands = [shlex.split(line) for line in out.splitlines() if line.startswith("  python")]
+    assert [c[:2] for c in commands] == [["python", "evaluate.py"], ["python", "-m"]]
+    for command in commands:
+        assert (workdir / command[command.index("--config") + 1]).is_file()
+
+
 def test_resume_with_other_bits_is_refused(full_run, workdir):
     run = workdir / "checkpoints" / "full"
     before = _digests(run)
