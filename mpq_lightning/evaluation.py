@@ -373,6 +373,7 @@ def _check_output_folder(target: Path) -> None:
 
 def print_table(metrics: dict[str, Any]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="evaluation")
@@ -387,7 +388,7 @@ def print_table(metrics: dict[str, Any]) -> None:
         elif isinstance(v, (list, tuple)):
             table.add_row(k, ", ".join(map(str, v)))
         else:
-            table.add_row(k, str(v))
+            table.add_row(k, escape(str(v)))  # a path with brackets is not Rich markup
     Console().print(table)
 
 

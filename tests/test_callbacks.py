@@ -658,11 +658,12 @@ def test_final_report_table_fits_80_columns(capsys, monkeypatch):
 
 
 def test_evaluation_table_folds_long_values_at_80_columns(capsys, monkeypatch):
-    """evaluate.py's table: a long checkpoint path wraps whole (no '…'), lists print as plain text."""
+    """evaluate.py's table: a long checkpoint path wraps whole (no '…'), keeps brackets (not read as
+    Rich markup), lists print as plain text."""
     from mpq_lightning.evaluation import print_table
 
     monkeypatch.setenv("COLUMNS", "80")
-    path = "checkpoints/a_rather_long_run_name_for_this_table/step000100.ckpt"
+    path = "checkpoints/a_rather_long_run_name_for_[this]_table/step000100.ckpt"
     print_table({"step_error": [0.1, 0.3, 0.2], "checkpoint": path, "files": ["grid.png", "videos.gif"]})
     lines = capsys.readouterr().out.splitlines()
     assert max(len(x) for x in lines) <= 80 and "…" not in "".join(lines)

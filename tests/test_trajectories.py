@@ -170,10 +170,10 @@ def test_progress_counts_every_teacher_call_and_a_resumed_run_only_what_is_left(
     with cache_progress("somewhere") as report:
         report(1, 0, 4), report(1, 4, 4)
     assert "somewhere" not in capsys.readouterr().out
-    with cache_progress("somewhere") as report:
+    with cache_progress("data/some[where]") as report:  # brackets: not Rich markup
         report(0, 0, 4), report(0, 4, 4)
     out = capsys.readouterr().out
-    assert "trajectory cache somewhere" in out and "teacher calls" in out and "4/4" in out
+    assert "trajectory cache data/some[where] with" in out and "teacher calls" in out and "4/4" in out
     assert max(len(line) for line in out.splitlines()) <= 80
 
 

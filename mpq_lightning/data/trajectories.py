@@ -887,7 +887,8 @@ def cache_progress(directory: str | Path) -> Iterator[Callable[[int, int, int], 
         if progress is None:
             progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                 TimeElapsedColumn(), TimeRemainingColumn())
-            progress.console.print(f"Generating the trajectory cache {directory} with the teacher", highlight=False)
+            progress.console.print(f"Generating the trajectory cache {directory} with the teacher", highlight=False,
+                                   markup=False)
             progress.start()
             task = progress.add_task("teacher calls", total=total)
         progress.update(task, completed=done)
