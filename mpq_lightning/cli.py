@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
 import torch
+from jsonargparse.typing import NonNegativeInt
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.strategies import DeepSpeedStrategy as _LightningDeepSpeedStrategy
@@ -66,7 +67,9 @@ class MPQCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--run_name", type=str, default="default", help="run folder under checkpoints/")
-        parser.add_argument("--checkpoint_every_n_steps", type=int, default=50, help="periodic checkpoint interval")
+        parser.add_argument("--checkpoint_every_n_steps", type=NonNegativeInt, default=50,
+                            help="periodic checkpoint interval in optimiser steps (0: none; last.ckpt is saved at "
+                                 "the end and when a signal stops the run either way)")
         parser.add_argument("--log_samples", type=bool, default=True, help="add the SampleLogger callback")
         parser.add_argument("--overwrite_run", type=bool, default=False,
                             help="train into a run folder that holds an earlier run: delete its checkpoints, config, "
@@ -101,7 +104,7 @@ class MPQCLI(LightningCLI):
         ours, lightning = "mpq_lightning.callbacks", "lightning.pytorch.callbacks"
         defaults = {  # class name: (module, init args)
             "RunCheckpoint": (ours, {"dirpath": str(run), "save_last": True,
-                                     "every_n_train_steps": cfg.checkpoint_every_n_steps, "save_top_k": -1,
+                                     "every_n_train_steps": int(cfg.checkpoint_every_n_steps), "save_top_k": -1,
                                      "filename": "step{step:06d}", "auto_insert_metric_name": False,
                                      "enable_version_counter": False}),
             "LearningRateMonitor": (lightning, {"logging_interval": "step"}),
@@ -129,6 +132,9 @@ class MPQCLI(LightningCLI):
             cfg.trainer.strategy = deepspeed_strategy(cfg.trainer.strategy)
         _refuse_zero3(cfg.trainer.strategy)
         _match_torchrun(cfg.trainer)
+        accumulate = cfg.trainer.accumulate_grad_batches
+        if accumulate is not None and accumulate < 1:  # (Lightning 2.6 divides by it at the first batch)
+            raise ValueError(f"trainer.accumulate_grad_batches must be an integer >= 1, got {accumulate}")
         _check_paths(cfg)
         if self.subcommand == "fit":
             self._run_dir = run
@@ -225,6 +231,9 @@ class MPQCLI(LightningCLI):
         prepare = getattr(self.datamodule, "prepare_cache", None)
         if callable(prepare):
             prepare(self.model.teacher.to(self.trainer.strategy.root_device))
+        check_selection = getattr(self.datamodule, "check_selection", None)
+        if callable(check_selection):  # an empty selection: refused before config.yaml and the events
+            check_selection(self.trainer.global_rank, self.trainer.world_size)
 
     def after_fit(self) -> None:
         """Where the run is and what to do with it next (global rank 0; a failed or interrupted fit

@@ -439,6 +439,20 @@ def test_the_printed_next_commands_work_for_any_run_name(workdir, capsys):
         assert (workdir / command[command.index("--config") + 1]).is_file()
 
 
+@pytest.mark.parametrize("args, error, match", [
+    (("--data.init_args.val_trajectories", "[0, 1, 2, 3]"), Exception,
+     r"the selection .* without the validation trajectories \[0, 1, 2, 3\]\) is empty"),
+    (("--trainer.accumulate_grad_batches", "0"), ValueError, r"trainer.accumulate_grad_batches must be an integer >= 1"),
+    (("--checkpoint_every_n_steps", "-5"), SystemExit, None),  # the parser's error, naming the key
+])
+def test_settings_that_cannot_train_are_refused_before_the_run_folder_is_written(workdir, args, error, match):
+    """Found before any file is written (they surfaced after config.yaml and the events: at calibration's
+    first batch, or as Lightning's ZeroDivisionError at the first batch)."""
+    with pytest.raises(error, match=match):
+        fit("--trainer.max_steps", "1", *args, run="never")
+    assert not (workdir / "checkpoints" / "never").exists()
+
+
 def test_resume_with_other_bits_is_refused(full_run, workdir):
     run = workdir / "checkpoints" / "full"
     before = _digests(run)
