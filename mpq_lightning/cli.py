@@ -161,6 +161,7 @@ class MPQCLI(LightningCLI):
             if _inside(ckpt, self._run_dir):
                 _refuse_overwriting_later_checkpoints(self._run_dir, ckpt, int(checkpoint.get("global_step", 0)))
             self.model.check_optimizer_state(checkpoint, source=str(ckpt))
+            _purge_later_events(self.trainer, int(checkpoint.get("global_step", 0)))
             check_resume = getattr(self.datamodule, "check_resume", None)
             if callable(check_resume):  # the data position under this data layout (world size, batch size, ...)
                 check_resume(checkpoint, self.trainer.world_size)
@@ -397,6 +398,21 @@ def _refuse_overwriting_later_checkpoints(run: Path, ckpt: Path, step: int) -> N
 
 def _run_files(run: Path) -> list[str]:
     return sorted({p.name for pattern in RUN_FILES for p in run.glob(pattern)}) if run.is_dir() else []
+
+
+def _purge_later_events(trainer, step: int) -> None:
+    """A resumed run hides, in TensorBoard, what the earlier process logged after the checkpoint it
+    resumes (a run killed at step 380 with last.ckpt at 350 would show steps 350-380 twice, two
+    curves drawn over each other): ``SummaryWriter(purge_step=step)`` marks the new event file so that
+    TensorBoard drops the older files' events from ``step`` on. Lightning logs the metrics of the
+    step that makes ``global_step`` T at step T - 1, so ``step`` is the checkpoint's ``global_step``.
+    Set on TensorBoard loggers whose writer does not exist yet (it is made at the first log)."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    for logger in trainer.loggers:
+        kwargs = getattr(logger, "_kwargs", None)
+        if isinstance(logger, TensorBoardLogger) and isinstance(kwargs, dict) and logger._experiment is None:
+            kwargs.setdefault("purge_step", step)
 
 
 def _check_run_folder(run: Path, ckpt_path, overwrite: bool, requeued: bool = False) -> None:

@@ -106,3 +106,15 @@ class SignalAt(Callback):
             import os
 
             os.kill(os.getpid(), self.signum)
+
+
+class CrashAt(Callback):
+    """Raises at the end of optimiser step ``step``, before the checkpoint callbacks (a process killed
+    after it logged steps its last checkpoint does not hold)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            raise MemoryError(f"crash at step {self.step}")

@@ -322,6 +322,31 @@ def test_sigterm_saves_the_step_it_stops_at_and_resumes_exactly(full_run, workdi
     torch.testing.assert_close(resumed.model.memory_queue.feats, full_run.model.memory_queue.feats, rtol=0, atol=1e-6)
 
 
+def test_a_resumed_run_hides_the_events_logged_after_its_checkpoint(workdir):
+    """A run that died at step 4, after logging it, with last.ckpt at step 2: resumed, TensorBoard
+    shows every step once (the old file's events from step 2 on are purged), not two curves over
+    each other."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = ("--trainer.max_steps", "6", "--checkpoint_every_n_steps", "2", "--trainer.log_every_n_steps", "1")
+    sys.path.insert(0, str(Path(__file__).parent))
+    try:
+        with pytest.raises(MemoryError, match="crash at step 4"):
+            fit(*args, "--trainer.callbacks+={class_path: app_probes.CrashAt, init_args: {step: 4}}", run="crashed_tb")
+    finally:
+        sys.path.remove(str(Path(__file__).parent))
+    run = workdir / "checkpoints" / "crashed_tb"
+    assert torch.load(run / "last.ckpt", weights_only=False)["global_step"] == 2
+    fit(*args, "--ckpt_path", "last", run="crashed_tb")
+    assert len(list(run.glob("events.out.tfevents.*"))) == 2
+    acc = EventAccumulator(str(run))
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("train/loss")]
+    assert steps == list(range(6)), steps
+    errors = [e.step for e in acc.Scalars(next(t for t in acc.Tags()["scalars"] if t.startswith("timestep_error/step_")))]
+    assert errors == sorted(set(errors)), errors
+
+
 def test_ctrl_c_stops_at_the_end_of_the_optimiser_step_and_saves(workdir):
     """A Ctrl-C inside a gradient-accumulation window (batch 3 of 2-batch steps: step 1 done, step 2
     half) stops at the end of step 2, not mid-window, saves it and exits with 130."""
