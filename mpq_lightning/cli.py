@@ -149,6 +149,7 @@ class MPQCLI(LightningCLI):
     def before_fit(self) -> None:
         # every check before the trajectory cache is built or a file (config.yaml included) is written
         self._check_trainer()
+        self.model.check_schedule(self.trainer)
         use_atomic_checkpoints(self.trainer)  # a failed save keeps the previous last.ckpt
         self.model.use_flat_params(self.trainer)  # refuses model.optim.flat_params true under FSDP / DeepSpeed
         cfg = self.config[self.subcommand]

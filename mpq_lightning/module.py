@@ -720,6 +720,15 @@ class QATModule(L.LightningModule):
                 "activation step tables and the MTRD memory queue have one entry per sampler step; set both alike"
             )
 
+    def check_schedule(self, trainer: L.Trainer) -> None:
+        """A decaying learning-rate schedule needs the run's length: refused for a run that trains until
+        it is stopped (``max_steps`` and ``max_epochs`` -1), where Lightning's step estimate is infinite."""
+        if trainer.max_steps == -1 and trainer.max_epochs == -1 and self.optim_cfg.schedule != "constant":
+            raise ValueError(
+                f"model.optim.schedule {self.optim_cfg.schedule} decays the learning rate over the run's length, but "
+                "this run has none (trainer.max_steps -1 and trainer.max_epochs -1: it trains until stopped): set "
+                "trainer.max_steps, or model.optim.schedule constant")
+
     @staticmethod
     def check_precision(trainer: L.Trainer) -> None:
         """Refuse ``16-true`` / ``bf16-true``: Lightning casts the whole module to 16 bits there, the
@@ -1009,7 +1018,8 @@ class QATModule(L.LightningModule):
     def configure_optimizers(self):
         cfg = self.optim_cfg
         opt = self.build_optimizer()
-        total = max(1, int(self.trainer.estimated_stepping_batches)) if self.trainer is not None else 1
+        total = self.trainer.estimated_stepping_batches if self.trainer is not None else 1
+        total = max(1, int(total)) if math.isfinite(total) else 1  # endless: constant only (check_schedule)
 
         def factor(step: int) -> float:
             if step < cfg.warmup_steps:

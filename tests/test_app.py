@@ -366,6 +366,24 @@ def test_ctrl_c_stops_at_the_end_of_the_optimiser_step_and_saves(workdir):
     assert ckpt["global_step"] == 2 and ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["processed"] == 4
 
 
+def test_a_run_without_an_end_trains_until_a_signal_stops_it(workdir):
+    """``max_steps -1, max_epochs -1`` with a constant learning rate trains until stopped; a SIGTERM
+    then saves the step it stopped at."""
+    import signal
+
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    try:
+        with pytest.raises(SIGTERMException) as stopped:
+            fit("--trainer.max_steps", "-1", "--trainer.max_epochs", "-1", "--model.optim.schedule", "constant",
+                _signal_probe(batch=2, signum=signal.SIGTERM), run="endless")
+    finally:
+        sys.path.remove(str(Path(__file__).parent))
+    assert stopped.value.code == 143
+    assert torch.load(workdir / "checkpoints" / "endless" / "last.ckpt", weights_only=False)["global_step"] == 3
+
+
 def test_a_second_ctrl_c_stops_at_once_and_sigterm_never_does(monkeypatch):
     """The stop handler: the first Ctrl-C asks for a stop at the step's end; the same press passed on
     twice (a terminal and torchrun, within a second) changes nothing; a later one raises
@@ -469,6 +487,8 @@ def test_the_printed_next_commands_work_for_any_run_name(workdir, capsys):
      r"the selection .* without the validation trajectories \[0, 1, 2, 3\]\) is empty"),
     (("--trainer.accumulate_grad_batches", "0"), ValueError, r"trainer.accumulate_grad_batches must be an integer >= 1"),
     (("--checkpoint_every_n_steps", "-5"), SystemExit, None),  # the parser's error, naming the key
+    (("--trainer.max_steps", "-1", "--trainer.max_epochs", "-1"), ValueError,  # (it overflowed in configure_optimizers)
+     r"model.optim.schedule linear decays the learning rate over the run's length, but this run has none"),
 ])
 def test_settings_that_cannot_train_are_refused_before_the_run_folder_is_written(workdir, args, error, match):
     """Found before any file is written (they surfaced after config.yaml and the events: at calibration's
