@@ -387,7 +387,8 @@ def test_a_run_without_an_end_trains_until_a_signal_stops_it(workdir):
 def test_a_second_ctrl_c_stops_at_once_and_sigterm_never_does(monkeypatch):
     """The stop handler: the first Ctrl-C asks for a stop at the step's end; the same press passed on
     twice (a terminal and torchrun, within a second) changes nothing; a later one raises
-    KeyboardInterrupt (Lightning's immediate stop, no save). Repeated SIGTERMs only ask again."""
+    KeyboardInterrupt (Lightning's immediate stop, no save). In a forked DataLoader worker it does
+    nothing (the worker keeps serving the step). Repeated SIGTERMs only ask again."""
     import signal
 
     import mpq_lightning.callbacks.run_checkpoint as R
@@ -403,6 +404,14 @@ def test_a_second_ctrl_c_stops_at_once_and_sigterm_never_does(monkeypatch):
     clock[0] += 1.0
     with pytest.raises(KeyboardInterrupt):
         cb._ask_to_stop(signal.SIGINT, None)
+    worker = R.RunCheckpoint()  # a DataLoader worker forked with the handler: the signal is the main process's
+    monkeypatch.setattr(R.os, "getpid", lambda: worker._pid + 1)
+    worker._ask_to_stop(signal.SIGINT, None)
+    clock[0] += 5
+    worker._ask_to_stop(signal.SIGINT, None)
+    assert worker._stop_signal is None
+    monkeypatch.undo()
+    monkeypatch.setattr(R.time, "monotonic", lambda: clock[0])
     term = R.RunCheckpoint()
     term._rank_zero = False
     for _ in range(3):

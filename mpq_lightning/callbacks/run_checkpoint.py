@@ -44,16 +44,20 @@ class RunCheckpoint(ModelCheckpoint):
         self._handlers: dict[int, object] = {}
         self._step_seen = -1
         self._rank_zero = True
+        self._pid = os.getpid()
 
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
         self._step_seen, self._rank_zero = trainer.global_step, trainer.is_global_zero
         self._stop_signal = signal.SIGTERM if trainer.received_sigterm else None  # one during calibration
+        self._pid = os.getpid()
         if threading.current_thread() is threading.main_thread():  # Python runs handlers in the main thread only
             for signum in STOP_SIGNALS:
                 self._handlers[signum] = signal.signal(signum, self._ask_to_stop)
 
     def _ask_to_stop(self, signum: int, frame) -> None:
+        if os.getpid() != self._pid:  # a DataLoader worker forked with this handler (a terminal's Ctrl-C reaches
+            return  # it too): it keeps serving batches until the step ends, and dies with the loader
         now = time.monotonic()
         if self._stop_signal is None:
             self._stop_signal, self._stop_asked_at = signum, now
