@@ -40,7 +40,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy as _LightningDeepSpee
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .checkpoint_io import use_atomic_checkpoints
-from .files import RunLock, atomic_write, read_checkpoint, read_deepspeed_client_state
+from .files import RunLock, atomic_write, read_checkpoint, read_deepspeed_client_state, read_yaml
 from .module import ZERO3_REFUSAL, QATModule
 
 SUBCOMMANDS = ("fit", "validate")  # train.py's; Lightning's test / predict need steps this module has not
@@ -571,6 +571,17 @@ def quiet_lightning() -> None:
         logging.getLogger(name).addFilter(_no_cloud_logger_tip)  # (the same function again adds nothing)
 
 
+def _check_config_files(argv: list[str]) -> None:
+    """Every ``--config`` file parses as YAML. jsonargparse's error for one that does not names neither
+    the file nor which of several ``--config`` it was (``in "<unicode string>", line 4``). A path that
+    is not a file is left to the parser (which names a missing one; a YAML string is allowed)."""
+    for i, arg in enumerate(argv):
+        path = argv[i + 1] if arg in ("-c", "--config") and i + 1 < len(argv) else None
+        path = arg.split("=", 1)[1] if arg.startswith("--config=") else path
+        if path is not None and Path(path).is_file():
+            read_yaml(path, "--config")
+
+
 def main(argv: list[str] | None = None, default_subcommand: str = "fit") -> MPQCLI:
     """Entry point of ``train.py``: inserts the ``fit`` subcommand when none is given."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -580,6 +591,7 @@ def main(argv: list[str] | None = None, default_subcommand: str = "fit") -> MPQC
         argv = ["--config", str(DEFAULT_CONFIG), *argv]
         if argv[2:3] and argv[2] in (*SUBCOMMANDS, *_NOT_OURS):  # `train.py fit ...`: subcommand first
             argv = [argv[2], *argv[:2], *argv[3:]]
+    _check_config_files(argv)
     if argv[0] in _NOT_OURS:
         raise ValueError(f"train.py {argv[0]}: train.py runs fit (the default) and validate; evaluate a run with "
                          "python evaluate.py --config <run>/config.yaml")

@@ -40,6 +40,18 @@ def atomic_write(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], Any
         tmp.unlink(missing_ok=True)
 
 
+def read_yaml(path: str | os.PathLike, what: str = "config") -> Any:
+    """A YAML file's content; a syntax error names the file, line and column (yaml's own message,
+    read from the file, and not from a string, whose marks name ``"<unicode string>"``)."""
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        try:
+            return yaml.safe_load(f)
+        except yaml.YAMLError as error:
+            raise ValueError(f"{what} {path} is not valid YAML: {error}") from None
+
+
 def read_torch_file(path: str | os.PathLike, what: str, **load_kwargs):
     """``torch.load(path, map_location="cpu", **load_kwargs)``, refusing a file torch cannot read (a
     truncated or corrupted copy, a file of another format) with an error that names ``what`` and the

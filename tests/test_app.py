@@ -507,6 +507,29 @@ def test_settings_that_cannot_train_are_refused_before_the_run_folder_is_written
     assert not (workdir / "checkpoints" / "never").exists()
 
 
+def test_a_config_that_is_not_yaml_is_named_with_its_line(full_run, workdir):
+    """A YAML syntax error in one of several --config files (train.py), or in a run's config.yaml
+    (evaluate.py, export), names the file, line and column (jsonargparse's and a string load's name
+    "<unicode string>"); a run config that is not a mapping is refused by name too."""
+    from mpq_lightning.evaluation import load_run
+    from mpq_lightning.export import load_qat_module
+
+    broken = workdir / "broken_run" / "config.yaml"
+    broken.parent.mkdir()
+    broken.write_text("model:\n  quant:\n    w_bits: 3\n   a_bits: 6\n")
+    shutil.copy(workdir / "checkpoints" / "full" / "last.ckpt", broken.parent / "last.ckpt")
+    named = rf"{re.escape(str(broken))} is not valid YAML: .*\n  in \"{re.escape(str(broken))}\", line 4, column 4"
+    with pytest.raises(ValueError, match="(?s)--config " + named):
+        main(["--config", TINY, "--config", str(broken)])
+    for load in (load_run, load_qat_module):
+        with pytest.raises(ValueError, match="(?s)config " + named):
+            load(str(broken), "last")
+    broken.write_text("- a list\n")
+    for load in (load_run, load_qat_module):
+        with pytest.raises(ValueError, match=r"holds no mapping of options"):
+            load(str(broken), "last")
+
+
 def test_resume_with_other_bits_is_refused(full_run, workdir):
     run = workdir / "checkpoints" / "full"
     before = _digests(run)
