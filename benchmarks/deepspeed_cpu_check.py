@@ -17,6 +17,8 @@ entry point, on ``configs/tiny/stdit_w3a6.yaml`` with ``trainer.strategy deepspe
 4. ``validate``: a fit of 4 steps validating every 2 on a held-out trajectory, then ``train.py validate
    --config <run>/config.yaml`` (the engine restores ``last.ckpt/``): the same ``val/loss`` as the
    fit logged at step 4.
+5. ``sigterm``: a SIGTERM after step 3 exits with 143 and saves ``last.ckpt/`` at step 3; resumed to
+   step 4 it equals ``default_full``.
 
 Checkpoints are read back through ``mpq_lightning.files.read_checkpoint`` (Lightning's ZeRO-to-fp32
 conversion), as evaluate.py and the exporter read them. Writes benchmarks/results/deepspeed_cpu_check.json.
@@ -54,11 +56,16 @@ def _patch_and_fit(argv: list[str]) -> None:
 
     deepspeed.initialize = initialize_on_cpu
     stop = int(os.environ.get("DS_CHECK_STOP", "0"))
+    sigterm = int(os.environ.get("DS_CHECK_SIGTERM", "0"))
 
     class StopAt(Callback):
         def on_train_batch_end(self, trainer, *args) -> None:
             if stop and trainer.global_step >= stop:
                 trainer.should_stop = True
+            if sigterm and trainer.global_step == sigterm:  # a scheduler preempting the job
+                import signal
+
+                os.kill(os.getpid(), signal.SIGTERM)
 
     from mpq_lightning import cli
 
@@ -73,21 +80,22 @@ def _patch_and_fit(argv: list[str]) -> None:
     cli.main(argv)
 
 
-def fit(workdir: Path, run: str, extra: list[str], stop: int = 0, resume: bool = False) -> float:
+def fit(workdir: Path, run: str, extra: list[str], stop: int = 0, resume: bool = False, sigterm: int = 0) -> float:
     args = ["--config", str(REPO / "configs" / "tiny" / "stdit_w3a6.yaml"), "--trainer.strategy", "deepspeed_stage_2",
             "--trainer.max_steps", "4", "--checkpoint_every_n_steps", "2", "--log_samples", "false",
             "--trainer.enable_progress_bar", "false", "--run_name", run, *extra,
             *(["--ckpt_path", "last"] if resume else [])]
-    return child(workdir, args, stop, what=f"fit {run}")
+    return child(workdir, args, stop, what=f"fit {run}", sigterm=sigterm)
 
 
-def child(workdir: Path, args: list[str], stop: int = 0, what: str = "run") -> float:
-    """train.py with ``args`` in a patched child process; its wall time."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "DS_CHECK_STOP": str(stop),
+def child(workdir: Path, args: list[str], stop: int = 0, what: str = "run", sigterm: int = 0) -> float:
+    """train.py with ``args`` in a patched child process; its wall time. ``sigterm``: the step after
+    which it sends itself a SIGTERM, and then must exit with 143."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "DS_CHECK_STOP": str(stop), "DS_CHECK_SIGTERM": str(sigterm),
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     start = time.perf_counter()
     done = subprocess.run([sys.executable, __file__, "--child", *args], cwd=workdir, env=env, capture_output=True, text=True)
-    if done.returncode:
+    if done.returncode != (143 if sigterm else 0):
         sys.exit(f"{what} failed (rc {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     return time.perf_counter() - start
 
@@ -116,6 +124,22 @@ def validate_case(workdir: Path) -> dict:
     row = {"case": "validate", "extra": val, "seconds": seconds, "fit_val_loss": fitted,
            "validate_val_loss": list(validated.values())}
     row["ok"] = bool(fitted) and len(validated) == 1 and abs(row["validate_val_loss"][0] - fitted[max(fitted)]) <= 1e-6
+    return row
+
+
+def sigterm_case(workdir: Path) -> dict:
+    """A SIGTERM after step 3 (periodic checkpoints at 2 and 4): the run exits with 143, its
+    ``last.ckpt/`` holds step 3, and resumed to step 4 it equals ``default_full``."""
+    from mpq_lightning.files import read_deepspeed_client_state
+
+    run = "sigterm_half"
+    shutil.rmtree(workdir / "checkpoints" / run, ignore_errors=True)
+    seconds = {"stopped": fit(workdir, run, [], sigterm=3)}
+    stopped = read_deepspeed_client_state(workdir / "checkpoints" / run / "last.ckpt")["global_step"]
+    seconds["resume"] = fit(workdir, run, [], resume=True)
+    row = {"case": "sigterm", "extra": [], "seconds": seconds, "stopped_at": stopped,
+           **compare(workdir / "checkpoints" / run / "last.ckpt", workdir / "checkpoints" / "default_full" / "last.ckpt")}
+    row["ok"] = stopped == 3 and row["same_keys"] and row["max_abs_diff"] == 0.0 and row["steps"] == [4, 4]
     return row
 
 
@@ -167,6 +191,8 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     rows.append(validate_case(workdir))
+    print(json.dumps(rows[-1]), flush=True)
+    rows.append(sigterm_case(workdir))
     print(json.dumps(rows[-1]), flush=True)
     import deepspeed as ds
     import lightning
