@@ -1,5 +1,6 @@
 """The Lightning application end to end on the tiny STDiT: checkpoints, resume, TensorBoard, DDP,
 bad input. Every run happens in a temporary working directory (caches and runs are relative)."""
+import contextlib
 import copy
 import math
 import hashlib
@@ -40,6 +41,26 @@ class StopAt(Callback):
 
 def _student_state(cli) -> dict:
     return {k: v.detach().clone() for k, v in cli.model.student.state_dict().items()}
+
+
+def _assert_trained_alike(resumed, straight, queue: bool = True) -> None:
+    """The resumed run's student (and memory queue) are the straight run's, within 1e-6."""
+    a, b = _student_state(straight), _student_state(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+    if queue:
+        torch.testing.assert_close(resumed.model.memory_queue.feats, straight.model.memory_queue.feats, rtol=0, atol=1e-6)
+
+
+@contextlib.contextmanager
+def _probes():
+    """``app_probes`` importable for ``--trainer.callbacks+=app_probes.<Probe>``."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(Path(__file__).parent))
 
 
 @pytest.fixture(scope="module")
@@ -200,13 +221,8 @@ def test_resume_is_exact(full_run, workdir):
     resumed = fit("--trainer.max_steps", "4", "--checkpoint_every_n_steps", "2", "--ckpt_path", "last", run="half")
     assert resumed.trainer.global_step == 4
     assert resumed.model.resuming and not full_run.model.resuming  # MPQCLI's mark (see on_fit_start)
-    a, b = _student_state(full_run), _student_state(resumed)
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
-    qa, qb = full_run.model.memory_queue, resumed.model.memory_queue
-    torch.testing.assert_close(qb.feats, qa.feats, rtol=0, atol=1e-6)
-    assert torch.equal(qb.step_tags, qa.step_tags)
+    _assert_trained_alike(resumed, full_run)
+    assert torch.equal(resumed.model.memory_queue.step_tags, full_run.model.memory_queue.step_tags)
 
 
 @pytest.mark.skipif(not any(map(shutil.which, ("g++", "c++", "clang++"))), reason="no C++ compiler for inductor")
@@ -247,12 +263,9 @@ def _fit_with_stop(workdir, run: str, stop: int, config: str = TINY, every: int 
     cfg.write_text(
         "trainer:\n  callbacks:\n    - class_path: test_app.StopAt\n      init_args: {step: %d}\n" % stop
     )
-    sys.path.insert(0, str(Path(__file__).parent))
-    try:
+    with _probes():
         return main(["--config", config, "--config", str(cfg), "--run_name", run, *QUIET,
                      "--trainer.max_steps", "4", "--checkpoint_every_n_steps", str(every), *extra])
-    finally:
-        sys.path.remove(str(Path(__file__).parent))
 
 
 def test_resume_with_validation_after_every_step_is_exact(workdir):
@@ -264,11 +277,7 @@ def test_resume_with_validation_after_every_step_is_exact(workdir):
     assert _fit_with_stop(workdir, "val_half", stop=2, extra=val).trainer.global_step == 2
     resumed = fit("--trainer.max_steps", "4", "--checkpoint_every_n_steps", "2", "--ckpt_path", "last", *val,
                   run="val_half")
-    a, b = _student_state(full), _student_state(resumed)
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
-    torch.testing.assert_close(resumed.model.memory_queue.feats, full.model.memory_queue.feats, rtol=0, atol=1e-6)
+    _assert_trained_alike(resumed, full)
 
 
 def test_resume_inside_a_trd_window_is_exact(workdir):
@@ -281,9 +290,7 @@ def test_resume_inside_a_trd_window_is_exact(workdir):
     _fit_with_stop(workdir, "trd_half", stop=1, config=config, every=1)
     assert "mpq_trd_pending" in torch.load(workdir / "checkpoints" / "trd_half" / "last.ckpt", weights_only=False)
     resumed = main(["--config", config, "--run_name", "trd_half", *args, "--ckpt_path", "last"])
-    a, b = _student_state(full), _student_state(resumed)
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+    _assert_trained_alike(resumed, full, queue=False)
 
 
 def _signal_probe(batch: int, signum: int, rank: int = 0) -> str:
@@ -302,12 +309,9 @@ def test_sigterm_saves_the_step_it_stops_at_and_resumes_exactly(full_run, workdi
 
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     args = ("--trainer.max_steps", "4", "--checkpoint_every_n_steps", "2")
-    sys.path.insert(0, str(Path(__file__).parent))
-    try:
+    with _probes():
         with pytest.raises(SIGTERMException) as stopped:
             fit(*args, _signal_probe(batch=2, signum=signal.SIGTERM), run="preempted")
-    finally:
-        sys.path.remove(str(Path(__file__).parent))
     assert stopped.value.code == 143 and stopped.value.signum == signal.SIGTERM
     assert {s: signal.getsignal(s) for s in handlers} == handlers
     run = workdir / "checkpoints" / "preempted"
@@ -315,11 +319,7 @@ def test_sigterm_saves_the_step_it_stops_at_and_resumes_exactly(full_run, workdi
     assert not (run / "step000004.ckpt").exists()
     resumed = fit(*args, "--ckpt_path", "last", run="preempted")
     assert resumed.trainer.global_step == 4
-    a, b = _student_state(full_run), _student_state(resumed)
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
-    torch.testing.assert_close(resumed.model.memory_queue.feats, full_run.model.memory_queue.feats, rtol=0, atol=1e-6)
+    _assert_trained_alike(resumed, full_run)
 
 
 def test_a_resumed_run_hides_the_events_logged_after_its_checkpoint(workdir):
@@ -329,12 +329,9 @@ def test_a_resumed_run_hides_the_events_logged_after_its_checkpoint(workdir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     args = ("--trainer.max_steps", "6", "--checkpoint_every_n_steps", "2", "--trainer.log_every_n_steps", "1")
-    sys.path.insert(0, str(Path(__file__).parent))
-    try:
+    with _probes():
         with pytest.raises(MemoryError, match="crash at step 4"):
             fit(*args, "--trainer.callbacks+={class_path: app_probes.CrashAt, init_args: {step: 4}}", run="crashed_tb")
-    finally:
-        sys.path.remove(str(Path(__file__).parent))
     run = workdir / "checkpoints" / "crashed_tb"
     assert torch.load(run / "last.ckpt", weights_only=False)["global_step"] == 2
     fit(*args, "--ckpt_path", "last", run="crashed_tb")
@@ -354,13 +351,10 @@ def test_ctrl_c_stops_at_the_end_of_the_optimiser_step_and_saves(workdir):
 
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    try:
+    with _probes():
         with pytest.raises(SIGTERMException) as stopped:
             fit("--trainer.max_steps", "4", "--checkpoint_every_n_steps", "4", "--trainer.accumulate_grad_batches", "2",
                 _signal_probe(batch=2, signum=signal.SIGINT), run="ctrl_c")
-    finally:
-        sys.path.remove(str(Path(__file__).parent))
     assert stopped.value.code == 130
     ckpt = torch.load(workdir / "checkpoints" / "ctrl_c" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 2 and ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["processed"] == 4
@@ -373,13 +367,10 @@ def test_a_run_without_an_end_trains_until_a_signal_stops_it(workdir):
 
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    try:
+    with _probes():
         with pytest.raises(SIGTERMException) as stopped:
             fit("--trainer.max_steps", "-1", "--trainer.max_epochs", "-1", "--model.optim.schedule", "constant",
                 _signal_probe(batch=2, signum=signal.SIGTERM), run="endless")
-    finally:
-        sys.path.remove(str(Path(__file__).parent))
     assert stopped.value.code == 143
     assert torch.load(workdir / "checkpoints" / "endless" / "last.ckpt", weights_only=False)["global_step"] == 3
 
