@@ -96,10 +96,17 @@ class LrProbe(Callback):
 
 class SignalAt(Callback):
     """Sends ``signum`` to this process at the end of batch ``batch`` (a scheduler preempting the job,
-    a Ctrl-C), on rank ``rank`` only (``kill`` of one process)."""
+    a Ctrl-C), on rank ``rank`` only (``kill`` of one process); ``batch`` -1: at train start, before
+    RunCheckpoint's own handler is set (Lightning's is, from the sanity check on)."""
 
     def __init__(self, batch: int, signum: int = 15, rank: int = 0) -> None:
         self.batch, self.signum, self.rank = batch, signum, rank
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.batch == -1 and trainer.global_rank == self.rank:
+            import os
+
+            os.kill(os.getpid(), self.signum)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if batch_idx == self.batch and trainer.global_rank == self.rank:

@@ -375,6 +375,19 @@ def test_a_run_without_an_end_trains_until_a_signal_stops_it(workdir):
     assert torch.load(workdir / "checkpoints" / "endless" / "last.ckpt", weights_only=False)["global_step"] == 3
 
 
+def test_a_sigterm_before_training_stops_after_the_first_step_and_saves_it(workdir):
+    """A SIGTERM that Lightning's handler received before ours took over at train start (during the
+    sanity check, say) is not lost: the run stops after its first step, saves it and exits with 143."""
+    import signal
+
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    with _probes(), pytest.raises(SIGTERMException) as stopped:
+        fit("--trainer.max_steps", "4", _signal_probe(batch=-1, signum=signal.SIGTERM), run="early_sigterm")
+    assert stopped.value.code == 143
+    assert torch.load(workdir / "checkpoints" / "early_sigterm" / "last.ckpt", weights_only=False)["global_step"] == 1
+
+
 def test_a_second_ctrl_c_stops_at_once_and_sigterm_never_does(monkeypatch):
     """The stop handler: the first Ctrl-C asks for a stop at the step's end; the same press passed on
     twice (a terminal and torchrun, within a second) changes nothing; a later one raises

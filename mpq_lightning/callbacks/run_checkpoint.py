@@ -49,7 +49,7 @@ class RunCheckpoint(ModelCheckpoint):
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
         self._step_seen, self._rank_zero = trainer.global_step, trainer.is_global_zero
-        self._stop_signal = signal.SIGTERM if trainer.received_sigterm else None  # one during calibration
+        self._stop_signal = signal.SIGTERM if trainer.received_sigterm else None  # Lightning's (sanity check)
         self._pid = os.getpid()
         if threading.current_thread() is threading.main_thread():  # Python runs handlers in the main thread only
             for signum in STOP_SIGNALS:
