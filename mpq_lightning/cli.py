@@ -153,6 +153,8 @@ class MPQCLI(LightningCLI):
         use_atomic_checkpoints(self.trainer)  # a failed save keeps the previous last.ckpt
         self.model.use_flat_params(self.trainer)  # refuses model.optim.flat_params true under FSDP / DeepSpeed
         cfg = self.config[self.subcommand]
+        if cfg.ckpt_path is None:
+            _refuse_foreign_hpc_resume(self.trainer, self._run_dir)
         ckpt = _resolve_ckpt_path(self.trainer, cfg.ckpt_path)
         # FSDP and DeepSpeed restore after on_fit_start, where trainer.ckpt_path is not set yet: tell the
         # module, so that it does not calibrate a student the restore then overwrites
@@ -399,6 +401,24 @@ def _refuse_overwriting_later_checkpoints(run: Path, ckpt: Path, step: int) -> N
 
 def _run_files(run: Path) -> list[str]:
     return sorted({p.name for pattern in RUN_FILES for p in run.glob(pattern)}) if run.is_dir() else []
+
+
+def _refuse_foreign_hpc_resume(trainer, run: Path) -> None:
+    """Under SLURM, Lightning resumes a fit given no checkpoint from the newest ``hpc_ckpt_<n>.ckpt`` in
+    ``trainer.default_root_dir``: the folder every run shares here, so a fresh run would silently
+    continue whichever run's SLURM auto-requeue saved it (seen: run B restored run A's). This app saves
+    none (``RunCheckpoint`` takes the requeue signal over), so one there is another run's, or a
+    Lightning-style job's: refused, naming it."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    if not SLURMEnvironment.detect():
+        return
+    hpc = getattr(getattr(trainer, "_checkpoint_connector", None), "_hpc_resume_path", None)
+    if hpc:
+        raise FileExistsError(
+            f"{hpc}: under SLURM, Lightning resumes a fit started without --ckpt_path from this auto-requeue "
+            f"checkpoint, whichever run saved it, so run folder {run} would continue it: move it out of "
+            f"{trainer.default_root_dir}, or resume a run with --ckpt_path (last, or this file)")
 
 
 def _purge_later_events(trainer, step: int) -> None:

@@ -214,8 +214,12 @@ class RunLock:
     def release(self) -> None:
         if self._fd is None:
             return
-        (self.run / self.NAME).unlink(missing_ok=True)  # still locked: see the class's note
-        if self._made_folder and not any(self.run.iterdir()):
-            self.run.rmdir()  # a fit that failed before writing anything leaves no folder
-        os.close(self._fd)
-        self._fd = None
+        try:
+            (self.run / self.NAME).unlink(missing_ok=True)  # still locked: see the class's note
+            if self._made_folder and not any(self.run.iterdir()):
+                self.run.rmdir()  # a fit that failed before writing anything leaves no folder
+        except FileNotFoundError:  # the folder was deleted meanwhile
+            pass
+        finally:
+            os.close(self._fd)
+            self._fd = None

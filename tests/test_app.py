@@ -388,6 +388,43 @@ def test_a_sigterm_before_training_stops_after_the_first_step_and_saves_it(workd
     assert torch.load(workdir / "checkpoints" / "early_sigterm" / "last.ckpt", weights_only=False)["global_step"] == 1
 
 
+def test_slurm_requeue_signal_saves_the_step_and_requeues_and_no_run_resumes_a_foreign_hpc_checkpoint(
+        full_run, workdir, monkeypatch, tmp_path):
+    """Under SLURM (Lightning's SLURMEnvironment, auto-requeue on): the requeue signal (SIGUSR1) stops
+    at the step's end like SIGTERM, saves last.ckpt there, runs ``scontrol requeue <job>`` and exits with
+    138; no ``hpc_ckpt_<n>.ckpt`` is written (Lightning's handler saved one into the shared root, maybe
+    mid-step). One found there (another run's) is refused for a run started without --ckpt_path, which
+    Lightning would silently continue from it."""
+    import signal
+
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    for key, value in {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+                       "SLURM_NODEID": "0", "SLURM_JOB_ID": "4242", "SLURM_NTASKS_PER_NODE": "1"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    scontrol = tmp_path / "scontrol"
+    scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'calls'}\n")
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    with _probes(), pytest.raises(SIGTERMException) as stopped:
+        fit("--trainer.max_steps", "4", "--checkpoint_every_n_steps", "2",
+            _signal_probe(batch=2, signum=signal.SIGUSR1), run="requeued")
+    assert stopped.value.code == 128 + signal.SIGUSR1
+    assert torch.load(workdir / "checkpoints" / "requeued" / "last.ckpt", weights_only=False)["global_step"] == 3
+    assert (tmp_path / "calls").read_text() == "requeue 4242\n"
+    assert not list((workdir / "checkpoints").glob("hpc_ckpt_*"))
+    hpc = workdir / "checkpoints" / "hpc_ckpt_1.ckpt"
+    shutil.copy(workdir / "checkpoints" / "full" / "last.ckpt", hpc)  # as a Lightning-style job leaves it
+    try:
+        with pytest.raises(FileExistsError, match=r"checkpoints/hpc_ckpt_1.ckpt: under SLURM, Lightning resumes a fit "
+                                                  r"started without --ckpt_path from this auto-requeue checkpoint"):
+            fit("--trainer.max_steps", "1", run="fresh_under_slurm")
+        assert not (workdir / "checkpoints" / "fresh_under_slurm").exists()
+    finally:
+        hpc.unlink()
+
+
 def test_a_second_ctrl_c_stops_at_once_and_sigterm_never_does(monkeypatch):
     """The stop handler: the first Ctrl-C asks for a stop at the step's end; the same press passed on
     twice (a terminal and torchrun, within a second) changes nothing; a later one raises

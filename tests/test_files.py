@@ -176,3 +176,13 @@ def test_run_lock_taken_on_a_file_being_deleted_tries_the_path_again(tmp_path, m
     with pytest.raises(FileExistsError, match="is being trained by pid"):
         RunLock(run).acquire()
     lock.release()
+
+
+def test_run_lock_release_survives_its_folder_deleted(tmp_path):
+    import shutil
+
+    lock = RunLock(tmp_path / "r")
+    lock.acquire()
+    shutil.rmtree(tmp_path / "r")  # someone deleted the run folder while it trained
+    lock.release()
+    assert lock._fd is None

@@ -20,14 +20,24 @@ Lightning does, without saving. Without this, Lightning (2.6) stops a SIGTERM'd 
 and no checkpoint (the steps since the last periodic one lost), and Ctrl-C with none either. Under
 several processes the ranks agree on stopping with one small all-reduce per optimiser step, so a
 signal that reaches only one rank (``kill`` of rank 0) stops them all at the same step.
+
+**SLURM auto-requeue.** Under Lightning's ``SLURMEnvironment`` with ``auto_requeue`` (its default when
+SLURM runs the job), its requeue signal (SIGUSR1 unless configured; ``sbatch --signal=SIGUSR1@90``) is
+taken over too: the run stops and saves as above, then global rank 0 requeues the job with ``scontrol
+requeue``. Lightning's own handler saved ``hpc_ckpt_<n>.ckpt`` from inside the signal handler (mid-step
+possibly) into the shared ``checkpoints/`` root, from which Lightning then resumed any run started
+without ``--ckpt_path`` (see ``MPQCLI.before_fit``); the requeued job resumes with ``--ckpt_path last``.
 """
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
 import time
 
+import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -45,14 +55,19 @@ class RunCheckpoint(ModelCheckpoint):
         self._step_seen = -1
         self._rank_zero = True
         self._pid = os.getpid()
+        self._requeue_signal: int | None = None
 
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
         self._step_seen, self._rank_zero = trainer.global_step, trainer.is_global_zero
         self._stop_signal = signal.SIGTERM if trainer.received_sigterm else None  # Lightning's (sanity check)
         self._pid = os.getpid()
+        # (a single-device strategy has none of its own: Lightning's signal set-up reads the connector's)
+        environment = getattr(trainer._accelerator_connector, "cluster_environment", None)
+        self._requeue_signal = (environment.requeue_signal if isinstance(environment, SLURMEnvironment)
+                                and environment.auto_requeue else None)
         if threading.current_thread() is threading.main_thread():  # Python runs handlers in the main thread only
-            for signum in STOP_SIGNALS:
+            for signum in (*STOP_SIGNALS, *([self._requeue_signal] if self._requeue_signal else [])):
                 self._handlers[signum] = signal.signal(signum, self._ask_to_stop)
 
     def _ask_to_stop(self, signum: int, frame) -> None:
@@ -63,10 +78,14 @@ class RunCheckpoint(ModelCheckpoint):
             self._stop_signal, self._stop_asked_at = signum, now
             if self._rank_zero:  # os.write: a print here could re-enter a write the main thread is in
                 again = " (Ctrl-C again to stop at once, without saving)" if signum == signal.SIGINT else ""
-                os.write(2, f"\n{_NAMES[signum]}: stopping after this step and saving last.ckpt"
+                again = " and requeueing the SLURM job" if signum == self._requeue_signal else again
+                os.write(2, f"\n{self._name(signum)}: stopping after this step and saving last.ckpt"
                             f"{again}\n".encode())
         elif signum == signal.SIGINT and now - self._stop_asked_at > _REPEAT_S:
             raise KeyboardInterrupt
+
+    def _name(self, signum: int) -> str:
+        return _NAMES.get(signum) or f"{signal.Signals(signum).name} (SLURM requeue)"
 
     def _restore_handlers(self) -> None:
         for signum, handler in self._handlers.items():
@@ -85,18 +104,23 @@ class RunCheckpoint(ModelCheckpoint):
             return
         self._step_seen = trainer.global_step
         stop = self._stop_signal is not None
+        requeue = stop and self._stop_signal == self._requeue_signal
         if trainer.world_size > 1:  # every rank, every optimiser step: all stop at the same one
-            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+            votes = trainer.strategy.reduce(torch.tensor([stop, requeue], dtype=torch.int32,
+                                                         device=trainer.strategy.root_device), reduce_op="sum")
+            stop, requeue = bool(votes[0]), bool(votes[1])
         if stop and not final:
-            self._stop(trainer)
+            self._stop(trainer, requeue)
 
-    def _stop(self, trainer) -> None:
+    def _stop(self, trainer, requeue: bool) -> None:
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-        signum = self._stop_signal or signal.SIGTERM  # another rank's signal
+        signum = self._requeue_signal if requeue else (self._stop_signal or signal.SIGTERM)  # or another rank's
         if trainer.is_global_zero:
             saved = f"saved {self.last_model_path}; resume with --ckpt_path last" if self.last_model_path else "nothing saved"
-            print(f"{_NAMES[signum]}: stopped after step {trainer.global_step}: {saved}", flush=True)
+            print(f"{self._name(signum)}: stopped after step {trainer.global_step}: {saved}", flush=True)
+            if requeue:
+                _requeue_slurm_job()
         error = SIGTERMException(128 + signum)
         error.signum = signum
         raise error
@@ -116,3 +140,16 @@ class RunCheckpoint(ModelCheckpoint):
     def teardown(self, trainer, pl_module, stage: str) -> None:
         self._restore_handlers()
         super().teardown(trainer, pl_module, stage)
+
+
+def _requeue_slurm_job() -> None:
+    """``scontrol requeue`` this job (an array job's task by its array ids), as Lightning's SLURM
+    handler does; a failure is reported, not raised (the checkpoint is saved either way)."""
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ.get("SLURM_JOB_ID", "")
+    try:
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+        failed = done.returncode and (done.stderr.strip() or f"status {done.returncode}")
+    except (OSError, subprocess.TimeoutExpired) as error:
+        failed = str(error)
+    print(f"scontrol requeue {job}: {'failed: ' + failed if failed else 'requeued'}", flush=True)
