@@ -63,7 +63,7 @@ class RunCheckpoint(ModelCheckpoint):
         self._stop_signal = signal.SIGTERM if trainer.received_sigterm else None  # Lightning's (sanity check)
         self._pid = os.getpid()
         # (a single-device strategy has none of its own: Lightning's signal set-up reads the connector's)
-        environment = getattr(trainer._accelerator_connector, "cluster_environment", None)
+        environment = getattr(getattr(trainer, "_accelerator_connector", None), "cluster_environment", None)
         self._requeue_signal = (environment.requeue_signal if isinstance(environment, SLURMEnvironment)
                                 and environment.auto_requeue else None)
         if threading.current_thread() is threading.main_thread():  # Python runs handlers in the main thread only
