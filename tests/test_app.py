@@ -322,6 +322,23 @@ def test_sigterm_saves_the_step_it_stops_at_and_resumes_exactly(full_run, workdi
     _assert_trained_alike(resumed, full_run)
 
 
+def test_sigterm_with_validation_after_every_step_resumes_exactly(workdir):
+    """The stop is taken before that step's validation: resumed, the run (validating after every step,
+    as a sanity check does first) ends with the straight run's student and memory queue."""
+    import signal
+
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    args = ("--trainer.max_steps", "4", "--checkpoint_every_n_steps", "2", "--data.init_args.val_trajectories", "[3]",
+            "--trainer.val_check_interval", "1")
+    straight = fit(*args, run="val_straight")
+    with _probes(), pytest.raises(SIGTERMException):
+        fit(*args, _signal_probe(batch=2, signum=signal.SIGTERM), run="val_preempted")
+    resumed = fit(*args, "--ckpt_path", "last", run="val_preempted")
+    assert resumed.trainer.global_step == 4
+    _assert_trained_alike(resumed, straight)
+
+
 def test_a_resumed_run_hides_the_events_logged_after_its_checkpoint(workdir):
     """A run that died at step 4, after logging it, with last.ckpt at step 2: resumed, TensorBoard
     shows every step once (the old file's events from step 2 on are purged), not two curves over
