@@ -161,10 +161,11 @@ class MPQCLI(LightningCLI):
         self.model.resuming = ckpt is not None and ckpt.exists()
         if self.model.resuming:
             checkpoint = self._checked_checkpoint(ckpt)
+            step = int(checkpoint.get("global_step", 0))
             if _inside(ckpt, self._run_dir):
-                _refuse_overwriting_later_checkpoints(self._run_dir, ckpt, int(checkpoint.get("global_step", 0)))
+                _refuse_overwriting_later_checkpoints(self._run_dir, ckpt, step)
             self.model.check_optimizer_state(checkpoint, source=str(ckpt))
-            _purge_later_events(self.trainer, int(checkpoint.get("global_step", 0)))
+            _purge_later_events(self.trainer, step)
             check_resume = getattr(self.datamodule, "check_resume", None)
             if callable(check_resume):  # the data position under this data layout (world size, batch size, ...)
                 check_resume(checkpoint, self.trainer.world_size)

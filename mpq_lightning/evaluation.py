@@ -35,7 +35,7 @@ from .callbacks.samples import make_grid, map_to_trained_entries, to_uint8
 from .checks import check_numbers
 from .compare import conditions
 from .data.trajectories import MANIFEST
-from .files import ordinary_permissions, read_checkpoint, read_yaml
+from .files import ordinary_permissions, read_checkpoint, read_run_config
 from .models.sampling import _cat_cond, guide, make_scheduler, sample
 from .models.vae import decode_latents, load_vae, vae_class
 from .quant import set_quant_state
@@ -134,9 +134,7 @@ def load_run(config: str, ckpt_path: str = "last", overrides: list[str] | None =
     ckpt = resolve_checkpoint(config_path, ckpt_path)
     import yaml
 
-    resolved = read_yaml(config_path)
-    if not isinstance(resolved, dict):
-        raise ValueError(f"config {config_path} holds no mapping of options (a run's config.yaml does)")
+    resolved = read_run_config(config_path)
     for key in ("ckpt_path", "weights_only"):  # `fit` options saved with the run, not model/data config
         resolved.pop(key, None)
     if isinstance(resolved.get("trainer"), dict):

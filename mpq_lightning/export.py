@@ -20,7 +20,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Sequence
 
-from .files import read_checkpoint, read_yaml
+from .files import read_checkpoint, read_run_config
 from .quant.export import FP_DTYPES, ExportFormatError, export_quantized, export_report, print_export_report
 
 
@@ -68,9 +68,7 @@ def load_qat_module(config: str | Path | None, ckpt_path: str | Path, seed: int 
             L.seed_everything(seed, verbose=False)
         return QATModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=False).eval()
     config = Path(config)
-    raw = read_yaml(config) or {}
-    if not isinstance(raw, dict):
-        raise ValueError(f"config {config} holds no mapping of options (a run's config.yaml does)")
+    raw = read_run_config(config)
     args = _init_args(raw.get("model", raw))
     run_seed = raw.get("seed_everything", seed)
     if run_seed is not None and not isinstance(run_seed, bool):

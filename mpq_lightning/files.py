@@ -52,6 +52,14 @@ def read_yaml(path: str | os.PathLike, what: str = "config") -> Any:
             raise ValueError(f"{what} {path} is not valid YAML: {error}") from None
 
 
+def read_run_config(path: str | os.PathLike) -> dict:
+    """A run's ``config.yaml`` (:func:`read_yaml`), refused by name unless it holds a mapping of options."""
+    config = read_yaml(path)
+    if not isinstance(config, dict):
+        raise ValueError(f"config {path} holds no mapping of options (a run's config.yaml does)")
+    return config
+
+
 def read_torch_file(path: str | os.PathLike, what: str, **load_kwargs):
     """``torch.load(path, map_location="cpu", **load_kwargs)``, refusing a file torch cannot read (a
     truncated or corrupted copy, a file of another format) with an error that names ``what`` and the

@@ -144,11 +144,19 @@ def test_run_lock_on_a_file_system_without_locks_warns_and_trains(tmp_path, monk
     def no_locks(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")
 
+    """``flock`` failing with ENOLCK (NFS mounted with nolock): a warning naming the file and the reason,
+    no lock held, and the run is not refused (a second holder is admitted too: nothing can tell them
+    apart there)."""
     monkeypatch.setattr(fcntl, "flock", no_locks)
-    lock = RunLock(tmp_path / "r")
+    lock, second = RunLock(tmp_path / "r"), RunLock(tmp_path / "r")
     with pytest.warns(UserWarning, match=r"could not lock .*r/.lock \(\[Errno 37\] No locks available\): a second"):
         lock.acquire()
+    assert lock._fd is None  # nothing held, nothing to release
+    with pytest.warns(UserWarning, match="could not lock"):
+        second.acquire()  # not refused: FileExistsError would fail the test here
+    assert second._fd is None
     lock.release()
+    assert (tmp_path / "r").is_dir()
 
 
 def test_run_lock_taken_on_a_file_being_deleted_tries_the_path_again(tmp_path, monkeypatch):

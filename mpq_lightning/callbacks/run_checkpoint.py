@@ -98,8 +98,8 @@ class RunCheckpoint(ModelCheckpoint):
         if trainer.max_epochs is not None and trainer.max_epochs > 0 and trainer.current_epoch + 1 >= trainer.max_epochs:
             last_batch = batch_idx + 1 >= trainer.num_training_batches  # limit_train_batches included
             final = final or last_batch or bool(getattr(trainer.fit_loop.epoch_loop.batch_progress, "is_last_batch", False))
-        if final and self.save_last and not self._should_skip_saving_checkpoint(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        if final:
+            self._save_last_now(trainer)
         if trainer.global_step == self._step_seen:  # inside a gradient-accumulation window: no optimiser step yet
             return
         self._step_seen = trainer.global_step
@@ -113,8 +113,7 @@ class RunCheckpoint(ModelCheckpoint):
             self._stop(trainer, requeue)
 
     def _stop(self, trainer, requeue: bool) -> None:
-        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        self._save_last_now(trainer)
         signum = self._requeue_signal if requeue else (self._stop_signal or signal.SIGTERM)  # or another rank's
         if trainer.is_global_zero:
             saved = f"saved {self.last_model_path}; resume with --ckpt_path last" if self.last_model_path else "nothing saved"
@@ -125,6 +124,11 @@ class RunCheckpoint(ModelCheckpoint):
         error.signum = signum
         raise error
 
+    def _save_last_now(self, trainer) -> None:
+        """``last.ckpt`` at this step, unless saved already (or Lightning saves nothing here)."""
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self._restore_handlers()
         super().on_exception(trainer, pl_module, exception)
@@ -134,8 +138,7 @@ class RunCheckpoint(ModelCheckpoint):
         if trainer.fast_dev_run:  # Lightning's own on_train_end saves `last` even then (2.6)
             return
         super().on_train_end(trainer, pl_module)
-        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        self._save_last_now(trainer)
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         self._restore_handlers()
