@@ -25,6 +25,31 @@ class SamplerSpec:
     scheduler_config: dict | None = None
     num_inference_steps: int = 20
     guidance_scale: float = 4.0
+    eta: float = 0.0
+
+
+def training_sampler(teacher, datamodule=None, table_steps: int | None = None) -> SamplerSpec:
+    """The sampler the student was trained on, which its activation step tables belong to: the trajectory
+    cache's recipe (its manifest holds the resolved scheduler, steps, guidance and η), the on-the-fly
+    stream's arguments (unset ones are the teacher's), else the teacher's ``default_scheduler`` with
+    ``table_steps`` steps (the student's step-table length, when > 1) rather than its default count."""
+    default = teacher.default_scheduler
+    recipe: dict[str, Any] = {}
+    if hasattr(datamodule, "stream_args"):  # on-the-fly trajectories
+        recipe = {k: v for k, v in datamodule.stream_args.items() if v is not None}
+    elif datamodule is not None:
+        try:
+            recipe = dict(datamodule.manifest["recipe"])
+        except Exception:  # no cache behind it / not a trajectory data module: the teacher's defaults
+            recipe = {}
+    named = recipe.get("scheduler")
+    config = recipe.get("scheduler_config") if named else default.get("config")
+    steps = recipe.get("num_inference_steps") or (table_steps if not recipe and table_steps and table_steps > 1 else None) \
+        or default.get("num_inference_steps")
+    scale = recipe.get("guidance_scale")
+    return SamplerSpec(named or default["name"], dict(config or {}), int(steps) if steps else 0,
+                       float(default.get("guidance_scale", 1.0) if scale is None else scale),
+                       float(recipe.get("eta") or 0.0))
 
 
 def real_reference(teacher, n: int = 256) -> torch.Tensor | None:
@@ -79,7 +104,8 @@ def generate(denoiser, spec: SamplerSpec, n: int, seed: int = 1234, batch: int =
         if new_step is not None:
             new_step()
         outs.append(sample(denoiser, sched, noise, rows(cond, idx), rows(uncond, idx), scale,
-                           spec.num_inference_steps, generator=torch.Generator(device).manual_seed(seed + 7 + start)).cpu())
+                           spec.num_inference_steps, generator=torch.Generator(device).manual_seed(seed + 7 + start),
+                           eta=spec.eta).cpu())
     return torch.cat(outs), labels
 
 

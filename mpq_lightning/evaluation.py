@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .callbacks.samples import make_grid, map_to_trained_entries, to_uint8
 from .checks import check_numbers
-from .compare import conditions
+from .compare import conditions, training_sampler
 from .data.trajectories import MANIFEST
 from .files import ordinary_permissions, read_checkpoint, read_run_config
 from .models.sampling import _cat_cond, guide, make_scheduler, sample
@@ -179,21 +179,13 @@ def _conditions(module, datamodule, n: int) -> tuple[dict | None, dict | None, T
     return cond, uncond, labels if module.teacher.cond_kind == "class" else None
 
 
-def _sampler_setup(module, datamodule, cfg: EvalConfig) -> tuple[str, dict, int, float]:
-    teacher = module.teacher
-    recipe = {}
-    if hasattr(datamodule, "stream_args"):  # on-the-fly trajectories: the training sampler
-        recipe = {k: v for k, v in datamodule.stream_args.items() if v is not None}
-    else:
-        try:
-            recipe = datamodule.manifest["recipe"]
-        except Exception:  # no cache / not a trajectory data module: teacher defaults
-            recipe = {}
-    name = recipe.get("scheduler") or teacher.default_scheduler["name"]
-    sched_cfg = recipe.get("scheduler_config") if recipe.get("scheduler") else teacher.default_scheduler["config"]
-    steps = cfg.num_inference_steps or recipe.get("num_inference_steps") or teacher.default_scheduler["num_inference_steps"]
-    scale = cfg.guidance_scale if cfg.guidance_scale is not None else recipe.get("guidance_scale", teacher.default_scheduler.get("guidance_scale", 1.0))
-    return name, dict(sched_cfg or {}), int(steps), float(scale)
+def _sampler_setup(module, datamodule, cfg: EvalConfig) -> tuple[str, dict, int, float, float]:
+    """The training sampler (``compare.training_sampler``) with eval.num_inference_steps / guidance_scale."""
+    q = module.quant_cfg
+    spec = training_sampler(module.teacher, datamodule, q.num_steps if q.a_quantizer == "timestep" else None)
+    steps = cfg.num_inference_steps or spec.num_inference_steps
+    scale = cfg.guidance_scale if cfg.guidance_scale is not None else spec.guidance_scale
+    return spec.scheduler, dict(spec.scheduler_config or {}), int(steps), float(scale), spec.eta
 
 
 @torch.no_grad()
@@ -201,7 +193,7 @@ def generate(module, datamodule, cfg: EvalConfig) -> dict[str, Any]:
     """Teacher and student samples from the same noise, and the per-step ε error (teacher forcing)."""
     teacher, student = module.teacher, module.student
     device = next(module.parameters()).device
-    name, sched_cfg, steps, scale = _sampler_setup(module, datamodule, cfg)
+    name, sched_cfg, steps, scale, eta = _sampler_setup(module, datamodule, cfg)
     set_quant_state(student.backbone, True, True)
     # sampling step i -> the trained activation-table entry of the nearest timestep (a cache that kept
     # every 5th step trains 1 entry in 5); another step count needs the cache's timesteps
@@ -253,7 +245,7 @@ def generate(module, datamodule, cfg: EvalConfig) -> dict[str, Any]:
             # like the initial noise, depends on the sample's seed only, not on eval.batch_size
             g = [torch.Generator().manual_seed(cfg.seed + 10_000 + i) for i in range(n)[sl]]
             outs.append(sample(model, make_scheduler(name, **sched_cfg), noise[sl], c, u, scale, steps,
-                               generator=g, recorder=record if who == "teacher" else None))
+                               generator=g, eta=eta, recorder=record if who == "teacher" else None))
         results[who] = torch.cat(outs).cpu()
     step_err /= n  # the mean over samples
     return {"teacher": results["teacher"], "student": results["student"], "labels": labels,

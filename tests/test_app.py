@@ -1046,7 +1046,7 @@ def test_evaluation_does_not_depend_on_the_batch_size(full_run, workdir, monkeyp
 
     module, datamodule, _ = E.load_run(str(workdir / "checkpoints" / "full" / "config.yaml"))
     setup = E._sampler_setup
-    monkeypatch.setattr(E, "_sampler_setup", lambda *a: ("ddpm", {}, setup(*a)[2], 1.0))
+    monkeypatch.setattr(E, "_sampler_setup", lambda *a: ("ddpm", {}, setup(*a)[2], 1.0, 0.0))
     one = E.generate(module, datamodule, E.EvalConfig(num_samples=3, batch_size=1, device="cpu"))
     two = E.generate(module, datamodule, E.EvalConfig(num_samples=3, batch_size=2, device="cpu"))
     # the FP teacher: the same up to float noise (the student's 6-bit activations can round a value that sits

@@ -583,6 +583,41 @@ def test_sample_logger_maps_sampling_steps_to_trained_entries_of_the_nearest_tim
     assert trained_step_entries(object(), sampler.timesteps, 100) is None  # no cache: proportional
 
 
+@pytest.mark.parametrize("source", ["cache", "on_the_fly"])
+def test_sample_logger_samples_with_the_training_sampler(source):
+    """The student's step tables belong to the sampler it was trained on, so SampleLogger (FinalReport
+    and evaluate.py through the same ``training_sampler``) samples with the trajectory cache's recipe or
+    the on-the-fly stream's settings, not the teacher's default sampler (DDIM without guidance here):
+    the teacher is called at the training sampler's timesteps, with guidance (twice the rows)."""
+    from mpq_lightning.models.sampling import make_scheduler
+
+    module = FakeQAT(image_denoiser())
+    if source == "cache":
+        class Data:
+            manifest = {"recipe": {"scheduler": "ddpm", "scheduler_config": {"num_train_timesteps": 1000},
+                                   "num_inference_steps": NUM_STEPS, "guidance_scale": 2.5, "eta": 0.0}}
+        name = "ddpm"
+    else:
+        class Data:
+            stream_args = {"scheduler": "dpm-solver", "scheduler_config": None, "num_inference_steps": None,
+                           "guidance_scale": 2.5, "cfg_channels": None, "eta": 0.0}
+        name = "dpm-solver"
+        module.teacher.default_scheduler = {**SCHED, "num_inference_steps": NUM_STEPS}  # the stream's step count
+    calls = []
+    module.teacher.register_forward_pre_hook(lambda m, a: calls.append((a[0].shape[0], float(a[1].flatten()[0]))))
+    SampleLogger(num_samples=2).generate(module, Data())
+    expected = make_scheduler(name)
+    expected.set_timesteps(NUM_STEPS)
+    assert calls == [(4, float(t)) for t in expected.timesteps]
+    from mpq_lightning.compare import training_sampler
+
+    spec = training_sampler(module.teacher, Data())
+    assert (spec.scheduler, spec.num_inference_steps, spec.guidance_scale) == (name, NUM_STEPS, 2.5)
+    # nothing known about the training data: the teacher's sampler with the step table's length
+    spec = training_sampler(module.teacher, object(), table_steps=7)
+    assert (spec.scheduler, spec.num_inference_steps, spec.guidance_scale) == ("ddim", 7, 1.0)
+
+
 def test_fsdp_ranks_all_gather_parameters_around_calls_outside_the_forward(monkeypatch, tmp_path):
     """FSDP keeps parameters sharded between forwards: the sampling callbacks gather them on every
     rank (a collective; rank zero alone then samples), calibration with write-back. FSDP itself needs

@@ -17,7 +17,7 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
 
-from ..compare import SamplerSpec, compare, naive_ptq, print_rows
+from ..compare import compare, naive_ptq, print_rows, training_sampler
 from ..files import atomic_write
 from ..models.sampling import make_scheduler
 from ..quant import set_quant_state
@@ -36,13 +36,6 @@ class FinalReport(Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         # Lightning skips the whole training loop (this hook too) when the restored step is at max_steps
         self._trained = True
-
-    def _spec(self, trainer, pl_module) -> SamplerSpec:
-        dm = trainer.datamodule
-        recipe = dm.manifest["recipe"] if hasattr(dm, "manifest") else {}
-        return SamplerSpec(recipe.get("scheduler", "ddim"), recipe.get("scheduler_config") or {},
-                           int(recipe.get("num_inference_steps", pl_module.quant_cfg.num_steps)),
-                           float(recipe.get("guidance_scale", 1.0)))
 
     @torch.no_grad()
     def on_fit_end(self, trainer, pl_module) -> None:
@@ -77,9 +70,9 @@ class FinalReport(Callback):
             batches.append(move_data_to_device(b, pl_module.device))
         ptq = naive_ptq(pl_module.teacher, pl_module.quant_cfg, batches)
         set_quant_state(pl_module.student.backbone, True, True)
-        spec = self._spec(trainer, pl_module)
         q = pl_module.quant_cfg
         table_steps = q.num_steps if q.a_quantizer == "timestep" else None
+        spec = training_sampler(pl_module.teacher, dm, table_steps)
         sampler = make_scheduler(spec.scheduler, **(spec.scheduler_config or {}))
         # both sample step i with the activation-table entry trained nearest its timestep
         models = {name: map_to_trained_entries(model, dm, sampler, spec.num_inference_steps, table_steps)[0]

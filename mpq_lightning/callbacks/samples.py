@@ -199,12 +199,15 @@ class SampleLogger(Callback):
         every_n_steps: sample every this many optimizer steps (0: never periodically).
         num_samples: samples per model (text models: at most what ``sample_conditions`` returns).
         seed: seed of the shared initial noise (and of the sampler noise, the same for both models).
-        scheduler: a ``make_scheduler`` name; ``None`` uses the teacher's ``default_scheduler``.
+        scheduler: a ``make_scheduler`` name; ``None``: the training sampler (the trajectory cache's
+            recipe, the on-the-fly stream's scheduler, else the teacher's ``default_scheduler``), with its
+            configuration and step count.
         scheduler_config: constructor arguments for ``scheduler`` (ignored when it is ``None``).
-        num_inference_steps: sampling steps; ``None``: ``quant_cfg.num_steps`` if > 1, else the default.
-        guidance_scale: classifier-free guidance scale; ``None``: the default scheduler spec's (1 if absent).
+        num_inference_steps: sampling steps; ``None``: the training sampler's, or with another
+            ``scheduler`` ``quant_cfg.num_steps`` if > 1, else that scheduler's default.
+        guidance_scale: classifier-free guidance scale; ``None``: the training sampler's.
         class_labels: labels for class-conditional models (``None``: 0..n-1).
-        eta: DDIM's η.
+        eta: DDIM's η; ``None``: the training sampler's.
         at_train_start: also sample once when training starts (after calibration).
         at_train_end: also sample when training ends.
         vae: a local diffusers autoencoder folder (e.g. stabilityai/sd-vae-ft-ema for OpenSora v1.0): samples
@@ -225,7 +228,7 @@ class SampleLogger(Callback):
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         class_labels: list[int] | None = None,
-        eta: float = 0.0,
+        eta: float | None = None,
         at_train_start: bool = False,
         at_train_end: bool = True,
         fps: int = 4,
@@ -331,20 +334,25 @@ class SampleLogger(Callback):
         return both[: len(teacher)], both[len(teacher) :]
 
     # -- sampling ------------------------------------------------------------------------------
-    def _scheduler_and_steps(self, teacher, table_steps: int | None):
+    def _sampler(self, teacher, datamodule, table_steps: int | None):
+        """``(make_scheduler, steps, guidance_scale, eta)``: the training sampler
+        (``compare.training_sampler``) where this callback leaves a choice unset."""
+        from mpq_lightning.compare import training_sampler
         from mpq_lightning.models.sampling import make_scheduler
 
-        spec = teacher.default_scheduler
+        spec = training_sampler(teacher, datamodule, table_steps)
         if self.scheduler is None:
-            make = lambda: make_scheduler(spec["name"], **spec["config"])  # noqa: E731
-            fallback = spec.get("num_inference_steps")
-        else:
+            make = lambda: make_scheduler(spec.scheduler, **(spec.scheduler_config or {}))  # noqa: E731
+            fallback = spec.num_inference_steps
+        else:  # another sampler: the table's step count unless told
             make = lambda: make_scheduler(self.scheduler, **self.scheduler_config)  # noqa: E731
-            fallback = make().num_inference_steps or spec.get("num_inference_steps")
-        steps = self.num_inference_steps or (table_steps if table_steps and table_steps > 1 else None) or fallback
+            fallback = (table_steps if table_steps and table_steps > 1 else None) or make().num_inference_steps \
+                or spec.num_inference_steps
+        steps = self.num_inference_steps or fallback
         if not steps:
             raise ValueError("SampleLogger: set num_inference_steps (the scheduler has no default step count)")
-        return make, int(steps)
+        scale = spec.guidance_scale if self.guidance_scale is None else self.guidance_scale
+        return make, int(steps), float(scale), spec.eta if self.eta is None else float(self.eta)
 
     def _conditions(self, teacher, datamodule, n: int, device) -> tuple[dict | None, dict | None] | None:
         from mpq_lightning.models.sampling import class_condition
@@ -381,7 +389,7 @@ class SampleLogger(Callback):
         device = next(iter(teacher.parameters())).device
         quant = getattr(pl_module, "quant_cfg", None)
         table_steps = int(getattr(quant, "num_steps", 0) or 0) or None
-        make_sched, steps = self._scheduler_and_steps(teacher, table_steps)
+        make_sched, steps, scale, eta = self._sampler(teacher, datamodule, table_steps)
         model_student, how = map_to_trained_entries(student, datamodule, make_sched(), steps, table_steps)
         if how is not None:
             self._warn_once(
@@ -394,9 +402,6 @@ class SampleLogger(Callback):
             return None
         cond, uncond = conds
         n = next(iter(cond.values())).shape[0] if cond else self.num_samples
-        scale = self.guidance_scale
-        if scale is None:
-            scale = float(teacher.default_scheduler.get("guidance_scale", 1.0))
         if teacher.cond_kind == "none":
             scale = 1.0
         if scale != 1.0 and uncond is None:
@@ -421,7 +426,7 @@ class SampleLogger(Callback):
                     mark()  # each sampling run is its own CUDA-graph step (QATModule.mark_cudagraph_step)
                 with forward_ctx():
                     out = sample(model, make_sched(), noise, cond=cond or None, uncond=uncond, guidance_scale=scale,
-                                 num_inference_steps=steps, generator=gen, eta=self.eta)
+                                 num_inference_steps=steps, generator=gen, eta=eta)
                 outs.append(out.float().cpu())
         return outs[0], outs[1]
 
