@@ -1293,6 +1293,7 @@ def test_bad_quant_config_names_key(workdir):
     ("model.calib.num_batches", "0", "model.calib.num_batches must be an integer >= 1"),
     ("data.init_args.batch_size", "0", "data.init_args.batch_size must be an integer >= 1, got 0"),
     ("data.init_args.num_workers", "-1", "data.init_args.num_workers must be an integer >= 0, got -1"),
+    ("data.init_args.recipe.name", "other", "data.init_args.recipe.name 'other' must be the name of the cache directory"),
 ])
 def test_config_numbers_out_of_range_are_refused_before_any_file(workdir, key, value, message):
     """Found in the first training step before, with the cache built and the run folder written (whose

@@ -433,7 +433,10 @@ class TrajectoryDataModule(L.LightningDataModule):
         self.on_layout_change = on_layout_change
         self.cache_dir = Path(cache)
         if recipe is not None and recipe.name != self.cache_dir.name:
-            raise ValueError(f"recipe.name {recipe.name!r} must be the cache directory's name {self.cache_dir.name!r}")
+            raise ValueError(
+                f"data.init_args.recipe.name {recipe.name!r} must be the name of the cache directory "
+                f"data.init_args.cache={str(cache)!r}, {self.cache_dir.name!r}: set both alike, or "
+                "data.init_args.recipe null to train on an existing cache as it is")
         self.recipe = recipe
         self.options = dict(
             batch_size=batch_size,
