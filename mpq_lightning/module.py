@@ -408,6 +408,10 @@ class QATModule(L.LightningModule):
         self._calibrated = False
         self.resuming = False  #: set by MPQCLI when fit restores a checkpoint (see on_fit_start)
         self._step_fill: Tensor | None = None  # see untrained_step_fill
+        #: the sampler the student was trained on (``compare.training_sampler`` in the form of a Denoiser's
+        #: ``default_scheduler``: name, config, num_inference_steps, guidance_scale, eta), saved in every
+        #: checkpoint as ``mpq_sampler`` and written into exports, whose step tables belong to it
+        self.trained_sampler: dict | None = None
         self._loss_finite: Tensor | None = None  # since the last optimiser step, see check_finite
         self._loss_terms: dict[str, Tensor] | None = None
 
@@ -1038,6 +1042,19 @@ class QATModule(L.LightningModule):
     def _identity(self) -> dict:
         return {"model": self.model_name, "teacher_hash": self.teacher_hash, "quant": asdict(self.quant_cfg)}
 
+    def _training_sampler(self) -> dict | None:
+        """The sampler of the data module being trained on, else the one the checkpoint brought."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None:
+            from .compare import training_sampler
+
+            q = self.quant_cfg
+            spec = training_sampler(self.teacher, datamodule, q.num_steps if q.a_quantizer == "timestep" else None)
+            self.trained_sampler = {"name": spec.scheduler, "config": dict(spec.scheduler_config or {}),  # as a
+                                    "num_inference_steps": spec.num_inference_steps,  # Denoiser.default_scheduler
+                                    "guidance_scale": spec.guidance_scale, "eta": spec.eta}
+        return self.trained_sampler
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         sd = checkpoint["state_dict"]
         for k in [k for k in sd if self.from_teacher(k)]:
@@ -1049,6 +1066,9 @@ class QATModule(L.LightningModule):
             raise FloatingPointError(f"not saving a checkpoint at global step {self.global_step}: non-finite values "
                                      f"in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}; the last good checkpoint is kept")
         checkpoint["mpq_identity"] = self._identity()
+        sampler = self._training_sampler()
+        if sampler is not None:
+            checkpoint["mpq_sampler"] = sampler
         if getattr(self, "_teacher_out_hook", None) is not None:  # DeepSpeed: see leave_teacher_out_of_state_dicts
             checkpoint["mpq_frozen_params"] = self.frozen_student_state()
         if self._step_fill is not None:
@@ -1139,6 +1159,7 @@ class QATModule(L.LightningModule):
             if pending is not None:  # the earlier steps of a window are constants at its close, as without a stop
                 self.trd._student_buf.extend(f.to(self.device) for f in pending["student"])
                 self.trd._teacher_buf.extend(f.to(self.device) for f in pending["teacher"])
+        self.trained_sampler = checkpoint.get("mpq_sampler", self.trained_sampler)
         rng = checkpoint.get("mpq_rng", {})
         for key, loss in (("trd", self.trd), ("mtrd", self.mtrd)):
             state = rng.get(key)

@@ -94,6 +94,34 @@ def test_checkpoint_has_no_teacher_and_is_small(full_run, workdir):
     assert ckpt["mpq_identity"]["model"] == "tiny-stdit"
 
 
+def test_checkpoint_and_export_carry_the_training_sampler(full_run, workdir):
+    """The student's activation step tables belong to the sampler of its training data (the tiny config's
+    10-step DDIM cache, guidance 4), not the teacher's default (100-step IDDPM, whose step 10 is beyond a
+    10-entry table): checkpoints save it, the export writes it to model.json and ``load_quantized`` makes
+    it the default sampler, so ``sample(model, None, ...)`` of the export runs the trained tables."""
+    import json
+
+    from mpq_lightning.export import main as export_main
+    from mpq_lightning.models.sampling import sample
+    from mpq_lightning.quant.export import load_quantized
+
+    run = workdir / "checkpoints" / "full"
+    ckpt = torch.load(run / "last.ckpt", weights_only=False)
+    recipe = json.loads((workdir / "data" / "tiny_stdit_ddim10" / "manifest.json").read_text())["recipe"]
+    want = {"name": recipe["scheduler"], "config": recipe["scheduler_config"],
+            "num_inference_steps": 10, "guidance_scale": recipe["guidance_scale"], "eta": recipe["eta"]}
+    assert ckpt["mpq_sampler"] == want and full_run.model.teacher.default_scheduler["name"] == "iddpm"
+    out = workdir / "exported_full"
+    assert export_main(["--config", str(run / "config.yaml"), "--ckpt_path", "last", "--out", str(out)]) == 0
+    assert json.loads((out / "model.json").read_text())["sampler"] == want
+    model = load_quantized(out)
+    assert model.default_scheduler == want
+    noise = torch.randn(2, *model.latent_shape, generator=torch.Generator().manual_seed(0))
+    cond, uncond = full_run.datamodule.sample_conditions(2)
+    x = sample(model, None, noise, cond, uncond, guidance_scale=want["guidance_scale"])
+    assert x.shape == noise.shape and torch.isfinite(x).all() and not x.requires_grad
+
+
 def test_optimizer_holds_every_trainable_tensor_after_calibration(full_run):
     """Lightning builds the optimizer before calibration (on_fit_start): calibration and OOLRI must
     write into the existing parameters, never replace them, or the new ones would not train."""

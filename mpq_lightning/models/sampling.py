@@ -162,6 +162,7 @@ class SchedulerStep:
 Recorder = Callable[..., None]
 
 
+@torch.no_grad()
 def sample(
     denoiser: Denoiser,
     scheduler: SchedulerMixin | str | None,
@@ -175,7 +176,8 @@ def sample(
     generator: torch.Generator | list[torch.Generator] | None = None,
     eta: float = 0.0,
 ) -> torch.Tensor:
-    """Denoise `noise` [B, *latent_shape] and return the final latent.
+    """Denoise `noise` [B, *latent_shape] and return the final latent (under no_grad: a sampling run
+    keeps no autograd graph).
 
     scheduler: a diffusers scheduler, a name for `make_scheduler`, or None for the denoiser's default
     (its recommended guidance scale, `default_scheduler["guidance_scale"]`, is not applied here).

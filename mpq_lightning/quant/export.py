@@ -560,11 +560,13 @@ def _jsonable(value: Any, where: str) -> Any:
     raise ValueError(f"{where}: {value!r} ({type(value).__name__}) cannot be written to {MODEL_FILE}")
 
 
-def _model_description(root: nn.Module, name: str | None, kwargs: dict | None) -> dict:
+def _model_description(root: nn.Module, name: str | None, kwargs: dict | None, sampler: dict | None = None) -> dict:
     """``model.json``: registry name + builder kwargs with weight-file arguments dropped (a diffusers
-    backbone loaded from a folder is rebuilt from its config)."""
+    backbone loaded from a folder is rebuilt from its config), and the ``sampler`` the model was
+    trained on (its activation step tables belong to that sampler's steps) where known."""
+    extra = {"sampler": _jsonable(dict(sampler), "sampler")} if sampler else {}
     if name is None:
-        return {"format": FORMAT, "kind": "module", "class": f"{type(root).__module__}.{type(root).__qualname__}"}
+        return {"format": FORMAT, "kind": "module", "class": f"{type(root).__module__}.{type(root).__qualname__}", **extra}
     kwargs = dict(kwargs or {})
     had_path = kwargs.get("path") is not None
     for key in _WEIGHT_ARGS:
@@ -574,7 +576,7 @@ def _model_description(root: nn.Module, name: str | None, kwargs: dict | None) -
         kwargs["config"] = {k: v for k, v in dict(backbone.config).items() if not k.startswith("_")}
         if hasattr(root, "default_scheduler"):
             kwargs["default_scheduler"] = root.default_scheduler
-    return {"format": FORMAT, "kind": "registry", "name": name, "kwargs": _jsonable(kwargs, "model kwargs")}
+    return {"format": FORMAT, "kind": "registry", "name": name, "kwargs": _jsonable(kwargs, "model kwargs"), **extra}
 
 
 def _resolve_model(model: nn.Module, name: str | None, kwargs: dict | None) -> tuple[nn.Module, str | None, dict | None]:
@@ -613,6 +615,7 @@ def export_quantized(
     model_name: str | None = None,
     model_kwargs: dict | None = None,
     check: bool = True,
+    sampler: dict | None = None,
 ) -> Path:
     """Export a fake-quantized model (a ``QATModule``, its student ``Denoiser``, or any module with
     ``QuantLayer`` s) to ``out_dir`` as bit-packed safetensors + quant map (module docstring).
@@ -621,6 +624,10 @@ def export_quantized(
     from a QATModule's hparams); without one, :func:`load_quantized` needs ``model=`` (an FP skeleton).
     ``fp_dtype``: ``bf16`` (size) | ``fp16`` | ``fp32`` (exact reload of the whole model).
     ``check``: verify that every packed weight dequantises to the student's fake-quant weight.
+    ``sampler``: the sampler the model was trained on, as a Denoiser's ``default_scheduler`` (``name``,
+    ``config``, ``num_inference_steps``, ``guidance_scale``, ``eta``; by default a QATModule's
+    ``trained_sampler``, from its checkpoint),
+    written to ``model.json``; :func:`load_quantized` makes it the Denoiser's ``default_scheduler``.
     Refuses an existing ``out_dir`` unless ``overwrite``; writes atomically.
     """
     if fp_dtype not in FP_DTYPES:
@@ -629,6 +636,7 @@ def export_quantized(
     _recover_interrupted(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
+    sampler = sampler if sampler is not None else getattr(model, "trained_sampler", None)
     root, name, kwargs = _resolve_model(model, model_name, model_kwargs)
     dtype = FP_DTYPES[fp_dtype]
     layers = {n: m for n, m in root.named_modules() if isinstance(m, QuantLayer)}
@@ -649,7 +657,7 @@ def export_quantized(
         fp_tensors[key] = {"role": "fp", "dtype": _dtype_name(t.dtype), "shape": list(t.shape)}
     quant_map = {"format": FORMAT, "fp_dtype": fp_dtype, "torch": torch.__version__, "layers": quant_layers,
                  "fp_tensors": fp_tensors}
-    description = _model_description(root, name, kwargs)
+    description = _model_description(root, name, kwargs, sampler)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
@@ -839,7 +847,9 @@ def load_quantized(
     skipped; or ``model``, an FP instance of the same architecture, filled in place), every quantized
     layer replaced by a :class:`PackedLayer` (codes unpacked and dequantised once), all other tensors
     from ``model.safetensors``. Returns the Denoiser (registry exports) or ``model``, in eval mode on
-    ``device``. ``act_quant=False`` turns the activation quantizers off."""
+    ``device``; a Denoiser's ``default_scheduler`` becomes the sampler it was trained on where the
+    export records one (``sample(model, None, noise, ...)`` then uses it; its ``guidance_scale`` is
+    for the caller to pass). ``act_quant=False`` turns the activation quantizers off."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -874,6 +884,8 @@ def load_quantized(
     for m in root.modules():
         if isinstance(m, PackedLayer):
             m.act_quant = act_quant
+    if description.get("sampler") and hasattr(root, "default_scheduler"):  # the sampler the tables belong to
+        root.default_scheduler = dict(description["sampler"])
     return root.to(device).eval()
 
 
