@@ -28,20 +28,25 @@ class SamplerSpec:
     eta: float = 0.0
 
 
-def training_sampler(teacher, datamodule=None, table_steps: int | None = None) -> SamplerSpec:
+def training_sampler(teacher, datamodule=None, table_steps: int | None = None,
+                     saved: dict | None = None) -> SamplerSpec:
     """The sampler the student was trained on, which its activation step tables belong to: the trajectory
     cache's recipe (its manifest holds the resolved scheduler, steps, guidance and η), the on-the-fly
-    stream's arguments (unset ones are the teacher's), else the teacher's ``default_scheduler`` with
-    ``table_steps`` steps (the student's step-table length, when > 1) rather than its default count."""
-    default = teacher.default_scheduler
+    stream's arguments (unset ones are the teacher's); where the data module tells nothing, ``saved``
+    (a checkpoint's ``mpq_sampler``), else the teacher's ``default_scheduler`` with ``table_steps`` steps
+    (the student's step-table length, when > 1) rather than its default count."""
     recipe: dict[str, Any] = {}
     if hasattr(datamodule, "stream_args"):  # on-the-fly trajectories
         recipe = {k: v for k, v in datamodule.stream_args.items() if v is not None}
     elif datamodule is not None:
         try:
             recipe = dict(datamodule.manifest["recipe"])
-        except Exception:  # no cache behind it / not a trajectory data module: the teacher's defaults
+        except Exception:  # no cache behind it / not a trajectory data module
             recipe = {}
+    if not recipe and saved:
+        return SamplerSpec(saved["name"], dict(saved.get("config") or {}), int(saved["num_inference_steps"]),
+                           float(saved.get("guidance_scale", 1.0)), float(saved.get("eta", 0.0)))
+    default = teacher.default_scheduler
     named = recipe.get("scheduler")
     config = recipe.get("scheduler_config") if named else default.get("config")
     steps = recipe.get("num_inference_steps") or (table_steps if not recipe and table_steps and table_steps > 1 else None) \

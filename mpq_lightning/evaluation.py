@@ -48,8 +48,9 @@ class EvalConfig:
     Args:
         num_samples: samples drawn with the student and with the teacher, from the same fixed-seed noise
         seed: seed of the noise (one generator per sample, so results do not depend on batch_size)
-        num_inference_steps: sampler steps; null: the trajectory cache's (the quantizer tables' steps)
-        guidance_scale: classifier-free guidance; null: the cache recipe's, else the teacher's default
+        num_inference_steps: sampler steps; null: the training sampler's (the quantizer tables' steps: the
+            trajectory cache's or on-the-fly stream's, else the one saved in the checkpoint)
+        guidance_scale: classifier-free guidance; null: the training sampler's
         feature: network of the Fréchet distance: auto | digits-image | digits-video | none |
             package.module:factory (factory() returns an nn.Module mapping samples in [0, 1] to [N, D])
         batch_size: samples per sampling batch (memory only: the samples do not depend on it)
@@ -182,7 +183,8 @@ def _conditions(module, datamodule, n: int) -> tuple[dict | None, dict | None, T
 def _sampler_setup(module, datamodule, cfg: EvalConfig) -> tuple[str, dict, int, float, float]:
     """The training sampler (``compare.training_sampler``) with eval.num_inference_steps / guidance_scale."""
     q = module.quant_cfg
-    spec = training_sampler(module.teacher, datamodule, q.num_steps if q.a_quantizer == "timestep" else None)
+    spec = training_sampler(module.teacher, datamodule, q.num_steps if q.a_quantizer == "timestep" else None,
+                            saved=module.trained_sampler)
     steps = cfg.num_inference_steps or spec.num_inference_steps
     scale = cfg.guidance_scale if cfg.guidance_scale is not None else spec.guidance_scale
     return spec.scheduler, dict(spec.scheduler_config or {}), int(steps), float(scale), spec.eta
@@ -384,6 +386,26 @@ def print_table(metrics: dict[str, Any]) -> None:
     Console().print(table)
 
 
+def _fallback_sampler(module) -> str:
+    return "the training sampler saved in the checkpoint" if module.trained_sampler else "the teacher's default sampler"
+
+
+def _check_feature(teacher, cfg: EvalConfig) -> None:
+    """The shipped digits networks measure the digits teachers' kind of sample: refused for others
+    before any sampling (decoded samples of ``eval.vae`` are not judged here)."""
+    from .metrics import VIDEO_SHAPE
+
+    if cfg.vae is not None or cfg.feature not in ("digits-image", "digits-video"):
+        return
+    shape = tuple(teacher.latent_shape)
+    video = cfg.feature == "digits-video"
+    fits = (len(shape) == 4 and shape[1:] == tuple(VIDEO_SHAPE)) if video else len(shape) == 3
+    if not fits:
+        want = f"[C, {', '.join(map(str, VIDEO_SHAPE))}] videos" if video else "[C, H, W] images"
+        raise ValueError(f"eval.feature={cfg.feature!r} measures {want}; this run's samples are {list(shape)}: use "
+                         "'auto', 'none' or a network of your own ('package.module:factory')")
+
+
 def evaluate(config: str, ckpt_path: str = "last", eval_cfg: EvalConfig | None = None, out: str | None = None,
              overrides: list[str] | None = None) -> dict[str, Any]:
     """Load the run, sample, compute metrics, write ``<run>/eval`` (or ``out``) atomically."""
@@ -391,6 +413,7 @@ def evaluate(config: str, ckpt_path: str = "last", eval_cfg: EvalConfig | None =
     target = Path(out) if out else Path(config).parent / "eval"
     _check_output_folder(target)  # before any model is built
     module, datamodule, ckpt = load_run(config, ckpt_path, overrides)
+    _check_feature(module.teacher, cfg)
     module.to(cfg.resolved_device())
     vae = load_vae(cfg.vae, module.teacher, cfg.resolved_device(), key="eval.vae") if cfg.vae else None  # before sampling
     cache_dir = getattr(datamodule, "cache_dir", None)
@@ -403,7 +426,7 @@ def evaluate(config: str, ckpt_path: str = "last", eval_cfg: EvalConfig | None =
                "or build it with `python -m mpq_lightning.data.trajectories`")
         if module.teacher.cond_kind == "text":
             raise FileNotFoundError(msg + " (the text conditions come from it)")
-        print(f"note: {msg}; using the teacher's default sampler")
+        print(f"note: {msg}; using {_fallback_sampler(module)}")
     else:
         try:
             if hasattr(datamodule, "prepare_cache"):
@@ -413,7 +436,7 @@ def evaluate(config: str, ckpt_path: str = "last", eval_cfg: EvalConfig | None =
         except Exception as err:
             if module.teacher.cond_kind == "text":
                 raise
-            print(f"note: data module not available ({err}); using the teacher's default sampler")
+            print(f"note: data module not available ({err}); using {_fallback_sampler(module)}")
     gen = generate(module, datamodule, cfg)
     if vae is not None:
         gen["latents"] = {who: gen[who] for who in ("teacher", "student")}

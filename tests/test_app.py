@@ -122,6 +122,19 @@ def test_checkpoint_and_export_carry_the_training_sampler(full_run, workdir):
     assert x.shape == noise.shape and torch.isfinite(x).all() and not x.requires_grad
 
 
+@pytest.mark.parametrize("feature", ["digits-video", "digits-image"])
+def test_a_digits_feature_network_for_other_samples_is_refused_before_sampling(full_run, workdir, monkeypatch, feature):
+    """The tiny STDiT's samples are [4, 4, 8, 8]: the digits video network takes [C, 8, 16, 16] videos,
+    the image network images. Refused by key before sampling (it failed in the metrics, after it)."""
+    import mpq_lightning.evaluation as E
+
+    monkeypatch.setattr(E, "generate", lambda *a, **k: pytest.fail("sampled before the check"))
+    with pytest.raises(ValueError, match=f"eval.feature='{feature}' measures .* this run's samples are \\[4, 4, 8, 8\\]"):
+        E.evaluate(str(workdir / "checkpoints" / "full" / "config.yaml"), "last", E.EvalConfig(feature=feature),
+                   out=str(workdir / "eval_feature"))
+    assert not (workdir / "eval_feature").exists()
+
+
 def test_optimizer_holds_every_trainable_tensor_after_calibration(full_run):
     """Lightning builds the optimizer before calibration (on_fit_start): calibration and OOLRI must
     write into the existing parameters, never replace them, or the new ones would not train."""

@@ -352,6 +352,12 @@ def test_tiny_config_trains_and_evaluates(path, tmp_path, monkeypatch, one_threa
     assert metrics["num_samples"] == 2 and metrics["steps"] == recipe["num_inference_steps"]
     assert math.isfinite(metrics["latent_mse_student_vs_teacher"])
     assert (run / "eval" / "metrics.json").is_file()
+    if not on_the_fly and cli.model.teacher.cond_kind != "text":  # (text conditions come from the cache)
+        # evaluated where the cache is not (another machine): the training sampler saved in the checkpoint
+        (tmp_path / cache).rename(tmp_path / "moved")
+        again = evaluate(str(run / "config.yaml"), "last", EvalConfig(num_samples=2), out=str(tmp_path / "eval2"))
+        assert {k: again[k] for k in ("scheduler", "steps", "guidance_scale")} == \
+            {k: metrics[k] for k in ("scheduler", "steps", "guidance_scale")}
 
 
 #: Real configs whose backbone no tiny config covers, with the tiny backbone of the same adapter.
