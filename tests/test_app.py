@@ -1214,8 +1214,9 @@ def test_scripts_print_our_errors_in_one_line_and_keep_other_tracebacks(tmp_path
     with pytest.raises(SystemExit):
         run_script(lambda: main(["--config", TINY, "--data.init_args.cache", str(tmp_path / "elsewhere")]))
     err = capsys.readouterr().err
-    assert err.splitlines()[0].endswith(": error: ValueError: recipe.name 'tiny_stdit_ddim10' must be the cache "
-                                        "directory's name 'elsewhere'") and "Union subtypes" not in err, err
+    assert err.splitlines()[0].endswith("'elsewhere': set both alike, or data.init_args.recipe null to train on an "
+                                        "existing cache as it is") and "Union subtypes" not in err, err
+    assert ": error: ValueError: data.init_args.recipe.name 'tiny_stdit_ddim10' must be the name" in err
 
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])

@@ -469,6 +469,40 @@ def test_a_condition_file_that_does_not_fit_the_teacher_is_refused_before_writin
     ensure_cache(make_recipe(write_prompts(prompts)), teacher, tmp_path / "data")  # the corrected file
 
 
+def test_non_finite_conditions_or_teacher_outputs_are_never_written(tmp_path, teacher):
+    """A NaN embedding row, or a teacher that gives NaN / Inf (broken weights, fp16 overflow), would fill
+    the cache with samples every training step skips or stops on: refused naming the rows, or the shard,
+    trajectory and sampler step; the shards finished before it stay, the bad one is not written."""
+    prompts = tmp_path / "p.safetensors"
+    y = torch.randn(3, 1, 8, 32)
+    y[1, 0, 3, 5] = float("nan")
+    safetensors.torch.save_file({"y": y}, str(prompts))
+    with pytest.raises(CacheError, match=r"the cond rows \[1\] of 'y' hold NaN / Inf"):
+        ensure_cache(make_recipe(prompts), teacher, tmp_path / "data")
+    assert not (tmp_path / "data").exists()
+
+    calls = []
+
+    def overflow(module, args, output):  # shard 1 holds trajectory 2 alone: 2 rows (cond, uncond)
+        calls.append(output.shape[0])
+        if output.shape[0] == 2 and calls.count(2) == 3:  # its third sampler step, index 2 (kept: 0, 2)
+            return torch.where(torch.arange(output.shape[0]).view(-1, *[1] * (output.dim() - 1)) == 0,
+                               torch.full_like(output, float("inf")), output)
+        return output
+
+    handle = teacher.register_forward_hook(overflow)
+    try:
+        with pytest.raises(CacheError, match=r"shard 1 \(shard-00001.safetensors\): the teacher gave non-finite values "
+                                             r"\(NaN / Inf\) in teacher_output of 1 samples, first at trajectory 2, "
+                                             r"sampler step 2; the shard is not written"):
+            ensure_cache(make_recipe(write_prompts(prompts)), teacher, tmp_path / "data")
+    finally:
+        handle.remove()
+    assert (tmp_path / "data" / "tiny" / shard_name(0)).is_file()
+    assert not (tmp_path / "data" / "tiny" / shard_name(1)).exists()
+    ensure_cache(make_recipe(prompts), teacher, tmp_path / "data")  # the mended teacher finishes the cache
+
+
 def test_an_unfinished_cache_without_a_finished_shard_restarts_with_another_identity(cache, teacher, tmp_path,
                                                                                      monkeypatch):
     path, recipe = cache

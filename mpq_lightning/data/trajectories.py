@@ -463,6 +463,10 @@ def _check_rows(denoiser: Denoiser, where: str, rows: Mapping[str, torch.Tensor]
         denoiser._check_cond(rows, count)
     except ValueError as err:
         raise CacheError(f"{where}: the {branch} rows do not fit the teacher {type(denoiser).__name__}: {err}") from err
+    for key, value in rows.items():  # a NaN embedding would fill the cache with NaN trajectories
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = (~torch.isfinite(value.reshape(len(value), -1))).any(1).nonzero().flatten().tolist()
+            raise CacheError(f"{where}: the {branch} rows {bad[:10]} of {key!r} hold NaN / Inf")
 
 
 def _conditions(recipe: TrajectoryRecipe, denoiser: Denoiser, cfg: bool) -> tuple[dict[str, torch.Tensor], str | None]:
@@ -946,9 +950,27 @@ def _generate_shard(
         tensors[key] = joined.reshape(-1, *joined.shape[3:]) if key != "x_T" else joined
     tensors = {k: v.cpu().contiguous() for k, v in tensors.items()}
     ids = sample_ids(structure, index)
+    _refuse_non_finite(tensors, ids, index)
     tensors.update(ids)
     tensors["seed"] = ids["trajectory"] + recipe["seed"]
     return tensors
+
+
+def _refuse_non_finite(tensors: Mapping[str, torch.Tensor], ids: Mapping[str, torch.Tensor], index: int) -> None:
+    """A shard is never written with NaN / Inf (a broken teacher, fp16 overflow, bad conditions): every
+    step trained on it would be skipped or stop the run. Names the first trajectory and sampler step."""
+    for key in ("x_t", "teacher_output"):
+        value = tensors.get(key)
+        if value is None or not value.is_floating_point():
+            continue
+        bad = ~torch.isfinite(value.reshape(value.shape[0], -1)).all(1)
+        if bool(bad.any()):
+            first = int(torch.nonzero(bad)[0])
+            raise CacheError(
+                f"shard {index} ({shard_name(index)}): the teacher gave non-finite values (NaN / Inf) in {key} of "
+                f"{int(bad.sum())} samples, first at trajectory {int(ids['trajectory'][first])}, sampler step "
+                f"{int(ids['step_index'][first])}; the shard is not written. Check the teacher weights, its dtype "
+                "(fp16 overflows) and the conditions")
 
 
 def _record_steps(
