@@ -412,6 +412,9 @@ class QATModule(L.LightningModule):
         #: ``default_scheduler``: name, config, num_inference_steps, guidance_scale, eta), saved in every
         #: checkpoint as ``mpq_sampler`` and written into exports, whose step tables belong to it
         self.trained_sampler: dict | None = None
+        #: optimiser steps of the learning-rate schedule (None: constant), this fit's and the resumed checkpoint's
+        self._schedule_steps: int | None = None
+        self._resumed_schedule_steps: int | None = None
         self._loss_finite: Tensor | None = None  # since the last optimiser step, see check_finite
         self._loss_terms: dict[str, Tensor] | None = None
 
@@ -1035,8 +1038,18 @@ class QATModule(L.LightningModule):
                 return 0.5 * (1 + math.cos(math.pi * progress))
             return 1.0
 
+        self._schedule_steps = total if cfg.schedule != "constant" else None  # saved as mpq_schedule_steps
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        # a resume under another max_steps is a legitimate way to train on, but not the run a straight one
+        # would be: say so (the schedule is rebuilt from the new length; its state holds only the step)
+        old, new = self._resumed_schedule_steps, self._schedule_steps
+        if old is not None and new is not None and old != new and self.trainer.is_global_zero:
+            print(f"note: the {self.optim_cfg.schedule} learning-rate schedule (model.optim.schedule) of the resumed "
+                  f"checkpoint ran over {old} optimiser steps, this fit's over {new} (trainer.max_steps / max_epochs): "
+                  f"from step {self.global_step} the learning rates follow the {new}-step schedule")
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _identity(self) -> dict:
@@ -1069,6 +1082,8 @@ class QATModule(L.LightningModule):
         sampler = self._training_sampler()
         if sampler is not None:
             checkpoint["mpq_sampler"] = sampler
+        if self._schedule_steps is not None:
+            checkpoint["mpq_schedule_steps"] = self._schedule_steps
         if getattr(self, "_teacher_out_hook", None) is not None:  # DeepSpeed: see leave_teacher_out_of_state_dicts
             checkpoint["mpq_frozen_params"] = self.frozen_student_state()
         if self._step_fill is not None:
@@ -1160,6 +1175,7 @@ class QATModule(L.LightningModule):
                 self.trd._student_buf.extend(f.to(self.device) for f in pending["student"])
                 self.trd._teacher_buf.extend(f.to(self.device) for f in pending["teacher"])
         self.trained_sampler = checkpoint.get("mpq_sampler", self.trained_sampler)
+        self._resumed_schedule_steps = checkpoint.get("mpq_schedule_steps")
         rng = checkpoint.get("mpq_rng", {})
         for key, loss in (("trd", self.trd), ("mtrd", self.mtrd)):
             state = rng.get(key)

@@ -255,7 +255,7 @@ def test_sample_logger_writes_media(workdir):
     assert {"samples/video", "samples/frames"} & set(acc.Tags()["images"])
 
 
-def test_resume_is_exact(full_run, workdir):
+def test_resume_is_exact(full_run, workdir, capsys):
     # Stop after 2 of 4 steps (as a killed job), then resume from last.ckpt for the remaining 2.
     stopped = _fit_with_stop(workdir, "half", stop=2)
     assert stopped.trainer.global_step == 2
@@ -264,6 +264,15 @@ def test_resume_is_exact(full_run, workdir):
     assert resumed.model.resuming and not full_run.model.resuming  # MPQCLI's mark (see on_fit_start)
     _assert_trained_alike(resumed, full_run)
     assert torch.equal(resumed.model.memory_queue.step_tags, full_run.model.memory_queue.step_tags)
+    assert "learning-rate schedule" not in capsys.readouterr().out  # the same schedule: nothing to say
+
+    # trained on to 6 steps: the linear schedule is rebuilt over 6 steps from step 4, and the run says so
+    longer = fit("--trainer.max_steps", "6", "--checkpoint_every_n_steps", "2", "--ckpt_path", "last", run="half")
+    assert longer.trainer.global_step == 6
+    assert ("note: the linear learning-rate schedule (model.optim.schedule) of the resumed checkpoint ran over 4 "
+            "optimiser steps, this fit's over 6 (trainer.max_steps / max_epochs): from step 4 the learning rates "
+            "follow the 6-step schedule") in " ".join(capsys.readouterr().out.split())
+    assert torch.load(workdir / "checkpoints" / "half" / "last.ckpt", weights_only=False)["mpq_schedule_steps"] == 6
 
 
 @pytest.mark.skipif(not any(map(shutil.which, ("g++", "c++", "clang++"))), reason="no C++ compiler for inductor")
