@@ -132,6 +132,7 @@ class MPQCLI(LightningCLI):
             cfg.trainer.strategy = deepspeed_strategy(cfg.trainer.strategy)
         _refuse_zero3(cfg.trainer.strategy)
         _match_torchrun(cfg.trainer)
+        _match_srun(cfg.trainer)
         accumulate = cfg.trainer.accumulate_grad_batches
         if accumulate is not None and accumulate < 1:  # (Lightning 2.6 divides by it at the first batch)
             raise ValueError(f"trainer.accumulate_grad_batches must be an integer >= 1, got {accumulate}")
@@ -340,6 +341,34 @@ def _match_torchrun(trainer_cfg) -> None:
         raise ValueError(f"torchrun started {world} processes ({local} per node) but trainer.devices {devices} x "
                          f"trainer.num_nodes {nodes} = {count * nodes}: set --trainer.devices {local} --trainer.num_nodes "
                          f"{max(1, world // local)} (or leave both at 1)")
+
+
+def _match_srun(trainer_cfg) -> None:
+    """Under SLURM's ``srun`` (Lightning's ``SLURMEnvironment``: SLURM_NTASKS > 1 tasks, a batch job
+    name), as under torchrun: Lightning checks the trainer's devices and nodes against SLURM for
+    several devices, but for ``devices: 1, num_nodes: 1`` it builds a single-device trainer in every
+    task, each training alone as rank 0 into the same run folder. That setting becomes
+    SLURM_NTASKS_PER_NODE devices on SLURM_NNODES nodes; other counts are left to Lightning's check.
+    torchrun inside a SLURM allocation is torchrun's (``_match_torchrun``)."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    if "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("SLURM_NTASKS", "1") or 1) <= 1:
+        return
+    try:
+        if not SLURMEnvironment.detect():  # an interactive / "bash" job name: not srun's tasks
+            return
+    except RuntimeError:  # Lightning's own hint (srun inside srun, ...), raised when the trainer is built
+        return
+    per_node, nodes = os.environ.get("SLURM_NTASKS_PER_NODE", ""), os.environ.get("SLURM_NNODES", "1")
+    try:
+        count = int(trainer_cfg.devices)
+    except (TypeError, ValueError):
+        return
+    if count != 1 or int(trainer_cfg.num_nodes or 1) != 1 or not per_node.isdigit() or not nodes.isdigit():
+        return  # Lightning validates these (and refuses --ntasks without --ntasks-per-node)
+    trainer_cfg.devices, trainer_cfg.num_nodes = int(per_node), int(nodes)
+    if os.environ.get("SLURM_PROCID", "0") == "0":
+        print(f"srun started {os.environ['SLURM_NTASKS']} tasks: trainer.devices {per_node}, trainer.num_nodes {nodes}")
 
 
 #: what a run writes into its folder (``checkpoints/<run_name>/``); ``*.ckpt`` may be DeepSpeed folders

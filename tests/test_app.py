@@ -1574,6 +1574,55 @@ def test_torchrun_with_a_single_device_config_trains_one_run(tmp_path):
     _ranks_agree(tmp_path / "ddp_probe")
 
 
+def test_srun_tasks_with_a_single_device_config_train_one_run(tmp_path):
+    """``srun --ntasks-per-node 2 python train.py --config <devices: 1 config>``, with the environment
+    srun gives its two tasks: Lightning alone would build a single-device trainer in each task (two
+    rank-0 runs into one folder, the second refused by the run lock); the trainer takes SLURM's tasks
+    instead, and both ranks train one student on their own shards."""
+    port = str(31500 + os.getpid() % 1000)
+    base = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
+            "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_NODEID": "0",
+            "SLURM_JOB_NAME": "train", "SLURM_JOB_ID": "4242", "SLURM_NODELIST": "localhost",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+    tasks = [
+        subprocess.Popen(
+            [sys.executable, str(REPO / "train.py"), "--config", TINY, "--run_name", "srun", *QUIET,
+             "--trainer.max_steps", "2", "--data.init_args.drop_last", "true", "--trainer.callbacks+=app_probes.RankProbe"],
+            cwd=tmp_path, env={**base, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for r in (0, 1)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in tasks]
+    for p, out in zip(tasks, outputs):
+        assert p.returncode == 0, out[-3000:]
+    assert "srun started 2 tasks: trainer.devices 2, trainer.num_nodes 1" in outputs[0]
+    assert torch.load(tmp_path / "checkpoints" / "srun" / "last.ckpt", weights_only=False)["global_step"] == 2
+    _ranks_agree(tmp_path / "ddp_probe")
+
+
+def test_srun_counts_are_taken_only_for_a_single_device_batch_job(monkeypatch):
+    from types import SimpleNamespace
+
+    from mpq_lightning.cli import _match_srun
+
+    cfg = SimpleNamespace(devices=1, num_nodes=1)
+    _match_srun(cfg)  # no SLURM: as configured
+    assert (cfg.devices, cfg.num_nodes) == (1, 1)
+    for key, value in {"SLURM_NTASKS": "8", "SLURM_NTASKS_PER_NODE": "4", "SLURM_NNODES": "2",
+                       "SLURM_JOB_NAME": "interactive", "SLURM_PROCID": "3"}.items():
+        monkeypatch.setenv(key, value)
+    _match_srun(cfg)  # an interactive allocation: Lightning does not use SLURM's tasks either
+    assert (cfg.devices, cfg.num_nodes) == (1, 1)
+    monkeypatch.setenv("SLURM_JOB_NAME", "train")
+    _match_srun(cfg)
+    assert (cfg.devices, cfg.num_nodes) == (4, 2)
+    _match_srun(other := SimpleNamespace(devices=2, num_nodes=1))  # Lightning's own check refuses this one
+    assert (other.devices, other.num_nodes) == (2, 1)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")  # torchrun inside the allocation: torchrun's processes
+    _match_srun(under_torchrun := SimpleNamespace(devices=1, num_nodes=1))
+    assert (under_torchrun.devices, under_torchrun.num_nodes) == (1, 1)
+
+
 def test_torchrun_world_size_must_match_the_trainer(monkeypatch):
     from types import SimpleNamespace
 
