@@ -137,6 +137,7 @@ class MPQCLI(LightningCLI):
         if accumulate is not None and accumulate < 1:  # (Lightning 2.6 divides by it at the first batch)
             raise ValueError(f"trainer.accumulate_grad_batches must be an integer >= 1, got {accumulate}")
         _check_paths(cfg)
+        _check_accelerator(cfg.trainer)
         if self.subcommand == "fit":
             self._run_dir = run
             _check_run_folder(run, cfg.ckpt_path, cfg.overwrite_run)
@@ -316,6 +317,30 @@ def _refuse_zero3(strategy) -> None:
     class_path, init = str(get(strategy, "class_path") or ""), get(strategy, "init_args") or {}
     if class_path.endswith("DeepSpeedStrategy") and get(init, "stage") == 3:
         raise ValueError(ZERO3_REFUSAL)
+
+
+def _check_accelerator(trainer_cfg) -> None:
+    """A GPU trainer on a machine where torch sees no GPU (every real config targets one), more GPUs than
+    the machine has, and FSDP without GPUs: refused by key before anything is built (Lightning raised
+    them as tracebacks while building the trainer)."""
+    accelerator, devices, strategy = trainer_cfg.accelerator, trainer_cfg.devices, trainer_cfg.strategy
+    cuda = torch.cuda.is_available()
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if accelerator in ("gpu", "cuda") and not (cuda or (accelerator == "gpu" and mps)):
+        build = "a CPU-only build of torch" if torch.version.cuda is None else f"CUDA {torch.version.cuda}, no usable device"
+        raise ValueError(f"trainer.accelerator {accelerator!r}, but torch {torch.__version__} sees no GPU here ({build}): "
+                         "run on a GPU machine, or pass --trainer.accelerator cpu (configs/tiny/ run on a CPU)")
+    try:
+        count = int(devices)
+    except (TypeError, ValueError):  # "auto", "-1", a list of device ids: Lightning's own checks
+        count = None
+    if accelerator in ("gpu", "cuda") and cuda and count is not None and count > torch.cuda.device_count():
+        raise ValueError(f"trainer.devices {devices}, but this machine has {torch.cuda.device_count()} GPU(s): pass "
+                         f"--trainer.devices {torch.cuda.device_count()} (per node; --trainer.num_nodes for more machines)")
+    name = strategy if isinstance(strategy, str) else str(getattr(strategy, "get", lambda k: None)("class_path") or "")
+    if "fsdp" in name.lower() and (accelerator == "cpu" or (accelerator == "auto" and not cuda)):
+        raise ValueError(f"trainer.strategy {name!r} needs GPUs (Lightning's FSDP runs on CUDA only): use ddp on a CPU, "
+                         "or --trainer.accelerator gpu on a GPU machine")
 
 
 def _match_torchrun(trainer_cfg) -> None:

@@ -1833,6 +1833,24 @@ def test_deepspeed_zero3_is_refused_by_name_before_anything_is_built(workdir):
     assert not (workdir / "checkpoints" / "zero3").exists()
 
 
+def test_trainers_this_machine_cannot_build_are_refused_by_key_before_anything_is_built(workdir, monkeypatch):
+    """Every real config targets a GPU: on a machine without one, Lightning's "No supported gpu backend
+    found!" traceback came at the trainer's construction; so did its refusals of FSDP on the CPU and of
+    more GPUs than the machine has."""
+    cases = [(("--trainer.accelerator", "gpu"), "trainer.accelerator 'gpu', but torch .* sees no GPU here"),
+             (("--trainer.devices", "2", "--trainer.strategy", "fsdp"), "trainer.strategy 'fsdp' needs GPUs")]
+    for args, message in cases:
+        if torch.cuda.is_available() and "gpu" in args:
+            continue
+        with pytest.raises(ValueError, match=message):
+            fit(*args, run="no_gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a one-GPU machine
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"trainer.devices 4, but this machine has 1 GPU\(s\): pass --trainer.devices 1"):
+        fit("--trainer.accelerator", "gpu", "--trainer.devices", "4", run="no_gpu")
+    assert not (workdir / "checkpoints" / "no_gpu").exists()
+
+
 def test_sample_logger_decodes_with_a_vae(workdir):
     """``SampleLogger(vae=...)`` logs pixels: with a 2x autoencoder the 8x8 latent frames become 16x16
     (4 frames a row, shown 4x enlarged with 2-pixel borders); a missing folder is refused by key before anything is built."""
