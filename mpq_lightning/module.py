@@ -729,12 +729,15 @@ class QATModule(L.LightningModule):
 
     def check_schedule(self, trainer: L.Trainer) -> None:
         """A decaying learning-rate schedule needs the run's length: refused for a run that trains until
-        it is stopped (``max_steps`` and ``max_epochs`` -1), where Lightning's step estimate is infinite."""
-        if trainer.max_steps == -1 and trainer.max_epochs == -1 and self.optim_cfg.schedule != "constant":
+        it is stopped (``max_steps`` and ``max_epochs`` -1), where Lightning's step estimate is infinite,
+        or until ``max_time`` (``max_epochs`` then stays None and the estimate is -1: the schedule was at
+        its end from the first step, a learning rate of 0 throughout)."""
+        if trainer.max_steps == -1 and trainer.max_epochs in (-1, None) and self.optim_cfg.schedule != "constant":
             raise ValueError(
                 f"model.optim.schedule {self.optim_cfg.schedule} decays the learning rate over the run's length, but "
-                "this run has none (trainer.max_steps -1 and trainer.max_epochs -1: it trains until stopped): set "
-                "trainer.max_steps, or model.optim.schedule constant")
+                "this run has none (trainer.max_steps -1 and trainer.max_epochs -1: it trains until stopped, or until "
+                "trainer.max_time, which bounds its time, not its steps): set trainer.max_steps, or "
+                "model.optim.schedule constant")
 
     @staticmethod
     def check_precision(trainer: L.Trainer) -> None:
@@ -1026,7 +1029,13 @@ class QATModule(L.LightningModule):
         cfg = self.optim_cfg
         opt = self.build_optimizer()
         total = self.trainer.estimated_stepping_batches if self.trainer is not None else 1
-        total = max(1, int(total)) if math.isfinite(total) else 1  # endless: constant only (check_schedule)
+        if not (math.isfinite(total) and total >= 1):  # no length: constant only (check_schedule)
+            if cfg.schedule != "constant":
+                self.check_schedule(self.trainer)
+                raise ValueError(f"model.optim.schedule {cfg.schedule} needs the run's length, but Lightning estimates "
+                                 f"{total} optimiser steps: set trainer.max_steps, or model.optim.schedule constant")
+            total = 1
+        total = int(total)
 
         def factor(step: int) -> float:
             if step < cfg.warmup_steps:

@@ -606,6 +606,8 @@ def test_the_printed_next_commands_work_for_any_run_name(workdir, capsys):
     (("--checkpoint_every_n_steps", "-5"), SystemExit, None),  # the parser's error, naming the key
     (("--trainer.max_steps", "-1", "--trainer.max_epochs", "-1"), ValueError,  # (it overflowed in configure_optimizers)
      r"model.optim.schedule linear decays the learning rate over the run's length, but this run has none"),
+    (("--trainer.max_steps", "-1", "--trainer.max_time", "00:00:01:00"), ValueError,  # (it trained at a rate of 0)
+     r"model.optim.schedule linear decays .* until trainer.max_time, which bounds its time, not its steps"),
 ])
 def test_settings_that_cannot_train_are_refused_before_the_run_folder_is_written(workdir, args, error, match):
     """Found before any file is written (they surfaced after config.yaml and the events: at calibration's
