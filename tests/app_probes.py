@@ -125,3 +125,35 @@ class CrashAt(Callback):
     def on_train_batch_end(self, trainer, *args) -> None:
         if trainer.global_step == self.step:
             raise MemoryError(f"crash at step {self.step}")
+
+
+class _OwnVideoNet(torch.nn.Module):
+    """A video backbone of a user's own (no registry entry): conv3d in and out, a per-position MLP."""
+
+    def __init__(self, channels: int = 4, hidden: int = 16) -> None:
+        super().__init__()
+        self.inp = torch.nn.Conv3d(channels, hidden, 3, padding=1)
+        self.time = torch.nn.Linear(1, hidden)
+        self.mid = torch.nn.Linear(hidden, hidden)
+        self.out = torch.nn.Conv3d(hidden, channels, 3, padding=1)
+
+    def forward(self, x, t):
+        h = self.inp(x) + self.time((t.float() / 1000).view(-1, 1))[:, :, None, None, None]
+        h = self.mid(torch.nn.functional.silu(h).movedim(1, -1)).movedim(-1, 1)
+        return self.out(torch.nn.functional.silu(h))
+
+
+def own_video_model(hidden: int = 16, seed: int = 0):
+    """``--model.model app_probes:own_video_model``: a Denoiser around ``_OwnVideoNet``."""
+    from mpq_lightning.models import Denoiser
+
+    torch.manual_seed(seed)
+    return Denoiser(
+        _OwnVideoNet(4, hidden), latent_shape=(4, 4, 8, 8), patch_size=(1, 1, 1), out_channels=4, cond_kind="none",
+        cond_spec={}, prediction_type="epsilon",
+        default_scheduler={"name": "ddim", "config": {}, "num_inference_steps": 4, "guidance_scale": 1.0},
+        feature_site="mid", feature_layout="b f h w c")
+
+
+def not_a_denoiser():
+    return torch.nn.Linear(2, 2)

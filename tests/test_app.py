@@ -1853,6 +1853,40 @@ def test_trainers_this_machine_cannot_build_are_refused_by_key_before_anything_i
     assert not (workdir / "checkpoints" / "no_gpu").exists()
 
 
+def test_a_model_of_ones_own_trains_evaluates_and_exports_by_its_import_path(workdir):
+    """``--model.model package.module:function`` (a function returning a Denoiser) needs no registry entry:
+    a video model of the user's own (tests/app_probes.py) generates its cache, trains, evaluates, exports
+    and loads back from the export by that path. A path that does not import, or a function that does
+    not return a Denoiser, is refused naming model.model's value."""
+    import yaml
+
+    from mpq_lightning.evaluation import EvalConfig, evaluate
+    from mpq_lightning.export import main as export_main
+    from mpq_lightning.quant.export import load_quantized
+
+    overlay = {"model": {"model": "app_probes:own_video_model", "model_kwargs": {"hidden": 16},
+                         "quant": {"tqe": False, "num_steps": 4, "lora_exclude": ["time"]}},
+               "data": {"init_args": {"cache": "data/own4", "recipe": {
+                   "name": "own4", "random_conditions": None, "guidance_scale": 1.0, "num_inference_steps": 4}}}}
+    (workdir / "own.yaml").write_text(yaml.safe_dump(overlay))
+    with _probes():
+        cli = main(["--config", TINY, "--config", str(workdir / "own.yaml"), "--run_name", "own", *QUIET,
+                    "--trainer.max_steps", "2"])
+        assert cli.trainer.global_step == 2 and type(cli.model.teacher.backbone).__name__ == "_OwnVideoNet"
+        run = workdir / "checkpoints" / "own"
+        metrics = evaluate(str(run / "config.yaml"), "last", EvalConfig(num_samples=2))
+        assert metrics["steps"] == 4 and math.isfinite(metrics["latent_mse_student_vs_teacher"])
+        assert export_main(["--config", str(run / "config.yaml"), "--ckpt_path", "last", "--out", str(workdir / "own_x")]) == 0
+        loaded = load_quantized(workdir / "own_x")
+        assert type(loaded.backbone).__name__ == "_OwnVideoNet"
+        for name, error, match in (("app_probes:nowhere", ValueError, "cannot import 'nowhere' from 'app_probes'"),
+                                   ("no_such_pkg.mod:f", ValueError, "cannot import 'f' from 'no_such_pkg.mod'"),
+                                   ("app_probes:not_a_denoiser", TypeError, r"not_a_denoiser\(\) returned a Linear, not a")):
+            with pytest.raises(error, match=f"model {name!r}: {match}"):
+                fit("--model.model", name, run="own_bad")
+    assert not (workdir / "checkpoints" / "own_bad").exists()
+
+
 def test_sample_logger_decodes_with_a_vae(workdir):
     """``SampleLogger(vae=...)`` logs pixels: with a 2x autoencoder the 8x8 latent frames become 16x16
     (4 frames a row, shown 4x enlarged with 2-pixel borders); a missing folder is refused by key before anything is built."""

@@ -70,6 +70,17 @@ def test_kurtosis_definition_unbiased_std():
     torch.testing.assert_close(channel_kurtosis(w).double(), expect, rtol=1e-5, atol=0)
 
 
+def test_kurtosis_of_one_weight_per_channel_is_least_salient_without_a_warning():
+    """A fan-in-1 layer (a user model's time projection, weight [16, 1]) has no spread per channel: every
+    channel ranks least salient, without torch's "degrees of freedom <= 0" warning."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        k = channel_kurtosis(torch.randn(16, 1))
+    assert k.shape == (16,) and bool((k == float("-inf")).all())
+
+
 def test_split_candidates_paper_and_release():
     assert split_candidates(320, 0.1, "paper") == [0, 32, 64, 96, 128, 160]
     assert split_candidates(64, 0.1, "paper") == [0, 6, 12, 18, 24, 30]

@@ -10,6 +10,7 @@ FP-kept layers and bit maps, default sampler). All module names it reports (`lay
 from __future__ import annotations
 
 import fnmatch
+import importlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -334,15 +335,35 @@ def random_cond(
     return cond
 
 
+def _build_from_factory(name: str, kwargs: dict[str, Any]) -> Denoiser:
+    module_name, _, attr = name.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"model {name!r}: cannot import {attr!r} from {module_name!r} ({err}); a model of your own "
+                         "is 'package.module:function', the package importable (PYTHONPATH), the function returning "
+                         "a Denoiser") from None
+    denoiser = factory(**kwargs)
+    if not isinstance(denoiser, Denoiser):
+        raise TypeError(f"model {name!r}: {attr}() returned a {type(denoiser).__name__}, not a "
+                        "mpq_lightning.models.Denoiser (wrap the backbone in one: see its docstring)")
+    return denoiser
+
+
 def build(name: str, **kwargs: Any) -> Denoiser:
-    """Build the registered backbone `name` wrapped in its `Denoiser`.
+    """Build the registered backbone `name` wrapped in its `Denoiser`; or, for a model of your own,
+    `name` = ``"package.module:function"``: that function, imported, called with ``kwargs``, must
+    return a `Denoiser` (as `register` builders do, without editing this package).
 
     ``tiny-*`` models are random test teachers: they take ``seed`` (default 0) so every process
     builds identical weights, and their zero-initialised parameters (e.g. OpenSora's zero output
     layer) are re-drawn with std 0.1 so predictions depend on x, t and the condition.
     """
+    if ":" in name and name not in _BUILDERS:
+        return _build_from_factory(name, kwargs)
     if name not in _BUILDERS:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}, or 'package.module:function' "
+                         "for a model of your own (a function returning a Denoiser)")
     if not name.startswith("tiny-"):
         return _BUILDERS[name](**kwargs)
     seed = int(kwargs.pop("seed", 0))

@@ -52,6 +52,8 @@ def channel_kurtosis(w: Tensor) -> Tensor:
     std (torch default, as the MPQ-DM release). Constant channels (σ = 0) get ``-inf`` (least salient:
     any bit-width reproduces them exactly)."""
     rows = w.detach().float().reshape(w.shape[0], -1)
+    if rows.shape[1] < 2:  # one weight per channel (fan-in 1): no spread to rank by, and no torch warning
+        return torch.full((rows.shape[0],), float("-inf"), device=rows.device)
     mu = rows.mean(1, keepdim=True)
     sigma = rows.std(1, keepdim=True)  # unbiased
     kurt = ((rows - mu) ** 4).mean(1) / sigma.squeeze(1) ** 4
