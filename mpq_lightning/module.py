@@ -1029,13 +1029,13 @@ class QATModule(L.LightningModule):
         cfg = self.optim_cfg
         opt = self.build_optimizer()
         total = self.trainer.estimated_stepping_batches if self.trainer is not None else 1
-        if not (math.isfinite(total) and total >= 1):  # no length: constant only (check_schedule)
+        if not (math.isfinite(total) and total >= 0):  # no length (-1, inf): constant only (check_schedule)
             if cfg.schedule != "constant":
                 self.check_schedule(self.trainer)
                 raise ValueError(f"model.optim.schedule {cfg.schedule} needs the run's length, but Lightning estimates "
                                  f"{total} optimiser steps: set trainer.max_steps, or model.optim.schedule constant")
             total = 1
-        total = int(total)
+        total = max(1, int(total))  # (max_steps 0 trains nothing)
 
         def factor(step: int) -> float:
             if step < cfg.warmup_steps:
