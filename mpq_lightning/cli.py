@@ -416,8 +416,15 @@ def _same_logger(logger, default: dict) -> bool:
 
 
 def _run_folder(cfg) -> Path:
-    """``checkpoints/<run_name>/`` of a resolved config."""
-    return Path(cfg.trainer.default_root_dir or DEFAULT_ROOT) / cfg.run_name
+    """``checkpoints/<run_name>/`` of a resolved config; a ``run_name`` that is not a folder below the
+    root (empty, absolute, or with a ``.`` / ``..`` part: the root itself, its parent, ...) is refused."""
+    name = str(cfg.run_name or "")
+    parts = Path(name).parts
+    if not name.strip() or Path(name).is_absolute() or any(p in (".", "..") for p in name.replace("\\", "/").split("/")):
+        raise ValueError(f"run_name {name!r} must name a folder below trainer.default_root_dir "
+                         f"({cfg.trainer.default_root_dir or DEFAULT_ROOT}), e.g. opensora_w3a6 or exp/w3a6, without "
+                         "'.' or '..' parts; for runs elsewhere set --trainer.default_root_dir")
+    return Path(cfg.trainer.default_root_dir or DEFAULT_ROOT).joinpath(*parts)
 
 
 def _resumes_folder(ckpt_path) -> bool:

@@ -1887,6 +1887,17 @@ def test_a_model_of_ones_own_trains_evaluates_and_exports_by_its_import_path(wor
     assert not (workdir / "checkpoints" / "own_bad").exists()
 
 
+@pytest.mark.parametrize("name", ["", " ", ".", "..", "a/../b", "/tmp/elsewhere"])
+def test_a_run_name_that_is_not_a_folder_below_the_root_is_refused(workdir, name):
+    """``--run_name ""`` trained into checkpoints/ itself (the root of every run), ``..`` into its parent,
+    an absolute path anywhere: refused by key before anything is written."""
+    before = sorted(p.name for p in (workdir / "checkpoints").iterdir()) if (workdir / "checkpoints").exists() else []
+    with pytest.raises(ValueError, match="must name a folder below trainer.default_root_dir"):
+        fit("--trainer.max_steps", "1", run=name)
+    after = sorted(p.name for p in (workdir / "checkpoints").iterdir()) if (workdir / "checkpoints").exists() else []
+    assert after == before and not (workdir / "config.yaml").exists()
+
+
 def test_sample_logger_decodes_with_a_vae(workdir):
     """``SampleLogger(vae=...)`` logs pixels: with a 2x autoencoder the 8x8 latent frames become 16x16
     (4 frames a row, shown 4x enlarged with 2-pixel borders); a missing folder is refused by key before anything is built."""
