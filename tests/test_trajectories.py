@@ -605,6 +605,44 @@ def test_a_lock_error_on_rank_0_is_raised_on_every_rank(tmp_path):
     assert (tmp_path / "rank1.txt").read_text().startswith("CacheError: rank 0 could not take the generation lock")
 
 
+def _no_lock_worker(rank: int, root: str, port: int) -> None:
+    import errno
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+
+    def no_locks(*args, **kwargs):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    fcntl.flock = no_locks  # this process only (spawned)
+    prompts = Path(root) / "prompts.safetensors"
+    for name in ("tiny", "unfinished"):
+        try:
+            message = str(ensure_cache(make_recipe(prompts, name=name), make_teacher(), Path(root) / "data"))
+        except Exception as err:  # noqa: BLE001 - the test reads what each rank got
+            message = f"{type(err).__name__}: {err}"
+        Path(root, f"{name}_rank{rank}.txt").write_text(message)
+    dist.destroy_process_group()
+
+
+def test_a_finished_cache_is_read_by_a_process_group_where_no_lock_can_be_taken(tmp_path, teacher):
+    """A multi-GPU job reading a finished cache from a read-only dataset folder, or a file system without
+    locks: rank 0 cannot take the generation lock, but only generating needs it, so every rank reads
+    the finished cache (it failed before); a cache still to generate is refused on every rank."""
+    import torch.multiprocessing as mp
+
+    ensure_cache(make_recipe(write_prompts(tmp_path / "prompts.safetensors")), teacher, tmp_path / "data")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_no_lock_worker, args=(str(tmp_path), port), nprocs=2)
+    for rank in (0, 1):
+        assert (tmp_path / f"tiny_rank{rank}.txt").read_text() == str(tmp_path / "data" / "tiny")
+        assert (tmp_path / f"unfinished_rank{rank}.txt").read_text().startswith(
+            ("OSError: [Errno 37] No locks available", "CacheError: rank 0 could not take the generation lock"))
+    assert not (tmp_path / "data" / "unfinished").exists()
+
+
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_unreadable_condition_file_is_refused_naming_it(tmp_path, suffix):
     """A truncated copy of a precomputed text-embeddings file: a CacheError naming the file."""

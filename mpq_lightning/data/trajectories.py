@@ -289,13 +289,16 @@ LOCK_POLL_S = 1.0
 
 
 @contextmanager
-def _exclusive(directory: Path, rank: int, world: int) -> Iterator[None]:
+def _exclusive(directory: Path, rank: int, world: int,
+               finished: Callable[[], bool] | None = None) -> Iterator[None]:
     """Rank 0 holds an exclusive lock on ``.<name>.lock`` beside the cache directory while its job
     checks, generates and finalises the cache, so that two jobs (or ranks that do not know of each
     other) sharing a recipe take turns and the second finds the cache finished. The other ranks of
     the process group wait for rank 0: it tries the lock every LOCK_POLL_S seconds and broadcasts the
     result, so that waiting for another job's (hours-long) generation never runs into the process
-    group's collective timeout."""
+    group's collective timeout. Where the lock cannot be taken at all (a read-only dataset folder, a
+    file system without locks), a cache that ``finished()`` finds complete is read without it: only
+    generating needs the lock."""
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock
@@ -314,6 +317,13 @@ def _exclusive(directory: Path, rank: int, world: int) -> Iterator[None]:
                     state = "busy"
                 except OSError as err:  # an unwritable cache root, a file system without locks
                     state, error = f"error: {type(err).__name__}: {err}", err
+                    try:
+                        if finished is not None and finished():
+                            state, error = "acquired", None
+                            warnings.warn(f"{directory}: no generation lock beside it ({type(err).__name__}: {err}); "
+                                          "the cache is complete, so it is read without one", stacklevel=3)
+                    except Exception as other:  # noqa: BLE001 - raised below, on every rank
+                        state, error = f"error: {type(other).__name__}: {other}", other
             state = _broadcast(state, world)
             if error is not None:
                 raise error
@@ -840,7 +850,7 @@ def ensure_cache(
     # that a launcher starts later (Lightning's own, after rank 0 finished the cache) check alone.
     if not _ranks_together(distributed) and complete():
         return directory
-    with _distributed(distributed) as (rank, world), _exclusive(directory, rank, world):
+    with _distributed(distributed) as (rank, world), _exclusive(directory, rank, world, finished=complete):
         # rank 0 holds the lock: another job may have finished the cache while this one waited for it
         if _on_rank0(rank, world, lambda: complete(repair=True) or writer.begin(table)):
             return directory
