@@ -100,9 +100,9 @@ def _race_worker(rank: int, root: str, port: int) -> None:
     exclusive = trajectories._exclusive
 
     @contextmanager
-    def reached_the_lock(directory, rank_, world):  # tells the test that this rank is past its own check
+    def reached_the_lock(directory, rank_, world, **kwargs):  # tells the test that this rank is past its own check
         Path(root, f"at_lock{rank_}").touch()
-        with exclusive(directory, rank_, world):
+        with exclusive(directory, rank_, world, **kwargs):
             yield
 
     trajectories._exclusive = reached_the_lock
