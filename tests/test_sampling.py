@@ -38,6 +38,26 @@ def test_deterministic_with_fixed_seed(dit):
     assert torch.equal(first, second) and torch.isfinite(first).all()
 
 
+def test_the_default_scheduler_brings_its_eta_and_sampling_keeps_no_graph(dit):
+    """``sample(model, None, ...)`` takes the whole default sampler, η included (an export's training
+    sampler records it), unless η is passed; and a sampling run builds no autograd graph, even from a
+    model whose parameters require gradients (a loaded export)."""
+    import copy
+
+    model = copy.deepcopy(dit).requires_grad_(True)
+    model.default_scheduler = {"name": "ddim", "config": {"clip_sample": False}, "num_inference_steps": 4,
+                               "guidance_scale": 1.0, "eta": 1.0}
+    cond = {"class_labels": torch.tensor([1, 2])}
+
+    def run(scheduler, **kwargs):
+        return sample(model, scheduler, _noise(model), cond, generator=torch.Generator().manual_seed(5), **kwargs)
+
+    default = run(None)
+    explicit = run(make_scheduler("ddim", clip_sample=False), num_inference_steps=4, eta=1.0)
+    assert torch.equal(default, explicit) and not default.requires_grad
+    assert not torch.equal(run(None, eta=0.0), default)  # a passed η wins
+
+
 @torch.no_grad()
 def test_step_indices_and_recorder(dit):
     seen, records = [], []

@@ -174,7 +174,7 @@ def sample(
     cfg_channels: int | None = None,
     recorder: Recorder | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
-    eta: float = 0.0,
+    eta: float | None = None,
 ) -> torch.Tensor:
     """Denoise `noise` [B, *latent_shape] and return the final latent (under no_grad: a sampling run
     keeps no autograd graph).
@@ -185,13 +185,15 @@ def sample(
     uncond: the unconditional branch; None with guidance_scale != 1 uses `denoiser.null_cond(cond)`.
     cfg_channels: leading channels guided; None = the denoiser's convention (3 for OpenSora v1.0,
     otherwise every predicted channel, never the learned-variance ones).
-    eta: DDIM's η (ignored by schedulers without it); generator: the scheduler's noise RNG, or one per
+    eta: DDIM's η (ignored by schedulers without it); None: the default scheduler's ``eta`` (an
+    export's training sampler records it) when ``scheduler`` is None, else 0; generator: the scheduler's noise RNG, or one per
     sample (diffusers' ``randn_tensor`` draws sample i from generator i).
     """
     spec = denoiser.default_scheduler
     if scheduler is None:
         scheduler = make_scheduler(spec["name"], **spec["config"])
         num_inference_steps = num_inference_steps or spec["num_inference_steps"]
+        eta = spec.get("eta", 0.0) if eta is None else eta
     elif isinstance(scheduler, str):
         scheduler = make_scheduler(scheduler)
     steps = num_inference_steps or scheduler.num_inference_steps
@@ -207,7 +209,7 @@ def sample(
     predicted = denoiser.in_channels if denoiser.learned_sigma else denoiser.out_channels
     channels = cfg_channels or denoiser.cfg_channels or predicted
 
-    step = SchedulerStep(scheduler, generator, eta)
+    step = SchedulerStep(scheduler, generator, 0.0 if eta is None else float(eta))
     scale_input = getattr(scheduler, "scale_model_input", lambda x, t: x)
 
     batch = noise.shape[0]
