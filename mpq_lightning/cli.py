@@ -309,14 +309,16 @@ def _refuse_zero3(strategy) -> None:
     """DeepSpeed ZeRO-3 partitions parameters between forwards and gathers them only for the length of
     each module's forward: calibration's writes would be dropped at the next partitioning. Refused by
     name (ZeRO-2 and FSDP shard what this training needs)."""
-    def get(obj, key):
-        return obj.get(key) if hasattr(obj, "get") else getattr(obj, key, None)
-
     if strategy is None or isinstance(strategy, str):
         return
-    class_path, init = str(get(strategy, "class_path") or ""), get(strategy, "init_args") or {}
-    if class_path.endswith("DeepSpeedStrategy") and get(init, "stage") == 3:
+    class_path, init = str(_option(strategy, "class_path") or ""), _option(strategy, "init_args") or {}
+    if class_path.endswith("DeepSpeedStrategy") and _option(init, "stage") == 3:
         raise ValueError(ZERO3_REFUSAL)
+
+
+def _option(obj, key):
+    """``key`` of a config section (a jsonargparse Namespace or dict) or of an object; None without it."""
+    return obj.get(key) if hasattr(obj, "get") else getattr(obj, key, None)
 
 
 def _check_accelerator(trainer_cfg) -> None:
@@ -337,7 +339,7 @@ def _check_accelerator(trainer_cfg) -> None:
     if accelerator in ("gpu", "cuda") and cuda and count is not None and count > torch.cuda.device_count():
         raise ValueError(f"trainer.devices {devices}, but this machine has {torch.cuda.device_count()} GPU(s): pass "
                          f"--trainer.devices {torch.cuda.device_count()} (per node; --trainer.num_nodes for more machines)")
-    name = strategy if isinstance(strategy, str) else str(getattr(strategy, "get", lambda k: None)("class_path") or "")
+    name = strategy if isinstance(strategy, str) else str(_option(strategy, "class_path") or "")
     if "fsdp" in name.lower() and (accelerator == "cpu" or (accelerator == "auto" and not cuda)):
         raise ValueError(f"trainer.strategy {name!r} needs GPUs (Lightning's FSDP runs on CUDA only): use ddp on a CPU, "
                          "or --trainer.accelerator gpu on a GPU machine")

@@ -27,6 +27,17 @@ class SamplerSpec:
     guidance_scale: float = 4.0
     eta: float = 0.0
 
+    @classmethod
+    def from_default_scheduler(cls, spec: dict) -> "SamplerSpec":
+        """From the form of a Denoiser's ``default_scheduler`` (checkpoints' ``mpq_sampler``, exports)."""
+        return cls(spec["name"], dict(spec.get("config") or {}), int(spec["num_inference_steps"]),
+                   float(spec.get("guidance_scale", 1.0)), float(spec.get("eta", 0.0)))
+
+    def as_default_scheduler(self) -> dict:
+        """In the form of a Denoiser's ``default_scheduler``."""
+        return {"name": self.scheduler, "config": dict(self.scheduler_config or {}),
+                "num_inference_steps": self.num_inference_steps, "guidance_scale": self.guidance_scale, "eta": self.eta}
+
 
 def training_sampler(teacher, datamodule=None, table_steps: int | None = None,
                      saved: dict | None = None) -> SamplerSpec:
@@ -44,8 +55,7 @@ def training_sampler(teacher, datamodule=None, table_steps: int | None = None,
         except Exception:  # no cache behind it / not a trajectory data module
             recipe = {}
     if not recipe and saved:
-        return SamplerSpec(saved["name"], dict(saved.get("config") or {}), int(saved["num_inference_steps"]),
-                           float(saved.get("guidance_scale", 1.0)), float(saved.get("eta", 0.0)))
+        return SamplerSpec.from_default_scheduler(saved)
     default = teacher.default_scheduler
     named = recipe.get("scheduler")
     config = recipe.get("scheduler_config") if named else default.get("config")

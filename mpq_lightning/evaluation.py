@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .callbacks.samples import make_grid, map_to_trained_entries, to_uint8
 from .checks import check_numbers
-from .compare import conditions, training_sampler
+from .compare import conditions
 from .data.trajectories import MANIFEST
 from .files import ordinary_permissions, read_checkpoint, read_run_config
 from .models.sampling import _cat_cond, guide, make_scheduler, sample
@@ -182,9 +182,7 @@ def _conditions(module, datamodule, n: int) -> tuple[dict | None, dict | None, T
 
 def _sampler_setup(module, datamodule, cfg: EvalConfig) -> tuple[str, dict, int, float, float]:
     """The training sampler (``compare.training_sampler``) with eval.num_inference_steps / guidance_scale."""
-    q = module.quant_cfg
-    spec = training_sampler(module.teacher, datamodule, q.num_steps if q.a_quantizer == "timestep" else None,
-                            saved=module.trained_sampler)
+    spec = module.training_sampler(datamodule)
     steps = cfg.num_inference_steps or spec.num_inference_steps
     scale = cfg.guidance_scale if cfg.guidance_scale is not None else spec.guidance_scale
     return spec.scheduler, dict(spec.scheduler_config or {}), int(steps), float(scale), spec.eta
@@ -199,7 +197,7 @@ def generate(module, datamodule, cfg: EvalConfig) -> dict[str, Any]:
     set_quant_state(student.backbone, True, True)
     # sampling step i -> the trained activation-table entry of the nearest timestep (a cache that kept
     # every 5th step trains 1 entry in 5); another step count needs the cache's timesteps
-    table_steps = module.quant_cfg.num_steps if module.quant_cfg.a_quantizer == "timestep" else None
+    table_steps = module.step_table_length
     student, step_map = map_to_trained_entries(student, datamodule, make_scheduler(name, **sched_cfg), steps, table_steps)
     if step_map == "proportionally":
         raise ValueError(

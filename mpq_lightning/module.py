@@ -1064,18 +1064,19 @@ class QATModule(L.LightningModule):
     def _identity(self) -> dict:
         return {"model": self.model_name, "teacher_hash": self.teacher_hash, "quant": asdict(self.quant_cfg)}
 
-    def _training_sampler(self) -> dict | None:
-        """The sampler of the data module being trained on, else the one the checkpoint brought."""
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is not None:
-            from .compare import training_sampler
+    @property
+    def step_table_length(self) -> int | None:
+        """Entries of the per-timestep activation tables (``quant.num_steps``); None without them."""
+        return self.quant_cfg.num_steps if self.quant_cfg.a_quantizer == "timestep" else None
 
-            q = self.quant_cfg
-            spec = training_sampler(self.teacher, datamodule, q.num_steps if q.a_quantizer == "timestep" else None)
-            self.trained_sampler = {"name": spec.scheduler, "config": dict(spec.scheduler_config or {}),  # as a
-                                    "num_inference_steps": spec.num_inference_steps,  # Denoiser.default_scheduler
-                                    "guidance_scale": spec.guidance_scale, "eta": spec.eta}
-        return self.trained_sampler
+    def training_sampler(self, datamodule=None):
+        """The sampler the student trains / was trained on (``compare.training_sampler``): that of
+        ``datamodule`` (default: the fit's), else the one its checkpoint recorded (``trained_sampler``)."""
+        from .compare import training_sampler
+
+        if datamodule is None and self._trainer is not None:
+            datamodule = getattr(self._trainer, "datamodule", None)
+        return training_sampler(self.teacher, datamodule, self.step_table_length, saved=self.trained_sampler)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         sd = checkpoint["state_dict"]
@@ -1088,9 +1089,10 @@ class QATModule(L.LightningModule):
             raise FloatingPointError(f"not saving a checkpoint at global step {self.global_step}: non-finite values "
                                      f"in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}; the last good checkpoint is kept")
         checkpoint["mpq_identity"] = self._identity()
-        sampler = self._training_sampler()
-        if sampler is not None:
-            checkpoint["mpq_sampler"] = sampler
+        if self._trainer is not None and getattr(self._trainer, "datamodule", None) is not None:
+            self.trained_sampler = self.training_sampler().as_default_scheduler()
+        if self.trained_sampler is not None:
+            checkpoint["mpq_sampler"] = self.trained_sampler
         if self._schedule_steps is not None:
             checkpoint["mpq_schedule_steps"] = self._schedule_steps
         if getattr(self, "_teacher_out_hook", None) is not None:  # DeepSpeed: see leave_teacher_out_of_state_dicts

@@ -17,7 +17,7 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
 
-from ..compare import compare, naive_ptq, print_rows, training_sampler
+from ..compare import compare, naive_ptq, print_rows
 from ..files import atomic_write
 from ..models.sampling import make_scheduler
 from ..quant import set_quant_state
@@ -70,9 +70,8 @@ class FinalReport(Callback):
             batches.append(move_data_to_device(b, pl_module.device))
         ptq = naive_ptq(pl_module.teacher, pl_module.quant_cfg, batches)
         set_quant_state(pl_module.student.backbone, True, True)
-        q = pl_module.quant_cfg
-        table_steps = q.num_steps if q.a_quantizer == "timestep" else None
-        spec = training_sampler(pl_module.teacher, dm, table_steps)
+        q, table_steps = pl_module.quant_cfg, pl_module.step_table_length
+        spec = pl_module.training_sampler(dm)
         sampler = make_scheduler(spec.scheduler, **(spec.scheduler_config or {}))
         # both sample step i with the activation-table entry trained nearest its timestep
         models = {name: map_to_trained_entries(model, dm, sampler, spec.num_inference_steps, table_steps)[0]
