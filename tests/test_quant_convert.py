@@ -149,8 +149,21 @@ def test_bad_config_against_model():
         quantize_model(model, QuantConfig(bit_map={"mlp.*": {"w": 8}}))
     with pytest.raises(ValueError, match="w_group_size=3 does not divide"):
         quantize_model(model, QuantConfig(w_granularity="group", w_group_size=3))
+    # a layer type the model does not have: named with the types it has (it listed "first layers: []")
+    with pytest.raises(ValueError, match=r"layer_types \['conv2d'\] selects no layer of Sequential, whose "
+                                         r"quantizable layers are of the types \['linear'\]"):
+        quantize_model(model, QuantConfig(layer_types=["conv2d"]))
+    # OOLRI on a layer without a weight quantizer: refused by name here, not in calibration's stage 3
+    with pytest.raises(ValueError, match=r"lora_init='svd_weight_error' \(OOLRI\) .* layer '1' has no weight quantizer"):
+        quantize_model(model, QuantConfig(w_bits=None, bit_map={"0": {"w": 4}}, lora_rank=2,
+                                          lora_init="svd_weight_error", lora_quantized_base=True))
     # nothing was swapped by the failed calls
     assert not any(isinstance(m, QuantLayer) for m in model.modules())
+    # the same layer without an adapter, or an adapter initialised otherwise, is fine
+    for cfg in (QuantConfig(w_bits=None, bit_map={"0": {"w": 4}}, lora_rank=2, lora_exclude=["1"],
+                            lora_init="svd_weight_error", lora_quantized_base=True),
+                QuantConfig(w_bits=None, lora_rank=2)):
+        plan_quantization(model, cfg)
 
 
 def test_lora_exclude_and_bit_map_order():

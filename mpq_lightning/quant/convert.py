@@ -279,6 +279,10 @@ def plan_quantization(model: nn.Module, config: QuantConfig) -> list[LayerReport
     types = tuple(LAYER_TYPE_NAMES[t] for t in config.layer_types)
     candidates = [(n, m) for n, m in model.named_modules() if n and type(m) in QUANT_LAYER_TYPES and isinstance(m, types)]
     names = [n for n, _ in candidates]
+    if config.strict_patterns and not candidates:
+        present = sorted({k for k, t in LAYER_TYPE_NAMES.items() for m in model.modules() if type(m) is t})
+        raise ValueError(f"QuantConfig.layer_types {list(config.layer_types)} selects no layer of {type(model).__name__}, "
+                         f"whose quantizable layers are of the types {present}")
     if config.strict_patterns:
         for key in ("include", "exclude", "keep_fp", "lora_exclude"):
             for p in getattr(config, key):
@@ -316,6 +320,11 @@ def plan_quantization(model: nn.Module, config: QuantConfig) -> list[LayerReport
                     f"QuantConfig.w_quantizer={spec.w_quantizer!r} needs w bits in {lo}..{hi}, layer {name!r} has "
                     f"{spec.w_bits}; set bit_map[...]['w_quantizer'] = 'uniform' for it"
                 )
+        if spec.lora_rank and spec.lora_init in SVD_INITS and spec.w_bits is None:
+            raise ValueError(
+                f"QuantConfig.lora_init={spec.lora_init!r} (OOLRI) initialises each adapter from its layer's weight "
+                f"quantization error, but layer {name!r} has no weight quantizer (w bits None): set lora_init "
+                "'kaiming_zero', give the layer weight bits (w_bits or bit_map), or add it to lora_exclude")
         if spec.tqe and spec.tqe_rank > min(d_in, d_out):
             raise ValueError(f"QuantConfig.tqe_rank={spec.tqe_rank} is larger than min(d_in, d_out)={min(d_in, d_out)} of layer {name!r}")
         plan.append(LayerReport(name, kind, shape, "quantized", spec.w_bits, spec.a_bits, spec.lora_rank))
