@@ -179,17 +179,38 @@ class MPQCLI(LightningCLI):
         if self.trainer.global_rank == 0:  # one training process per run folder, before it is written or cleared
             self._run_lock = RunLock(self._run_dir)
             self._run_lock.acquire()
+        # a fit that fails before its first step leaves no files behind in a folder it started empty
+        # (judged under the lock: no other train.py writes into the folder meanwhile)
+        self._fresh_run = not _run_files(self._run_dir)
         self._prepare_data()
         if cfg.overwrite_run:
             _clear_run_folder(self._run_dir)  # only now: every check above and the cache succeeded
+            self._fresh_run = True
 
     def _run_subcommand(self, subcommand: str) -> None:
         try:
             super()._run_subcommand(subcommand)
+        except BaseException:
+            if subcommand == "fit":
+                self._forget_failed_start()
+            raise
         finally:  # however the fit ended (the process's exit would drop the lock too; tests fit in-process)
             lock = getattr(self, "_run_lock", None)
             if lock is not None:
                 lock.release()
+
+    def _forget_failed_start(self) -> None:
+        """A fit that failed before its first optimiser step (in calibration, a callback's set-up, the
+        first batch) into a folder that held no run: the files it wrote (config.yaml, an empty events
+        file) go, so the same command runs again once mended (they made the folder an earlier run's,
+        refused without --overwrite_run). A fit that trained keeps its files: its logged steps
+        tell what went wrong."""
+        trainer = getattr(self, "trainer", None)
+        if not getattr(self, "_fresh_run", False) or trainer is None or trainer.global_rank != 0:
+            return
+        if trainer.global_step > 0 or any(f.endswith(".ckpt") for f in _run_files(self._run_dir)):
+            return
+        _clear_run_folder(self._run_dir, keep_validate=True)
 
     def before_validate(self) -> None:
         """``train.py validate``: checked like a fit, before anything is computed: held-out trajectories
@@ -514,6 +535,10 @@ def _check_run_folder(run: Path, ckpt_path, overwrite: bool, requeued: bool = Fa
                 f"--ckpt_path last: run folder {run} has no last.ckpt but holds checkpoints ({listed}): resume one "
                 f"with --ckpt_path {run}/<file>, start afresh with --overwrite_run true, or choose another --run_name")
         source = "" if ckpt_path is None else f" (--ckpt_path {ckpt_path} is another run's checkpoint)"
+        if not any(f.endswith(".ckpt") for f in found):  # nothing to resume: a fit that failed before saving
+            raise FileExistsError(
+                f"run folder {run} holds an earlier run that saved no checkpoint ({listed}){source}: start it afresh "
+                "with --overwrite_run true (or --ckpt_path last, which keeps its logs), or choose another --run_name")
         raise FileExistsError(
             f"run folder {run} already holds an earlier run ({listed}){source}: resume it with --ckpt_path last, "
             "start it afresh with --overwrite_run true, or choose another --run_name"
@@ -526,12 +551,13 @@ def _check_overwrite(run: Path, ckpt_path, overwrite: bool) -> None:
                          "copy it out of the run folder first, or resume without --overwrite_run")
 
 
-def _clear_run_folder(run: Path) -> None:
+def _clear_run_folder(run: Path, keep_validate: bool = False) -> None:
     """``--overwrite_run true``: delete what an earlier run wrote (its files only, not the folder). Every
-    rank of a torchrun job does this at once, so a file another rank removed first is no error."""
+    rank of a torchrun job does this at once, so a file another rank removed first is no error.
+    ``keep_validate``: leave ``validate/`` (a validation of the untrained student, not this fit's)."""
     import shutil
 
-    for pattern in (*RUN_FILES, VALIDATE_DIR):
+    for pattern in (*RUN_FILES, *(() if keep_validate else (VALIDATE_DIR,))):
         for path in run.glob(pattern):
             if path.is_dir():  # eval/ and DeepSpeed checkpoint folders
                 shutil.rmtree(path, ignore_errors=True)

@@ -115,6 +115,13 @@ class SignalAt(Callback):
             os.kill(os.getpid(), self.signum)
 
 
+class FailAtTrainStart(Callback):
+    """Stands for a fit that fails before its first step (calibration out of memory, a damaged first shard)."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        raise RuntimeError("out of memory (simulated, before the first step)")
+
+
 class CrashAt(Callback):
     """Raises at the end of optimiser step ``step``, before the checkpoint callbacks (a process killed
     after it logged steps its last checkpoint does not hold)."""

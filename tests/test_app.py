@@ -708,7 +708,7 @@ def test_run_folders_are_never_mixed_or_lost(full_run, workdir):
     crashed = workdir / "checkpoints" / "crashed"
     crashed.mkdir()
     (crashed / "config.yaml").write_text("run_name: crashed\n")
-    with pytest.raises(FileExistsError, match=r"checkpoints/crashed already holds an earlier run \(config.yaml\)"):
+    with pytest.raises(FileExistsError, match=r"checkpoints/crashed holds an earlier run that saved no checkpoint \(config.yaml\)"):
         fit("--trainer.max_steps", "1", run="crashed")
     # a job preempted before its first checkpoint is requeued with the same command: it starts afresh
     requeued = fit("--trainer.max_steps", "1", "--ckpt_path", "last", run="crashed")
@@ -870,6 +870,31 @@ def test_final_checkpoint_survives_a_failing_end_of_training_callback(workdir):
         fit("--trainer.max_steps", "-1", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
             "--checkpoint_every_n_steps", "2", "--trainer.callbacks+=app_probes.FailAtTrainEnd", run="fails_at_end_epochs")
     assert torch.load(run / "last.ckpt", weights_only=False)["global_step"] == 3
+
+
+def test_a_fit_that_fails_before_its_first_step_leaves_no_run_behind(workdir):
+    """Its config.yaml and empty events file made the folder an earlier run's: the same command, once
+    mended, was refused (and told to resume a run that saved nothing). A fit that trained keeps its files
+    (its logged steps tell what went wrong) and the refusal says there is nothing to resume."""
+    run = workdir / "checkpoints" / "failed_start"
+    with _probes(), pytest.raises(RuntimeError, match="before the first step"):
+        fit("--trainer.max_steps", "2", "--trainer.callbacks+=app_probes.FailAtTrainStart", run="failed_start")
+    assert not run.exists()
+    fit("--trainer.max_steps", "2", run="failed_start")  # the mended command runs
+    assert (run / "last.ckpt").exists()
+    # a failure before the first step of a resume or of an overwrite keeps what the folder holds
+    with _probes(), pytest.raises(RuntimeError, match="before the first step"):
+        fit("--trainer.max_steps", "3", "--ckpt_path", "last", "--trainer.callbacks+=app_probes.FailAtTrainStart",
+            run="failed_start")
+    assert {"last.ckpt", "config.yaml"} <= {p.name for p in run.iterdir()}
+    run = workdir / "checkpoints" / "failed_later"
+    with _probes(), pytest.raises(MemoryError, match="crash at step 1"):
+        fit("--trainer.max_steps", "4", "--checkpoint_every_n_steps", "2",
+            "--trainer.callbacks+={class_path: app_probes.CrashAt, init_args: {step: 1}}", run="failed_later")
+    assert {"config.yaml"} <= {p.name for p in run.iterdir()} and any(run.glob("events.out.tfevents.*"))
+    with pytest.raises(FileExistsError, match=r"holds an earlier run that saved no checkpoint \(config.yaml, events"
+                                              r".*start it afresh with --overwrite_run true \(or --ckpt_path last, which keeps its logs\), or choose another"):
+        fit("--trainer.max_steps", "2", run="failed_later")
 
 
 def test_deepspeed_strategies_leave_frozen_weights_out_of_checkpoints(monkeypatch):
