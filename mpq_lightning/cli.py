@@ -133,6 +133,7 @@ class MPQCLI(LightningCLI):
         _refuse_zero3(cfg.trainer.strategy)
         _match_torchrun(cfg.trainer)
         _match_srun(cfg.trainer)
+        _check_multinode(cfg.trainer)
         accumulate = cfg.trainer.accumulate_grad_batches
         if accumulate is not None and accumulate < 1:  # (Lightning 2.6 divides by it at the first batch)
             raise ValueError(f"trainer.accumulate_grad_batches must be an integer >= 1, got {accumulate}")
@@ -389,6 +390,33 @@ def _match_torchrun(trainer_cfg) -> None:
         raise ValueError(f"torchrun started {world} processes ({local} per node) but trainer.devices {devices} x "
                          f"trainer.num_nodes {nodes} = {count * nodes}: set --trainer.devices {local} --trainer.num_nodes "
                          f"{max(1, world // local)} (or leave both at 1)")
+
+
+def _check_multinode(trainer_cfg) -> None:
+    """``trainer.num_nodes`` > 1 with nothing that tells this process which node it is: no launcher
+    Lightning detects (torchrun, SLURM, LSF, MPI), no ``NODE_RANK`` (Lightning's general cluster: set
+    by hand on each node) and no cluster-environment plugin. Lightning then takes node 0 with the
+    master on this machine and waits for the other nodes' processes for ever (seen: a run that never
+    started after 'MEMBER: 1/2'); refused by key instead."""
+    try:
+        nodes = int(trainer_cfg.num_nodes or 1)
+    except (TypeError, ValueError):
+        return
+    if nodes <= 1 or trainer_cfg.plugins or "NODE_RANK" in os.environ or "GROUP_RANK" in os.environ:
+        return
+    from lightning.fabric.plugins.environments import (LSFEnvironment, MPIEnvironment, SLURMEnvironment,
+                                                       TorchElasticEnvironment)
+
+    for environment in (TorchElasticEnvironment, SLURMEnvironment, LSFEnvironment, MPIEnvironment):
+        try:
+            if environment.detect():
+                return
+        except RuntimeError:  # Lightning's own SLURM hints, raised again when the trainer is built
+            return
+    raise ValueError(
+        f"trainer.num_nodes {nodes}, but no launcher tells this process its node: start it on every node with "
+        f"torchrun --nnodes {nodes} --node_rank <r> --rdzv_endpoint <host:port> train.py ..., with srun under SLURM, "
+        "or set MASTER_ADDR, MASTER_PORT and NODE_RANK on each node (here it would wait for the other nodes for ever)")
 
 
 def _match_srun(trainer_cfg) -> None:

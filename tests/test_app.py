@@ -1650,6 +1650,31 @@ def test_srun_counts_are_taken_only_for_a_single_device_batch_job(monkeypatch):
     assert (under_torchrun.devices, under_torchrun.num_nodes) == (1, 1)
 
 
+def test_several_nodes_without_a_launcher_are_refused(monkeypatch, workdir):
+    """``--trainer.num_nodes 2`` started by hand on one machine: Lightning took node 0 and waited for
+    the other node for ever; refused by key before anything is written. A launcher (torchrun, SLURM),
+    NODE_RANK set by hand on each node or a cluster plugin lets it through."""
+    from types import SimpleNamespace
+
+    from mpq_lightning.cli import _check_multinode
+
+    for key in [k for k in os.environ if k.startswith(("SLURM_", "LSB_", "OMPI_", "PMI_"))] + [
+            "TORCHELASTIC_RUN_ID", "NODE_RANK", "GROUP_RANK"]:
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(ValueError, match=r"trainer.num_nodes 2, but no launcher tells this process its node: start "
+                                         r"it on every node with torchrun --nnodes 2 .* set MASTER_ADDR, MASTER_PORT "
+                                         r"and NODE_RANK on each node"):
+        fit("--trainer.num_nodes", "2", run="two_nodes")
+    assert not (workdir / "checkpoints" / "two_nodes").exists()
+    _check_multinode(SimpleNamespace(num_nodes=1, plugins=None))
+    _check_multinode(SimpleNamespace(num_nodes=2, plugins=["my_pkg.MyCluster"]))
+    monkeypatch.setenv("NODE_RANK", "1")
+    _check_multinode(SimpleNamespace(num_nodes=2, plugins=None))
+    monkeypatch.delenv("NODE_RANK")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
+    _check_multinode(SimpleNamespace(num_nodes=2, plugins=None))  # under torchrun
+
+
 def test_torchrun_world_size_must_match_the_trainer(monkeypatch):
     from types import SimpleNamespace
 
