@@ -1168,6 +1168,40 @@ def test_overrides_without_a_config_apply_to_the_embedded_default(capsys):
     assert printed["model"]["model"] == default["model"]["model"] and printed["run_name"] == default["run_name"]
 
 
+def test_the_cache_of_a_train_config_is_built_alone(tmp_path, monkeypatch, capsys):
+    """``python -m mpq_lightning.data.trajectories --train_config <resolved train config>`` (a job of its
+    own before training) builds the cache the fit then reads as it is: same teacher, recipe and folder."""
+    import yaml
+
+    from mpq_lightning.data import trajectories
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        main(["--config", TINY, "--data.init_args.recipe.num_trajectories", "6", "--print_config"])
+    (tmp_path / "resolved.yaml").write_text(capsys.readouterr().out)
+    path = trajectories.main(["--train_config", "resolved.yaml", "--device", "cpu"])
+    assert path == Path("data") / "tiny_stdit_ddim10"
+    assert json.loads((path / "manifest.json").read_text())["structure"]["num_trajectories"] == 6  # the override's
+    stamps = {p.name: p.stat().st_mtime_ns for p in path.iterdir()}
+    cli = fit("--trainer.max_steps", "1", "--data.init_args.recipe.num_trajectories", "6", run="after_cache")
+    assert cli.trainer.global_step == 1
+    assert stamps == {p.name: p.stat().st_mtime_ns for p in path.iterdir()}  # read, not made again
+    # what a train config without a cache to build says
+    config = yaml.safe_load((tmp_path / "resolved.yaml").read_text())
+    for edit, message in (
+            (lambda c: c["data"].update(class_path="mpq_lightning.data.OnTheFlyDataModule"),
+             r"data.class_path mpq_lightning.data.OnTheFlyDataModule samples the teacher's trajectories while training"),
+            (lambda c: c["data"]["init_args"].update(recipe=None), r"data.init_args.recipe is not set: the run reads"),
+            (lambda c: c["data"]["init_args"]["recipe"].update(name="other"),
+             r"data.init_args.recipe.name 'other' must be the name of the cache directory"),
+            (lambda c: c["model"].pop("model"), r"model.model is not set")):
+        bad = copy.deepcopy(config)
+        edit(bad)
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+        with pytest.raises(ValueError, match=r"--train_config bad.yaml: " + message):
+            trajectories.main(["--train_config=bad.yaml"])
+
+
 def test_logger_false_means_no_logger(workdir):
     cli = fit("--trainer.max_steps", "1", "--trainer.logger", "false", run="no_logger")
     assert cli.trainer.logger is None

@@ -1241,14 +1241,60 @@ def synthesize_cache(
 # -------------------------------------------------------------------------------------------------
 
 
+def train_config_args(path: str) -> list[str]:
+    """The options that build the trajectory cache a ``train.py`` config trains on: its teacher
+    (``model.model``, ``model.model_kwargs``, built after ``seed_everything`` as train.py builds it) and
+    ``data.init_args.recipe`` under ``data.init_args.cache``. One resolved file: a run's
+    ``config.yaml``, or ``train.py --config ... [overrides] --print_config > resolved.yaml``."""
+    from mpq_lightning.files import read_run_config
+
+    cfg = read_run_config(path)
+    model, data = cfg.get("model") or {}, cfg.get("data") or {}
+    init = (data.get("init_args") or {}) if isinstance(data, dict) else {}
+    if not isinstance(model, dict) or not model.get("model"):
+        raise ValueError(f"--train_config {path}: model.model is not set (a train.py config names its teacher there)")
+    if "OnTheFly" in str(data.get("class_path", "")):
+        raise ValueError(f"--train_config {path}: data.class_path {data['class_path']} samples the teacher's "
+                         "trajectories while training: there is no cache to build")
+    recipe, cache = init.get("recipe"), init.get("cache")
+    if not cache:
+        raise ValueError(f"--train_config {path}: data.init_args.cache is not set")
+    if not recipe:
+        raise ValueError(f"--train_config {path}: data.init_args.recipe is not set: the run reads the finished "
+                         f"cache {cache} as it is (its recipe is the one it was made with)")
+    name = Path(cache).name
+    recipe = {"name": name, **recipe}
+    if recipe["name"] != name:
+        raise ValueError(f"--train_config {path}: data.init_args.recipe.name {recipe['name']!r} must be the name of "
+                         f"the cache directory data.init_args.cache ({cache})")
+    args = ["--model", str(model["model"]), "--model_kwargs", json.dumps(model.get("model_kwargs") or {}),
+            "--root", str(Path(cache).parent), "--recipe", json.dumps(recipe)]
+    seed = cfg.get("seed_everything")
+    if isinstance(seed, int) and not isinstance(seed, bool):
+        args += ["--seed", str(seed)]
+    return args
+
+
 def main(argv: list[str] | None = None) -> Path:
     """`python -m mpq_lightning.data.trajectories`: build a registered teacher and ensure its cache."""
+    import sys
+
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     from mpq_lightning.models import build
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, arg in enumerate(argv):  # --train_config FILE / --train_config=FILE: its options first, later ones win
+        if arg == "--train_config" or arg.startswith("--train_config="):
+            value = arg.partition("=")[2] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else None)
+            if not value:
+                raise ValueError("--train_config needs a file: a train.py config (a run's config.yaml)")
+            argv = train_config_args(value) + argv[:i] + argv[i + (1 if "=" in arg else 2):]
+            break
     parser = ArgumentParser(
-        description="Generate (or resume, or check) a teacher trajectory cache under ROOT/<recipe.name>."
+        description="Generate (or resume, or check) a teacher trajectory cache under ROOT/<recipe.name>. "
+        "--train_config FILE takes the teacher, recipe and cache folder of a train.py config (a run's "
+        "config.yaml, or train.py --config ... --print_config > resolved.yaml); options after it override them."
     )
     parser.add_argument("--config", action=ActionConfigFile, help="YAML with any of the options below")
     parser.add_argument("--model", type=str, required=True, help="registered model name, e.g. tiny-stdit")
