@@ -1193,3 +1193,7 @@ class QATModule(L.LightningModule):
             if state is not None and loss is not None and getattr(loss, "generator", None) is not None:
                 loss.generator.set_state(state)
         self._calibrated = True
+        # the trained student quantized, weights and activations, as evaluate.py and the export use it:
+        # QATModule.load_from_checkpoint(...).student was its FP weights with the LoRA (the switches are
+        # no state-dict entries); a fit or validation sets its training state again in start_run
+        set_quant_state(self.student.backbone, weight=True, act=True)

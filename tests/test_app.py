@@ -94,6 +94,26 @@ def test_checkpoint_has_no_teacher_and_is_small(full_run, workdir):
     assert ckpt["mpq_identity"]["model"] == "tiny-stdit"
 
 
+def test_load_from_checkpoint_gives_the_quantized_student(full_run, workdir):
+    """``QATModule.load_from_checkpoint`` (Lightning's own reader, what a Python user calls) holds the
+    trained student with its quantizers on, weights and activations, as evaluate.py samples it: the
+    switches are not state-dict entries, and it was the FP weights with the LoRA."""
+    from mpq_lightning.models.registry import random_cond
+    from mpq_lightning.module import QATModule
+    from mpq_lightning.quant import quant_layers, set_quant_state
+
+    module = QATModule.load_from_checkpoint(workdir / "checkpoints" / "full" / "last.ckpt", weights_only=False)
+    layers = dict(quant_layers(module.student.backbone))
+    assert layers and all(m.weight_quant and m.act_quant for m in layers.values())
+    student = module.student.eval()
+    x, cond = torch.randn(2, *student.latent_shape), random_cond(student, 2)
+    with torch.no_grad():
+        quantized = student(x, torch.tensor([500, 300]), cond, step_index=torch.tensor([3, 5]))
+        set_quant_state(student.backbone, weight=False, act=False)
+        fp = student(x, torch.tensor([500, 300]), cond, step_index=torch.tensor([3, 5]))
+    assert not torch.allclose(quantized, fp)
+
+
 def test_checkpoint_and_export_carry_the_training_sampler(full_run, workdir):
     """The student's activation step tables belong to the sampler of its training data (the tiny config's
     10-step DDIM cache, guidance 4), not the teacher's default (100-step IDDPM, whose step 10 is beyond a
