@@ -60,6 +60,10 @@ class EvalConfig:
             null: measure what the denoiser produces (latents for the real models)
         vae_scaling_factor: latent scaling to undo; null: the autoencoder config's scaling_factor (and
             shift_factor); set it where the config lacks the teacher's (1.0 for an LDM VQ-f4 saved without)
+        save_samples: also write samples.safetensors: the teacher's and the student's samples as measured
+            (float32 [N, C, (F,) H, W]; pixels after an eval.vae decode, whose latents come as
+            latents_teacher / latents_student), the class labels where the model takes them and each
+            sample's noise seed, for metrics of your own (FID-50K with another tool)
     """
 
     num_samples: int = 16
@@ -71,12 +75,15 @@ class EvalConfig:
     device: str = "auto"
     vae: str | None = None
     vae_scaling_factor: float | None = None
+    save_samples: bool = False
 
     def __post_init__(self) -> None:
         check_numbers("eval", vars(self), counts=("num_samples", "batch_size"), optional_counts=("num_inference_steps",),
                       optional_nonnegative=("guidance_scale",))
         if self.vae is not None:
             vae_class(self.vae, key="eval.vae")  # a folder of a supported autoencoder, before any sampling
+        if not isinstance(self.save_samples, bool):
+            raise ValueError(f"eval.save_samples must be true or false, got {self.save_samples!r}")
         if self.vae_scaling_factor is not None and not self.vae_scaling_factor > 0:
             raise ValueError(f"eval.vae_scaling_factor must be > 0, got {self.vae_scaling_factor}")
         if self.feature not in FEATURES and ":" not in self.feature:
@@ -343,6 +350,24 @@ def write_media(gen: dict[str, Any], folder: Path) -> list[str]:
     return written
 
 
+def write_samples(gen: dict[str, Any], folder: Path, seed: int, metrics: dict[str, Any]) -> list[str]:
+    """samples.safetensors: the samples the metrics were computed on (see ``EvalConfig.save_samples``);
+    its metadata holds the sampler and the checkpoint."""
+    from safetensors.torch import save_file
+
+    n = gen["student"].shape[0]
+    tensors = {who: gen[who].float().contiguous() for who in ("teacher", "student")}
+    for who, latents in (gen.get("latents") or {}).items():
+        tensors[f"latents_{who}"] = latents.float().contiguous()
+    if gen["labels"] is not None:
+        tensors["labels"] = gen["labels"].long().contiguous()
+    tensors["noise_seed"] = seed + torch.arange(n, dtype=torch.long)
+    meta = {k: str(metrics[k]) for k in ("scheduler", "steps", "guidance_scale", "sample_space", "checkpoint")
+            if k in metrics}
+    save_file(tensors, str(folder / "samples.safetensors"), metadata=meta)
+    return ["samples.safetensors"]
+
+
 def _check_output_folder(target: Path) -> None:
     """Refuse an output folder that exists and holds anything but an earlier evaluation (the files its
     ``metrics.json`` lists)."""
@@ -446,7 +471,8 @@ def evaluate(config: str, ckpt_path: str = "last", eval_cfg: EvalConfig | None =
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".eval-", dir=target.parent))
     try:
-        metrics["files"] = write_media(gen, tmp) + ["metrics.json"]
+        samples = write_samples(gen, tmp, cfg.seed, metrics) if cfg.save_samples else []
+        metrics["files"] = write_media(gen, tmp) + samples + ["metrics.json"]
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
         ordinary_permissions(tmp)  # mkdtemp's folder is private (0700); the result is an ordinary folder
         _check_output_folder(target)  # nothing else appeared there while sampling

@@ -1801,8 +1801,23 @@ def test_evaluate_decodes_with_eval_vae_before_metrics(full_run, workdir, monkey
         with pytest.raises(ValueError, match="eval.vae: .*vae8 .* has 8 latent channels"):
             E.evaluate(str(run / "config.yaml"), "last", E.EvalConfig(num_samples=2, vae=str(workdir / "vae8")), str(out))
     assert not out.exists()
-    metrics = E.evaluate(str(run / "config.yaml"), "last", E.EvalConfig(num_samples=2, vae=str(workdir / "vae")), str(out))
+    metrics = E.evaluate(str(run / "config.yaml"), "last",
+                         E.EvalConfig(num_samples=2, vae=str(workdir / "vae"), save_samples=True), str(out))
     assert metrics["sample_space"].startswith("pixels (AutoencoderKL") and metrics["latent_mse_student_vs_teacher"] > 0
+    # eval.save_samples: the samples the metrics were computed on, decoded, with their latents and seeds
+    from safetensors import safe_open
+
+    assert "samples.safetensors" in metrics["files"]
+    with safe_open(str(out / "samples.safetensors"), "pt") as f:
+        saved = {k: f.get_tensor(k) for k in f.keys()}
+        assert f.metadata()["checkpoint"] == metrics["checkpoint"] and f.metadata()["steps"] == str(metrics["steps"])
+    assert saved["teacher"].shape == saved["student"].shape == (2, 3, 4, 16, 16)  # pixels of the 2x autoencoder
+    assert saved["latents_teacher"].shape == (2, *full_run.model.teacher.latent_shape)
+    assert float((saved["latents_student"] - saved["latents_teacher"]).pow(2).mean()) == pytest.approx(
+        metrics["latent_mse_student_vs_teacher"], rel=1e-6)
+    assert saved["noise_seed"].tolist() == [1234, 1235] and "labels" not in saved  # a text model: no labels
+    with pytest.raises(ValueError, match="eval.save_samples must be true or false, got 'yes'"):
+        E.EvalConfig(save_samples="yes")
     # grid: (teacher, student) x 2 samples of 16-pixel frames down, 4 frames across; RGB; each frame
     # enlarged 4x to 64 pixels, with 2-pixel borders
     tile = 4 * 16 + 2 * 2
