@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .models.sampling import class_condition, make_scheduler, sample
+from .models.sampling import class_condition, make_scheduler, sample, step_noise_seed
 from .quant import QuantConfig, calibrate, quantize_model, set_quant_state, step_index_context
 
 
@@ -119,7 +119,7 @@ def generate(denoiser, spec: SamplerSpec, n: int, seed: int = 1234, batch: int =
         if new_step is not None:
             new_step()
         outs.append(sample(denoiser, sched, noise, rows(cond, idx), rows(uncond, idx), scale,
-                           spec.num_inference_steps, generator=torch.Generator(device).manual_seed(seed + 7 + start),
+                           spec.num_inference_steps, generator=torch.Generator(device).manual_seed(step_noise_seed(seed, start)),
                            eta=spec.eta).cpu())
     return torch.cat(outs), labels
 

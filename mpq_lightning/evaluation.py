@@ -36,7 +36,7 @@ from .checks import check_numbers
 from .compare import conditions
 from .data.trajectories import MANIFEST
 from .files import ordinary_permissions, read_checkpoint, read_run_config
-from .models.sampling import _cat_cond, guide, make_scheduler, sample
+from .models.sampling import _cat_cond, guide, make_scheduler, sample, step_noise_seed
 from .models.vae import decode_latents, load_vae, vae_class
 from .quant import set_quant_state
 
@@ -250,7 +250,7 @@ def generate(module, datamodule, cfg: EvalConfig) -> dict[str, Any]:
             batch_cond.update(_cat_cond(c or {}, u or {}) if use_cfg else dict(c or {}))
             # one generator per sample (diffusers' randn_tensor takes a list): a stochastic sampler's noise,
             # like the initial noise, depends on the sample's seed only, not on eval.batch_size
-            g = [torch.Generator().manual_seed(cfg.seed + 10_000 + i) for i in range(n)[sl]]
+            g = [torch.Generator().manual_seed(step_noise_seed(cfg.seed, i)) for i in range(n)[sl]]
             outs.append(sample(model, make_scheduler(name, **sched_cfg), noise[sl], c, u, scale, steps,
                                generator=g, eta=eta, recorder=record if who == "teacher" else None))
         results[who] = torch.cat(outs).cpu()

@@ -1144,7 +1144,10 @@ def test_evaluation_does_not_depend_on_the_batch_size(full_run, workdir, monkeyp
     module, datamodule, _ = E.load_run(str(workdir / "checkpoints" / "full" / "config.yaml"))
     setup = E._sampler_setup
     monkeypatch.setattr(E, "_sampler_setup", lambda *a: ("ddpm", {}, setup(*a)[2], 1.0, 0.0))
+    seeds, step_noise_seed = [], E.step_noise_seed
+    monkeypatch.setattr(E, "step_noise_seed", lambda seed, i: seeds.append((seed, i)) or step_noise_seed(seed, i))
     one = E.generate(module, datamodule, E.EvalConfig(num_samples=3, batch_size=1, device="cpu"))
+    assert seeds == [(1234, 0), (1234, 1), (1234, 2)] * 2  # the sampler's noise: a stream of its own per sample
     two = E.generate(module, datamodule, E.EvalConfig(num_samples=3, batch_size=2, device="cpu"))
     # the FP teacher: the same up to float noise (the student's 6-bit activations can round a value that sits
     # on a step boundary differently in another batch shape, which 10 guided steps amplify)

@@ -21,7 +21,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from mpq_lightning.models.registry import Denoiser
 from mpq_lightning.quant.layers import cached_quantized_weights
 
-__all__ = ["IDDPM_CONFIG", "SCHEDULERS", "Recorder", "guide", "make_scheduler", "sample"]
+__all__ = ["IDDPM_CONFIG", "SCHEDULERS", "Recorder", "guide", "make_scheduler", "sample", "step_noise_seed"]
 
 # -------------------------------------------------------------------------------------------------
 # Schedulers
@@ -62,6 +62,14 @@ def class_condition(denoiser: Denoiser, labels: torch.Tensor) -> dict[str, torch
     classes = next((getattr(config, a) for a in ("num_embeds_ada_norm", "num_class_embeds") if getattr(config, a, None)),
                    None)
     return {key: labels % int(classes) if classes else labels}
+
+
+def step_noise_seed(seed: int, index: int) -> int:
+    """Seed of a stochastic sampler's own noise (its per-step draws) for sample or batch ``index`` of a
+    set whose initial noise is seeded ``seed + index``: a stream of its own, 2**62 above, so that no
+    step noise repeats a sample's initial noise (``seed + 10_000 + i`` did for sets of more than
+    10 000 samples, and for evaluation runs whose seeds lie 10 000 apart)."""
+    return (1 << 62) + int(seed) + int(index)
 
 
 def make_scheduler(name: str, **config: Any) -> SchedulerMixin:
