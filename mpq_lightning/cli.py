@@ -416,7 +416,8 @@ def _check_multinode(trainer_cfg) -> None:
     raise ValueError(
         f"trainer.num_nodes {nodes}, but no launcher tells this process its node: start it on every node with "
         f"torchrun --nnodes {nodes} --node_rank <r> --rdzv_endpoint <host:port> train.py ..., with srun under SLURM, "
-        "or set MASTER_ADDR, MASTER_PORT and NODE_RANK on each node (here it would wait for the other nodes for ever)")
+        "or set MASTER_ADDR, MASTER_PORT and NODE_RANK on each node (here it would wait for the other nodes for ever); "
+        "--trainer.num_nodes 1 runs on this machine alone")
 
 
 def _match_srun(trainer_cfg) -> None:

@@ -1720,7 +1720,7 @@ def test_several_nodes_without_a_launcher_are_refused(monkeypatch, workdir):
         monkeypatch.delenv(key, raising=False)
     with pytest.raises(ValueError, match=r"trainer.num_nodes 2, but no launcher tells this process its node: start "
                                          r"it on every node with torchrun --nnodes 2 .* set MASTER_ADDR, MASTER_PORT "
-                                         r"and NODE_RANK on each node"):
+                                         r"and NODE_RANK on each node .* --trainer.num_nodes 1 runs on this machine alone"):
         fit("--trainer.num_nodes", "2", run="two_nodes")
     assert not (workdir / "checkpoints" / "two_nodes").exists()
     _check_multinode(SimpleNamespace(num_nodes=1, plugins=None))
