@@ -95,12 +95,11 @@ class MPQCLI(LightningCLI):
                       "init_args": {"save_dir": str(run.parent), "name": run.name, "version": ""}}
         if cfg.trainer.logger is None or cfg.trainer.logger is True:  # False: no logger, as Lightning
             cfg.trainer.logger = fit_logger
+        _follow_run_name(cfg.trainer.logger, fit_logger)  # another run's saved config.yaml, run_name changed
         if self.subcommand == "validate" and _same_logger(cfg.trainer.logger, fit_logger):
             # beside the run's own events, not into them (Lightning logs a validation at step 0)
             cfg.trainer.logger = {"class_path": fit_logger["class_path"],
                                   "init_args": {"save_dir": str(run), "name": VALIDATE_DIR, "version": ""}}
-        callbacks = list(cfg.trainer.callbacks or [])
-        names = {_class_name(c) for c in callbacks}
         ours, lightning = "mpq_lightning.callbacks", "lightning.pytorch.callbacks"
         defaults = {  # class name: (module, init args)
             "RunCheckpoint": (ours, {"dirpath": str(run), "save_last": True,
@@ -110,6 +109,12 @@ class MPQCLI(LightningCLI):
             "LearningRateMonitor": (lightning, {"logging_interval": "step"}),
             "StepRichProgressBar": (ours, {}),
         }
+        # the callbacks train.py adds follow this run's settings: the entries a run's saved config.yaml
+        # holds of them (RunCheckpoint saving into that run's folder, a progress bar with the bar now
+        # off, ...) are made again below; RunCheckpoint in any form (run_name, checkpoint_every_n_steps)
+        added = {**defaults, "PerTimestepError": (ours, {}), "SampleLogger": (ours, {})}
+        callbacks = [c for c in (cfg.trainer.callbacks or []) if not _added_form(c, added)]
+        names = {_class_name(c) for c in callbacks}
         # no bar with the bar off, and none beside the user's own (Lightning refuses two)
         if cfg.trainer.enable_progress_bar is False or any(n.endswith("ProgressBar") for n in names):
             defaults.pop("StepRichProgressBar")
@@ -457,6 +462,52 @@ VALIDATE_DIR = "validate"
 
 #: ``--ckpt_path`` values that Lightning resolves to a checkpoint of this run's own folder
 _RESUME_NAMES = ("last", "best")
+
+
+def _added_form(callback, added: dict) -> bool:
+    """Whether a ``trainer.callbacks`` entry is one that ``train.py`` adds, as it adds it: its class
+    (``added``: name -> (module, init args)) with every init argument at that value or the class's
+    default (jsonargparse writes them all into a saved config). Any RunCheckpoint entry counts: the
+    class is this app's, made from run_name and checkpoint_every_n_steps."""
+    import dataclasses
+    import importlib
+    import inspect
+
+    path = callback.get("class_path") if hasattr(callback, "get") else None
+    name = path.rsplit(".", 1)[-1] if path else None
+    if name not in added:
+        return False
+    module, init = added[name]
+    try:
+        cls = getattr(importlib.import_module(module), name)
+        if importlib.import_module(path.rsplit(".", 1)[0]).__dict__.get(name) is not cls:
+            return False  # another class of that name
+    except (ImportError, ValueError):
+        return False
+    if name == "RunCheckpoint":
+        return True
+    plain = lambda v: v.as_dict() if hasattr(v, "as_dict") else dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v  # noqa: E731
+    signature = inspect.signature(cls.__init__).parameters
+    args = plain(callback.get("init_args") or {})  # (a Namespace's keys() are its nested keys, dotted)
+    for key in (args if isinstance(args, dict) else {}):
+        want = init[key] if key in init else (signature[key].default if key in signature else inspect.Parameter.empty)
+        if want is inspect.Parameter.empty or plain(args[key]) != plain(want):
+            return False
+    return True
+
+
+def _follow_run_name(logger, default: dict) -> None:
+    """A run's TensorBoard logger as ``train.py`` makes it (``save_dir`` the runs' root, ``version`` '')
+    but named after another run: the saved ``config.yaml`` of that run, given to a new ``--run_name``.
+    It takes this run's name, so that the new run's events do not go into the other run's folder
+    (its other settings stay)."""
+    if not hasattr(logger, "get") or logger.get("class_path") != default["class_path"]:
+        return
+    args = logger.get("init_args")
+    if args is None or str(args.get("save_dir")) != default["init_args"]["save_dir"] or args.get("version") != "":
+        return
+    if args.get("name") != default["init_args"]["name"]:
+        args["name"] = default["init_args"]["name"]
 
 
 def _same_logger(logger, default: dict) -> bool:

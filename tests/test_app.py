@@ -567,6 +567,32 @@ def _digests(folder: Path) -> dict:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
+def test_a_new_run_from_a_runs_config_writes_into_its_own_folder(full_run, workdir):
+    """``train.py --config checkpoints/<run>/config.yaml --run_name new``: the saved config holds the
+    callbacks and logger train.py added for that run; its RunCheckpoint saved the new run's last.ckpt
+    over the old run's and its logger wrote the events there. They follow the new run's settings now
+    (folder, checkpoint interval, progress bar, samples), and the old run is untouched."""
+    import yaml
+
+    full = workdir / "checkpoints" / "full"
+    before = _digests(full)
+    main(["--config", str(full / "config.yaml"), "--run_name", "from_full", "--trainer.max_steps", "2",
+          "--checkpoint_every_n_steps", "1", "--trainer.enable_progress_bar", "true", "--log_samples", "true"])
+    assert _digests(full) == before
+    new = workdir / "checkpoints" / "from_full"
+    assert {"step000001.ckpt", "step000002.ckpt", "last.ckpt", "config.yaml"} <= {p.name for p in new.iterdir()}
+    assert any(new.glob("events.out.tfevents.*"))
+    saved = yaml.safe_load((new / "config.yaml").read_text())["trainer"]
+    assert saved["logger"]["init_args"]["name"] == "from_full"
+    names = [c["class_path"].rsplit(".", 1)[-1] for c in saved["callbacks"]]
+    assert sorted(names) == sorted(["RunCheckpoint", "LearningRateMonitor", "StepRichProgressBar", "PerTimestepError",
+                                    "SampleLogger"])  # each once
+    # and from that config, with the bar and the samples off again (Lightning refused a bar it had)
+    cli = main(["--config", str(new / "config.yaml"), "--run_name", "from_from_full", "--trainer.max_steps", "1",
+                "--trainer.enable_progress_bar", "false", "--log_samples", "false"])
+    assert {type(c).__name__ for c in cli.trainer.callbacks} & {"StepRichProgressBar", "SampleLogger"} == set()
+
+
 def test_resuming_an_earlier_checkpoint_never_overwrites_later_ones(workdir):
     """Resuming step 2 of a run that reached step 4, inside its own folder, would save over
     step000004.ckpt, last.ckpt and config.yaml: refused, naming them, before anything is written; the
