@@ -497,17 +497,21 @@ def _added_form(callback, added: dict) -> bool:
 
 
 def _follow_run_name(logger, default: dict) -> None:
-    """A run's TensorBoard logger as ``train.py`` makes it (``save_dir`` the runs' root, ``version`` '')
-    but named after another run: the saved ``config.yaml`` of that run, given to a new ``--run_name``.
-    It takes this run's name, so that the new run's events do not go into the other run's folder
-    (its other settings stay)."""
+    """A TensorBoard logger in the form ``train.py`` makes it (``version`` '': the events directly in a
+    run folder) for another run: the saved ``config.yaml`` of that run, given to a new ``--run_name``
+    or ``trainer.default_root_dir``. It takes this run's folder when it names another one under the
+    same root, or a folder that holds a run (a ``config.yaml``), so that the new run's events do not go
+    into the other run's folder (its other settings stay)."""
     if not hasattr(logger, "get") or logger.get("class_path") != default["class_path"]:
         return
-    args = logger.get("init_args")
-    if args is None or str(args.get("save_dir")) != default["init_args"]["save_dir"] or args.get("version") != "":
+    args, mine = logger.get("init_args"), default["init_args"]
+    if args is None or args.get("version") != "":
         return
-    if args.get("name") != default["init_args"]["name"]:
-        args["name"] = default["init_args"]["name"]
+    here = (str(args.get("save_dir")), str(args.get("name")))
+    if here == (mine["save_dir"], mine["name"]):
+        return
+    if here[0] == mine["save_dir"] or (Path(here[0]) / here[1] / "config.yaml").is_file():
+        args["save_dir"], args["name"] = mine["save_dir"], mine["name"]
 
 
 def _same_logger(logger, default: dict) -> bool:

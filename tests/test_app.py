@@ -591,6 +591,11 @@ def test_a_new_run_from_a_runs_config_writes_into_its_own_folder(full_run, workd
     cli = main(["--config", str(new / "config.yaml"), "--run_name", "from_from_full", "--trainer.max_steps", "1",
                 "--trainer.enable_progress_bar", "false", "--log_samples", "false"])
     assert {type(c).__name__ for c in cli.trainer.callbacks} & {"StepRichProgressBar", "SampleLogger"} == set()
+    # under another root too
+    main(["--config", str(full / "config.yaml"), "--trainer.default_root_dir", "other_root", "--trainer.max_steps", "1",
+          *QUIET])
+    assert _digests(full) == before
+    assert any((workdir / "other_root" / "full").glob("events.out.tfevents.*"))
 
 
 def test_resuming_an_earlier_checkpoint_never_overwrites_later_ones(workdir):
