@@ -817,9 +817,16 @@ def run_script(entry: Callable[[], Any]) -> None:
     script exits with status 1; ``MPQ_TRACEBACK=1`` shows the traceback instead. Anything else (an
     error raised inside torch, Lightning, ..., or one of ours without a message: possibly a bug)
     keeps its traceback. A fit stopped by a signal (see ``RunCheckpoint``) exits with 128 + the
-    signal's number, never 0: Lightning's own ``SIGTERMException`` carries no status."""
+    signal's number, never 0: Lightning's own ``SIGTERMException`` carries no status. A Ctrl-C outside
+    training (generating the trajectory cache, calibrating, evaluating) exits with 130 and a line
+    instead of a traceback (the cache's finished shards are kept: the same command goes on from them)."""
     try:
         entry()
+    except KeyboardInterrupt:
+        if os.environ.get("MPQ_TRACEBACK", "") not in ("", "0"):
+            raise
+        print(f"\n{Path(sys.argv[0]).name}: interrupted (Ctrl-C)", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
     except SIGTERMException as stopped:
         if stopped.code in (None, 0):
             print(f"{Path(sys.argv[0]).name}: stopped by SIGTERM", file=sys.stderr)

@@ -563,6 +563,23 @@ def test_a_sigterm_stop_without_our_checkpoint_still_exits_non_zero(capsys):
     assert exit_.value.code == 143 and "stopped by SIGTERM" in capsys.readouterr().err
 
 
+def test_a_ctrl_c_outside_training_exits_130_without_a_traceback(capsys, monkeypatch):
+    """A Ctrl-C while the trajectory cache is generated, the student calibrated or evaluate.py samples
+    (outside RunCheckpoint's stop at a step's end): one line and status 130, not Python's traceback;
+    MPQ_TRACEBACK=1 keeps the traceback."""
+    from mpq_lightning.cli import run_script
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exit_:
+        run_script(interrupted)
+    assert exit_.value.code == 130 and "interrupted (Ctrl-C)" in capsys.readouterr().err
+    monkeypatch.setenv("MPQ_TRACEBACK", "1")
+    with pytest.raises(KeyboardInterrupt):
+        run_script(interrupted)
+
+
 def _digests(folder: Path) -> dict:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
