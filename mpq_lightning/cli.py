@@ -196,9 +196,14 @@ class MPQCLI(LightningCLI):
     def _run_subcommand(self, subcommand: str) -> None:
         try:
             super()._run_subcommand(subcommand)
-        except BaseException:
+        except BaseException as error:
             if subcommand == "fit":
                 self._forget_failed_start()
+            trainer = getattr(self, "trainer", None)
+            if isinstance(error, SystemExit) and error.code == 1 and trainer is not None and trainer.interrupted:
+                # Lightning's exit after a KeyboardInterrupt (a Ctrl-C in calibration, a second one while
+                # training): 130, as a Ctrl-C anywhere else in train.py
+                raise SystemExit(128 + signal.SIGINT) from None
             raise
         finally:  # however the fit ended (the process's exit would drop the lock too; tests fit in-process)
             lock = getattr(self, "_run_lock", None)

@@ -122,6 +122,13 @@ class FailAtTrainStart(Callback):
         raise RuntimeError("out of memory (simulated, before the first step)")
 
 
+class InterruptAtTrainStart(Callback):
+    """A Ctrl-C while the student is calibrated (the KeyboardInterrupt Python raises in the main thread)."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        raise KeyboardInterrupt
+
+
 class CrashAt(Callback):
     """Raises at the end of optimiser step ``step``, before the checkpoint callbacks (a process killed
     after it logged steps its last checkpoint does not hold)."""

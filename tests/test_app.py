@@ -948,6 +948,15 @@ def test_a_fit_that_fails_before_its_first_step_leaves_no_run_behind(workdir):
     with _probes(), pytest.raises(RuntimeError, match="before the first step"):
         fit("--trainer.max_steps", "2", "--trainer.callbacks+=app_probes.FailAtTrainStart", run="failed_start")
     assert not run.exists()
+    import signal
+
+    handler = signal.getsignal(signal.SIGINT)  # Lightning ignores SIGINT from its KeyboardInterrupt on
+    try:
+        with _probes(), pytest.raises(SystemExit) as exit_:  # a Ctrl-C there: Lightning exits with 1, train.py 130
+            fit("--trainer.max_steps", "2", "--trainer.callbacks+=app_probes.InterruptAtTrainStart", run="failed_start")
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    assert exit_.value.code == 130 and not run.exists()
     fit("--trainer.max_steps", "2", run="failed_start")  # the mended command runs
     assert (run / "last.ckpt").exists()
     # a failure before the first step of a resume or of an overwrite keeps what the folder holds
