@@ -108,6 +108,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileExistsError, FileNotFoundError, ExportFormatError, ValueError) as e:
         print(f"{ap.prog}: error: {e}", file=sys.stderr)  # as argparse prints its own
         return 1
+    except KeyboardInterrupt:  # the export folder is built aside and renamed: nothing half-written is left
+        print(f"\n{ap.prog}: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
     return 0
 
 

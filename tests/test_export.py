@@ -549,3 +549,15 @@ def test_size_report_fits_80_columns_and_adds_up(tmp_path, layers):
         assert ("uniform", "8") in {(cells[0], cells[1]) for cells in rows} and max(residuals) >= 1
         assert sum(int(cells[2]) for cells in rows) == len(report["layers"])
     assert f"{report['totals']['layers']} quantized layers" in text
+
+
+def test_cli_ctrl_c_is_one_line_and_status_130(tmp_path, capsys, monkeypatch):
+    """A Ctrl-C while exporting: one line and 130, as train.py and evaluate.py (was a traceback)."""
+    import mpq_lightning.export as E
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(E, "load_qat_module", interrupted)
+    assert E.main(["--ckpt_path", str(tmp_path / "x.ckpt"), "--out", str(tmp_path / "out")]) == 130
+    assert "interrupted (Ctrl-C)" in capsys.readouterr().err and not (tmp_path / "out").exists()
