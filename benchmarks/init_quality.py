@@ -67,7 +67,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default=str(REPO / "configs" / "digits_unet_w3a6.yaml"))
     ap.add_argument("--samples", type=int, default=32)
-    ap.add_argument("--variant", action="append", help="name=overrides (repeatable); default: the built-in set")
+    ap.add_argument("--variant", action="append",
+                    help="name=overrides, the name without '=' (repeatable); default: the built-in set")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # a single variant's overrides, in a child process
     args = ap.parse_args()
     if args.one is not None:
@@ -77,9 +78,11 @@ def main() -> None:
     rows = {}
     for name, overrides in variants.items():  # a process each: calibration state never leaks between them
         start = time.time()
-        out = subprocess.run([sys.executable, __file__, "--config", args.config, "--samples", str(args.samples),
-                              "--one", overrides], capture_output=True, text=True, check=True).stdout
-        result = json.loads(out.strip().splitlines()[-1])
+        proc = subprocess.run([sys.executable, __file__, "--config", args.config, "--samples", str(args.samples),
+                               "--one", overrides], capture_output=True, text=True)
+        if proc.returncode:
+            raise SystemExit(f"variant {name!r} ({overrides}) failed:\n{proc.stderr[-3000:]}")
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
         rows[name] = {"overrides": overrides, "seconds": round(time.time() - start, 1),
                       "naive PTQ": result["naive PTQ"], "untrained student": result["untrained student"],
                       "FP": result["FP"]}
