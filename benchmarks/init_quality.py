@@ -2,8 +2,8 @@
 
 A method's initialisation (FZ-RMQ, Lp range search, OOLRI, TQE) should start training from a student at
 least as good as the baseline the final report compares against. This builds a config's QATModule,
-calibrates it as a fit would (``QATModule.calibrate_from``), and compares it and ``compare.naive_ptq``
-with the final report's metrics (the FP teacher's samples from the same noise, the training sampler).
+calibrates it as a fit would (``QATModule.calibrate_from``), and compares it and naive PTQ as the final
+report does (``final_report.compare_with_naive_ptq``: FP samples from the same noise, the training sampler).
 Each variant is the config plus command-line overrides.
 
     python benchmarks/init_quality.py [--config configs/digits_unet_w3a6.yaml] [--samples 32]
@@ -37,11 +37,8 @@ VARIANTS = {  # name: overrides of the config (the digits UNet W3A6 recipe's swi
 
 def measure(config: str, overrides: list[str], samples: int) -> dict:
     """One variant, in this process: the rows of ``compare`` for naive PTQ and the untrained student."""
-    from mpq_lightning.callbacks.samples import map_to_trained_entries
+    from mpq_lightning.callbacks.final_report import compare_with_naive_ptq
     from mpq_lightning.cli import MPQCLI
-    from mpq_lightning.compare import compare, naive_ptq
-    from mpq_lightning.models.sampling import make_scheduler
-    from mpq_lightning.quant import set_quant_state
 
     argv, sys.argv = sys.argv, sys.argv[:1]
     try:
@@ -52,15 +49,7 @@ def measure(config: str, overrides: list[str], samples: int) -> dict:
     dm.prepare_cache(module.teacher)
     dm.setup("fit")
     module.calibrate_from(dm)
-    loader = dm.calibration_dataloader() if hasattr(dm, "calibration_dataloader") else dm.train_dataloader()
-    batches = [b for _, b in zip(range(module.calib_cfg.num_batches), loader)]
-    ptq = naive_ptq(module.teacher, module.quant_cfg, batches)
-    set_quant_state(module.student.backbone, True, True)
-    spec = module.training_sampler(dm)
-    sampler = make_scheduler(spec.scheduler, **(spec.scheduler_config or {}))
-    models = {name: map_to_trained_entries(model, dm, sampler, spec.num_inference_steps, module.step_table_length)[0]
-              for name, model in (("naive PTQ", ptq), ("untrained student", module.student))}
-    return compare(models, module.teacher, spec, samples, 1234, datamodule=dm)
+    return compare_with_naive_ptq(module, dm, samples, 1234, student_name="untrained student")
 
 
 def main() -> None:

@@ -483,12 +483,9 @@ def _added_form(callback, added: dict) -> bool:
     if name not in added:
         return False
     module, init = added[name]
-    try:
-        cls = getattr(importlib.import_module(module), name)
-        if importlib.import_module(path.rsplit(".", 1)[0]).__dict__.get(name) is not cls:
-            return False  # another class of that name
-    except (ImportError, ValueError):
-        return False
+    cls = getattr(importlib.import_module(module), name)
+    if path not in (f"{module}.{name}", f"{cls.__module__}.{name}"):
+        return False  # another class of that name
     if name == "RunCheckpoint":
         return True
     plain = lambda v: v.as_dict() if hasattr(v, "as_dict") else dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v  # noqa: E731

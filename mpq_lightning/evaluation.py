@@ -216,8 +216,9 @@ def generate(module, datamodule, cfg: EvalConfig) -> dict[str, Any]:
     n = cfg.num_samples
     cond, uncond, labels = _conditions(module, datamodule, n)
     cond, uncond = (None if c is None else {k: v.to(device) for k, v in c.items()} for c in (cond, uncond))
+    seeds = [cfg.seed + i for i in range(n)]  # sample i's initial noise (its sampler noise: step_noise_seed)
     noise = torch.stack([  # on the CPU from fixed seeds: the same samples on every device
-        torch.randn(teacher.latent_shape, generator=torch.Generator().manual_seed(cfg.seed + i)) for i in range(n)
+        torch.randn(teacher.latent_shape, generator=torch.Generator().manual_seed(s)) for s in seeds
     ]).to(device)
     step_err = torch.zeros(steps, dtype=torch.float64)
     use_cfg = scale != 1.0
@@ -255,7 +256,7 @@ def generate(module, datamodule, cfg: EvalConfig) -> dict[str, Any]:
                                generator=g, eta=eta, recorder=record if who == "teacher" else None))
         results[who] = torch.cat(outs).cpu()
     step_err /= n  # the mean over samples
-    return {"teacher": results["teacher"], "student": results["student"], "labels": labels,
+    return {"teacher": results["teacher"], "student": results["student"], "labels": labels, "noise_seed": seeds,
             "step_error": step_err.tolist(), "scheduler": name, "steps": steps, "guidance_scale": scale,
             "student_step_map": step_map or "identity"}
 
@@ -350,18 +351,17 @@ def write_media(gen: dict[str, Any], folder: Path) -> list[str]:
     return written
 
 
-def write_samples(gen: dict[str, Any], folder: Path, seed: int, metrics: dict[str, Any]) -> list[str]:
+def write_samples(gen: dict[str, Any], folder: Path, metrics: dict[str, Any]) -> list[str]:
     """samples.safetensors: the samples the metrics were computed on (see ``EvalConfig.save_samples``);
     its metadata holds the sampler and the checkpoint."""
     from safetensors.torch import save_file
 
-    n = gen["student"].shape[0]
     tensors = {who: gen[who].float().contiguous() for who in ("teacher", "student")}
     for who, latents in (gen.get("latents") or {}).items():
         tensors[f"latents_{who}"] = latents.float().contiguous()
     if gen["labels"] is not None:
         tensors["labels"] = gen["labels"].long().contiguous()
-    tensors["noise_seed"] = seed + torch.arange(n, dtype=torch.long)
+    tensors["noise_seed"] = torch.tensor(gen["noise_seed"], dtype=torch.long)
     meta = {k: str(metrics[k]) for k in ("scheduler", "steps", "guidance_scale", "sample_space", "checkpoint")
             if k in metrics}
     save_file(tensors, str(folder / "samples.safetensors"), metadata=meta)
@@ -471,7 +471,7 @@ def evaluate(config: str, ckpt_path: str = "last", eval_cfg: EvalConfig | None =
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".eval-", dir=target.parent))
     try:
-        samples = write_samples(gen, tmp, cfg.seed, metrics) if cfg.save_samples else []
+        samples = write_samples(gen, tmp, metrics) if cfg.save_samples else []
         metrics["files"] = write_media(gen, tmp) + samples + ["metrics.json"]
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
         ordinary_permissions(tmp)  # mkdtemp's folder is private (0700); the result is an ordinary folder

@@ -61,24 +61,34 @@ class FinalReport(Callback):
         return kept
 
     def _report(self, trainer, pl_module, log_dir) -> None:
-        dm = trainer.datamodule  # calibration data for naive PTQ, without moving the training position
-        loader = dm.calibration_dataloader() if hasattr(dm, "calibration_dataloader") else dm.train_dataloader()
-        batches = []
-        for i, b in enumerate(loader):
-            if i >= pl_module.calib_cfg.num_batches:
-                break
-            batches.append(move_data_to_device(b, pl_module.device))
-        ptq = naive_ptq(pl_module.teacher, pl_module.quant_cfg, batches)
-        set_quant_state(pl_module.student.backbone, True, True)
-        q, table_steps = pl_module.quant_cfg, pl_module.step_table_length
-        spec = pl_module.training_sampler(dm)
-        sampler = make_scheduler(spec.scheduler, **(spec.scheduler_config or {}))
-        # both sample step i with the activation-table entry trained nearest its timestep
-        models = {name: map_to_trained_entries(model, dm, sampler, spec.num_inference_steps, table_steps)[0]
-                  for name, model in (("naive PTQ", ptq), ("trained (ours)", pl_module.student))}
+        q = pl_module.quant_cfg
         # each sampling run its own CUDA-graph step, as in SampleLogger (QATModule.mark_cudagraph_step)
-        self.rows = compare(models, pl_module.teacher, spec, self.num_samples, self.seed,
-                            new_step=getattr(pl_module, "mark_cudagraph_step", None), datamodule=dm)
+        self.rows = compare_with_naive_ptq(pl_module, trainer.datamodule, self.num_samples, self.seed,
+                                           new_step=getattr(pl_module, "mark_cudagraph_step", None))
         print_rows(self.rows, f"{pl_module.model_name}: W{q.w_bits}A{q.a_bits}, {self.num_samples} samples")
         if log_dir and not trainer.fast_dev_run:  # a debugging run leaves the run folder alone
             atomic_write(Path(log_dir, "report.json"), json.dumps(self.rows, indent=2).encode())  # never half a file
+
+
+@torch.no_grad()
+def compare_with_naive_ptq(module, datamodule, num_samples: int, seed: int, student_name: str = "trained (ours)",
+                           new_step=None) -> dict[str, dict]:
+    """``compare.compare`` rows of the FP teacher, naive PTQ (``compare.naive_ptq``, calibrated on the
+    module's calibration batches, read without moving the training position) and the module's student
+    (quantizers on), all with the training sampler; both quantized models sample step i with the
+    activation-table entry trained nearest its timestep."""
+    loader = (datamodule.calibration_dataloader() if hasattr(datamodule, "calibration_dataloader")
+              else datamodule.train_dataloader())
+    batches = []
+    for i, b in enumerate(loader):
+        if i >= module.calib_cfg.num_batches:
+            break
+        batches.append(move_data_to_device(b, module.device))
+    ptq = naive_ptq(module.teacher, module.quant_cfg, batches)
+    set_quant_state(module.student.backbone, True, True)
+    spec = module.training_sampler(datamodule)
+    sampler = make_scheduler(spec.scheduler, **(spec.scheduler_config or {}))
+    models = {name: map_to_trained_entries(model, datamodule, sampler, spec.num_inference_steps,
+                                           module.step_table_length)[0]
+              for name, model in (("naive PTQ", ptq), (student_name, module.student))}
+    return compare(models, module.teacher, spec, num_samples, seed, new_step=new_step, datamodule=datamodule)
